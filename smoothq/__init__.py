@@ -1,0 +1,26 @@
+"""smoothq: SmoothQuant W8A8 post-training quantization for Hugging Face causal LMs.
+
+    import smoothq as sq
+    model, tok = sq.load_model("smollm2")
+    stats = sq.calibrate(model, sq.calib_samples(tok, "wikitext2-train", n=128, seqlen=512))
+    stats = sq.smooth(model, stats, alpha=0.8)       # returns the smoothed model's statistics
+    sq.quantize(model, "W8A8", stats)                 # swaps decoder linears for W8A8Linear
+    print(sq.perplexity(model, sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=40)))
+"""
+
+from .archs import Arch, Group, UnsupportedArchError
+from .calibrate import ActStats, CalibrationError, calibrate
+from .config import O1, O2, O3, SCHEMES, W8A8, QuantScheme, get_scheme
+from .data import calib_samples, eval_windows
+from .evaluate import perplexity
+from .models import load_model
+from .nn import W8A8Linear, quantize
+from .smooth import smooth, smooth_scales
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActStats", "Arch", "CalibrationError", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
+    "UnsupportedArchError", "W8A8", "W8A8Linear", "calib_samples", "calibrate", "eval_windows",
+    "get_scheme", "load_model", "perplexity", "quantize", "smooth", "smooth_scales",
+]

@@ -1,0 +1,285 @@
+"""Per-architecture knowledge as one declarative table: which module feeds which linears.
+
+Names are relative to one decoder block. A smoothing `Group` is a producer (`prev`: a norm, or a
+linear whose output rows feed the group) and the linears that all read that producer's output,
+so one smoothing vector s can be folded into the producer (x / s) and into every consumer (W * s).
+`*` in a name matches every index of a ModuleList (MoE experts).
+
+Linears that are not in any group (o_proj, down_proj, fc2, ...) are still quantized; they just
+are not smoothed under the paper's two-group recipe.
+
+To support a new model, pass your own `Arch` to calibrate/smooth/quantize or `register()` it:
+
+    from smoothq.archs import Arch, Group, register
+    register("my_model_type", Arch(
+        layers="model.layers",
+        groups=(Group("input_layernorm", ("attn.q", "attn.k", "attn.v")),
+                Group("post_attention_layernorm", ("mlp.up", "mlp.gate")))))
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style Conv1D: weight stored [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+
+@dataclass(frozen=True)
+class Group:
+    prev: str  # producer of the shared input: a norm, or a linear (its output rows are scaled)
+    linears: tuple[str, ...]  # consumers; may contain '*' for each expert of an MoE layer
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: str  # dotted path from the model to the ModuleList of decoder blocks
+    groups: tuple[Group, ...]
+    norm_offset: float = 0.0  # 1.0 for Gemma-style norms that compute x_hat * (1 + w)
+    keep_float: tuple[str, ...] = ()  # smoothed with their group but never quantized (MoE router)
+    fused_experts: str | None = None  # 3D-parameter expert module to split into nn.Linear leaves
+    name: str = ""
+
+
+def _llama_like(name: str, mlp_norm: str = "post_attention_layernorm", offset: float = 0.0) -> Arch:
+    return Arch(
+        layers="model.layers",
+        groups=(
+            Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            Group(mlp_norm, ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+        norm_offset=offset,
+        name=name,
+    )
+
+
+def _falcon(config) -> Arch:
+    qkv, fc1 = "self_attention.query_key_value", "mlp.dense_h_to_4h"
+    if not config.parallel_attn:  # sequential block (falcon-rw)
+        groups = (Group("input_layernorm", (qkv,)), Group("post_attention_layernorm", (fc1,)))
+    elif config.new_decoder_architecture and (config.num_ln_in_parallel_attn or 2) == 2:  # 40B/180B
+        groups = (Group("ln_attn", (qkv,)), Group("ln_mlp", (fc1,)))
+    else:  # 7B: one norm feeds attention and MLP in parallel
+        groups = (Group("input_layernorm", (qkv, fc1)),)
+    return Arch(layers="transformer.h", groups=groups, name="falcon")
+
+
+def _opt(config) -> Arch:
+    if not getattr(config, "do_layer_norm_before", True):
+        raise UnsupportedArchError(
+            "this OPT variant is post-LN (do_layer_norm_before=False, e.g. opt-350m): its norms do not "
+            "feed the linears, so there is nothing to fold the smoothing into. Use another OPT size."
+        )
+    return Arch(
+        layers="model.decoder.layers",
+        groups=(
+            Group("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            Group("final_layer_norm", ("fc1",)),
+        ),
+        name="opt",
+    )
+
+
+ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
+    "qwen2": _llama_like("qwen2"),
+    "qwen3": _llama_like("qwen3"),
+    "gemma": _llama_like("gemma", offset=1.0),
+    "gemma2": _llama_like("gemma2", mlp_norm="pre_feedforward_layernorm", offset=1.0),
+    "gemma3_text": _llama_like("gemma3_text", mlp_norm="pre_feedforward_layernorm", offset=1.0),
+    "phi3": Arch(
+        layers="model.layers",
+        groups=(Group("input_layernorm", ("self_attn.qkv_proj",)),
+                Group("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        name="phi3",
+    ),
+    "opt": _opt,
+    "bloom": Arch(
+        layers="transformer.h",
+        groups=(Group("input_layernorm", ("self_attention.query_key_value",)),
+                Group("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+        name="bloom",
+    ),
+    "falcon": _falcon,
+    "gpt2": Arch(
+        layers="transformer.h",
+        groups=(Group("ln_1", ("attn.c_attn",)), Group("ln_2", ("mlp.c_fc",))),
+        name="gpt2",
+    ),
+    "gpt_neox": Arch(  # both norms exist also with use_parallel_residual
+        layers="gpt_neox.layers",
+        groups=(Group("input_layernorm", ("attention.query_key_value",)),
+                Group("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+        name="gpt_neox",
+    ),
+    "mixtral": Arch(  # the router and every expert read the same normed input: one shared scale
+        layers="model.layers",
+        groups=(
+            Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            Group("post_attention_layernorm", ("mlp.gate", "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj")),
+        ),
+        keep_float=("mlp.gate",),
+        fused_experts="mlp.experts",
+        name="mixtral",
+    ),
+}
+
+
+class UnsupportedArchError(ValueError):
+    pass
+
+
+def register(model_type: str, arch: Arch | Callable[[object], Arch]) -> None:
+    """Add or replace the table entry for a Hugging Face `config.model_type`."""
+    ARCHS[model_type] = arch
+
+
+def supported() -> list[str]:
+    return sorted(ARCHS)
+
+
+def arch_for(model: nn.Module) -> Arch:
+    """Look the model's config.model_type up in the table; unknown types fail with a template."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    entry = ARCHS.get(model_type)
+    if entry is None:
+        raise UnsupportedArchError(
+            f"unsupported architecture {model_type!r} ({type(model).__name__}). Supported model types: "
+            f"{', '.join(supported())}. For another model, describe which norm feeds which linears:\n"
+            "    from smoothq.archs import Arch, Group\n"
+            "    arch = Arch(layers='model.layers', groups=(\n"
+            "        Group('input_layernorm', ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj')),\n"
+            "        Group('post_attention_layernorm', ('mlp.gate_proj', 'mlp.up_proj'))))\n"
+            "    smoothq.calibrate(model, samples, arch=arch)  # and pass arch= to smooth/quantize too,\n"
+            f"or smoothq.archs.register({model_type!r}, arch) once."
+        )
+    arch = entry(config) if callable(entry) else entry
+    return arch if arch.name else Arch(**{**arch.__dict__, "name": model_type})
+
+
+def weight_nk(module: nn.Module) -> torch.Tensor:
+    """A linear-like module's weight as an [out, in] view (Conv1D stores [in, out])."""
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight
+
+
+def in_features(module: nn.Module) -> int:
+    return weight_nk(module).shape[1]
+
+
+def _expand(block: nn.Module, pattern: str) -> list[str]:
+    """Names under `block` matching a dotted pattern whose '*' parts match ModuleList indices."""
+    if "*" not in pattern:
+        return [pattern]
+    names = [n for n, _ in block.named_modules()]
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern) and n.count(".") == pattern.count(".")]
+
+
+@dataclass
+class ResolvedGroup:
+    prev: str  # full module names
+    linears: list[str]
+
+
+@dataclass
+class Resolved:
+    """An Arch resolved against one concrete model, with full module names."""
+
+    arch: Arch
+    blocks: list[tuple[str, nn.Module]]
+    groups: list[ResolvedGroup] = field(default_factory=list)
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    def quantizable(self) -> Iterator[tuple[str, nn.Module]]:
+        """Every linear-like leaf in the decoder blocks, except those kept in float."""
+        for prefix, block in self.blocks:
+            keep = {f"{prefix}.{n}" for pat in self.arch.keep_float for n in _expand(block, pat)}
+            for name, module in block.named_modules():
+                full = f"{prefix}.{name}"
+                if isinstance(module, LINEAR_TYPES) and full not in keep:
+                    yield full, module
+
+    def observed(self) -> dict[str, nn.Module]:
+        """Modules whose input statistics calibration collects: all quantizable + group members."""
+        out = dict(self.quantizable())
+        for g in self.groups:
+            for name in g.linears:
+                out.setdefault(name, self.modules[name])
+        return out
+
+
+def resolve(model: nn.Module, arch: Arch | None = None) -> Resolved:
+    """Bind the table to a model and check that every name resolves exactly once per block."""
+    arch = arch or arch_for(model)
+    try:
+        layers = model.get_submodule(arch.layers)
+    except AttributeError:
+        raise UnsupportedArchError(
+            f"{arch.name or 'arch'}: decoder blocks not found at {arch.layers!r} in {type(model).__name__}"
+        ) from None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedArchError(f"{arch.layers!r} is not a non-empty ModuleList in {type(model).__name__}")
+    if arch.fused_experts:
+        from .moe import split_fused_experts
+
+        for block in layers:
+            split_fused_experts(block, arch.fused_experts)
+
+    res = Resolved(arch=arch, blocks=[(f"{arch.layers}.{i}", b) for i, b in enumerate(layers)])
+    for prefix, block in res.blocks:
+        for group in arch.groups:
+            prev = _lookup(block, group.prev, prefix)
+            size = _out_size(prev, f"{prefix}.{group.prev}")
+            names = []
+            for pattern in group.linears:
+                matches = _expand(block, pattern)
+                if not matches:
+                    raise UnsupportedArchError(f"{prefix}: no module matches {pattern!r}")
+                for rel in matches:
+                    mod = _lookup(block, rel, prefix)
+                    if in_features(mod) != size:
+                        raise UnsupportedArchError(
+                            f"{prefix}.{rel} reads {in_features(mod)} features but {group.prev} produces {size}"
+                        )
+                    names.append(f"{prefix}.{rel}")
+                    res.modules[f"{prefix}.{rel}"] = mod
+            if len(set(names)) != len(names):
+                raise UnsupportedArchError(f"{prefix}: a linear is listed twice in the group of {group.prev!r}")
+            res.modules[f"{prefix}.{group.prev}"] = prev
+            res.groups.append(ResolvedGroup(prev=f"{prefix}.{group.prev}", linears=names))
+    return res
+
+
+def _lookup(block: nn.Module, rel: str, prefix: str) -> nn.Module:
+    try:
+        return block.get_submodule(rel)
+    except AttributeError:
+        raise UnsupportedArchError(
+            f"{prefix}: module {rel!r} not found; this block has "
+            f"{sorted(n for n, _ in block.named_children())}. Is this the right architecture entry?"
+        ) from None
+
+
+def _out_size(prev: nn.Module, name: str) -> int:
+    """Width of what `prev` produces; checks that it can absorb a per-channel 1/s."""
+    if isinstance(prev, LINEAR_TYPES):
+        return weight_nk(prev).shape[0]
+    weight = getattr(prev, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise UnsupportedArchError(
+            f"{name} ({type(prev).__name__}) has no per-channel weight to fold the smoothing into "
+            "(a norm without elementwise affine cannot be smoothed)"
+        )
+    return weight.shape[0]

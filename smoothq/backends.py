@@ -1,0 +1,78 @@
+"""INT8 linear backends: one signature, several implementations, chosen per module instance.
+
+    linear(x_q int8[M, K], x_scale f32[M, 1] | [1], w_q int8[N, K], w_scale f32[N, 1] | [1],
+           bias float[N] | None, out_dtype) -> out_dtype[M, N]
+
+    out = (x_q @ w_q.T) * x_scale * w_scale.T + bias
+
+`emulated` dequantizes and multiplies in fp32: it is the fake-quant path used for accuracy studies
+and the oracle every other backend is tested against. Real integer backends register themselves
+here with `register()`; `auto` picks the best one available for the input's device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+LinearFn = Callable[..., torch.Tensor]
+
+
+class Backend:
+    """A named INT8 linear implementation and the devices it runs on."""
+
+    def __init__(self, name: str, linear: LinearFn, devices: tuple[str, ...], priority: int = 0,
+                 available: Callable[[], bool] = lambda: True, real_int8: bool = True):
+        self.name = name
+        self.linear = linear
+        self.devices = devices
+        self.priority = priority  # higher wins under "auto"
+        self.available = available
+        self.real_int8 = real_int8
+
+    def runs_on(self, device_type: str) -> bool:
+        return device_type in self.devices and self.available()
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r}, devices={self.devices})"
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def names() -> list[str]:
+    return ["auto", *_BACKENDS]
+
+
+def emulated_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    out = (x_q.float() * x_scale) @ (w_q.float() * w_scale).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+register(Backend("emulated", emulated_linear, devices=("cpu", "cuda", "mps", "xpu"), priority=-1, real_int8=False))
+
+
+def get_backend(name: str, device_type: str) -> Backend:
+    """Resolve a backend name for a device; `auto` = the highest-priority backend that runs there."""
+    if name == "auto":
+        candidates = [b for b in _BACKENDS.values() if b.runs_on(device_type)]
+        if not candidates:
+            raise RuntimeError(f"no INT8 backend runs on device {device_type!r}")
+        return max(candidates, key=lambda b: b.priority)
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(names())}")
+    backend = _BACKENDS[name]
+    if not backend.runs_on(device_type):
+        raise RuntimeError(
+            f"backend {name!r} does not run on device {device_type!r} here "
+            f"(it runs on {', '.join(backend.devices)}); use backend='auto' or 'emulated'"
+        )
+    return backend

@@ -1,0 +1,148 @@
+"""Calibration: stream the per-input-channel abs-max of every decoder linear's input.
+
+Forward hooks reduce each batch to max|x| over all tokens as it passes, so memory is
+O(channels) per linear, never O(tokens). The statistics are a saveable artifact (`ActStats`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .archs import Arch, resolve
+
+
+class CalibrationError(RuntimeError):
+    pass
+
+
+@dataclass
+class ActStats:
+    """act_absmax[name] = max over calibration tokens of |input of module `name`|, per channel (fp32)."""
+
+    act_absmax: dict[str, torch.Tensor]
+    tokens: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.act_absmax[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.act_absmax
+
+    def copy(self) -> "ActStats":
+        return ActStats({k: v.clone() for k, v in self.act_absmax.items()}, self.tokens, dict(self.meta))
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"tokens": str(self.tokens), "meta": json.dumps(self.meta)}
+        save_file({k: v.contiguous() for k, v in self.act_absmax.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ActStats":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(tensors, int(meta.get("tokens", 0)), json.loads(meta.get("meta", "{}")))
+
+
+def _as_batches(samples, batch_size: int) -> list[torch.Tensor]:
+    ids = getattr(samples, "input_ids", samples)
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 1:
+            ids = ids[None]
+        rows = list(ids)
+    else:
+        rows = [torch.as_tensor(r) for r in ids]
+    rows = [r for r in rows if r.numel() > 0]
+    if not rows:
+        raise CalibrationError(
+            "no calibration tokens: the calibration samples are empty. Pass at least one sequence "
+            "(e.g. smoothq.data.calib_samples(tokenizer, 'wikitext2-train', n=128, seqlen=512))"
+        )
+    if len({r.numel() for r in rows}) == 1:
+        stacked = torch.stack(rows)
+        return list(stacked.split(batch_size))
+    return [r[None] for r in rows]  # ragged: one sequence per forward, no padding to mask
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: int = 4,
+              progress: bool = True) -> ActStats:
+    """Run `samples` (LongTensor [N, L], or a list of 1D token tensors) through the model and
+    return the per-channel abs-max of the input of every decoder linear (and MoE router)."""
+    res = resolve(model, arch)
+    observed = res.observed()
+    absmax: dict[str, torch.Tensor] = {}
+    current = {"batch": 0}
+
+    def make_hook(name: str):
+        def hook(_module, inputs, _output):
+            x = inputs[0]
+            if x.numel() == 0:  # an expert that no token was routed to in this batch
+                return
+            cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            if not torch.isfinite(cur).all():
+                raise CalibrationError(
+                    f"non-finite activations (NaN/Inf) at the input of {name} in calibration batch "
+                    f"{current['batch']}. The float model itself overflows on this data: run calibration "
+                    "in float32 (load with dtype=torch.float32) or check the inputs."
+                )
+            prev = absmax.get(name)
+            absmax[name] = cur if prev is None else torch.maximum(prev, cur)
+
+        return hook
+
+    batches = _as_batches(samples, batch_size)
+    device = next(model.parameters()).device
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in observed.items()]
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    try:
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress, unit="batch")):
+            current["batch"] = i
+            _forward_no_logits(model, batch.to(device))
+            tokens += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    _fill_unseen_experts(absmax, observed, res)
+    return ActStats({k: v.cpu() for k, v in absmax.items()}, tokens, {"arch": res.arch.name, "sequences": sum(len(b) for b in batches)})
+
+
+def _forward_no_logits(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """Forward pass that skips most of the LM head when the model supports it (it is not observed)."""
+    try:
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    except TypeError:
+        model(input_ids=input_ids, use_cache=False)
+
+
+def _fill_unseen_experts(absmax: dict, observed: dict, res) -> None:
+    """An MoE expert that no calibration token was routed to gets its siblings' max; anything
+    else that was never reached is an error (the model did not run through the decoder)."""
+    missing = [n for n in observed if n not in absmax]
+    if not missing:
+        return
+    if not res.arch.fused_experts:
+        raise CalibrationError(f"calibration never reached {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    for name in missing:
+        # the same projection of the other experts: <experts>.<e>.<proj> for every e
+        parent, proj = name.split(".")[:-2], name.split(".")[-1]
+        siblings = [v for k, v in absmax.items() if k.split(".")[:-2] == parent and k.split(".")[-1] == proj]
+        if not siblings:
+            raise CalibrationError(f"calibration never reached {name} nor any of its sibling experts; use more samples")
+        absmax[name] = torch.stack(siblings).amax(dim=0)
+        warnings.warn(f"{name} saw no calibration tokens; using the max over its sibling experts (more samples fix this)")

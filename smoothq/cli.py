@@ -1,0 +1,209 @@
+"""Command line: `smoothq quantize | eval | compare`, each a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import backends
+from .config import SCHEMES, check_alpha, get_scheme
+from .data import DEFAULT_CALIB, DEFAULT_EVAL, DataError, Windows, calib_samples, eval_windows
+from .models import DEFAULT_MODEL, ModelNotFound
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [check_alpha(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _alpha(text: str) -> float:
+    try:
+        return check_alpha(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _scheme(text: str) -> str:
+    try:
+        return get_scheme(text.strip()).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _schemes(text: str) -> list[str]:
+    return [_scheme(s) for s in text.split(",") if s.strip()]
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"bundled name, .gguf file, directory or Hugging Face id (default: {DEFAULT_MODEL})")
+    p.add_argument("--gguf-file", help="GGUF file name inside the MODEL directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+
+
+def _add_eval(p: argparse.ArgumentParser, seqlen: int, max_windows: int | None) -> None:
+    p.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text: named source or .txt/.jsonl (default: {DEFAULT_EVAL})")
+    p.add_argument("--seqlen", type=int, default=seqlen, help=f"evaluation window length (default: {seqlen})")
+    p.add_argument("--max-windows", type=int, default=max_windows, help="evaluate only the first N windows")
+
+
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default=DEFAULT_CALIB, help=f"calibration text (default: {DEFAULT_CALIB})")
+    p.add_argument("--samples", type=int, default=128, help="number of calibration sequences (default: 128)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=backends.names())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smoothq", description="SmoothQuant W8A8 quantization for causal LMs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate, smooth and quantize a model; optionally save and evaluate it")
+    _add_model(q)
+    _add_calib(q)
+    q.add_argument("--alpha", type=_alpha, default=0.8, help="migration strength in [0, 1] (default: 0.8)")
+    q.add_argument("--scheme", default="W8A8", type=_scheme,
+                   help=f"{', '.join(SCHEMES)} (default: W8A8)")
+    q.add_argument("--no-smooth", action="store_true", help="skip smoothing (naive INT8 baseline)")
+    q.add_argument("-o", "--output", help="directory to save the smoothed model to")
+    q.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    q.add_argument("--eval", action="store_true", help="report perplexity after quantization")
+    _add_eval(q, seqlen=512, max_windows=40)
+
+    e = sub.add_parser("eval", help="perplexity of a model (float, or fake-quantized with --scheme)")
+    _add_model(e)
+    _add_eval(e, seqlen=2048, max_windows=None)
+    e.add_argument("--scheme", type=_scheme, help="quantize (naive, no smoothing) first")
+    _add_calib(e)
+
+    c = sub.add_parser("compare", help="FP vs naive INT8 vs SmoothQuant for each scheme, as a table")
+    _add_model(c)
+    _add_calib(c)
+    _add_eval(c, seqlen=512, max_windows=40)
+    c.add_argument("--schemes", type=_schemes, default=list(SCHEMES), help="comma-separated (default: all)")
+    c.add_argument("--alphas", type=_floats, default=[0.5, 0.8], help="comma-separated (default: 0.5,0.8)")
+    c.add_argument("--json", help="also write the rows as JSON here")
+    return parser
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load(args):
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
+    _say(f"model: {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+         f"{args.dtype}) loaded in {time.perf_counter() - t0:.1f}s")
+    return model, tok
+
+
+def _calibration(args, tok, evaluated: Windows | None) -> Windows:
+    calib = calib_samples(tok, args.calib, n=args.samples, seqlen=args.calib_seqlen, seed=args.seed, avoid=evaluated)
+    note = ""
+    if evaluated is not None:
+        if calib.overlaps(evaluated):  # cannot happen by construction; checked because it matters
+            raise DataError("calibration windows overlap the evaluated windows")
+        note = (" - after the evaluated tokens, disjoint from them" if calib.source == evaluated.source
+                else " - a different text than the evaluated one")
+    _say(f"calibration: {calib.describe()}{note}")
+    return calib
+
+
+def _evaluation(args, tok) -> Windows:
+    windows = eval_windows(tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows)
+    _say(f"evaluation: {windows.describe()}")
+    return windows
+
+
+def cmd_quantize(args) -> int:
+    from .calibrate import calibrate
+    from .evaluate import perplexity
+    from .io import save_smoothed
+    from .nn import quantize
+    from .smooth import smooth
+
+    model, tok = _load(args)
+    evaluated = _evaluation(args, tok) if args.eval else None
+    calib = _calibration(args, tok, evaluated)
+    stats = calibrate(model, calib, progress=not args.quiet)
+    if not args.no_smooth:
+        stats = smooth(model, stats, args.alpha)
+        _say(f"smoothed {len(model.smoothq_scales)} groups with alpha={args.alpha}")
+    if args.output:
+        meta = {"alpha": None if args.no_smooth else args.alpha, "scheme": args.scheme, "calibration": calib.describe()}
+        path = save_smoothed(model, tok, args.output, stats, meta, overwrite=args.force)
+        _say(f"saved the smoothed float model and its statistics to {path}")
+    quantize(model, args.scheme, stats, backend=args.backend)
+    if evaluated is not None:
+        ppl = perplexity(model, evaluated, progress=not args.quiet)
+        print(f"| model | scheme | alpha | perplexity |\n|---|---|---|---|\n"
+              f"| {args.model} | {args.scheme} | {'none' if args.no_smooth else args.alpha} | {ppl:.3f} |")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .calibrate import calibrate
+    from .evaluate import perplexity
+    from .io import load_stats
+    from .nn import quantize
+
+    model, tok = _load(args)
+    windows = _evaluation(args, tok)
+    if args.scheme:
+        stats = None
+        if get_scheme(args.scheme).static:
+            stats = load_stats(args.model)
+            if stats is None:
+                stats = calibrate(model, _calibration(args, tok, windows), progress=not args.quiet)
+        quantize(model, args.scheme, stats, backend=args.backend)
+    ppl = perplexity(model, windows, progress=not args.quiet)
+    print(f"| model | scheme | data | seqlen | windows | perplexity |\n|---|---|---|---|---|---|\n"
+          f"| {args.model} | {args.scheme or 'none'} | {args.data} | {args.seqlen} | {len(windows)} | {ppl:.3f} |")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, format_table
+
+    model, tok = _load(args)
+    windows = _evaluation(args, tok)
+    calib = _calibration(args, tok, windows)
+    rows = compare(model, windows, calib, schemes=args.schemes, alphas=args.alphas, backend=args.backend,
+                   progress=not args.quiet, on_row=lambda r: _say(f"  {r.method:11s} {r.scheme:5s} "
+                                                                  f"alpha={r.alpha} ppl={r.ppl:.3f} ({r.seconds:.0f}s)"))
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "seqlen": args.seqlen, "windows": len(windows),
+                                               "calibration": calib.describe(), "rows": [r.to_dict() for r in rows]},
+                                              indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .archs import UnsupportedArchError
+    from .calibrate import CalibrationError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, ModelNotFound, UnsupportedArchError, CalibrationError, FileExistsError) as exc:
+        _say(f"error: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

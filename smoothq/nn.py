@@ -1,0 +1,99 @@
+"""`W8A8Linear` and `quantize(model, scheme)`, which swaps every decoder linear for one.
+
+A W8A8Linear stores the weight as int8 [N, K] with fp32 scales ([N, 1] per channel or [1] per
+tensor), an optional float bias, and how to quantize its input: per-token dynamic, per-tensor
+dynamic, or per-tensor static with a calibrated `input_scale`. Its forward quantizes the input,
+then hands int8 operands to a backend (see backends.py). With backend="emulated" it is the
+fake-quant linear used for accuracy work: same numbers, float arithmetic, any device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import backends
+from .archs import Arch, resolve, weight_nk
+from .calibrate import ActStats
+from .config import QuantScheme, get_scheme
+from .quant import absmax_to_scale, quantize_activation, quantize_weight
+
+
+class W8A8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
+                 backend: str = "auto", bias_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = scheme
+        self.backend = backend  # per instance, never global, never saved in the checkpoint
+        per_channel = scheme.weights == "per_channel"
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        scale_shape = (out_features, 1) if per_channel else (1,)
+        self.register_buffer("weight_scale", torch.ones(scale_shape, device=device))
+        self.register_buffer("input_scale", torch.ones(1, device=device) if scheme.static else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, module: nn.Module, scheme: QuantScheme, input_absmax: torch.Tensor | None = None,
+                   backend: str = "auto") -> "W8A8Linear":
+        """Quantize an nn.Linear (or GPT-2 Conv1D). Static schemes need the input's calibrated abs-max."""
+        w = weight_nk(module)
+        out_f, in_f = w.shape
+        bias = getattr(module, "bias", None)
+        q = cls(in_f, out_f, bias is not None, scheme, backend,
+                bias_dtype=bias.dtype if bias is not None else torch.float32, device=w.device)
+        q.weight, q.weight_scale = quantize_weight(w.float(), scheme.weights)
+        if bias is not None:
+            q.bias = bias.detach().clone()
+        if scheme.static:
+            if input_absmax is None:
+                raise ValueError(f"{scheme.label} uses a static activation scale: pass the input's calibrated abs-max")
+            q.input_scale = absmax_to_scale(input_absmax.detach().float().amax().reshape(1)).to(w.device)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        x_q, x_scale = quantize_activation(x2, self.scheme.activations, self.input_scale)
+        impl = backends.get_backend(self.backend, x.device.type)
+        out = impl.linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scheme={self.scheme.label}, backend={self.backend}")
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActStats | None = None,
+             backend: str = "auto", arch: Arch | None = None, progress: bool = False) -> nn.Module:
+    """Swap every linear in the decoder blocks for a W8A8Linear, in place. Embeddings, the LM head
+    and modules the architecture keeps in float (MoE routers) stay float. Static schemes (O3) need
+    `stats` from calibrate() -- the ones smooth() returned, if the model was smoothed."""
+    scheme = get_scheme(scheme)
+    if backend != "auto" and backend not in backends.names():
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.names())}")
+    if scheme.static and stats is None:
+        raise ValueError(
+            f"{scheme.label} uses static per-tensor activation scales, which need calibration statistics: "
+            "stats = smoothq.calibrate(model, samples) (or the stats smooth() returned)"
+        )
+    res = resolve(model, arch)
+    targets = list(res.quantizable())
+    if not targets:
+        raise ValueError("no linear layers found in the decoder blocks; nothing to quantize")
+    for name, module in tqdm(targets, desc=f"quantizing {scheme.label}", disable=not progress):
+        absmax = None
+        if scheme.static:
+            if name not in stats:
+                raise ValueError(f"no calibration statistics for {name}; calibrate this model first")
+            absmax = stats[name]
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, W8A8Linear.from_float(module, scheme, absmax, backend))
+    model.smoothq_scheme = scheme
+    return model

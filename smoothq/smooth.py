@@ -1,0 +1,94 @@
+"""Smoothing: migrate activation outliers into the weights, leaving the float model unchanged.
+
+For a group of linears that read the same input X (produced by a norm or a linear `prev`):
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)       (max|W_j| over all linears of the group)
+    prev output channel j  /= s_j                        (norm weight and bias, or linear rows)
+    every linear's input column j *= s_j
+
+so (X / s) @ (W * s)^T == X @ W^T exactly in real arithmetic. Statistics follow the paper:
+abs-max of each linear's input, and the max over all linears sharing it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .archs import LINEAR_TYPES, Arch, resolve, weight_nk
+from .calibrate import ActStats
+from .config import check_alpha
+
+# Magnitudes below this are treated as "this channel carries nothing" (s = 1); it also keeps
+# x^alpha / w^(1-alpha) far from overflow for tiny but nonzero maxima.
+TINY = 1e-5
+
+
+def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = act^alpha / weight^(1-alpha) in fp32; channels where either max is ~0 get s = 1."""
+    alpha = check_alpha(alpha)
+    act = act_absmax.float()
+    w = weight_absmax.float().to(act.device)
+    if act.shape != w.shape:
+        raise ValueError(f"activation stats have {tuple(act.shape)} channels but weights {tuple(w.shape)}")
+    if not (torch.isfinite(act).all() and torch.isfinite(w).all()):
+        raise ValueError("smoothing statistics contain NaN/Inf; recalibrate the model in float32")
+    dead = (act < TINY) | (w < TINY)
+    s = act.clamp_min(TINY).pow(alpha) / w.clamp_min(TINY).pow(1.0 - alpha)
+    return torch.where(dead, torch.ones_like(s), s)
+
+
+@torch.no_grad()
+def fold_into_prev(prev: nn.Module, scales: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Divide prev's output channel j by s_j (norm weight/bias, or linear rows and bias)."""
+    scales = scales.to(prev.weight.device)
+    if isinstance(prev, LINEAR_TYPES):
+        w = weight_nk(prev)
+        w.copy_((w.float() / scales[:, None]).to(w.dtype))
+    else:  # norm: out = x_hat * (offset + w) + b
+        w = prev.weight
+        w.copy_(((norm_offset + w.float()) / scales - norm_offset).to(w.dtype))
+    bias = getattr(prev, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.copy_((bias.float() / scales).to(bias.dtype))
+
+
+@torch.no_grad()
+def scale_inputs(linear: nn.Module, scales: torch.Tensor) -> None:
+    """Multiply a linear's input column j by s_j."""
+    w = weight_nk(linear)
+    w.copy_((w.float() * scales.to(w.device)[None, :]).to(w.dtype))
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | None = None) -> ActStats:
+    """Smooth every group of the model in place; return the statistics of the smoothed model
+    (inputs of smoothed linears divided by s), which is what static activation scales need.
+    The scales are kept on the model as `model.smoothq_scales` (producer name -> s)."""
+    alpha = check_alpha(alpha)
+    if getattr(model, "smoothq_alpha", None) is not None:
+        raise RuntimeError(
+            f"model is already smoothed (alpha={model.smoothq_alpha}); smoothing twice compounds the "
+            "scales. Reload the float model to smooth it with another alpha."
+        )
+    res = resolve(model, arch)
+    out = stats.copy()
+    applied: dict[str, torch.Tensor] = {}
+    for group in res.groups:
+        missing = [n for n in group.linears if n not in stats]
+        if missing:
+            raise ValueError(f"no calibration statistics for {missing[0]}; were they collected on this model?")
+        act = torch.stack([stats[n] for n in group.linears]).amax(dim=0)
+        mods = [res.modules[n] for n in group.linears]
+        weight_absmax = torch.stack([weight_nk(m).detach().abs().amax(dim=0).float() for m in mods]).amax(dim=0)
+        s = smooth_scales(act, weight_absmax.cpu(), alpha)
+        fold_into_prev(res.modules[group.prev], s, res.arch.norm_offset)
+        for m in mods:
+            scale_inputs(m, s)
+        for n in group.linears:
+            out.act_absmax[n] = stats[n] / s
+        applied[group.prev] = s
+    model.smoothq_alpha = alpha
+    model.smoothq_scales = applied
+    out.meta = {**out.meta, "alpha": alpha}
+    return out

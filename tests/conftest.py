@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = Path(os.environ.get("SMOOTHQ_DATA", SHARED_DATA))
+    if not (d / "wikitext2-test.txt").is_file():
+        pytest.fail(f"shared data not found at {d}: set SMOOTHQ_DATA")
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real model, loaded once per session (fp32)."""
+    import smoothq
+
+    return smoothq.load_model("smollm2")

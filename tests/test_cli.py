@@ -1,0 +1,77 @@
+"""CLI smoke runs on a tiny saved model with a real (tiny) tokenizer and the shared data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny import tiny_model, tiny_tokenizer
+
+from smoothq.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, data_dir):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000]).save_pretrained(d)
+    return d
+
+
+QUICK = ["--seqlen", "64", "--max-windows", "2", "--samples", "4", "--calib-seqlen", "64"]
+
+
+def test_compare_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    rc = main(["-q", "compare", str(model_dir), *QUICK, "--schemes", "W8A8,O3", "--alphas", "0.5", "--json", str(out)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    table = captured.out
+    assert "| method | scheme | alpha | perplexity |" in table
+    assert table.count("| naive |") == 2 and table.count("| smoothquant |") == 2
+    assert "calibration: 4 x 64 tokens from wikitext2-train" in captured.err
+    assert "a different text than the evaluated one" in captured.err
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["scheme"], r["alpha"]) for r in rows] == [
+        ("fp32", "none", None), ("naive", "W8A8", None), ("naive", "O3", None),
+        ("smoothquant", "W8A8", 0.5), ("smoothquant", "O3", 0.5)]
+    assert all(r["ppl"] > 1 for r in rows)
+
+
+def test_compare_says_when_calibration_shares_the_evaluated_text(model_dir, capsys):
+    assert main(["-q", "compare", str(model_dir), *QUICK, "--calib", "wikitext2", "--schemes", "W8A8", "--alphas", "0.5"]) == 0
+    assert "after the evaluated tokens, disjoint from them" in capsys.readouterr().err
+
+
+def test_quantize_saves_atomically_and_eval_reads_it_back(model_dir, tmp_path, capsys):
+    out = tmp_path / "smoothed"
+    assert main(["-q", "quantize", str(model_dir), "--alpha", "0.6", "--scheme", "O3", "--samples", "4",
+                 "--calib-seqlen", "64", "-o", str(out), "--eval", "--seqlen", "64", "--max-windows", "2"]) == 0
+    assert (out / "config.json").is_file() and (out / "smoothq_stats.safetensors").is_file()
+    meta = json.loads((out / "smoothq.json").read_text())
+    assert meta["alpha"] == 0.6 and meta["scheme"] == "O3"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    assert "| O3 | 0.6 |" in capsys.readouterr().out
+    # saving again to the same place is refused rather than silently mixed
+    assert main(["-q", "quantize", str(model_dir), "--samples", "4", "--calib-seqlen", "64", "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["-q", "eval", str(out), "--scheme", "O3", "--seqlen", "64", "--max-windows", "2"]) == 0
+    assert "| O3 | wikitext2 | 64 | 2 |" in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_with_clear_messages(model_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(model_dir), "--alphas", "0.5,1.2"])
+    assert exc.value.code == 2 and "alpha must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", str(model_dir), "--scheme", "W4"])
+    assert "choose one of O1, O2, O3, W8A8" in capsys.readouterr().err
+    assert main(["eval", "no-such-model"]) == 2
+    assert "neither a bundled model" in capsys.readouterr().err
+    assert main(["-q", "eval", str(model_dir), "--data", "nothing.txt"]) == 2
+    assert "unknown data source" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "smoothq", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "quantize" in proc.stdout and "compare" in proc.stdout

