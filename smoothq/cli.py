@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import backends
 from .config import SCHEMES, check_alpha, get_scheme
 from .data import DEFAULT_CALIB, DEFAULT_EVAL, DataError, Windows, calib_samples, eval_windows
@@ -73,16 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", default="W8A8", type=_scheme,
                    help=f"{', '.join(SCHEMES)} (default: W8A8)")
     q.add_argument("--no-smooth", action="store_true", help="skip smoothing (naive INT8 baseline)")
-    q.add_argument("-o", "--output", help="directory to save the smoothed model to")
+    q.add_argument("-o", "--output", help="directory to save the quantized checkpoint to")
+    q.add_argument("--format", default="smoothq", choices=["smoothq", "compressed-tensors"],
+                   help="smoothq (any scheme, smoothq.load) or compressed-tensors (vLLM/SGLang; not O2)")
+    q.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32", "auto"],
+                   help="dtype of the float tensors in the checkpoint (default: float16)")
+    q.add_argument("--embeddings", default="float", choices=["float", "int8"],
+                   help="store the input embedding as int8 rows (smoothq format; dequantized on load)")
     q.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     q.add_argument("--eval", action="store_true", help="report perplexity after quantization")
     _add_eval(q, seqlen=512, max_windows=40)
 
-    e = sub.add_parser("eval", help="perplexity of a model (float, or fake-quantized with --scheme)")
+    e = sub.add_parser("eval", help="perplexity of a quantized checkpoint (real INT8), or of a float model "
+                                    "(optionally quantized naively with --scheme)")
     _add_model(e)
     _add_eval(e, seqlen=2048, max_windows=None)
     e.add_argument("--scheme", type=_scheme, help="quantize (naive, no smoothing) first")
     _add_calib(e)
+
+    g = sub.add_parser("generate", help="greedy completion of a prompt, to eyeball that a model still talks")
+    _add_model(g)
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--backend", default="auto", choices=backends.names())
 
     c = sub.add_parser("compare", help="FP vs naive INT8 vs SmoothQuant for each scheme, as a table")
     _add_model(c)
@@ -99,12 +115,19 @@ def _say(msg: str) -> None:
 
 
 def _load(args):
+    from .io import is_quantized_checkpoint, load
     from .models import load_model
 
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
-    _say(f"model: {args.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-         f"{args.dtype}) loaded in {time.perf_counter() - t0:.1f}s")
+    if is_quantized_checkpoint(args.model):
+        model, tok = load(args.model, backend=getattr(args, "backend", "auto"), device=args.device, dtype=args.dtype)
+        kind = f"{model.smoothq_scheme.label} INT8 checkpoint"
+    else:
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
+        kind = args.dtype
+    params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers() if b.dtype == torch.int8)
+    _say(f"model: {args.model} ({type(model).__name__}, {params / 1e6:.1f}M params, {kind}) "
+         f"loaded in {time.perf_counter() - t0:.1f}s")
     return model, tok
 
 
@@ -129,22 +152,26 @@ def _evaluation(args, tok) -> Windows:
 def cmd_quantize(args) -> int:
     from .calibrate import calibrate
     from .evaluate import perplexity
-    from .io import save_smoothed
+    from .io import dir_bytes, save
     from .nn import quantize
     from .smooth import smooth
 
     model, tok = _load(args)
+    fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
     evaluated = _evaluation(args, tok) if args.eval else None
     calib = _calibration(args, tok, evaluated)
     stats = calibrate(model, calib, progress=not args.quiet)
     if not args.no_smooth:
         stats = smooth(model, stats, args.alpha)
         _say(f"smoothed {len(model.smoothq_scales)} groups with alpha={args.alpha}")
-    if args.output:
-        meta = {"alpha": None if args.no_smooth else args.alpha, "scheme": args.scheme, "calibration": calib.describe()}
-        path = save_smoothed(model, tok, args.output, stats, meta, overwrite=args.force)
-        _say(f"saved the smoothed float model and its statistics to {path}")
     quantize(model, args.scheme, stats, backend=args.backend)
+    if args.output:
+        meta = {"alpha": None if args.no_smooth else args.alpha, "calibration": calib.describe()}
+        path = save(model, args.output, tok, format=args.format, float_dtype=args.save_dtype,
+                    embeddings=args.embeddings, overwrite=args.force, meta=meta)
+        size = dir_bytes(path)
+        _say(f"saved {args.scheme} ({args.format} format) to {path}: {size / 1e6:.1f} MB, "
+             f"{100 * size / fp16_bytes:.0f}% of the {fp16_bytes / 1e6:.1f} MB FP16 weights")
     if evaluated is not None:
         ppl = perplexity(model, evaluated, progress=not args.quiet)
         print(f"| model | scheme | alpha | perplexity |\n|---|---|---|---|\n"
@@ -155,21 +182,39 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from .calibrate import calibrate
     from .evaluate import perplexity
-    from .io import load_stats
     from .nn import quantize
 
     model, tok = _load(args)
     windows = _evaluation(args, tok)
+    scheme = getattr(model, "smoothq_scheme", None)
     if args.scheme:
+        if scheme is not None:
+            raise DataError(f"{args.model} is already quantized ({scheme.label}); drop --scheme")
         stats = None
         if get_scheme(args.scheme).static:
-            stats = load_stats(args.model)
-            if stats is None:
-                stats = calibrate(model, _calibration(args, tok, windows), progress=not args.quiet)
+            stats = calibrate(model, _calibration(args, tok, windows), progress=not args.quiet)
         quantize(model, args.scheme, stats, backend=args.backend)
+        scheme = get_scheme(args.scheme)
     ppl = perplexity(model, windows, progress=not args.quiet)
     print(f"| model | scheme | data | seqlen | windows | perplexity |\n|---|---|---|---|---|---|\n"
-          f"| {args.model} | {args.scheme or 'none'} | {args.data} | {args.seqlen} | {len(windows)} | {ppl:.3f} |")
+          f"| {args.model} | {scheme.name if scheme else 'none'} | {args.data} | {args.seqlen} | {len(windows)} | {ppl:.3f} |")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model, tok = _load(args)
+    if tok is None:
+        raise DataError(f"{args.model} has no tokenizer files; save the checkpoint with its tokenizer")
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = args.prompt
+    ids = tok(text, return_tensors="pt").input_ids.to(args.device)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    completion = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    print(args.prompt + ("\n" if args.chat else "") + completion)
     return 0
 
 
@@ -190,17 +235,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     from .archs import UnsupportedArchError
     from .calibrate import CalibrationError
+    from .io import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, ModelNotFound, UnsupportedArchError, CalibrationError, FileExistsError) as exc:
+    except (DataError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError, FileExistsError) as exc:
         _say(f"error: {exc}")
         return 2
 

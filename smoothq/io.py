@@ -1,9 +1,26 @@
-"""Saving and loading. Every write goes to a temporary sibling directory that is renamed into
-place only when complete, so an interrupted or failed save (disk full) never leaves a
-half-written output behind."""
+"""Quantized checkpoints: save and load.
+
+Both formats share one tensor layout, the compressed-tensors `int-quantized` one that vLLM and
+SGLang load: per quantized linear `<name>.weight` int8 [N, K], `<name>.weight_scale` fp32,
+`<name>.input_scale` fp32 [1] (static activations only), `<name>.bias`; everything else (embeddings,
+norms, LM head) as float tensors under its Hugging Face name. They differ in `config.json`:
+
+- `smoothq`: `quantization_config.quant_method = "smoothq"`; any scheme, scales exactly as held
+  (per-tensor weight scales stay [1]); optionally the input embedding stored as int8 rows with
+  per-row scales (`embeddings="int8"`, dequantized to float on load: compute stays float).
+- `compressed-tensors`: the config vLLM reads (`quant_method: compressed-tensors`,
+  `format: int-quantized`). Per-tensor weight scales are written per channel (the same values
+  repeated), so vLLM never re-quantizes fused q/k/v to a shared max. O2 (per-tensor *dynamic*
+  activations) has no serving scheme there and is refused.
+
+`load()` reads both into a model whose decoder linears are W8A8Linear running real INT8.
+Every write goes to a temporary sibling directory renamed into place when complete, so a failed
+save (disk full, interrupt) never leaves a half-written output.
+"""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -12,11 +29,19 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .calibrate import ActStats
-from .config import FORMAT_VERSION
+import torch
+from torch import nn
 
-STATS_FILE = "smoothq_stats.safetensors"
-META_FILE = "smoothq.json"
+from .config import FORMAT_VERSION, QuantScheme
+from .nn import W8A8Linear
+
+FORMATS = ("smoothq", "compressed-tensors")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    pass
 
 
 @contextmanager
@@ -39,24 +64,293 @@ def atomic_dir(output: str | Path, overwrite: bool = False):
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
-            raise OSError(exc.errno, f"disk full while writing {out}; nothing was written there. Free space and retry") from exc
+            raise OSError(exc.errno, f"disk full while writing {out}; nothing was written there. "
+                                     "Free some space and retry") from exc
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def save_smoothed(model, tokenizer, output: str | Path, stats: ActStats, meta: dict, overwrite: bool = False) -> Path:
-    """A smoothed float model as a Hugging Face directory, plus the statistics static scales need."""
+# ---------------------------------------------------------------------------------------------
+# quantization_config for each format
+
+
+def _ct_args(strategy: str, dynamic: bool) -> dict:
+    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": dynamic,
+            "group_size": None, "block_structure": None, "actorder": None, "observer": None if dynamic else "minmax",
+            "observer_kwargs": {}}
+
+
+def compressed_tensors_config(scheme: QuantScheme, ignore: list[str]) -> dict:
+    """The `quantization_config` that compressed-tensors parses and vLLM serves as INT8 W8A8."""
+    if scheme.activations == "per_tensor_dynamic":
+        raise CheckpointError(
+            f"{scheme.label} quantizes activations per tensor, dynamically: compressed-tensors/vLLM have no INT8 "
+            "scheme for that, so the export would load wrong. Use O1 or W8A8 (per-token dynamic) or O3 "
+            "(per-tensor static) for serving, or save O2 with format='smoothq'."
+        )
+    static = scheme.static
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": _ct_args("channel", dynamic=False),  # per-tensor scales are written per channel
+            "input_activations": _ct_args("tensor" if static else "token", dynamic=not static),
+            "output_activations": None,
+        }},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+    }
+
+
+def scheme_from_config(qc: dict) -> QuantScheme:
+    """The scheme a checkpoint's quantization_config describes (either format)."""
+    method = qc.get("quant_method")
+    if method == "smoothq":
+        return QuantScheme.from_dict(qc["scheme"])
+    if method == "compressed-tensors":
+        groups = list(qc.get("config_groups", {}).values())
+        if len(groups) != 1:
+            raise CheckpointError(f"expected one compressed-tensors config group, found {len(groups)}")
+        w, a = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
+        if qc.get("format") != "int-quantized" or w.get("num_bits") != 8 or a.get("num_bits") != 8 \
+                or w.get("type") != "int" or not w.get("symmetric", False) or not a.get("symmetric", False):
+            raise CheckpointError("only symmetric INT8 W8A8 compressed-tensors checkpoints (format int-quantized) load here")
+        weights = {"channel": "per_channel", "tensor": "per_tensor"}.get(w.get("strategy"))
+        acts = {("token", True): "per_token", ("tensor", True): "per_tensor_dynamic",
+                ("tensor", False): "per_tensor_static"}.get((a.get("strategy"), bool(a.get("dynamic"))))
+        if weights is None or acts is None:
+            raise CheckpointError(f"unsupported compressed-tensors strategies: weights {w.get('strategy')}, "
+                                  f"activations {a.get('strategy')} dynamic={a.get('dynamic')}")
+        return QuantScheme(weights, acts)
+    raise CheckpointError(f"not a quantized smoothq/compressed-tensors checkpoint (quant_method={method!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def _float_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    return model_dtype if name == "auto" else getattr(torch, name)
+
+
+def quantized_state(model: nn.Module, fmt: str, float_dtype: torch.dtype, int8_embeddings: bool) -> dict[str, torch.Tensor]:
+    """Flat name -> tensor map in the checkpoint layout; tied duplicates stored once."""
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if tensor.numel() and key in seen:  # tied (e.g. lm_head = embed_tokens): keep the first name
+            continue
+        seen[key] = name
+        owner, _, leaf = name.rpartition(".")
+        if owner in qmods:
+            if leaf == "weight_scale" and fmt == "compressed-tensors" and tensor.numel() == 1:
+                tensor = tensor.expand(qmods[owner].out_features, 1)
+            t = tensor.to(float_dtype) if leaf == "bias" else tensor
+        elif int8_embeddings and owner == embed_name and leaf == "weight":
+            from .quant import quantize_weight
+
+            t, scale = quantize_weight(tensor.float(), "per_channel")  # one scale per token row
+            out[f"{name}_scale"] = scale
+        elif tensor.is_floating_point():
+            t = tensor.to(float_dtype)
+        else:
+            t = tensor
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "smoothq", float_dtype: str = "float16",
+         embeddings: str = "float", overwrite: bool = False, meta: dict | None = None,
+         max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write a quantized model (after smoothq.quantize) as a Hugging Face-style directory.
+
+    float_dtype: dtype of the float tensors ('float16', 'bfloat16', 'float32' or 'auto' = the model's).
+    embeddings: 'float', or 'int8' (smoothq format only): the input embedding stored as int8 rows."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if embeddings not in ("float", "int8"):
+        raise ValueError(f"embeddings must be 'float' or 'int8', got {embeddings!r}")
+    if embeddings == "int8" and format != "smoothq":
+        raise CheckpointError("serving engines read float embeddings: int8 embedding storage needs format='smoothq'")
+    scheme = getattr(model, "smoothq_scheme", None)
+    qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
+    if scheme is None or not qnames:
+        raise CheckpointError("the model is not quantized: run smoothq.quantize(model, scheme, ...) before saving")
+    dtype = _float_dtype(float_dtype, model.dtype)
+    extra = {"version": FORMAT_VERSION, "scheme": scheme.to_dict(), **(meta or {})}
+    if format == "compressed-tensors":
+        ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
+        qc = compressed_tensors_config(scheme, ignore)
+    else:
+        qc = {"quant_method": "smoothq", **extra, "modules": qnames,
+              "int8_embeddings": embeddings == "int8"}
+    state = quantized_state(model, format, dtype, embeddings == "int8")
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qc
+    config.smoothq = extra
+    config.dtype = dtype
     with atomic_dir(output, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        _write_shards(state, tmp, max_shard_bytes)
+        config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        stats.save(tmp / STATS_FILE)
-        (tmp / META_FILE).write_text(json.dumps({"smoothq_version": FORMAT_VERSION, **meta}, indent=2) + "\n")
     return Path(output)
 
 
-def load_stats(model_dir: str | Path) -> ActStats | None:
-    path = Path(model_dir) / STATS_FILE
-    return ActStats.load(path) if path.is_file() else None
+def dir_bytes(path: str | Path) -> int:
+    """On-disk size of the model tensors in a checkpoint directory (safetensors files)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid shard index ({exc}); re-save the checkpoint") from None
+    elif (folder / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: not a saved checkpoint")
+    state = {}
+    for fname in files:
+        path = folder / fname
+        if not path.is_file():
+            raise CheckpointError(f"shard {fname} listed in the index is missing from {folder}")
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is corrupt or truncated ({exc}); re-save the checkpoint") from None
+    return state
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") in ("smoothq", "compressed-tensors")
+
+
+def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: torch.dtype | str | None = None,
+         attn_implementation: str | None = None):
+    """(model, tokenizer) from a checkpoint written by save() (either format) or by another tool in
+    the compressed-tensors INT8 W8A8 layout. Decoder linears are W8A8Linear on `backend`; float
+    tensors are cast to `dtype` (default: the checkpoint's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .archs import resolve, weight_nk
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json: not a saved checkpoint")
+    config = AutoConfig.from_pretrained(folder)
+    qc = getattr(config, "quantization_config", None)
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{folder}/config.json has no quantization_config: not a quantized checkpoint")
+    scheme = scheme_from_config(qc)
+    del config.quantization_config
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or config.dtype or torch.float16)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    state = _read_tensors(folder)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    res = resolve(model)  # also splits fused MoE experts, as at quantization time
+    qnames = {n[: -len(".weight_scale")] for n in state
+              if n.endswith(".weight_scale") and state.get(n[: -len("_scale")], torch.empty(0)).dtype == torch.int8}
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    qnames.discard(embed_name)  # int8-stored embedding rows: dequantized below, not a W8A8Linear
+    known = {n for n, _ in res.quantizable()}
+    if not qnames or not qnames <= known:
+        raise CheckpointError(f"checkpoint quantizes {sorted(qnames - known)[:3] or 'nothing'}, which are not decoder "
+                              f"linears of {type(model).__name__}: config and tensors do not match")
+    for name in qnames:
+        w = state[f"{name}.weight"]
+        expected = tuple(weight_nk(model.get_submodule(name)).shape)
+        if w.dtype != torch.int8 or tuple(w.shape) != expected:
+            raise CheckpointError(f"{name}.weight is {w.dtype} {tuple(w.shape)} but the config makes it int8 {expected}: "
+                                  "tensors and config.json do not match")
+        per_channel = state[f"{name}.weight_scale"].numel() > 1 or scheme.weights == "per_channel"
+        mod_scheme = QuantScheme("per_channel" if per_channel else "per_tensor", scheme.activations, scheme.name)
+        parent, _, attr = name.rpartition(".")
+        q = W8A8Linear(w.shape[1], w.shape[0], f"{name}.bias" in state, mod_scheme, backend, bias_dtype=dtype, device="meta")
+        setattr(model.get_submodule(parent), attr, q)
+
+    model.to_empty(device=device)
+    _init_non_persistent_buffers(model)
+    if f"{embed_name}.weight_scale" in state:  # int8-stored embedding rows
+        scale = state.pop(f"{embed_name}.weight_scale")
+        state[f"{embed_name}.weight"] = (state[f"{embed_name}.weight"].float() * scale).to(dtype)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"tensor shapes do not match the model config: {str(exc)[:500]}") from None
+    model.tie_weights()
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
+    missing = [n for n in missing if model.get_parameter(n).data_ptr() not in loaded]  # tied ones are fine
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.smoothq_scheme = scheme
+    model.eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        pass
+    return model, tokenizer
+
+
+@torch.no_grad()
+def _init_non_persistent_buffers(model: nn.Module) -> None:
+    """Buffers that are not saved (rotary inv_freq, embedding scales) are computed at init time;
+    after building on the meta device they must be recomputed. transformers' own _init_weights
+    knows how for its modules; the loaded state dict overwrites any weights it touches."""
+    for module in model.modules():
+        if any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)):
+            model._init_weights(module)

@@ -43,20 +43,32 @@ def test_compare_says_when_calibration_shares_the_evaluated_text(model_dir, caps
     assert "after the evaluated tokens, disjoint from them" in capsys.readouterr().err
 
 
-def test_quantize_saves_atomically_and_eval_reads_it_back(model_dir, tmp_path, capsys):
-    out = tmp_path / "smoothed"
+def test_quantize_saves_a_checkpoint_that_eval_and_generate_run(model_dir, tmp_path, capsys):
+    out = tmp_path / "o3"
     assert main(["-q", "quantize", str(model_dir), "--alpha", "0.6", "--scheme", "O3", "--samples", "4",
                  "--calib-seqlen", "64", "-o", str(out), "--eval", "--seqlen", "64", "--max-windows", "2"]) == 0
-    assert (out / "config.json").is_file() and (out / "smoothq_stats.safetensors").is_file()
-    meta = json.loads((out / "smoothq.json").read_text())
-    assert meta["alpha"] == 0.6 and meta["scheme"] == "O3"
+    captured = capsys.readouterr()
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "smoothq"
+    assert config["smoothq"]["alpha"] == 0.6 and config["smoothq"]["scheme"]["name"] == "O3"
+    assert "% of the" in captured.err and "FP16 weights" in captured.err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
-    assert "| O3 | 0.6 |" in capsys.readouterr().out
-    # saving again to the same place is refused rather than silently mixed
+    in_memory = float(captured.out.strip().splitlines()[-1].split("|")[-2])
+    # the saved checkpoint evaluates (real INT8) to what the in-memory model gave
+    assert main(["-q", "eval", str(out), "--seqlen", "64", "--max-windows", "2", "--dtype", "float32"]) == 0
+    reloaded = float(capsys.readouterr().out.strip().splitlines()[-1].split("|")[-2])
+    assert abs(reloaded / in_memory - 1) < 5e-3
+    # saving again to the same place is refused rather than silently mixed, unless --force
     assert main(["-q", "quantize", str(model_dir), "--samples", "4", "--calib-seqlen", "64", "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["-q", "eval", str(out), "--scheme", "O3", "--seqlen", "64", "--max-windows", "2"]) == 0
-    assert "| O3 | wikitext2 | 64 | 2 |" in capsys.readouterr().out
+    assert main(["-q", "generate", str(out), "The", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+
+
+def test_o2_export_to_compressed_tensors_is_refused(model_dir, tmp_path, capsys):
+    assert main(["-q", "quantize", str(model_dir), "--scheme", "O2", "--samples", "2", "--calib-seqlen", "32",
+                 "--format", "compressed-tensors", "-o", str(tmp_path / "o2")]) == 2
+    assert "no INT8 scheme" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
 def test_bad_inputs_exit_with_clear_messages(model_dir, capsys):

@@ -1,0 +1,81 @@
+"""INT8 backends against the emulated oracle and against exact integer arithmetic."""
+
+import pytest
+import torch
+
+import smoothq as sq
+from smoothq import backends
+from smoothq.quant import quantize_activation
+
+CPU_INT8 = [b.name for b in backends._BACKENDS.values() if b.real_int8 and b.runs_on("cpu")]
+SHAPES = [(1, 8, 5), (3, 13, 16), (17, 64, 33), (64, 40, 8)]  # M=1, odd M, K/N not multiples of 8
+
+
+def operands(m, k, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x_q = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    w_q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    return x_q, w_q
+
+
+def test_cpu_has_a_real_int8_backend_and_auto_picks_it():
+    assert "torch" in CPU_INT8
+    assert backends.get_backend("auto", "cpu").real_int8
+
+
+@pytest.mark.parametrize("name", CPU_INT8)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_integer_accumulation_is_exact(name, m, k, n):
+    x_q, w_q = operands(m, k, n)
+    one = torch.ones(1)
+    out = backends.get_backend(name, "cpu").linear(x_q, one, w_q, one, None, torch.float32)
+    exact = x_q.long() @ w_q.long().t()  # |acc| < 2^24 here, so fp32 holds it exactly
+    assert torch.equal(out, exact.float())
+
+
+@pytest.mark.parametrize("name", CPU_INT8)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("per_token,per_channel", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_scaled_output_matches_emulated(name, m, k, n, per_token, per_channel, out_dtype):
+    x_q, w_q = operands(m, k, n, seed=1)
+    x_scale = torch.rand(m, 1) / 100 if per_token else torch.tensor([0.01])
+    w_scale = torch.rand(n, 1) / 100 if per_channel else torch.tensor([0.02])
+    bias = torch.randn(n)
+    out = backends.get_backend(name, "cpu").linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    ref = backends.emulated_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32)
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    assert torch.allclose(out.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", CPU_INT8)
+@pytest.mark.parametrize("scheme", list(sq.SCHEMES))
+def test_w8a8linear_real_int8_agrees_with_fake_quant(name, scheme):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40)
+    x = torch.randn(3, 9, 96)
+    absmax = x.abs().reshape(-1, 96).amax(0)
+    s = sq.get_scheme(scheme)
+    fake = sq.W8A8Linear.from_float(lin, s, absmax, backend="emulated")
+    real = sq.W8A8Linear.from_float(lin, s, absmax, backend=name)
+    assert torch.allclose(real(x), fake(x), rtol=1e-5, atol=1e-6)
+
+
+def test_activation_quantization_never_produces_minus_128():
+    x = torch.randn(64, 32) * 10
+    for g in ("per_token", "per_tensor_dynamic"):
+        q, _ = quantize_activation(x, g)
+        assert q.min() >= -127 and q.max() <= 127
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,k,n", [(1, 64, 64), (16, 64, 128), (17, 128, 64), (33, 24, 20)])
+def test_torch_backend_on_cuda_pads_small_m_and_falls_back_on_odd_shapes(m, k, n):
+    x_q, w_q = operands(m, k, n)
+    x_scale, w_scale = torch.rand(m, 1) / 100, torch.rand(n, 1) / 100
+    ref = backends.emulated_linear(x_q, x_scale, w_q, w_scale, None, torch.float32)
+    out = backends.get_backend("torch", "cuda").linear(x_q.cuda(), x_scale.cuda(), w_q.cuda(), w_scale.cuda(), None,
+                                                       torch.float32)
+    assert torch.allclose(out.cpu(), ref, rtol=1e-5, atol=1e-5)
