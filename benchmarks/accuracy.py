@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smoothq as sq  # noqa: E402
+import smoothq.backends  # noqa: E402,F401
 from smoothq.compare import Row, best, compare, format_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -104,8 +105,8 @@ def main() -> int:
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads, wall {wall / 60:.1f} min).", "",
           f"- Evaluation: {windows.describe()}.",
           f"- Calibration: {calib.describe()} (seed 0), disjoint from the evaluated text.",
-          "- FP32 is the GGUF (Q4_1) checkpoint dequantized to float32; INT8 rows use the emulated backend",
-          "  (fake quant: the same integers, float arithmetic).", "",
+          "- FP32 is the GGUF (Q4_1) checkpoint dequantized to float32; INT8 rows run real INT8 matmuls",
+          f"  (backend `{sq.backends.get_backend('auto', 'cpu').name}`; the emulated backend gives the same numbers).", "",
           f"## Summary ({len(windows)} windows of {args.seqlen})", "", *summary, "",
           f"## All rows ({len(windows)} windows of {args.seqlen})", "", format_table(rows), ""]
     if full_rows:

@@ -13,6 +13,7 @@ from .calibrate import ActStats, CalibrationError, calibrate
 from .config import O1, O2, O3, SCHEMES, W8A8, QuantScheme, get_scheme
 from .data import calib_samples, eval_windows
 from .evaluate import perplexity
+from .io import CheckpointError, load, save
 from .models import load_model
 from .nn import W8A8Linear, quantize
 from .smooth import smooth, smooth_scales
@@ -20,7 +21,7 @@ from .smooth import smooth, smooth_scales
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActStats", "Arch", "CalibrationError", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
+    "ActStats", "Arch", "CalibrationError", "CheckpointError", "load", "save", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
     "UnsupportedArchError", "W8A8", "W8A8Linear", "calib_samples", "calibrate", "eval_windows",
     "get_scheme", "load_model", "perplexity", "quantize", "smooth", "smooth_scales",
 ]

@@ -83,6 +83,9 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActSta
             f"{scheme.label} uses static per-tensor activation scales, which need calibration statistics: "
             "stats = smoothq.calibrate(model, samples) (or the stats smooth() returned)"
         )
+    if getattr(model, "smoothq_scheme", None) is not None:
+        raise RuntimeError(f"model is already quantized ({model.smoothq_scheme.label}); reload the float model "
+                           "to quantize it with another scheme")
     res = resolve(model, arch)
     targets = list(res.quantizable())
     if not targets:

@@ -105,3 +105,9 @@ def test_emulated_backend_runs_everywhere_and_unknown_device_is_refused():
     assert get_backend("emulated", "cpu").name == "emulated"
     with pytest.raises(RuntimeError, match="no INT8 backend"):
         get_backend("auto", "tpu")
+
+
+def test_quantizing_twice_is_refused():
+    model = sq.quantize(tiny_model("llama"), "W8A8")
+    with pytest.raises(RuntimeError, match="already quantized"):
+        sq.quantize(model, "O1")
