@@ -16,6 +16,7 @@ here with `register()`; `auto` picks the best one available for the input's devi
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 import torch
@@ -27,9 +28,12 @@ class Backend:
     """A named INT8 linear implementation and the devices it runs on."""
 
     def __init__(self, name: str, linear: LinearFn, devices: tuple[str, ...], priority: int = 0,
-                 available: Callable[[], bool] = lambda: True, real_int8: bool = True):
+                 available: Callable[[], bool] = lambda: True, real_int8: bool = True,
+                 quantize: Callable | None = None):
         self.name = name
         self.linear = linear
+        # optional fused activation quantization with quant.quantize_activation's contract
+        self.quantize = quantize
         self.devices = devices
         self.priority = priority  # higher wins under "auto"
         self.available = available
@@ -106,3 +110,21 @@ def get_backend(name: str, device_type: str) -> Backend:
             f"(it runs on {', '.join(backend.devices)}); use backend='auto' or 'emulated'"
         )
     return backend
+
+
+def _kernel(name: str) -> Callable:
+    """Call smoothq.kernels.<name>, importing Triton only on first use: importing it decides the
+    process-wide interpreter mode, which a plain `import smoothq` should not do."""
+    def call(*args, **kwargs):
+        from . import kernels
+
+        return getattr(kernels, name)(*args, **kwargs)
+
+    return call
+
+
+# Fused Triton kernels (smoothq/kernels). Below `torch` under "auto" until GPU measurements
+# (benchmarks/gemm.py) show them ahead; pick backend="triton" explicitly meanwhile.
+register(Backend("triton", _kernel("triton_int8_linear"), devices=("cuda",), priority=5,
+                 available=lambda: importlib.util.find_spec("triton") is not None and torch.cuda.is_available(),
+                 quantize=_kernel("triton_quantize_activation")))

@@ -56,8 +56,8 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        x_q, x_scale = quantize_activation(x2, self.scheme.activations, self.input_scale)
         impl = backends.get_backend(self.backend, x.device.type)
+        x_q, x_scale = (impl.quantize or quantize_activation)(x2, self.scheme.activations, self.input_scale)
         out = impl.linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
         return out.reshape(*shape[:-1], self.out_features)
 

@@ -2,8 +2,14 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter, which Triton decides at its first
+# import (torch._dynamo can import it early); set it before anything else does.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
