@@ -8,6 +8,19 @@ so one smoothing vector s can be folded into the producer (x / s) and into every
 Linears that are not in any group (o_proj, down_proj, fc2, ...) are still quantized; they just
 are not smoothed under the paper's two-group recipe.
 
+Optional groups extend smoothing to those linears where it is exact. Each is tagged with the option
+that enables it and is skipped unless `resolve(..., options=(...))` asks for it, so the default
+stays the paper's recipe:
+
+  attn_vo     v_proj -> o_proj. Attention mixes tokens, never channels: head h's output channel d
+              is sum_t P[h,t] V[t, kv(h), d], linear in V's channel (kv(h), d). Dividing that V row
+              by s and multiplying o_proj's input column (h, d) by s, for every query head h of
+              the KV group (GQA), is exact as long as nothing nonlinear touches V (true for every
+              entry enabled here; Qwen3/Gemma 3 normalize only q and k).
+  mlp_updown  up_proj -> down_proj in gated MLPs: down(act(gate(x)) * up(x)); the gate multiplies
+              up's output elementwise, so up's row j / s_j passes straight to down's column j.
+  opt_fc      OPT fc1 -> fc2: relu(x / s) == relu(x) / s for s > 0. Only for ReLU configs.
+
 To support a new model, pass your own `Arch` to calibrate/smooth/quantize or `register()` it:
 
     from smoothq.archs import Arch, Group, register
@@ -34,10 +47,22 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
 
+# Opt-in smoothing groups beyond the paper's recipe (see the module docstring for why each is exact).
+OPTIONS = {
+    "attn_vo": "v_proj -> o_proj (GQA-aware: one scale per KV channel, repeated for each query head)",
+    "mlp_updown": "up_proj -> down_proj in gated MLPs (the gate multiplies up's output elementwise)",
+    "opt_fc": "OPT fc1 -> fc2 (ReLU commutes with positive per-channel scaling)",
+}
+
+
 @dataclass(frozen=True)
 class Group:
     prev: str  # producer of the shared input: a norm, or a linear (its output rows are scaled)
     linears: tuple[str, ...]  # consumers; may contain '*' for each expert of an MoE layer
+    option: str = ""  # "" = always smoothed (paper recipe); else the OPTIONS key that enables it
+    # Attention module whose heads map prev's output rows (KV heads) to the consumers' input
+    # columns (query heads), for v_proj -> o_proj under grouped-query attention. "" = identity.
+    heads: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,12 +75,20 @@ class Arch:
     name: str = ""
 
 
+# Optional groups come after the paper's groups in every entry: the paper groups' scales are then
+# computed on the original weights, identical with or without the options.
+ATTN_VO = Group("self_attn.v_proj", ("self_attn.o_proj",), option="attn_vo", heads="self_attn")
+MLP_UPDOWN = Group("mlp.up_proj", ("mlp.down_proj",), option="mlp_updown")
+
+
 def _llama_like(name: str, mlp_norm: str = "post_attention_layernorm", offset: float = 0.0) -> Arch:
     return Arch(
         layers="model.layers",
         groups=(
             Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             Group(mlp_norm, ("mlp.gate_proj", "mlp.up_proj")),
+            ATTN_VO,
+            MLP_UPDOWN,
         ),
         norm_offset=offset,
         name=name,
@@ -79,11 +112,15 @@ def _opt(config) -> Arch:
             "this OPT variant is post-LN (do_layer_norm_before=False, e.g. opt-350m): its norms do not "
             "feed the linears, so there is nothing to fold the smoothing into. Use another OPT size."
         )
+    optional = [Group("self_attn.v_proj", ("self_attn.out_proj",), option="attn_vo", heads="self_attn")]
+    if getattr(config, "activation_function", None) == "relu":  # exact only where relu(x/s) == relu(x)/s
+        optional.append(Group("fc1", ("fc2",), option="opt_fc"))
     return Arch(
         layers="model.decoder.layers",
         groups=(
             Group("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             Group("final_layer_norm", ("fc1",)),
+            *optional,
         ),
         name="opt",
     )
@@ -127,6 +164,9 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
         groups=(
             Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             Group("post_attention_layernorm", ("mlp.gate", "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj")),
+            ATTN_VO,
+            # one group per expert: '*' in prev binds the same expert index in the consumers
+            Group("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), option="mlp_updown"),
         ),
         keep_float=("mlp.gate",),
         fused_experts="mlp.experts",
@@ -191,6 +231,9 @@ def _expand(block: nn.Module, pattern: str) -> list[str]:
 class ResolvedGroup:
     prev: str  # full module names
     linears: list[str]
+    option: str = ""
+    # index[c] = the prev output channel feeding consumer input column c (GQA v -> o); None = identity
+    index: torch.Tensor | None = None
 
 
 @dataclass
@@ -220,9 +263,32 @@ class Resolved:
         return out
 
 
-def resolve(model: nn.Module, arch: Arch | None = None) -> Resolved:
-    """Bind the table to a model and check that every name resolves exactly once per block."""
+def check_options(options, arch: Arch | None = None) -> tuple[str, ...]:
+    """Validate optional-group names ("all" = every option the arch has); returns them as a tuple."""
+    if isinstance(options, str):
+        options = tuple(o.strip() for o in options.split(",") if o.strip())
+    options = tuple(options or ())
+    if "all" in options:  # kept as is until an arch says what "all" means
+        return ("all",) if arch is None else tuple(dict.fromkeys(g.option for g in arch.groups if g.option))
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown smoothing option {unknown[0]!r}; choose from {', '.join(OPTIONS)} or 'all'")
+    if arch is not None:
+        have = {g.option for g in arch.groups if g.option}
+        missing = [o for o in options if o not in have]
+        if missing:
+            raise UnsupportedArchError(
+                f"{arch.name or 'this architecture'} has no exact {missing[0]!r} smoothing group "
+                f"(it offers: {', '.join(sorted(have)) or 'none'})"
+            )
+    return options
+
+
+def resolve(model: nn.Module, arch: Arch | None = None, options=()) -> Resolved:
+    """Bind the table to a model and check that every name resolves exactly once per block.
+    Optional groups (Group.option) are included only when named in `options`."""
     arch = arch or arch_for(model)
+    options = check_options(options, arch)
     try:
         layers = model.get_submodule(arch.layers)
     except AttributeError:
@@ -240,26 +306,63 @@ def resolve(model: nn.Module, arch: Arch | None = None) -> Resolved:
     res = Resolved(arch=arch, blocks=[(f"{arch.layers}.{i}", b) for i, b in enumerate(layers)])
     for prefix, block in res.blocks:
         for group in arch.groups:
-            prev = _lookup(block, group.prev, prefix)
-            size = _out_size(prev, f"{prefix}.{group.prev}")
-            names = []
-            for pattern in group.linears:
-                matches = _expand(block, pattern)
-                if not matches:
-                    raise UnsupportedArchError(f"{prefix}: no module matches {pattern!r}")
-                for rel in matches:
-                    mod = _lookup(block, rel, prefix)
-                    if in_features(mod) != size:
-                        raise UnsupportedArchError(
-                            f"{prefix}.{rel} reads {in_features(mod)} features but {group.prev} produces {size}"
-                        )
-                    names.append(f"{prefix}.{rel}")
-                    res.modules[f"{prefix}.{rel}"] = mod
-            if len(set(names)) != len(names):
-                raise UnsupportedArchError(f"{prefix}: a linear is listed twice in the group of {group.prev!r}")
-            res.modules[f"{prefix}.{group.prev}"] = prev
-            res.groups.append(ResolvedGroup(prev=f"{prefix}.{group.prev}", linears=names))
+            if group.option and group.option not in options:
+                continue
+            for prev_rel, linears in _bind(block, group):
+                prev = _lookup(block, prev_rel, prefix)
+                size = _out_size(prev, f"{prefix}.{prev_rel}")
+                index = None
+                names = []
+                for pattern in linears:
+                    matches = _expand(block, pattern)
+                    if not matches:
+                        raise UnsupportedArchError(f"{prefix}: no module matches {pattern!r}")
+                    for rel in matches:
+                        mod = _lookup(block, rel, prefix)
+                        if group.heads and in_features(mod) != size:
+                            index = _head_index(block, group.heads, prefix, size, in_features(mod))
+                        elif in_features(mod) != size:
+                            raise UnsupportedArchError(
+                                f"{prefix}.{rel} reads {in_features(mod)} features but {prev_rel} produces {size}"
+                            )
+                        names.append(f"{prefix}.{rel}")
+                        res.modules[f"{prefix}.{rel}"] = mod
+                if len(set(names)) != len(names):
+                    raise UnsupportedArchError(f"{prefix}: a linear is listed twice in the group of {prev_rel!r}")
+                res.modules[f"{prefix}.{prev_rel}"] = prev
+                res.groups.append(ResolvedGroup(prev=f"{prefix}.{prev_rel}", linears=names, option=group.option,
+                                                index=index))
     return res
+
+
+def _bind(block: nn.Module, group: Group) -> list[tuple[str, tuple[str, ...]]]:
+    """(prev, linears) pairs of one block: a '*' in prev (one group per MoE expert) is bound to each
+    matching index and substituted into the consumers' '*'."""
+    if "*" not in group.prev:
+        return [(group.prev, group.linears)]
+    out = []
+    for prev in _expand(block, group.prev):
+        stars = [p for p, q in zip(prev.split("."), group.prev.split(".")) if q == "*"]
+        linears = []
+        for pat in group.linears:
+            parts, it = pat.split("."), iter(stars)
+            linears.append(".".join(next(it, p) if p == "*" else p for p in parts))
+        out.append((prev, tuple(linears)))
+    return out
+
+
+def _head_index(block: nn.Module, attn_name: str, prefix: str, kv_width: int, q_width: int) -> torch.Tensor:
+    """Consumer column (query head h, d) -> producer row (KV head h // n_rep, d), as repeat_kv lays it out."""
+    attn = _lookup(block, attn_name, prefix)
+    head_dim = getattr(attn, "head_dim", None)
+    if not head_dim or kv_width % head_dim or q_width % kv_width:
+        raise UnsupportedArchError(
+            f"{prefix}.{attn_name}: cannot map {kv_width} value channels onto {q_width} output-projection "
+            f"inputs (head_dim={head_dim}); grouped-query smoothing needs q_width = n_rep * kv_width"
+        )
+    n_rep, n_heads = q_width // kv_width, q_width // head_dim
+    kv_of_head = torch.arange(n_heads) // n_rep
+    return (kv_of_head[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
 def _lookup(block: nn.Module, rel: str, prefix: str) -> nn.Module:

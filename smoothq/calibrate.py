@@ -75,6 +75,18 @@ def _as_batches(samples, batch_size: int) -> list[torch.Tensor]:
     return [r[None] for r in rows]  # ragged: one sequence per forward, no padding to mask
 
 
+def update_absmax(absmax: dict[str, torch.Tensor], name: str, x: torch.Tensor, where: str) -> None:
+    """Fold one batch of a linear's input into its running per-channel abs-max (O(channels) memory)."""
+    cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+    if not torch.isfinite(cur).all():
+        raise CalibrationError(
+            f"non-finite activations (NaN/Inf) at the input of {where}. The float model itself overflows on "
+            "this data: run calibration in float32 (load with dtype=torch.float32) or check the inputs."
+        )
+    prev = absmax.get(name)
+    absmax[name] = cur if prev is None else torch.maximum(prev, cur)
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: int = 4,
               progress: bool = True) -> ActStats:
@@ -90,15 +102,7 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
             x = inputs[0]
             if x.numel() == 0:  # an expert that no token was routed to in this batch
                 return
-            cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            if not torch.isfinite(cur).all():
-                raise CalibrationError(
-                    f"non-finite activations (NaN/Inf) at the input of {name} in calibration batch "
-                    f"{current['batch']}. The float model itself overflows on this data: run calibration "
-                    "in float32 (load with dtype=torch.float32) or check the inputs."
-                )
-            prev = absmax.get(name)
-            absmax[name] = cur if prev is None else torch.maximum(prev, cur)
+            update_absmax(absmax, name, x, f"{name} in calibration batch {current['batch']}")
 
         return hook
 

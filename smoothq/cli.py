@@ -16,18 +16,44 @@ from .data import DEFAULT_CALIB, DEFAULT_EVAL, DataError, Windows, calib_samples
 from .models import DEFAULT_MODEL, ModelNotFound
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [check_alpha(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _floats(text: str) -> list[float | str]:
+    return [_alpha(v.strip()) for v in text.split(",") if v.strip()]
 
 
-def _alpha(text: str) -> float:
+def _alpha(text: str) -> float | str:
+    if text.strip().lower() == "auto":  # per-group search (smoothq.search)
+        return "auto"
     try:
         return check_alpha(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_plus(p: argparse.ArgumentParser, clip: bool = True) -> None:
+    """Beyond the paper's recipe (issue 5): extra exact smoothing groups, alpha search, clipping."""
+    g = p.add_argument_group("beyond the paper (smoothq.search / smoothq.attention)")
+    g.add_argument("--smooth-extra", default="", metavar="OPTS",
+                   help="also smooth exact extra groups: comma list of attn_vo, mlp_updown, opt_fc, or 'all'")
+    g.add_argument("--search-samples", type=int, default=4, help="calibration sequences the alpha search uses")
+    g.add_argument("--search-strategy", default="coarse", choices=["grid", "coarse"],
+                   help="alpha grid 0..1 step 0.05: every point, or every other point then refine (default)")
+    g.add_argument("--blockwise", action="store_true", help="--alpha auto: one alpha per decoder block")
+    g.add_argument("--no-guard", action="store_true",
+                   help="--alpha auto: skip the end-to-end comparison with the global alphas")
+    if clip:
+        g.add_argument("--clip", choices=["mse", "percentile"], help="clip static activation scales (O3), per linear")
+        g.add_argument("--clip-percentile", type=float, default=99.9)
+        g.add_argument("--int8-attention", choices=["per-head", "per-tensor"],
+                       help="also quantize Q, K, V and the attention probabilities (static scales; for --eval)")
+
+
+def _search_config(args, alpha):
+    from .search import GRID, SearchConfig
+
+    return SearchConfig(grid=GRID if alpha == "auto" else (alpha,), blockwise=args.blockwise,
+                        options=args.smooth_extra, clip=getattr(args, "clip", None),
+                        clip_percentile=getattr(args, "clip_percentile", 99.9), samples=args.search_samples,
+                        strategy=args.search_strategy, guard=not args.no_guard)
 
 
 def _scheme(text: str) -> str:
@@ -56,7 +82,10 @@ def _add_eval(p: argparse.ArgumentParser, seqlen: int, max_windows: int | None) 
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default=DEFAULT_CALIB, help=f"calibration text (default: {DEFAULT_CALIB})")
+    p.add_argument("--calib", default=DEFAULT_CALIB,
+                   help=f"calibration text; mix sources with '+', e.g. wikitext2-train+c4 (default: {DEFAULT_CALIB})")
+    p.add_argument("--chat-calib", action="store_true",
+                   help="format calibration samples with the tokenizer's chat template (instruct models)")
     p.add_argument("--samples", type=int, default=128, help="number of calibration sequences (default: 128)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate, smooth and quantize a model; optionally save and evaluate it")
     _add_model(q)
     _add_calib(q)
-    q.add_argument("--alpha", type=_alpha, default=0.8, help="migration strength in [0, 1] (default: 0.8)")
+    q.add_argument("--alpha", type=_alpha, default=0.8,
+                   help="migration strength in [0, 1], or 'auto' to search it per group (default: 0.8)")
     q.add_argument("--scheme", default="W8A8", type=_scheme,
                    help=f"{', '.join(SCHEMES)} (default: W8A8)")
     q.add_argument("--no-smooth", action="store_true", help="skip smoothing (naive INT8 baseline)")
@@ -85,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     q.add_argument("--eval", action="store_true", help="report perplexity after quantization")
     _add_eval(q, seqlen=512, max_windows=40)
+    _add_plus(q)
+    big = q.add_argument_group("models larger than memory (--sequential; MODEL is a directory of safetensors shards)")
+    big.add_argument("--sequential", action="store_true",
+                     help="stream the model from disk one decoder layer at a time (peak memory ~ one layer); "
+                          "needs -o")
+    big.add_argument("--propagate", default="quantized", choices=["quantized", "float"],
+                     help="next layer's calibration inputs: outputs of the quantized layer (default, the error "
+                          "inference sees) or of the float layer (= the in-memory result)")
+    big.add_argument("--activations", default="device", choices=["device", "cpu"],
+                     help="keep calibration hidden states on the compute device (default) or in CPU memory")
+    big.add_argument("--device-map", help="spread layers over GPUs: 'auto', or JSON {module name: device}")
+    big.add_argument("--resume", action="store_true", help="continue an interrupted --sequential run into OUTPUT")
 
     e = sub.add_parser("eval", help="perplexity of a quantized checkpoint (real INT8), or of a float model "
                                     "(optionally quantized naively with --scheme)")
@@ -105,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib(c)
     _add_eval(c, seqlen=512, max_windows=40)
     c.add_argument("--schemes", type=_schemes, default=list(SCHEMES), help="comma-separated (default: all)")
-    c.add_argument("--alphas", type=_floats, default=[0.5, 0.8], help="comma-separated (default: 0.5,0.8)")
+    c.add_argument("--alphas", type=_floats, default=[0.5, 0.8],
+                   help="comma-separated; 'auto' searches per group (default: 0.5,0.8)")
+    _add_plus(c, clip=False)
     c.add_argument("--json", help="also write the rows as JSON here")
     return parser
 
@@ -132,7 +176,8 @@ def _load(args):
 
 
 def _calibration(args, tok, evaluated: Windows | None) -> Windows:
-    calib = calib_samples(tok, args.calib, n=args.samples, seqlen=args.calib_seqlen, seed=args.seed, avoid=evaluated)
+    calib = calib_samples(tok, args.calib, n=args.samples, seqlen=args.calib_seqlen, seed=args.seed, avoid=evaluated,
+                          chat=getattr(args, "chat_calib", False))
     note = ""
     if evaluated is not None:
         if calib.overlaps(evaluated):  # cannot happen by construction; checked because it matters
@@ -149,7 +194,61 @@ def _evaluation(args, tok) -> Windows:
     return windows
 
 
+def cmd_quantize_sequential(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .evaluate import perplexity
+    from .io import dir_bytes, load
+    from .sequential import interrupted_run, partial_dir, quantize_sequential
+
+    if not args.output:
+        raise DataError("--sequential writes the checkpoint layer by layer: pass -o OUTPUT")
+    if args.gguf_file or not Path(args.model).is_dir():
+        raise ModelNotFound(f"--sequential reads a local model directory of safetensors shards; {args.model!r} is not one")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    evaluated = _evaluation(args, tok) if args.eval else None
+    calib = _calibration(args, tok, evaluated)
+    device_map = args.device_map
+    if device_map and device_map not in ("auto", "balanced"):
+        try:
+            device_map = json.loads(device_map)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"--device-map is neither 'auto' nor JSON ({exc})") from None
+    record = interrupted_run(args.output)
+    if args.resume and record:
+        _say(f"resuming {partial_dir(args.output)}: {record.get('layers_done')}/{record.get('layers')} layers done")
+    meta = {"alpha": None if args.no_smooth else args.alpha, "calibration": calib.describe()}
+    t0 = time.perf_counter()
+    try:
+        path = quantize_sequential(
+            args.model, args.output, calib, scheme=args.scheme, alpha=args.alpha, smooth=not args.no_smooth,
+            error_propagation=args.propagate == "quantized", format=args.format, float_dtype=args.save_dtype,
+            embeddings=args.embeddings, dtype=args.dtype, device=args.device, device_map=device_map,
+            activations=args.activations, backend=args.backend, tokenizer=tok, meta=meta, resume=args.resume,
+            overwrite=args.force, progress=not args.quiet)
+    except KeyboardInterrupt:
+        record = interrupted_run(args.output) or {}
+        _say(f"interrupted after {record.get('layers_done', 0)}/{record.get('layers', '?')} layers; rerun the same "
+             "command with --resume to continue")
+        return 130
+    _say(f"saved {args.scheme} ({args.format} format, sequential) to {path}: {dir_bytes(path) / 1e6:.1f} MB "
+         f"in {time.perf_counter() - t0:.0f}s")
+    if evaluated is not None:
+        model, _ = load(path, backend=args.backend, device=args.device, dtype=args.dtype)
+        ppl = perplexity(model, evaluated, progress=not args.quiet)
+        _print_row(model=args.model, scheme=args.scheme, alpha="none" if args.no_smooth else args.alpha,
+                   perplexity=f"{ppl:.3f}")
+    return 0
+
+
 def cmd_quantize(args) -> int:
+    if args.sequential:
+        if args.alpha == "auto" or args.clip or args.smooth_extra or args.int8_attention:
+            raise DataError("--alpha auto, --clip, --smooth-extra and --int8-attention need the in-memory path "
+                            "(drop --sequential)")
+        return cmd_quantize_sequential(args)
+    if args.resume:
+        raise DataError("--resume continues an interrupted --sequential run; add --sequential")
     from .calibrate import calibrate
     from .evaluate import perplexity
     from .io import dir_bytes, save
@@ -161,10 +260,22 @@ def cmd_quantize(args) -> int:
     evaluated = _evaluation(args, tok) if args.eval else None
     calib = _calibration(args, tok, evaluated)
     stats = calibrate(model, calib, progress=not args.quiet)
-    if not args.no_smooth:
-        stats = smooth(model, stats, args.alpha)
+    if args.int8_attention and args.output:
+        raise DataError("--int8-attention is for --eval: INT8 attention scales are not saved in checkpoints")
+    if not args.no_smooth and (args.alpha == "auto" or args.clip):
+        from .search import auto_smooth
+
+        stats = auto_smooth(model, stats, calib, args.scheme, _search_config(args, args.alpha), progress=not args.quiet)
+        _say(f"alpha search: {model.smoothq_search.summary()}")
+    elif not args.no_smooth:
+        stats = smooth(model, stats, args.alpha, options=args.smooth_extra)
         _say(f"smoothed {len(model.smoothq_scales)} groups with alpha={args.alpha}")
     quantize(model, args.scheme, stats, backend=args.backend)
+    if args.int8_attention:
+        from .attention import AttnQuantConfig, enable_int8_attention
+
+        enable_int8_attention(model, AttnQuantConfig(granularity=args.int8_attention.replace("-", "_")),
+                              calib.input_ids[:16])
     if args.output:
         meta = {"alpha": None if args.no_smooth else args.alpha, "calibration": calib.describe()}
         path = save(model, args.output, tok, format=args.format, float_dtype=args.save_dtype,
@@ -174,9 +285,15 @@ def cmd_quantize(args) -> int:
              f"{100 * size / fp16_bytes:.0f}% of the {fp16_bytes / 1e6:.1f} MB FP16 weights")
     if evaluated is not None:
         ppl = perplexity(model, evaluated, progress=not args.quiet)
-        print(f"| model | scheme | alpha | perplexity |\n|---|---|---|---|\n"
-              f"| {args.model} | {args.scheme} | {'none' if args.no_smooth else args.alpha} | {ppl:.3f} |")
+        _print_row(model=args.model, scheme=args.scheme, alpha="none" if args.no_smooth else args.alpha,
+                   perplexity=f"{ppl:.3f}")
     return 0
+
+
+def _print_row(**columns) -> None:
+    """A one-row markdown table (the result of quantize --eval / eval)."""
+    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|\n| "
+          + " | ".join(str(v) for v in columns.values()) + " |")
 
 
 def cmd_eval(args) -> int:
@@ -196,8 +313,8 @@ def cmd_eval(args) -> int:
         quantize(model, args.scheme, stats, backend=args.backend)
         scheme = get_scheme(args.scheme)
     ppl = perplexity(model, windows, progress=not args.quiet)
-    print(f"| model | scheme | data | seqlen | windows | perplexity |\n|---|---|---|---|---|---|\n"
-          f"| {args.model} | {scheme.name if scheme else 'none'} | {args.data} | {args.seqlen} | {len(windows)} | {ppl:.3f} |")
+    _print_row(model=args.model, scheme=scheme.name if scheme else "none", data=args.data, seqlen=args.seqlen,
+               windows=len(windows), perplexity=f"{ppl:.3f}")
     return 0
 
 
@@ -225,6 +342,7 @@ def cmd_compare(args) -> int:
     windows = _evaluation(args, tok)
     calib = _calibration(args, tok, windows)
     rows = compare(model, windows, calib, schemes=args.schemes, alphas=args.alphas, backend=args.backend,
+                   options=args.smooth_extra, search=_search_config(args, "auto"),
                    progress=not args.quiet, on_row=lambda r: _say(f"  {r.method:11s} {r.scheme:5s} "
                                                                   f"alpha={r.alpha} ppl={r.ppl:.3f} ({r.seconds:.0f}s)"))
     print(format_table(rows))

@@ -160,9 +160,18 @@ def eval_windows(tokenizer, source: str = DEFAULT_EVAL, seqlen: int = 2048, max_
 
 
 def calib_samples(tokenizer, source: str = DEFAULT_CALIB, n: int = 128, seqlen: int = 512, seed: int = 0,
-                  avoid: Windows | None = None) -> Windows:
+                  avoid: Windows | None = None, chat: bool = False) -> Windows:
     """`n` random windows of `seqlen` tokens (seeded). If `avoid` comes from the same source, windows
-    are drawn only after its end, so calibration never sees evaluated tokens."""
+    are drawn only after its end, so calibration never sees evaluated tokens.
+
+    `source` may mix sources with '+' ("wikitext2-train+c4"): n is split evenly between them (each
+    drawn with its own seed, each avoiding `avoid` on its own). `chat=True` formats each window as a
+    user/assistant exchange with the tokenizer's chat template, so instruct models are calibrated on
+    the special tokens and layout they serve with."""
+    if "+" in source and not Path(source).is_file():
+        return _mixed_samples(tokenizer, source, n, seqlen, seed, avoid, chat)
+    if chat:
+        return _chat_samples(tokenizer, source, n, seqlen, seed, avoid)
     if n < 1:
         raise DataError(f"need at least 1 calibration sample, got {n}")
     if seqlen < 1:
@@ -181,3 +190,39 @@ def calib_samples(tokenizer, source: str = DEFAULT_CALIB, n: int = 128, seqlen: 
     offsets = torch.randint(start, end - seqlen + 1, (n,), generator=gen).tolist()
     windows = torch.stack([ids[o : o + seqlen] for o in offsets])
     return Windows(windows, source, desc, start, end, ids.numel(), offsets)
+
+
+def _mixed_samples(tokenizer, source: str, n: int, seqlen: int, seed: int, avoid: Windows | None,
+                   chat: bool) -> Windows:
+    parts = [p.strip() for p in source.split("+") if p.strip()]
+    if len(parts) < 2:
+        raise DataError(f"a mixed calibration source needs at least two parts joined by '+', got {source!r}")
+    if n < len(parts):
+        raise DataError(f"{n} samples cannot be split over {len(parts)} sources; use at least {len(parts)}")
+    counts = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
+    subs = [calib_samples(tokenizer, p, c, seqlen, seed + i, avoid, chat) for i, (p, c) in enumerate(zip(parts, counts))]
+    ids = torch.cat([w.input_ids for w in subs])
+    desc = " + ".join(f"{len(w)} from {w.description}" for w in subs)
+    offsets = [o for w in subs for o in (w.offsets or [])]
+    return Windows(ids, source, desc, 0, 0, sum(w.total_tokens for w in subs), offsets)
+
+
+def _chat_samples(tokenizer, source: str, n: int, seqlen: int, seed: int, avoid: Windows | None) -> Windows:
+    """Windows of source text, each wrapped as [user: first quarter, assistant: the rest] in the chat
+    template and cut to `seqlen` tokens (the template's own tokens included)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat-formatted calibration needs a tokenizer with a chat template (an instruct model)")
+    plain = calib_samples(tokenizer, source, n, seqlen, seed, avoid)
+    rows = []
+    for row in plain.input_ids:
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        cut = text.find(" ", len(text) // 4)
+        cut = cut if cut > 0 else len(text) // 4
+        messages = [{"role": "user", "content": text[:cut].strip()}, {"role": "assistant", "content": text[cut:].strip()}]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        ids = torch.as_tensor(getattr(ids, "input_ids", ids), dtype=torch.long).reshape(-1)
+        if ids.numel() < seqlen:  # the decode/re-encode round trip came out short: pad with more text
+            ids = torch.cat([ids, row[: seqlen - ids.numel()]])
+        rows.append(ids[:seqlen])
+    return Windows(torch.stack(rows), source, f"{plain.description}, chat-formatted", plain.start, plain.end,
+                   plain.total_tokens, plain.offsets)

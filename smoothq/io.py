@@ -44,6 +44,17 @@ class CheckpointError(ValueError):
     pass
 
 
+def replace_dir(src: Path, out: Path) -> None:
+    """Move a finished directory into place; an existing `out` is swapped out first, never merged."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(src, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, out)
+
+
 @contextmanager
 def atomic_dir(output: str | Path, overwrite: bool = False):
     """Yield a temp directory next to `output`; on success it replaces `output` in one rename."""
@@ -54,13 +65,7 @@ def atomic_dir(output: str | Path, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
@@ -138,14 +143,19 @@ def _float_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def quantized_state(model: nn.Module, fmt: str, float_dtype: torch.dtype, int8_embeddings: bool) -> dict[str, torch.Tensor]:
-    """Flat name -> tensor map in the checkpoint layout; tied duplicates stored once."""
+    """Flat name -> tensor map in the checkpoint layout; tied duplicates stored once.
+
+    Parts of the model may live on the meta device (smoothq.sequential plans the whole layout on a
+    meta skeleton, then fills it layer by layer): their entries come back as meta tensors with the
+    dtype and shape they will be stored with."""
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
     embed = model.get_input_embeddings()
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        # meta tensors have no storage to compare: tied ones are the same Parameter object there
+        key = (id(tensor),) if tensor.is_meta else (tensor.data_ptr(), tensor.shape, tensor.dtype)
         if tensor.numel() and key in seen:  # tied (e.g. lm_head = embed_tokens): keep the first name
             continue
         seen[key] = name
@@ -163,32 +173,42 @@ def quantized_state(model: nn.Module, fmt: str, float_dtype: torch.dtype, int8_e
             t = tensor.to(float_dtype)
         else:
             t = tensor
-        out[name] = t.detach().contiguous().cpu()
+        t = t.detach().contiguous()
+        out[name] = t if t.is_meta else t.cpu()
     return out
+
+
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> dict[str, list[str]]:
+    """Shard file name -> tensor names, in order: a new shard starts when the next tensor would
+    overflow `max_shard_bytes` (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        return {SINGLE_FILE: shards[0]}
+    return {f"model-{i:05d}-of-{len(shards):05d}.safetensors": names for i, names in enumerate(shards, 1)}
+
+
+def write_index(folder: Path, plan: dict[str, list[str]], total_bytes: int) -> None:
+    """The shard index Hugging Face loaders read (only for more than one shard)."""
+    if len(plan) > 1:
+        weight_map = {n: fname for fname, names in plan.items() for n in names}
+        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+                                                    indent=2))
 
 
 def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / SINGLE_FILE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    plan = plan_shards({n: t.numel() * t.element_size() for n, t in state.items()}, max_shard_bytes)
+    for fname, names in plan.items():
+        save_file({n: state[n] for n in names}, str(folder / fname), metadata={"format": "pt"})
+    write_index(folder, plan, sum(t.numel() * t.element_size() for t in state.values()))
 
 
 def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "smoothq", float_dtype: str = "float16",
@@ -209,6 +229,19 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
     if scheme is None or not qnames:
         raise CheckpointError("the model is not quantized: run smoothq.quantize(model, scheme, ...) before saving")
     dtype = _float_dtype(float_dtype, model.dtype)
+    config = checkpoint_config(model, format, dtype, embeddings, meta)
+    state = quantized_state(model, format, dtype, embeddings == "int8")
+    with atomic_dir(output, overwrite) as tmp:
+        _write_shards(state, tmp, max_shard_bytes)
+        write_metadata(tmp, config, getattr(model, "generation_config", None), tokenizer)
+    return Path(output)
+
+
+def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddings: str = "float",
+                      meta: dict | None = None):
+    """The config.json of a quantized model (after smoothq.quantize; its weights may be on meta)."""
+    scheme = model.smoothq_scheme
+    qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
     extra = {"version": FORMAT_VERSION, "scheme": scheme.to_dict(), **(meta or {})}
     if format == "compressed-tensors":
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
@@ -216,20 +249,20 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
     else:
         qc = {"quant_method": "smoothq", **extra, "modules": qnames,
               "int8_embeddings": embeddings == "int8"}
-    state = quantized_state(model, format, dtype, embeddings == "int8")
     config = copy.deepcopy(model.config)
     config.quantization_config = qc
     config.smoothq = extra
     config.dtype = dtype
-    with atomic_dir(output, overwrite) as tmp:
-        _write_shards(state, tmp, max_shard_bytes)
-        config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(output)
+    return config
+
+
+def write_metadata(folder: Path, config, generation_config=None, tokenizer=None) -> None:
+    """config.json, generation_config.json and the tokenizer files of a checkpoint directory."""
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def dir_bytes(path: str | Path) -> int:

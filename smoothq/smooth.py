@@ -8,6 +8,11 @@ For a group of linears that read the same input X (produced by a norm or a linea
 
 so (X / s) @ (W * s)^T == X @ W^T exactly in real arithmetic. Statistics follow the paper:
 abs-max of each linear's input, and the max over all linears sharing it.
+
+Optional groups (archs.OPTIONS, opt-in via `options=`) extend this to v_proj -> o_proj and
+up_proj -> down_proj. Under grouped-query attention one V channel feeds n_rep o_proj columns
+(one per query head of its KV group): s is one value per V channel, its statistics are the max
+over those columns, and each of those columns is multiplied by the same s.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .archs import LINEAR_TYPES, Arch, resolve, weight_nk
+from .archs import LINEAR_TYPES, Arch, ResolvedGroup, resolve, weight_nk
 from .calibrate import ActStats
 from .config import check_alpha
 
@@ -60,35 +65,80 @@ def scale_inputs(linear: nn.Module, scales: torch.Tensor) -> None:
     w.copy_((w.float() * scales.to(w.device)[None, :]).to(w.dtype))
 
 
+def _to_prev(values: torch.Tensor, index: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Reduce per-consumer-column values to per-producer-channel maxima (identity without an index)."""
+    if index is None:
+        return values
+    out = torch.zeros(size, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, index.to(values.device), values, reduce="amax", include_self=False)
+
+
+def group_scales(res, group: ResolvedGroup, stats: ActStats, alpha: float) -> torch.Tensor:
+    """The smoothing vector of one resolved group (one value per channel of its producer)."""
+    missing = [n for n in group.linears if n not in stats]
+    if missing:
+        raise ValueError(f"no calibration statistics for {missing[0]}; were they collected on this model?")
+    prev = res.modules[group.prev]
+    size = weight_nk(prev).shape[0] if isinstance(prev, LINEAR_TYPES) else prev.weight.shape[0]
+    mods = [res.modules[n] for n in group.linears]
+    act = torch.stack([_to_prev(stats[n].float(), group.index, size) for n in group.linears]).amax(dim=0)
+    weight_absmax = torch.stack(
+        [_to_prev(weight_nk(m).detach().abs().amax(dim=0).float().cpu(), group.index, size) for m in mods]
+    ).amax(dim=0)
+    return smooth_scales(act, weight_absmax, alpha)
+
+
 @torch.no_grad()
-def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | None = None) -> ActStats:
+def apply_group(res, group: ResolvedGroup, s: torch.Tensor, stats: ActStats | None = None,
+                out: ActStats | None = None) -> None:
+    """Fold s into the group's producer and consumers; divide the consumers' statistics in `out`."""
+    cols = s if group.index is None else s[group.index]
+    fold_into_prev(res.modules[group.prev], s, res.arch.norm_offset)
+    for n in group.linears:
+        scale_inputs(res.modules[n], cols)
+        if out is not None:
+            out.act_absmax[n] = stats[n] / cols.to(stats[n].device)
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | None = None, *,
+           options=(), alphas: dict[str, float] | None = None) -> ActStats:
     """Smooth every group of the model in place; return the statistics of the smoothed model
     (inputs of smoothed linears divided by s), which is what static activation scales need.
-    The scales are kept on the model as `model.smoothq_scales` (producer name -> s)."""
+    The scales are kept on the model as `model.smoothq_scales` (producer name -> s).
+
+    `options` opts in to the exact extra groups of archs.OPTIONS ("attn_vo", "mlp_updown", "opt_fc",
+    or "all"); `alphas` maps a group's producer name to its own alpha (e.g. from search.search_alpha),
+    overriding `alpha` for that group. Defaults reproduce the paper's recipe."""
     alpha = check_alpha(alpha)
+    if getattr(model, "smoothq_scheme", None) is not None:
+        raise RuntimeError(
+            f"model is already quantized ({model.smoothq_scheme.label}); smoothing must come before "
+            "quantize(). Reload the float model, then calibrate -> smooth -> quantize."
+        )
     if getattr(model, "smoothq_alpha", None) is not None:
         raise RuntimeError(
             f"model is already smoothed (alpha={model.smoothq_alpha}); smoothing twice compounds the "
             "scales. Reload the float model to smooth it with another alpha."
         )
-    res = resolve(model, arch)
+    res = resolve(model, arch, options)
+    alphas = {k: check_alpha(v) for k, v in (alphas or {}).items()}
+    unknown = set(alphas) - {g.prev for g in res.groups}
+    if unknown:
+        raise ValueError(f"alphas names {sorted(unknown)[0]!r}, which is not a smoothing group of this model")
     out = stats.copy()
     applied: dict[str, torch.Tensor] = {}
     for group in res.groups:
-        missing = [n for n in group.linears if n not in stats]
-        if missing:
-            raise ValueError(f"no calibration statistics for {missing[0]}; were they collected on this model?")
-        act = torch.stack([stats[n] for n in group.linears]).amax(dim=0)
-        mods = [res.modules[n] for n in group.linears]
-        weight_absmax = torch.stack([weight_nk(m).detach().abs().amax(dim=0).float() for m in mods]).amax(dim=0)
-        s = smooth_scales(act, weight_absmax.cpu(), alpha)
-        fold_into_prev(res.modules[group.prev], s, res.arch.norm_offset)
-        for m in mods:
-            scale_inputs(m, s)
-        for n in group.linears:
-            out.act_absmax[n] = stats[n] / s
+        s = group_scales(res, group, stats, alphas.get(group.prev, alpha))
+        apply_group(res, group, s, stats, out)
         applied[group.prev] = s
     model.smoothq_alpha = alpha
     model.smoothq_scales = applied
-    out.meta = {**out.meta, "alpha": alpha}
+    meta = {"alpha": alpha}
+    if res.arch and any(g.option for g in res.groups):
+        meta["options"] = sorted({g.option for g in res.groups if g.option})
+    if alphas:
+        model.smoothq_alphas = dict(alphas)
+        meta["alphas"] = {k: round(v, 4) for k, v in alphas.items()}
+    out.meta = {**out.meta, **meta}
     return out

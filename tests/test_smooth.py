@@ -91,6 +91,14 @@ def test_smoothing_twice_is_refused():
         sq.smooth(model, stats, 0.5)
 
 
+def test_smoothing_a_quantized_model_is_refused():
+    model = tiny_model("llama")
+    stats = sq.calibrate(model, sample_ids(), progress=False)
+    sq.quantize(model, "W8A8", stats)
+    with pytest.raises(RuntimeError, match="before quantize"):
+        sq.smooth(model, stats, 0.5)
+
+
 def test_non_finite_statistics_are_rejected():
     act = torch.tensor([1.0, math.inf])
     with pytest.raises(ValueError, match="NaN/Inf"):

@@ -1,0 +1,397 @@
+"""Issue 5 (beyond the paper's accuracy): SmolLM2-135M WikiText-2 perplexity (seqlen 512) for
+fixed best alpha vs auto alpha, each exact smoothing-coverage option on/off, static-scale
+clipping, INT8 attention and the calibration data, for every scheme.
+
+    python benchmarks/accuracy_plus.py                      # every section, 40 windows + the full set
+    python benchmarks/accuracy_plus.py --sections fixed,auto --no-full-set
+
+Writes benchmarks/results/accuracy-plus-smollm2.md and .json. Rows already in the JSON for the same
+setup are reused (each row is keyed by config + scheme + windows), so the run can be resumed;
+--fresh recomputes everything. Calibration: 128 x 512 tokens of the WikiText-2 *train* split
+(seed 0), as in benchmarks/accuracy.py; the alpha search uses the first `--search-samples` of them.
+The issue-2 table (benchmarks/accuracy.py) is not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import smoothq as sq  # noqa: E402
+from smoothq.attention import AttnQuantConfig, enable_int8_attention  # noqa: E402
+from smoothq.compare import linear_sqnr  # noqa: E402
+from smoothq.search import SearchConfig, SearchResult, auto_smooth  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCHEMES = ("W8A8", "O1", "O2", "O3")
+FIXED_ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.9)
+SECTIONS = ("fixed", "coverage", "clip", "auto", "attention", "breakdown", "calib", "full")
+OPTION_SETS = {"+v->o": ("attn_vo",), "+up->down": ("mlp_updown",), "+v->o +up->down": ("attn_vo", "mlp_updown")}
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.model, self.tok = sq.load_model(args.model)
+        self.windows = sq.eval_windows(self.tok, "wikitext2", seqlen=args.seqlen, max_windows=args.windows)
+        self.calib = self.calib_windows(args.samples, args.calib_seqlen)
+        self.path = RESULTS / f"{args.name}.json"
+        self.doc = {} if args.fresh or not self.path.is_file() else json.loads(self.path.read_text())
+        self.rows: list[dict] = self.doc.get("rows", [])
+        self.extra: dict = self.doc.get("extra", {})
+        self._stats: dict = {}
+        self._full = None
+        self.search = SearchConfig(samples=args.search_samples, strategy=args.strategy)
+
+    # ----------------------------------------------------------------- data
+    def calib_windows(self, n, seqlen, source="wikitext2-train", chat=False):
+        return sq.calib_samples(self.tok, source, n=n, seqlen=seqlen, seed=0, avoid=self.windows, chat=chat)
+
+    def stats(self, key=("wikitext2-train", 128, 512, False)):
+        if key not in self._stats:
+            source, n, seqlen, chat = key
+            w = self.calib if key == ("wikitext2-train", self.args.samples, self.args.calib_seqlen, False) \
+                else self.calib_windows(n, seqlen, source, chat)
+            t0 = time.perf_counter()
+            self._stats[key] = (sq.calibrate(self.model, w, progress=False), w)
+            print(f"  calibrated on {w.describe()} in {time.perf_counter() - t0:.0f}s", flush=True)
+        return self._stats[key]
+
+    def full_windows(self):
+        if self._full is None:
+            self._full = sq.eval_windows(self.tok, "wikitext2", seqlen=self.args.seqlen)
+        return self._full
+
+    # ----------------------------------------------------------------- rows
+    def find(self, config, scheme, windows):
+        return next((r for r in self.rows if r["config"] == config and r["scheme"] == scheme
+                     and r["windows"] == windows), None)
+
+    def row(self, config, scheme, build, full=False, **info):
+        """Perplexity of the model `build()` returns (cached by config/scheme/windows)."""
+        windows = self.full_windows() if full else self.windows
+        hit = self.find(config, scheme, len(windows))
+        if hit is not None:
+            return hit
+        t0 = time.perf_counter()
+        model, more = build()
+        prep = time.perf_counter() - t0
+        ppl = sq.perplexity(model, windows, progress=False)
+        r = {"config": config, "scheme": scheme, "ppl": round(ppl, 4), "windows": len(windows),
+             "prep_seconds": round(prep, 1), "eval_seconds": round(time.perf_counter() - t0 - prep, 1), **info, **more}
+        self.rows.append(r)
+        print(f"  {scheme:5s} {config:55s} ppl={ppl:.3f} (prep {prep:.0f}s, {len(windows)} windows)", flush=True)
+        self.save()
+        del model
+        return r
+
+    def fp32(self, full=False):
+        return self.row("fp32", "none", lambda: (self.model, {}), full=full)["ppl"]
+
+    def quantized(self, scheme, alpha, options=(), clip=None, attention=None, stats_key=None,
+                  keep_per_token=(), base=None):
+        """A build function: smooth (fixed alpha, or 'auto' = search) + quantize (+ INT8 attention).
+        Searched alphas and clipping ratios are stored in the row; a later row naming that row's
+        config as `base` (same scheme) reuses them instead of searching again."""
+
+        def build():
+            stats, calib = self.stats(stats_key) if stats_key else self.stats()
+            m = copy.deepcopy(self.model)
+            more = {}
+            prior = self.find(base, scheme, len(self.windows)) if base else None
+            if prior is not None and "search_alphas" in prior:
+                alphas, clips = prior["search_alphas"], prior.get("clip", {})
+                st = sq.smooth(m, stats, 0.5, options=options, alphas=alphas)
+                if clips:
+                    st = SearchResult(alphas={}, clip=clips).clip_stats(st)
+                more["reused_search_of"] = base
+            elif alpha == "auto" or clip:
+                cfg = SearchConfig(grid=self.search.grid if alpha == "auto" else (alpha,), options=options, clip=clip,
+                                   samples=self.args.search_samples, strategy=self.args.strategy,
+                                   guard=alpha == "auto")
+                st = auto_smooth(m, stats, calib, scheme, cfg, progress=False)
+                res = m.smoothq_search
+                alphas = res.alphas
+                more["search"] = res.summary()
+                more["search_alphas"] = dict(res.alphas)
+                if res.guard:
+                    more["guard"] = {"searched_nll": round(res.guard["searched"], 5),
+                                     "global_nll": {f"{a:g}": round(v, 5) for a, v in res.guard["global"].items()},
+                                     "picked": res.guard["picked"]}
+                if res.clip:
+                    more["clip"] = {k: v for k, v in res.clip.items() if v < 1.0}
+            else:
+                alphas = None
+                st = sq.smooth(m, stats, alpha, options=options)
+            sq.quantize(m, scheme, st, backend="emulated")
+            if keep_per_token:  # diagnostic only: those linears in W8A8 granularity (per-channel/per-token)
+                float_m = self._smoothed_float(alpha, options, alphas, stats)
+                for name in keep_per_token:
+                    parent, _, attr = name.rpartition(".")
+                    setattr(m.get_submodule(parent), attr, sq.W8A8Linear.from_float(
+                        float_m.get_submodule(name), sq.W8A8, backend="emulated"))
+            if attention is not None:
+                enable_int8_attention(m, attention, calib.input_ids[:16])
+            m.bench_alphas = alphas
+            return m, more
+
+        return build
+
+    def _smoothed_float(self, alpha, options, alphas, stats):
+        m = copy.deepcopy(self.model)
+        sq.smooth(m, stats, 0.5 if alpha == "auto" else alpha, options=options, alphas=alphas)
+        return m
+
+    def best(self, scheme, prefix="", windows=None):
+        windows = windows or len(self.windows)
+        cands = [r for r in self.rows if r["scheme"] == scheme and r["windows"] == windows
+                 and r["config"].startswith(prefix) and not r.get("diagnostic")]
+        return min(cands, key=lambda r: r["ppl"]) if cands else None
+
+    def save(self):
+        RESULTS.mkdir(exist_ok=True)
+        fp32 = self.find("fp32", "none", len(self.windows))
+        best = {s: (b["ppl"] if (b := self.best(s)) else None) for s in SCHEMES}
+        doc = {
+            "fp32": fp32["ppl"] if fp32 else None,
+            "best": best,
+            "rows": self.rows,
+            "extra": self.extra,
+            "setup": {
+                "model": self.args.model, "seqlen": self.args.seqlen, "windows": len(self.windows),
+                "calibration": self.calib.describe(), "search_samples": self.args.search_samples,
+                "strategy": self.args.strategy, "torch": torch.__version__, "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+            },
+        }
+        self.path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------- sections
+def fixed_best(b: Bench, scheme: str) -> float:
+    r = b.best(scheme, prefix="fixed alpha=")
+    return float(r["config"].split("=")[1].split()[0])
+
+
+def section_fixed(b: Bench):
+    print("fixed global alpha, paper recipe (norm -> qkv, norm -> gate/up)", flush=True)
+    for scheme in SCHEMES:
+        for a in b.args.fixed_alphas:
+            b.row(f"fixed alpha={a:g}", scheme, b.quantized(scheme, a))
+
+
+def section_coverage(b: Bench):
+    print("coverage options at each scheme's best fixed alpha", flush=True)
+    for scheme in b.args.focus:
+        a = fixed_best(b, scheme)
+        for label, opts in OPTION_SETS.items():
+            b.row(f"fixed alpha={a:g} {label}", scheme, b.quantized(scheme, a, opts))
+
+
+def section_auto(b: Bench):
+    print("auto alpha (per-group search of the quantized block's output MSE, with the end-to-end guard)", flush=True)
+    for scheme in SCHEMES:
+        b.row("auto alpha", scheme, b.quantized(scheme, "auto"))
+    for scheme in b.args.focus:
+        b.row("auto alpha +v->o +up->down", scheme, b.quantized(scheme, "auto", ("attn_vo", "mlp_updown")))
+
+
+def section_clip(b: Bench):
+    print("O3: clipping of the static activation scales", flush=True)
+    a = fixed_best(b, "O3")
+    allopts = ("attn_vo", "mlp_updown")
+    b.row(f"fixed alpha={a:g} +v->o +up->down +clip mse", "O3", b.quantized("O3", a, allopts, clip="mse"))
+    b.row(f"fixed alpha={a:g} +v->o +up->down +clip p99.9", "O3",
+          b.quantized("O3", a, allopts, clip="percentile"))
+    b.row("auto alpha +v->o +up->down +clip mse", "O3", b.quantized("O3", "auto", allopts, clip="mse"))
+
+
+def best_recipe(b: Bench, scheme: str):
+    """(alpha, options, clip) of the best non-attention, default-calibration row of a scheme."""
+    cands = [r for r in b.rows if r["scheme"] == scheme and r["windows"] == len(b.windows)
+             and (r["config"].startswith("fixed") or r["config"].startswith("auto")) and "int8 attention" not in r["config"]
+             and not r.get("diagnostic")]
+    r = min(cands, key=lambda r: r["ppl"])
+    cfg = r["config"]
+    alpha = "auto" if cfg.startswith("auto") else float(cfg.split("=")[1].split()[0])
+    opts = tuple(o for label, o in (("+v->o", "attn_vo"), ("+up->down", "mlp_updown")) if label in cfg)
+    clip = "mse" if "+clip mse" in cfg else ("percentile" if "+clip p" in cfg else None)
+    return cfg, alpha, opts, clip
+
+
+def section_attention(b: Bench):
+    print("INT8 attention (Q, K after RoPE, V, probabilities; static per-head scales = INT8 KV cache)", flush=True)
+    for scheme in ("W8A8", "O3"):
+        cfg, alpha, opts, clip = best_recipe(b, scheme)
+        variants = {"int8 attention (static per-head)": AttnQuantConfig()}
+        if scheme == "O3":
+            variants["int8 attention (static per-tensor)"] = AttnQuantConfig(granularity="per_tensor")
+        else:
+            variants["int8 attention (static per-head, uint8 probs)"] = AttnQuantConfig(probs="uint8")
+        for label, att in variants.items():
+            b.row(f"{cfg} + {label}", scheme, b.quantized(scheme, alpha, opts, clip, attention=att, base=cfg))
+
+
+def section_calib(b: Bench):
+    print("calibration data (O3 and W8A8, best fixed alpha, +v->o +up->down)", flush=True)
+    opts = ("attn_vo", "mlp_updown")
+    for scheme in b.args.focus:
+        a = fixed_best(b, scheme)
+        for n in b.args.calib_counts:
+            b.row(f"calib {n} x 512 wikitext2-train", scheme,
+                  b.quantized(scheme, a, opts, stats_key=("wikitext2-train", n, 512, False)), alpha=a)
+        if scheme == b.args.focus[0]:
+            for n, seqlen in ((512, 128), (32, 2048)):
+                b.row(f"calib {n} x {seqlen} wikitext2-train", scheme,
+                      b.quantized(scheme, a, opts, stats_key=("wikitext2-train", n, seqlen, False)), alpha=a)
+            for source, chat in (("c4", False), ("wikitext2-train+c4", False), ("wikitext2-train", True)):
+                label = f"calib 128 x 512 {source}{' chat-template' if chat else ''}"
+                b.row(label, scheme, b.quantized(scheme, a, opts, stats_key=(source, 128, 512, chat)), alpha=a)
+
+
+def section_breakdown(b: Bench):
+    """Per-linear output SQNR of the best O3 and W8A8 models, and a diagnostic row: the best O3 model
+    with its 4 worst linears in W8A8 granularity (not a scheme; it shows where O3's error is)."""
+    print("per-layer error breakdown", flush=True)
+    stats, calib = b.stats()
+    for scheme, key in (("O3", "o3_sqnr"), ("W8A8", "w8a8_sqnr")):
+        cfg, alpha, opts, clip = best_recipe(b, scheme)
+        if key not in b.extra or b.extra[key]["config"] != cfg:
+            qm, _ = b.quantized(scheme, alpha, opts, clip, base=cfg)()
+            fm = b._smoothed_float(alpha, opts, qm.bench_alphas, stats)
+            db = linear_sqnr(fm, qm, calib.input_ids[:4])
+            b.extra[key] = {"config": cfg, "sqnr_db": {k: round(v, 2) for k, v in db.items()}}
+            b.save()
+    cfg, alpha, opts, clip = best_recipe(b, "O3")
+    worst = [n for n, _ in sorted(b.extra["o3_sqnr"]["sqnr_db"].items(), key=lambda kv: kv[1])[:4]]
+    short = ", ".join(n.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "") for n in worst)
+    b.row(f"{cfg} [diagnostic: {short} at per-channel/per-token]", "O3",
+          b.quantized("O3", alpha, opts, clip, keep_per_token=worst, base=cfg), diagnostic=True)
+
+
+def section_full(b: Bench):
+    print(f"full test set ({len(b.full_windows())} windows)", flush=True)
+    b.fp32(full=True)
+    for scheme in ("W8A8", "O3"):
+        a = fixed_best(b, scheme)
+        b.row(f"fixed alpha={a:g}", scheme, b.quantized(scheme, a), full=True)
+        cfg, alpha, opts, clip = best_recipe(b, scheme)
+        b.row(cfg, scheme, b.quantized(scheme, alpha, opts, clip, base=cfg), full=True)
+
+
+# --------------------------------------------------------------------- report
+def fmt(p, ref):
+    return f"{p:.3f} | {100 * (p / ref - 1):+.2f}%"
+
+
+def report(b: Bench, wall: float) -> str:
+    n = len(b.windows)
+    fp32 = b.find("fp32", "none", n)["ppl"]
+    lines = [f"# Beyond the paper's accuracy: {b.args.model}, WikiText-2 (seqlen {b.args.seqlen})", "",
+             f"Command: `python benchmarks/accuracy_plus.py` (torch {torch.__version__}, {torch.get_num_threads()} threads; "
+             f"this invocation {wall / 60:.0f} min, rows reused from earlier invocations are kept in the JSON).", "",
+             f"- Evaluation: {b.windows.describe()}.",
+             f"- Calibration: {b.calib.describe()} (seed 0), disjoint from the evaluated text.",
+             f"- Auto alpha: per smoothing group, alpha in 0.00-1.00 step 0.05 ({b.args.strategy} search) minimizing the "
+             f"fake-quantized block's output MSE on the first {b.args.search_samples} calibration sequences, block by block "
+             "on the quantized trajectory; then an end-to-end guard compares it with every global alpha of the grid "
+             "(next-token loss on the same calibration sequences) and keeps the better. Cost per row in `prep_seconds`.",
+             "- INT8 rows use the emulated backend (the integers of the real INT8 path, float arithmetic).", "",
+             f"FP32: **{fp32:.3f}**", "", f"## Summary ({n} windows)", "",
+             "| scheme | best fixed α (paper recipe) | auto α | best configuration | best | vs fp32 |",
+             "|---|---|---|---|---|---|"]
+    for s in SCHEMES:
+        fb, au, be = b.best(s, "fixed alpha="), b.find("auto alpha", s, n), b.best(s)
+        if not be:
+            continue
+        lines.append(f"| {s} | {fb['ppl']:.3f} ({fb['config'].split('=')[1]}) | {au['ppl'] if au else float('nan'):.3f} | "
+                     f"{be['config']} | {be['ppl']:.3f} | {100 * (be['ppl'] / fp32 - 1):+.2f}% |")
+    lines += ["", f"## All rows ({n} windows)", "", "| scheme | configuration | perplexity | vs fp32 | prep (s) |",
+              "|---|---|---|---|---|"]
+    for r in b.rows:
+        if r["windows"] == n and r["scheme"] != "none":
+            lines.append(f"| {r['scheme']} | {r['config']} | {fmt(r['ppl'], fp32)} | {r['prep_seconds']:.0f} |")
+    full = [r for r in b.rows if r["windows"] != n]
+    if full:
+        ref = next(r["ppl"] for r in full if r["config"] == "fp32")
+        lines += ["", f"## Full test set ({full[0]['windows']} windows)", "", "| scheme | configuration | perplexity | vs fp32 |",
+                  "|---|---|---|---|"]
+        for r in full:
+            lines.append(f"| {r['scheme']} | {r['config']} | {fmt(r['ppl'], ref)} |")
+    searched = [r for r in b.rows if "search" in r]
+    if searched:
+        lines += ["", "## Search cost and outcome", "",
+                  "| scheme | configuration | groups | mean α (min-max) | clipped linears | picked | search s | block forwards |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in searched:
+            s = r["search"]
+            lines.append(f"| {r['scheme']} | {r['config']} | {s['groups']} | {s['alpha_mean']:.2f} ({s['alpha_min']:g}-"
+                         f"{s['alpha_max']:g}) | {s['clipped']} | {s.get('picked', '')} | {s['seconds']:.0f} | "
+                         f"{s['block_forwards']} |")
+    for key, title in (("o3_sqnr", "O3"), ("w8a8_sqnr", "W8A8")):
+        if key in b.extra:
+            db = b.extra[key]["sqnr_db"]
+            kinds = sorted({k.split(".")[-1] for k in db}, key=lambda k: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                           "gate_proj", "up_proj", "down_proj"].index(k))
+            layers = sorted({int(k.split(".")[2]) for k in db})
+            lines += ["", f"## Per-linear output SQNR (dB), {title}: {b.extra[key]['config']}", "",
+                      "Each quantized linear on its real input in the quantized model vs the float (smoothed) linear "
+                      "on the same input, 4 calibration sequences. Low = where the error comes from.", "",
+                      "| layer | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+            for layer in layers:
+                lines.append(f"| {layer} | " + " | ".join(f"{db[f'model.layers.{layer}.{_path(k)}']:.1f}" for k in kinds) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _path(kind):
+    return f"self_attn.{kind}" if kind in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{kind}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--search-samples", type=int, default=4)
+    p.add_argument("--strategy", default="coarse", choices=["grid", "coarse"])
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--fixed-alphas", type=lambda t: [float(a) for a in t.split(",")], default=list(FIXED_ALPHAS))
+    p.add_argument("--focus", type=lambda t: t.split(","), default=["O3", "W8A8"],
+                   help="schemes that get the coverage, auto+options and calibration-data rows (the first also the "
+                        "sequence-length and data-source rows)")
+    p.add_argument("--calib-counts", type=lambda t: [int(n) for n in t.split(",")], default=[16, 32, 64, 128, 512])
+    p.add_argument("--full-set", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
+    p.add_argument("--name", default="accuracy-plus-smollm2")
+    args = p.parse_args()
+    sections = [s for s in args.sections.split(",") if s]
+    if not args.full_set and "full" in sections:
+        sections.remove("full")
+    t0 = time.perf_counter()
+    b = Bench(args)
+    print(f"evaluation: {b.windows.describe()}\ncalibration: {b.calib.describe()}", flush=True)
+    b.fp32()
+    for s in SECTIONS:
+        if s in sections:
+            globals()[f"section_{s}"](b)
+    b.save()
+    md = report(b, time.perf_counter() - t0)
+    (RESULTS / f"{args.name}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,846 @@
+"""Quantize a model larger than memory: one decoder layer at a time, weights streamed from disk.
+
+    smoothq.quantize_sequential("Llama-3-70B/", "llama70b-w8a8/", calib, scheme="W8A8", alpha=0.8,
+                                format="compressed-tensors", device="cuda")
+
+The module skeleton is built on the meta device (`accelerate.init_empty_weights`, or the same
+thing without accelerate), so it holds no weights. Then:
+
+1. Plan. A second meta skeleton goes through `resolve` and `W8A8Linear` swaps exactly as
+   `quantize()` would; `io.quantized_state` and `io.checkpoint_config` on it give the complete
+   output layout (names, dtypes, shapes, shard split) and config.json, identical to what
+   `smoothq.io.save` writes for the in-memory pipeline. The shard files are created at their final
+   size (a full disk fails here, not hours later).
+2. Embeddings. The non-layer input-side weights are read, and every calibration batch runs
+   through the model with each decoder layer replaced by a recorder: the first records the hidden
+   states entering layer 0, every one records the arguments its layer is called with (attention
+   masks, rotary position embeddings, ALiBi, position ids; these differ per layer in sliding-window
+   models), the last stops the forward. The non-layer tensors are written out and freed.
+3. Layers, in order: read layer i's weights onto its device; run every batch through it with
+   hooks collecting the per-channel input abs-max of its linears (the same reduction as
+   `calibrate`); `smooth()` and `quantize()` it through a one-layer view of the model (so every
+   option of those functions applies unchanged); write its tensors; free it.
+4. Finish: shard index, config.json, generation config, tokenizer; the directory is renamed into
+   place, which is what marks it complete.
+
+The next layer's inputs are, by default, the outputs of the *smoothed and quantized* layer
+(`error_propagation=True`): each layer is calibrated on the activations it will see at inference,
+errors of the layers before it included. This is not what the in-memory pipeline does (it
+calibrates the whole float model in one pass), so it is recorded in the checkpoint's metadata.
+With `error_propagation=False` the next inputs are the float layer's outputs, the statistics are
+those of the float model, and the checkpoint equals the in-memory pipeline's (bit for bit on CPU).
+
+Peak memory is one layer's float weights plus its quantized copy, plus the calibration hidden
+states of one layer (on the compute device, or in CPU memory with `activations="cpu"`), plus the
+larger of the input embedding and the LM head while those are written.
+
+Resuming: the run works in `.<output>.partial` next to the output. After each layer its tensors
+are fsynced, the hidden states for the next layer are saved there, and `progress.json` records
+the layer. An interrupted run (crash, kill, full disk) is picked up with `resume=True`; settings
+that do not match the interrupted run's are refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .archs import Arch, arch_for, resolve, weight_nk
+from .calibrate import ActStats, CalibrationError, _as_batches, update_absmax, _fill_unseen_experts, _forward_no_logits
+from .config import FORMAT_VERSION, QuantScheme, check_alpha, get_scheme
+from .io import (FORMATS, replace_dir, CheckpointError, _float_dtype, checkpoint_config, compressed_tensors_config,
+                 quantized_state, write_metadata)
+from .nn import W8A8Linear, quantize
+from .smooth import smooth as smooth_model
+from .stream import ShardWriter, SourceCheckpoint, nbytes, write_file
+
+PROGRESS = "progress.json"
+
+
+class ResumeError(CheckpointError):
+    """An interrupted run exists but cannot be resumed with these settings (or resume was not asked for)."""
+
+
+def partial_dir(output: str | Path) -> Path:
+    """Where a sequential run into `output` keeps its work until it is complete."""
+    out = Path(output)
+    return out.parent / f".{out.name}.partial"
+
+
+def interrupted_run(output: str | Path) -> dict | None:
+    """The progress record of an interrupted run into `output` ({'layers_done', 'layers', ...}), or None."""
+    path = partial_dir(output) / PROGRESS
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"layers_done": None, "layers": None, "fingerprint": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# skeleton and weights
+
+
+@contextmanager
+def _meta_parameters():
+    """accelerate.init_empty_weights(include_buffers=False) for when accelerate is not installed:
+    parameters land on the meta device, buffers (rotary frequencies, ...) are computed as usual."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def empty_weights():
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        return _meta_parameters()
+    return init_empty_weights(include_buffers=False)
+
+
+def skeleton(config, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
+    """The causal LM of `config` with every parameter on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.tie_weights()  # re-registering parameters on meta unties them
+    return model.eval()
+
+
+def _conversions():
+    """transformers' checkpoint-conversion API (renamed keys, per-expert MoE tensors fused into 3D
+    parameters, base-model prefixes), or None on a transformers without it."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming,
+                                                     convert_and_load_state_dict_in_model, rename_source_key)
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:  # pragma: no cover - older transformers: checkpoint names are model names
+        return None
+    return {"mapping": get_model_conversion_mapping, "renaming": WeightRenaming, "converter": WeightConverter,
+            "rename": rename_source_key, "load": convert_and_load_state_dict_in_model, "config": LoadStateDictConfig}
+
+
+def target_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> the model state-dict name it loads into (as from_pretrained maps it)."""
+    api = _conversions()
+    if api is None:  # pragma: no cover
+        return {k: k for k in keys}
+    mapping = api["mapping"](model)
+    renamings = [m for m in mapping if isinstance(m, api["renaming"])]
+    converters = [m for m in mapping if isinstance(m, api["converter"])]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    out = {}
+    for k in keys:
+        t, _ = api["rename"](k, renamings, converters, prefix, meta)
+        out[k] = k if t not in meta and k in meta else t
+    return out
+
+
+_SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' loader at each call
+
+
+def _load(model: nn.Module, source: SourceCheckpoint, keys: list[str], device: torch.device,
+          dtype: torch.dtype) -> None:
+    """Read checkpoint tensors `keys` into the (meta) model's parameters on `device`, converted as
+    from_pretrained converts them."""
+    if not keys:
+        return
+    api = _conversions()
+    with source.open(keys) as slices:
+        if api is None:  # pragma: no cover - older transformers
+            for k, sl in slices.items():
+                owner, _, leaf = k.rpartition(".")
+                mod = model.get_submodule(owner)
+                t = sl[...]
+                t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                if leaf in mod._parameters:
+                    mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+                else:
+                    mod._buffers[leaf] = t
+            return
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per layer is noise
+        # one tensor at a time in this thread: the loader's worker threads read several at once,
+        # each into its own malloc arena, which raises the peak by a good part of a layer
+        sync = os.environ.get(_SYNC_LOAD)
+        os.environ[_SYNC_LOAD] = "1"
+        try:
+            info, _ = api["load"](model, slices, api["config"](device_map={"": device}, dtype=dtype,
+                                                               weight_mapping=api["mapping"](model)))
+        finally:
+            if sync is None:
+                del os.environ[_SYNC_LOAD]
+            else:
+                os.environ[_SYNC_LOAD] = sync
+            if bars:
+                hf_logging.enable_progress_bar()
+    if info.mismatched_keys:
+        name, got, want = sorted(info.mismatched_keys, key=str)[0]
+        raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(got)} but config.json makes it {tuple(want)}: "
+                              "the config and the weights do not match")
+    errors = getattr(info, "conversion_errors", None)
+    if errors:
+        raise CheckpointError(f"could not convert checkpoint tensors: {next(iter(errors.items()))}")
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+_LIBC = None
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def _map_large_allocations() -> None:
+    """Serve every allocation of 1 MiB or more with its own mmap, for the rest of the process
+    (glibc only). By default glibc raises that threshold up to 32 MiB as large blocks are freed, so
+    a layer's tensors below it land in heaps that fragment: the peak then creeps up layer after
+    layer. With a fixed threshold a freed tensor goes back to the OS at once."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed with a layer back to the OS (what is left in glibc's heaps, including
+    those of the loader's worker threads)."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+def _still_meta(module: nn.Module, prefix: str) -> list[str]:
+    return [f"{prefix}{n}" for n, p in module.named_parameters() if p.is_meta]
+
+
+def _move_buffers(module: nn.Module, device: torch.device) -> None:
+    for mod in module.modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and not buf.is_meta and buf.device != device:
+                mod._buffers[name] = buf.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# capturing each layer's call arguments
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index` during the embeddings pass: records how the model calls
+    it and hands its input on unchanged (only the arguments matter there, never the values)."""
+
+    def __init__(self, index: int, last: bool, calls: list, inputs: list, store: Callable):
+        super().__init__()
+        self.index, self.last, self.calls, self.inputs, self.store = index, last, calls, inputs, store
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest, positional = args[0], args[1:], True
+        else:
+            hidden, rest, positional = kwargs.pop("hidden_states"), (), False
+        if self.index == 0:
+            self.inputs.append(self.store(hidden))
+        self.calls.append((self.store(rest), self.store(kwargs), positional))
+        if self.last:
+            raise _Stop
+        return hidden
+
+
+def _move(obj, device, memo: dict):
+    """Tensors inside obj (nested tuples/lists/dicts) moved to device; a tensor shared by several
+    layers' arguments is moved once and stays shared."""
+    if isinstance(obj, torch.Tensor):
+        key = (id(obj), str(device))
+        if key not in memo:
+            memo[key] = (obj, obj.to(device))  # keep obj alive so its id is not reused
+        return memo[key][1]
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, call, device, memo: dict) -> torch.Tensor:
+    rest, kwargs, positional = call
+    rest, kwargs = _move(rest, device, memo), _move(kwargs, device, memo)
+    out = block(hidden, *rest, **kwargs) if positional else block(hidden_states=hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _LayerView(nn.Module):
+    """Decoder block i alone, as block 0 of `arch.layers`: what resolve/smooth/quantize see, so
+    that they work on one layer while the rest of the model does not exist."""
+
+    def __init__(self, arch: Arch, block: nn.Module, config):
+        super().__init__()
+        parent: nn.Module = self
+        *path, leaf = arch.layers.split(".")
+        for part in path:
+            child = nn.Module()
+            parent.add_module(part, child)
+            parent = child
+        parent.add_module(leaf, nn.ModuleList([block]))
+        self.config = config
+
+
+# ---------------------------------------------------------------------------------------------
+# devices
+
+
+def _devices(n_layers: int, layers_path: str, embed_name: str, device, device_map) -> tuple[torch.device, list]:
+    """(device of the embeddings, device of each layer) from `device` or a `device_map`:
+    'auto'/'balanced' spreads the layers evenly over the visible GPUs; a dict maps module names
+    (longest prefix wins, '' for the rest) to devices, as in transformers' device_map."""
+    if device_map is None:
+        d = torch.device(device)
+        return d, [d] * n_layers
+    if device_map in ("auto", "balanced"):
+        count = torch.cuda.device_count()
+        if count == 0:
+            d = torch.device(device)
+            return d, [d] * n_layers
+        layers = [torch.device("cuda", i * count // n_layers) for i in range(n_layers)]
+        return layers[0], layers
+    if not isinstance(device_map, dict):
+        raise ValueError(f"device_map must be 'auto', 'balanced' or a dict of module name -> device, got {device_map!r}")
+
+    def lookup(name: str) -> torch.device:
+        best = None
+        for key in device_map:
+            if key == "" or name == key or name.startswith(key + "."):
+                if best is None or len(key) > len(best):
+                    best = key
+        if best is None:
+            raise ValueError(f"device_map places no device for {name!r}; add it (or a '' default)")
+        value = device_map[best]
+        if value in ("disk", "meta"):
+            raise ValueError(f"device_map: {value!r} is not a compute device; sequential quantization already keeps "
+                             "only one layer in memory")
+        return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+
+    return lookup(embed_name), [lookup(f"{layers_path}.{i}") for i in range(n_layers)]
+
+
+# ---------------------------------------------------------------------------------------------
+# progress records
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _calibration_digest(batches: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        h.update(str(tuple(b.shape)).encode())
+        h.update(b.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _layout_digest(layout: dict) -> str:
+    text = json.dumps([(n, str(d), list(s)) for n, (d, s) in layout.items()])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _mismatch(old: dict, new: dict) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+                out += [f"{key}.{m}" for m in _mismatch(old[key], new[key])]
+            else:
+                out.append(f"{key}: interrupted run {json.dumps(old.get(key))[:80]}, this run {json.dumps(new.get(key))[:80]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+@torch.no_grad()
+def quantize_sequential(
+    model_dir: str | Path,
+    output: str | Path,
+    samples,
+    *,
+    scheme: str | QuantScheme = "W8A8",
+    alpha: float = 0.8,
+    smooth: bool = True,
+    options=(),
+    alphas: dict[str, float] | None = None,
+    arch: Arch | None = None,
+    error_propagation: bool = True,
+    format: str = "smoothq",
+    float_dtype: str = "float16",
+    embeddings: str = "float",
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    activations: str = "device",
+    batch_size: int = 4,
+    backend: str = "auto",
+    attn_implementation: str | None = None,
+    tokenizer=None,
+    meta: dict | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: bool = True,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Calibrate, smooth and quantize the safetensors model in `model_dir` one decoder layer at a
+    time and write the checkpoint to `output`, in the layout and with the config.json that
+    `smoothq.io.save` writes (so `smoothq.load`, vLLM, ... read it the same way).
+
+    samples: calibration token ids, as for `calibrate` (LongTensor [N, L], list of 1D tensors, or
+        `calib_samples(...)`), run `batch_size` sequences at a time.
+    error_propagation: calibrate each layer on the outputs of the already smoothed and quantized
+        layers before it (True, default: the activations inference will see), or on the float
+        model's (False: the statistics, and so the checkpoint, of the in-memory pipeline).
+    dtype: compute dtype of the float layers (default float32, as `load_model`).
+    device / device_map: where the layers run: one device, or 'auto' (layers spread evenly over
+        the visible GPUs), or a dict of module name -> device as in transformers.
+    activations: keep the calibration hidden states on the layers' device ('device') or in CPU
+        memory ('cpu').
+    resume: continue an interrupted run into `output` (refused if its settings or inputs differ);
+        without it, an interrupted run is an error, unless `overwrite`, which starts over.
+    on_layer(i, n): called after layer i of n is safely on disk.
+    Memory: on glibc, allocations of 1 MiB and more are served by mmap from here on (mallopt
+        M_MMAP_THRESHOLD), so that each freed layer goes back to the OS instead of fragmenting the heap.
+    The other arguments are those of `smooth` (alpha, options, alphas; smooth=False skips it),
+    `quantize` (scheme, backend) and `smoothq.io.save` (format, float_dtype, embeddings, meta,
+    max_shard_bytes, tokenizer, overwrite). Returns the output directory."""
+    run = _Run(model_dir, output, samples, scheme=scheme, alpha=alpha, smooth=smooth, options=options, alphas=alphas,
+               arch=arch, error_propagation=error_propagation, format=format, float_dtype=float_dtype,
+               embeddings=embeddings, dtype=dtype, device=device, device_map=device_map, activations=activations,
+               batch_size=batch_size, backend=backend, attn_implementation=attn_implementation, meta=meta,
+               max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    run.open(resume=resume, overwrite=overwrite)
+    _map_large_allocations()
+    try:
+        return run.execute(tokenizer=tokenizer, progress=progress, on_layer=on_layer)
+    except BaseException as exc:
+        run.close()
+        done = run.state["layers_done"]
+        if not done:  # nothing worth resuming: leave no trace
+            shutil.rmtree(run.work_dir, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            kept = (f"The {done} finished layer(s) are kept in {run.work_dir}: free some space and rerun with "
+                    "resume=True (--resume)" if done else "Free some space and retry")
+            raise OSError(exc.errno, f"disk full while writing; {run.out} was not written. {kept}") from exc
+        raise
+    finally:
+        run.close()
+
+
+class _Run:
+    """One sequential quantization: the plan (at construction), the working directory (`open`),
+    and the layer-by-layer pass (`execute`)."""
+
+    def __init__(self, model_dir, output, samples, *, scheme, alpha, smooth, options, alphas, arch, error_propagation,
+                 format, float_dtype, embeddings, dtype, device, device_map, activations, batch_size, backend,
+                 attn_implementation, meta, max_shard_bytes, overwrite):
+        from transformers import AutoConfig
+
+        self.scheme = get_scheme(scheme)
+        self.alpha = check_alpha(alpha)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+        if embeddings not in ("float", "int8"):
+            raise ValueError(f"embeddings must be 'float' or 'int8', got {embeddings!r}")
+        if embeddings == "int8" and format != "smoothq":
+            raise CheckpointError("serving engines read float embeddings: int8 embedding storage needs format='smoothq'")
+        if format == "compressed-tensors":
+            compressed_tensors_config(self.scheme, [])  # refuses O2 before any work
+        if activations not in ("device", "cpu"):
+            raise ValueError(f"activations must be 'device' or 'cpu', got {activations!r}")
+        self.out = Path(output)
+        if self.out.exists() and not (self.out.is_dir() and not any(self.out.iterdir())) and not overwrite:
+            raise FileExistsError(f"{self.out} already exists; choose another output or allow overwriting (--force)")
+        self.work_dir = partial_dir(self.out)
+        self.smooth, self.error_propagation, self.format = smooth, bool(error_propagation), format
+        self.int8_embeddings = embeddings == "int8"
+        self.backend, self.activations = backend, activations
+        if isinstance(options, str):  # "attn_vo,mlp_updown" or "all", as smooth() takes them
+            options = [o.strip() for o in options.split(",") if o.strip()]
+        self.options = tuple(options or ())
+        self.batches = _as_batches(samples, batch_size)
+        self.writer = None
+
+        self.model_dir = Path(model_dir)
+        self.source = SourceCheckpoint(model_dir)
+        self.config = AutoConfig.from_pretrained(model_dir)
+        self.model = skeleton(self.config, self.dtype, attn_implementation)
+        self.arch = arch = arch or arch_for(self.model)
+        self.layers = self.model.get_submodule(arch.layers)
+        self.n = n = len(self.layers)
+        self.prefix = prefix = f"{arch.layers}."
+        self.alphas = {k: check_alpha(v) for k, v in (alphas or {}).items()}
+        bad = [k for k in self.alphas if not k.startswith(prefix)]
+        if bad:
+            raise ValueError(f"alphas names {bad[0]!r}, which is not a smoothing group of a decoder layer")
+        self.float_dtype = _float_dtype(float_dtype, self.dtype)
+
+        # the layout and config save() would write, from a meta skeleton quantized as quantize() does
+        planned = skeleton(self.config, self.dtype, attn_implementation)
+        for name, module in list(resolve(planned, arch).quantizable()):
+            parent, _, attr = name.rpartition(".")
+            w = weight_nk(module)
+            bias = getattr(module, "bias", None)
+            setattr(planned.get_submodule(parent), attr,
+                    W8A8Linear(w.shape[1], w.shape[0], bias is not None, self.scheme, backend,
+                               bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta"))
+        planned.smoothq_scheme = self.scheme
+        self.meta = dict(meta or {})
+        if self.error_propagation:
+            self.meta["calibration_inputs"] = "outputs of the quantized layers before (sequential, error propagation)"
+        self.ckpt_config = checkpoint_config(planned, format, self.float_dtype, embeddings, self.meta)
+        self.layout = {k: (t.dtype, tuple(t.shape)) for k, t in
+                       quantized_state(planned, format, self.float_dtype, self.int8_embeddings).items()}
+        del planned
+        self.layer_names: list[list[str]] = [[] for _ in range(n)]
+        outside = []
+        for name in self.layout:
+            if name.startswith(prefix):
+                self.layer_names[int(name[len(prefix):].split(".", 1)[0])].append(name)
+            else:
+                outside.append(name)
+
+        # which checkpoint tensors feed which part of the model
+        model = self.model
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        names = {id(m): nm for nm, m in model.named_modules()}
+        self.embed_name = names[id(embed)]
+        tied = head is not None and getattr(head, "weight", None) is embed.weight
+        self.head_params = {f"{names[id(head)]}.{p}" for p, _ in head.named_parameters()} if head is not None else set()
+        self.head_out = [] if tied else [k for k in outside if k in self.head_params]
+        self.embed_out = [k for k in outside if k not in self.head_out]
+        targets = target_names(model, self.source.keys())
+        model_keys = set(model.state_dict())
+        self.src_layer: list[list[str]] = [[] for _ in range(n)]
+        self.src_embed, self.src_head = [], []
+        for k, t in targets.items():
+            if t not in model_keys:
+                continue  # not used by this model (e.g. a stale rotary buffer): from_pretrained skips it too
+            if t.startswith(prefix):
+                self.src_layer[int(t[len(prefix):].split(".", 1)[0])].append(k)
+            elif t in self.head_params:
+                if not tied:
+                    self.src_head.append(k)
+            else:
+                self.src_embed.append(k)
+
+        self.embed_device, self.devices = _devices(n, arch.layers, self.embed_name, device, device_map)
+        self.fingerprint = {
+            "smoothq_format": FORMAT_VERSION, "source": self.source.fingerprint(), "scheme": self.scheme.to_dict(),
+            "alpha": self.alpha if smooth else None, "options": list(self.options), "alphas": self.alphas,
+            "arch": arch.name, "error_propagation": self.error_propagation, "format": format,
+            "float_dtype": str(self.float_dtype), "embeddings": embeddings, "dtype": str(self.dtype),
+            "max_shard_bytes": max_shard_bytes, "calibration": _calibration_digest(self.batches),
+            "batch_size": batch_size, "layout": _layout_digest(self.layout),
+            "meta": json.loads(json.dumps(self.meta, default=str)),
+        }
+        self.max_shard_bytes = max_shard_bytes
+
+    # -- working directory ------------------------------------------------------------------
+
+    def open(self, resume: bool, overwrite: bool) -> None:
+        """Start a fresh working directory, or pick up an interrupted run's."""
+        work_dir, state = self.work_dir, None
+        if work_dir.exists():
+            record = interrupted_run(self.out)
+            if overwrite and not resume:
+                shutil.rmtree(work_dir)
+            elif not resume:
+                done = f" ({record.get('layers_done')}/{record.get('layers')} layers done)" if record else ""
+                raise ResumeError(f"an interrupted run into {self.out} exists in {work_dir}{done}: pass resume=True "
+                                  "(--resume) to continue it, or overwrite=True (--force) to start over")
+            elif record is None or record.get("fingerprint") is None:
+                raise ResumeError(f"{work_dir} has no readable {PROGRESS}, so it cannot be resumed; remove it, or pass "
+                                  "overwrite=True (--force) without resume to start over")
+            else:
+                diff = _mismatch(record["fingerprint"], self.fingerprint)
+                if diff:
+                    raise ResumeError(f"cannot resume {work_dir}: it was started with other settings or inputs ("
+                                      + "; ".join(diff[:4]) + "). Rerun with the original settings, or pass "
+                                      "overwrite=True (--force) without resume to start over")
+                state = record
+        fresh = state is None
+        if fresh:
+            state = {"fingerprint": self.fingerprint, "layers": self.n, "embeddings_done": False, "layers_done": 0,
+                     "activations": None}
+            work_dir.mkdir(parents=True)
+        try:
+            self.writer = ShardWriter(work_dir, self.layout, self.max_shard_bytes, create=fresh)
+            if fresh:
+                _atomic_json(work_dir / PROGRESS, state)
+        except OSError as exc:
+            if fresh:
+                shutil.rmtree(work_dir, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                size = sum(nbytes(*v) for v in self.layout.values())
+                raise OSError(exc.errno, f"not enough disk space for the {size / 1e9:.2f} GB checkpoint next to "
+                                         f"{self.out}; nothing was written. Free some space and retry") from exc
+            raise
+        self.state = state
+
+    def commit(self) -> None:
+        _atomic_json(self.work_dir / PROGRESS, self.state)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def load(self, keys: list[str], device: torch.device) -> None:
+        _load(self.model, self.source, keys, device, self.dtype)
+
+    def write(self, names: list[str]) -> None:
+        """Write `names` from the model's current state (its parts on the meta device are skipped)."""
+        wanted = set(names)
+        state = quantized_state(self.model, self.format, self.float_dtype, self.int8_embeddings)
+        got = {k: t for k, t in state.items() if k in wanted and not t.is_meta}
+        del state
+        missing = sorted(wanted - set(got))
+        if missing:
+            raise CheckpointError(f"the checkpoint in {self.model_dir} has no weights for "
+                                  f"{missing[:3]}{'...' if len(missing) > 3 else ''}")
+        for k in names:
+            self.writer.write(k, got.pop(k))
+
+    def act_device(self, i: int) -> torch.device:
+        """Where the hidden states entering layer i are kept."""
+        return self.devices[min(i, self.n - 1)] if self.activations == "device" else torch.device("cpu")
+
+    def outside_layers(self):
+        for name, module in self.model.named_modules():
+            if not (name == self.arch.layers or name.startswith(self.prefix)):
+                yield name, module
+
+    def release_outside(self) -> None:
+        """Send every loaded parameter outside the decoder layers back to the meta device."""
+        for _, module in self.outside_layers():
+            for pname, p in list(module._parameters.items()):
+                if p is not None and not p.is_meta:
+                    module._parameters[pname] = nn.Parameter(p.to("meta"), requires_grad=False)
+        _return_freed_memory()
+
+    def embeddings_pass(self) -> tuple[list[torch.Tensor], list[list]]:
+        """Load the input side of the model and run every batch up to the first decoder layer,
+        recording each layer's call arguments: (hidden states entering layer 0, calls[b][i])."""
+        self.load(self.src_embed, self.embed_device)
+        missing = [p for p in _still_meta(self.model, "")
+                   if not p.startswith(self.prefix) and p not in self.head_params]
+        if missing:
+            raise CheckpointError(f"the checkpoint in {self.model_dir} has no weights for {missing[:3]}")
+        for _, module in self.outside_layers():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and not buf.is_meta:
+                    module._buffers[name] = buf.to(self.embed_device)
+        memo: dict = {}
+        store = lambda obj: _move(obj, self.act_device(0), memo)  # noqa: E731
+        inputs, calls = [], []
+        originals = list(self.layers)
+        try:
+            for ids in self.batches:
+                sink: list = []
+                for i in range(self.n):
+                    self.layers[i] = _Recorder(i, i == self.n - 1, sink, inputs, store)
+                try:
+                    _forward_no_logits(self.model, ids.to(self.embed_device))
+                except _Stop:
+                    pass
+                if len(sink) != self.n:
+                    raise CalibrationError(f"the model called {len(sink)} of its {self.n} decoder layers in one "
+                                           "forward; cannot run it layer by layer")
+                calls.append(sink)
+        finally:
+            for i, block in enumerate(originals):
+                self.layers[i] = block
+        return inputs, calls
+
+    def write_outside(self) -> None:
+        """The tensors outside the decoder layers: input side (already loaded), then the LM head."""
+        self.write(self.embed_out)
+        self.release_outside()
+        if self.head_out:
+            self.load(self.src_head, self.embed_device)
+            self.write(self.head_out)
+            self.release_outside()
+
+    def layer(self, i: int, hidden: list[torch.Tensor], calls: list[list]) -> None:
+        """Calibrate, smooth, quantize and write decoder layer i; hidden[b] becomes its output."""
+        arch, dev, block = self.arch, self.devices[i], self.layers[i]
+        here, there = f"{self.prefix}{i}.", f"{self.prefix}0."
+        self.load(self.src_layer[i], dev)
+        missing = _still_meta(block, here)
+        if missing:
+            raise CheckpointError(f"the checkpoint in {self.model_dir} has no weights for {missing[:3]}")
+        for module in block.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and not buf.is_meta:
+                    module._buffers[name] = buf.to(dev)
+        view = _LayerView(arch, block, self.config)
+        res = resolve(view, arch, self.options) if self.options else resolve(view, arch)  # splits fused experts
+        observed = res.observed()
+        absmax: dict[str, torch.Tensor] = {}
+
+        def make_hook(name: str):
+            def hook(_module, inputs, _output):  # the reduction of calibrate(), per batch
+                x = inputs[0]
+                if x.numel() == 0:  # an expert that no token was routed to in this batch
+                    return
+                update_absmax(absmax, name, x, name.replace(there, here, 1))
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(nm)) for nm, m in observed.items()]
+        memo: dict = {}
+        try:
+            for b, call in enumerate(calls):
+                y = _call(block, hidden[b].to(dev), call[i], dev, memo)
+                if not self.error_propagation:  # the float layer's outputs feed the next layer
+                    hidden[b] = y.to(self.act_device(i + 1))
+                del y
+        finally:
+            for h in handles:
+                h.remove()
+        _fill_unseen_experts(absmax, observed, res)
+        tokens = sum(b.numel() for b in self.batches)
+        stats = ActStats({k: v.cpu() for k, v in absmax.items()}, tokens, {"arch": arch.name})
+        del res, observed, absmax
+        if self.smooth:
+            kw: dict = {"options": self.options} if self.options else {}
+            alphas = {k.replace(here, there, 1): v for k, v in self.alphas.items() if k.startswith(here)}
+            if alphas:
+                kw["alphas"] = alphas
+            stats = smooth_model(view, stats, self.alpha, arch=arch, **kw)
+        quantize(view, self.scheme, stats, backend=self.backend, arch=arch)
+        del stats, view
+        if self.error_propagation:  # the smoothed and quantized layer's outputs feed the next layer
+            for b, call in enumerate(calls):
+                hidden[b] = _call(block, hidden[b].to(dev), call[i], dev, memo).to(self.act_device(i + 1))
+        del memo
+        self.write(self.layer_names[i])
+        block.to("meta")
+        _return_freed_memory()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def execute(self, tokenizer=None, progress: bool = True, on_layer=None) -> Path:
+        from safetensors.torch import load_file
+        from transformers import GenerationConfig
+
+        state, work_dir = self.state, self.work_dir
+        hidden, calls = self.embeddings_pass()
+        if not state["embeddings_done"]:
+            self.write_outside()
+            self.writer.sync()
+            state["embeddings_done"] = True
+            self.commit()
+        else:
+            self.release_outside()
+        start = state["layers_done"]
+        if start:  # resumed: the saved inputs of the first layer still to do
+            saved = load_file(str(work_dir / state["activations"]))
+            if len(saved) != len(self.batches):
+                raise ResumeError(f"{work_dir / state['activations']} does not match the calibration batches")
+            hidden = [saved.pop(str(b)).to(self.act_device(start)) for b in range(len(self.batches))]
+            del saved
+
+        bar = tqdm(total=self.n, initial=start, desc="quantizing layers", unit="layer", disable=not progress)
+        for i in range(start, self.n):
+            self.layer(i, hidden, calls)
+            # commit: the layer's tensors on disk, then the next layer's inputs, then the record
+            self.writer.sync()
+            previous = state["activations"]
+            state["activations"] = None
+            if i + 1 < self.n:
+                state["activations"] = f"activations-{i + 1:05d}.safetensors"
+                write_file(work_dir / state["activations"], {str(b): h for b, h in enumerate(hidden)})
+            state["layers_done"] = i + 1
+            self.commit()
+            if previous:
+                (work_dir / previous).unlink(missing_ok=True)
+            bar.update(1)
+            if on_layer is not None:
+                on_layer(i, self.n)
+        bar.close()
+        del hidden, calls
+
+        # index, config, tokenizer; then the rename that marks the output complete
+        self.writer.finish()
+        try:
+            generation = GenerationConfig.from_pretrained(self.model_dir)
+        except (OSError, ValueError):
+            generation = getattr(self.model, "generation_config", None)
+        write_metadata(work_dir, self.ckpt_config, generation, tokenizer)
+        (work_dir / PROGRESS).unlink()
+        for stale in work_dir.glob("activations-*.safetensors"):
+            stale.unlink()
+        _fsync_dir(work_dir)
+        out = self.out
+        replace_dir(work_dir, out)
+        _fsync_dir(out.parent)
+        return out

@@ -1,0 +1,59 @@
+"""CLI flags of issue 5: --alpha auto, --smooth-extra, --clip, --int8-attention, --chat-calib, mixed sources."""
+
+import json
+
+import pytest
+from tiny import tiny_model, tiny_tokenizer
+
+from smoothq.cli import main
+
+QUICK = ["--seqlen", "64", "--max-windows", "2", "--samples", "4", "--calib-seqlen", "64", "--search-samples", "2"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, data_dir):
+    d = tmp_path_factory.mktemp("tiny-llama-plus")
+    tiny_model("llama").save_pretrained(d)
+    tok = tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000])
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}")
+    tok.save_pretrained(d)
+    return d
+
+
+def _ppl(out: str) -> float:
+    return float(out.strip().splitlines()[-1].split("|")[-2])
+
+
+def test_quantize_with_auto_alpha_extra_groups_clipping_and_int8_attention(model_dir, capsys):
+    assert main(["-q", "quantize", str(model_dir), "--alpha", "auto", "--scheme", "O3", "--smooth-extra", "all",
+                 "--clip", "mse", "--int8-attention", "per-head", "--eval", *QUICK]) == 0
+    captured = capsys.readouterr()
+    assert "alpha search:" in captured.err and "'groups': 8" in captured.err
+    assert "| O3 | auto |" in captured.out and _ppl(captured.out) > 1
+
+
+def test_int8_attention_is_refused_with_a_checkpoint(model_dir, tmp_path, capsys):
+    assert main(["-q", "quantize", str(model_dir), "--int8-attention", "per-head", "-o", str(tmp_path / "x"),
+                 *QUICK]) == 2
+    assert "not saved in checkpoints" in capsys.readouterr().err
+
+
+def test_compare_accepts_auto_and_extra_groups(model_dir, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["-q", "compare", str(model_dir), *QUICK, "--schemes", "W8A8", "--alphas", "0.5,auto",
+                 "--smooth-extra", "attn_vo,mlp_updown", "--no-guard", "--json", str(out)]) == 0
+    assert "| smoothquant | W8A8 | auto |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["alpha"] for r in rows if r["method"] == "smoothquant"] == [0.5, "auto"]
+
+
+def test_chat_formatted_and_mixed_calibration(model_dir, capsys):
+    assert main(["-q", "quantize", str(model_dir), "--calib", "wikitext2-train+c4", "--chat-calib", "--eval",
+                 *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert "2 from wikitext2-train" in err and "2 from c4" in err and "chat-formatted" in err
+
+
+def test_bad_alpha_is_rejected(model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", str(model_dir), "--alpha", "often"])
