@@ -34,13 +34,17 @@ def test_smoothquant_w8a8_on_smollm2_is_close_to_fp32_and_beats_naive(smollm2):
     assert sq_ppl < fp32 * 1.04, f"SmoothQuant W8A8 {sq_ppl:.3f} vs fp32 {fp32:.3f}"
 
 
-def test_smoothing_leaves_smollm2_logits_unchanged(smollm2):
+@pytest.mark.parametrize("options", [(), ("attn_vo", "mlp_updown")])
+def test_smoothing_leaves_smollm2_logits_unchanged(smollm2, options):
+    """The paper's groups and the extra exact ones (v->o under SmolLM2's real 3:1 grouped-query
+    attention, up->down through SiLU gating) leave the real model's fp32 logits unchanged."""
     model, tok = smollm2
     ids = sq.eval_windows(tok, "wikitext2", seqlen=128, max_windows=2).input_ids
     with torch.no_grad():
         ref = model(ids).logits
     smoothed = copy.deepcopy(model)
-    sq.smooth(smoothed, sq.calibrate(smoothed, ids, progress=False), alpha=0.8)
+    sq.smooth(smoothed, sq.calibrate(smoothed, ids, progress=False), alpha=0.8, options=options)
+    assert set(smoothed.smoothq_scales) >= {"model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj"} or not options
     with torch.no_grad():
         rel = ((smoothed(ids).logits - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4
