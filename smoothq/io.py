@@ -211,6 +211,15 @@ def _write_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
     write_index(folder, plan, sum(t.numel() * t.element_size() for t in state.values()))
 
 
+def check_save_options(format: str, embeddings: str) -> None:
+    """Refuse an unknown format or embedding storage before any work is done."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if embeddings not in ("float", "int8"):
+        raise ValueError(f"embeddings must be 'float' or 'int8', got {embeddings!r}")
+    if embeddings == "int8" and format != "smoothq":
+        raise CheckpointError("serving engines read float embeddings: int8 embedding storage needs format='smoothq'")
+
 def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "smoothq", float_dtype: str = "float16",
          embeddings: str = "float", overwrite: bool = False, meta: dict | None = None,
          max_shard_bytes: int = 2 * 1024**3) -> Path:
@@ -218,12 +227,7 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
 
     float_dtype: dtype of the float tensors ('float16', 'bfloat16', 'float32' or 'auto' = the model's).
     embeddings: 'float', or 'int8' (smoothq format only): the input embedding stored as int8 rows."""
-    if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    if embeddings not in ("float", "int8"):
-        raise ValueError(f"embeddings must be 'float' or 'int8', got {embeddings!r}")
-    if embeddings == "int8" and format != "smoothq":
-        raise CheckpointError("serving engines read float embeddings: int8 embedding storage needs format='smoothq'")
+    check_save_options(format, embeddings)
     scheme = getattr(model, "smoothq_scheme", None)
     qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
     if scheme is None or not qnames:

@@ -58,8 +58,8 @@ from tqdm.auto import tqdm
 from .archs import Arch, arch_for, resolve, weight_nk
 from .calibrate import ActStats, CalibrationError, _as_batches, update_absmax, _fill_unseen_experts, _forward_no_logits
 from .config import FORMAT_VERSION, QuantScheme, check_alpha, get_scheme
-from .io import (FORMATS, replace_dir, CheckpointError, _float_dtype, checkpoint_config, compressed_tensors_config,
-                 quantized_state, write_metadata)
+from .io import (CheckpointError, _float_dtype, check_save_options, checkpoint_config, compressed_tensors_config,
+                 quantized_state, replace_dir, write_metadata)
 from .nn import W8A8Linear, quantize
 from .smooth import smooth as smooth_model
 from .stream import ShardWriter, SourceCheckpoint, nbytes, write_file
@@ -505,12 +505,7 @@ class _Run:
         self.scheme = get_scheme(scheme)
         self.alpha = check_alpha(alpha)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if format not in FORMATS:
-            raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-        if embeddings not in ("float", "int8"):
-            raise ValueError(f"embeddings must be 'float' or 'int8', got {embeddings!r}")
-        if embeddings == "int8" and format != "smoothq":
-            raise CheckpointError("serving engines read float embeddings: int8 embedding storage needs format='smoothq'")
+        check_save_options(format, embeddings)
         if format == "compressed-tensors":
             compressed_tensors_config(self.scheme, [])  # refuses O2 before any work
         if activations not in ("device", "cpu"):
