@@ -51,6 +51,9 @@ class Bench:
         self._stats: dict = {}
         self._full = None
         self.search = SearchConfig(samples=args.search_samples, strategy=args.strategy)
+        # rows accumulate over invocations (the run is resumable): keep each one's command line
+        self.invocations = self.doc.get("invocations", ["(earlier invocations not recorded)"] if self.rows else [])
+        self.invocations = [*self.invocations, " ".join(["python benchmarks/accuracy_plus.py", *sys.argv[1:]])]
 
     # ----------------------------------------------------------------- data
     def calib_windows(self, n, seqlen, source="wikitext2-train", chat=False):
@@ -166,6 +169,7 @@ class Bench:
             "best": best,
             "rows": self.rows,
             "extra": self.extra,
+            "invocations": self.invocations,
             "setup": {
                 "model": self.args.model, "seqlen": self.args.seqlen, "windows": len(self.windows),
                 "calibration": self.calib.describe(), "search_samples": self.args.search_samples,
@@ -250,10 +254,12 @@ def section_calib(b: Bench):
             b.row(f"calib {n} x 512 wikitext2-train", scheme,
                   b.quantized(scheme, a, opts, stats_key=("wikitext2-train", n, 512, False)), alpha=a)
         if scheme == b.args.focus[0]:
-            for n, seqlen in ((512, 128), (32, 2048)):
+            for n, seqlen in b.args.calib_shapes:
                 b.row(f"calib {n} x {seqlen} wikitext2-train", scheme,
                       b.quantized(scheme, a, opts, stats_key=("wikitext2-train", n, seqlen, False)), alpha=a)
-            for source, chat in (("c4", False), ("wikitext2-train+c4", False), ("wikitext2-train", True)):
+            for source in b.args.calib_sources:
+                chat = source.endswith(":chat")
+                source = source.removesuffix(":chat")
                 label = f"calib 128 x 512 {source}{' chat-template' if chat else ''}"
                 b.row(label, scheme, b.quantized(scheme, a, opts, stats_key=(source, 128, 512, chat)), alpha=a)
 
@@ -297,8 +303,8 @@ def report(b: Bench, wall: float) -> str:
     n = len(b.windows)
     fp32 = b.find("fp32", "none", n)["ppl"]
     lines = [f"# Beyond the paper's accuracy: {b.args.model}, WikiText-2 (seqlen {b.args.seqlen})", "",
-             f"Command: `python benchmarks/accuracy_plus.py` (torch {torch.__version__}, {torch.get_num_threads()} threads; "
-             f"this invocation {wall / 60:.0f} min, rows reused from earlier invocations are kept in the JSON).", "",
+             f"Commands (rows accumulate over invocations; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"last invocation {wall / 60:.0f} min):", "", *[f"    {c}" for c in b.invocations], "",
              f"- Evaluation: {b.windows.describe()}.",
              f"- Calibration: {b.calib.describe()} (seed 0), disjoint from the evaluated text.",
              f"- Auto alpha: per smoothing group, alpha in 0.00-1.00 step 0.05 ({b.args.strategy} search) minimizing the "
@@ -372,6 +378,11 @@ def main() -> int:
                    help="schemes that get the coverage, auto+options and calibration-data rows (the first also the "
                         "sequence-length and data-source rows)")
     p.add_argument("--calib-counts", type=lambda t: [int(n) for n in t.split(",")], default=[16, 32, 64, 128, 512])
+    p.add_argument("--calib-shapes", type=lambda t: [tuple(int(v) for v in x.split("x")) for x in t.split(",") if x],
+                   default=[(512, 128), (32, 2048)], help="samples x seqlen pairs with the same token budget")
+    p.add_argument("--calib-sources", type=lambda t: [x for x in t.split(",") if x],
+                   default=["c4", "wikitext2-train+c4", "wikitext2-train:chat"],
+                   help="128 x 512 calibration from other sources (':chat' = chat-template formatted)")
     p.add_argument("--full-set", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
     p.add_argument("--name", default="accuracy-plus-smollm2")
