@@ -34,7 +34,7 @@ from smoothq.search import SearchConfig, SearchResult, auto_smooth  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = ("W8A8", "O1", "O2", "O3")
 FIXED_ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.9)
-SECTIONS = ("fixed", "coverage", "clip", "auto", "attention", "breakdown", "calib", "full")
+SECTIONS = ("fixed", "coverage", "clip", "auto", "rotate", "attention", "breakdown", "calib", "full")
 OPTION_SETS = {"+v->o": ("attn_vo",), "+up->down": ("mlp_updown",), "+v->o +up->down": ("attn_vo", "mlp_updown")}
 
 
@@ -50,7 +50,8 @@ class Bench:
         self.extra: dict = self.doc.get("extra", {})
         self._stats: dict = {}
         self._full = None
-        self.search = SearchConfig(samples=args.search_samples, strategy=args.strategy)
+        self._rotated = None
+        self.search = SearchConfig(samples=args.search_samples, strategy=args.strategy, guard_samples=args.guard_samples)
         # rows accumulate over invocations (the run is resumable): keep each one's command line
         self.invocations = self.doc.get("invocations", ["(earlier invocations not recorded)"] if self.rows else [])
         self.invocations = [*self.invocations, " ".join(["python benchmarks/accuracy_plus.py", *sys.argv[1:]])]
@@ -59,15 +60,22 @@ class Bench:
     def calib_windows(self, n, seqlen, source="wikitext2-train", chat=False):
         return sq.calib_samples(self.tok, source, n=n, seqlen=seqlen, seed=0, avoid=self.windows, chat=chat)
 
-    def stats(self, key=("wikitext2-train", 128, 512, False)):
-        if key not in self._stats:
+    def base(self, rotated=False):
+        """The float model, or the same model with its residual stream rotated (smoothq.rotate)."""
+        if rotated and self._rotated is None:
+            self._rotated = copy.deepcopy(self.model)
+            sq.rotate(self._rotated)
+        return self._rotated if rotated else self.model
+
+    def stats(self, key=("wikitext2-train", 128, 512, False), rotated=False):
+        if (key, rotated) not in self._stats:
             source, n, seqlen, chat = key
             w = self.calib if key == ("wikitext2-train", self.args.samples, self.args.calib_seqlen, False) \
                 else self.calib_windows(n, seqlen, source, chat)
             t0 = time.perf_counter()
-            self._stats[key] = (sq.calibrate(self.model, w, progress=False), w)
+            self._stats[key, rotated] = (sq.calibrate(self.base(rotated), w, progress=False), w)
             print(f"  calibrated on {w.describe()} in {time.perf_counter() - t0:.0f}s", flush=True)
-        return self._stats[key]
+        return self._stats[key, rotated]
 
     def full_windows(self):
         if self._full is None:
@@ -101,14 +109,17 @@ class Bench:
         return self.row("fp32", "none", lambda: (self.model, {}), full=full)["ppl"]
 
     def quantized(self, scheme, alpha, options=(), clip=None, attention=None, stats_key=None,
-                  keep_per_token=(), base=None):
+                  keep_per_token=(), base=None, rotated=None):
         """A build function: smooth (fixed alpha, or 'auto' = search) + quantize (+ INT8 attention).
         Searched alphas and clipping ratios are stored in the row; a later row naming that row's
         config as `base` (same scheme) reuses them instead of searching again."""
 
+        rot = rotated if rotated is not None else (base or "").startswith("rotated")
+
         def build():
-            stats, calib = self.stats(stats_key) if stats_key else self.stats()
-            m = copy.deepcopy(self.model)
+            stats, calib = self.stats(stats_key or ("wikitext2-train", self.args.samples, self.args.calib_seqlen, False),
+                                      rot)
+            m = copy.deepcopy(self.base(rot))
             more = {}
             prior = self.find(base, scheme, len(self.windows)) if base else None
             if prior is not None and "search_alphas" in prior:
@@ -120,7 +131,7 @@ class Bench:
             elif alpha == "auto" or clip:
                 cfg = SearchConfig(grid=self.search.grid if alpha == "auto" else (alpha,), options=options, clip=clip,
                                    samples=self.args.search_samples, strategy=self.args.strategy,
-                                   guard=alpha == "auto")
+                                   guard=alpha == "auto", guard_samples=self.args.guard_samples)
                 st = auto_smooth(m, stats, calib, scheme, cfg, progress=False)
                 res = m.smoothq_search
                 alphas = res.alphas
@@ -137,7 +148,7 @@ class Bench:
                 st = sq.smooth(m, stats, alpha, options=options)
             sq.quantize(m, scheme, st, backend="emulated")
             if keep_per_token:  # diagnostic only: those linears in W8A8 granularity (per-channel/per-token)
-                float_m = self._smoothed_float(alpha, options, alphas, stats)
+                float_m = self._smoothed_float(alpha, options, alphas, stats, rot)
                 for name in keep_per_token:
                     parent, _, attr = name.rpartition(".")
                     setattr(m.get_submodule(parent), attr, sq.W8A8Linear.from_float(
@@ -149,8 +160,8 @@ class Bench:
 
         return build
 
-    def _smoothed_float(self, alpha, options, alphas, stats):
-        m = copy.deepcopy(self.model)
+    def _smoothed_float(self, alpha, options, alphas, stats, rotated=False):
+        m = copy.deepcopy(self.base(rotated))
         sq.smooth(m, stats, 0.5 if alpha == "auto" else alpha, options=options, alphas=alphas)
         return m
 
@@ -181,8 +192,8 @@ class Bench:
 
 
 # --------------------------------------------------------------------- sections
-def fixed_best(b: Bench, scheme: str) -> float:
-    r = b.best(scheme, prefix="fixed alpha=")
+def fixed_best(b: Bench, scheme: str, rotated=False) -> float:
+    r = b.best(scheme, prefix=("rotated " if rotated else "") + "fixed alpha=")
     return float(r["config"].split("=")[1].split()[0])
 
 
@@ -219,14 +230,31 @@ def section_clip(b: Bench):
     b.row("auto alpha +v->o +up->down +clip mse", "O3", b.quantized("O3", "auto", allopts, clip="mse"))
 
 
+def section_rotate(b: Bench):
+    print("rotated residual stream (smoothq.rotate: randomized Hadamard, exact), then SmoothQuant", flush=True)
+    allopts = ("attn_vo", "mlp_updown")
+    for scheme in SCHEMES:
+        for a in b.args.fixed_alphas:
+            b.row(f"rotated fixed alpha={a:g}", scheme, b.quantized(scheme, a, rotated=True))
+        a = fixed_best(b, scheme, rotated=True)
+        b.row(f"rotated fixed alpha={a:g} +v->o +up->down", scheme, b.quantized(scheme, a, allopts, rotated=True))
+        b.row("rotated auto alpha +v->o +up->down", scheme, b.quantized(scheme, "auto", allopts, rotated=True))
+    for scheme in ("O3",):
+        a = fixed_best(b, scheme, rotated=True)
+        b.row(f"rotated fixed alpha={a:g} +v->o +up->down +clip mse", scheme,
+              b.quantized(scheme, a, allopts, clip="mse", rotated=True))
+        b.row("rotated auto alpha +v->o +up->down +clip mse", scheme,
+              b.quantized(scheme, "auto", allopts, clip="mse", rotated=True))
+
+
 def best_recipe(b: Bench, scheme: str):
     """(alpha, options, clip) of the best non-attention, default-calibration row of a scheme."""
     cands = [r for r in b.rows if r["scheme"] == scheme and r["windows"] == len(b.windows)
-             and (r["config"].startswith("fixed") or r["config"].startswith("auto")) and "int8 attention" not in r["config"]
+             and r["config"].removeprefix("rotated ").startswith(("fixed", "auto")) and "int8 attention" not in r["config"]
              and not r.get("diagnostic")]
     r = min(cands, key=lambda r: r["ppl"])
     cfg = r["config"]
-    alpha = "auto" if cfg.startswith("auto") else float(cfg.split("=")[1].split()[0])
+    alpha = "auto" if cfg.removeprefix("rotated ").startswith("auto") else float(cfg.split("=")[1].split()[0])
     opts = tuple(o for label, o in (("+v->o", "attn_vo"), ("+up->down", "mlp_updown")) if label in cfg)
     clip = "mse" if "+clip mse" in cfg else ("percentile" if "+clip p" in cfg else None)
     return cfg, alpha, opts, clip
@@ -273,7 +301,8 @@ def section_breakdown(b: Bench):
         cfg, alpha, opts, clip = best_recipe(b, scheme)
         if key not in b.extra or b.extra[key]["config"] != cfg:
             qm, _ = b.quantized(scheme, alpha, opts, clip, base=cfg)()
-            fm = b._smoothed_float(alpha, opts, qm.bench_alphas, stats)
+            rot = cfg.startswith("rotated")
+            fm = b._smoothed_float(alpha, opts, qm.bench_alphas, b.stats(rotated=rot)[0], rot)
             db = linear_sqnr(fm, qm, calib.input_ids[:4])
             b.extra[key] = {"config": cfg, "sqnr_db": {k: round(v, 2) for k, v in db.items()}}
             b.save()
@@ -313,14 +342,15 @@ def report(b: Bench, wall: float) -> str:
              "(next-token loss on the same calibration sequences) and keeps the better. Cost per row in `prep_seconds`.",
              "- INT8 rows use the emulated backend (the integers of the real INT8 path, float arithmetic).", "",
              f"FP32: **{fp32:.3f}**", "", f"## Summary ({n} windows)", "",
-             "| scheme | best fixed α (paper recipe) | auto α | best configuration | best | vs fp32 |",
-             "|---|---|---|---|---|---|"]
+             "| scheme | best fixed α (paper recipe) | auto α | best rotated | best configuration | best | vs fp32 |",
+             "|---|---|---|---|---|---|---|"]
     for s in SCHEMES:
-        fb, au, be = b.best(s, "fixed alpha="), b.find("auto alpha", s, n), b.best(s)
+        fb, au, be, ro = b.best(s, "fixed alpha="), b.find("auto alpha", s, n), b.best(s), b.best(s, "rotated")
         if not be:
             continue
         lines.append(f"| {s} | {fb['ppl']:.3f} ({fb['config'].split('=')[1]}) | {au['ppl'] if au else float('nan'):.3f} | "
-                     f"{be['config']} | {be['ppl']:.3f} | {100 * (be['ppl'] / fp32 - 1):+.2f}% |")
+                     f"{ro['ppl'] if ro else float('nan'):.3f} | {be['config']} | {be['ppl']:.3f} | "
+                     f"{100 * (be['ppl'] / fp32 - 1):+.2f}% |")
     lines += ["", f"## All rows ({n} windows)", "", "| scheme | configuration | perplexity | vs fp32 | prep (s) |",
               "|---|---|---|---|---|"]
     for r in b.rows:
@@ -371,6 +401,7 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--search-samples", type=int, default=4)
+    p.add_argument("--guard-samples", type=int, default=16)
     p.add_argument("--strategy", default="coarse", choices=["grid", "coarse"])
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--fixed-alphas", type=lambda t: [float(a) for a in t.split(",")], default=list(FIXED_ALPHAS))

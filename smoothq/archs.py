@@ -66,12 +66,24 @@ class Group:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """Where the residual stream starts, ends and is written to, for rotate.py (models whose
+    pre-norm RMSNorms feed exactly the linears of the paper's groups). Writers are block-relative."""
+
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
 class Arch:
     layers: str  # dotted path from the model to the ModuleList of decoder blocks
     groups: tuple[Group, ...]
     norm_offset: float = 0.0  # 1.0 for Gemma-style norms that compute x_hat * (1 + w)
     keep_float: tuple[str, ...] = ()  # smoothed with their group but never quantized (MoE router)
     fused_experts: str | None = None  # 3D-parameter expert module to split into nn.Linear leaves
+    rotation: Rotation | None = None  # set where the residual stream can be rotated exactly (rotate.py)
     name: str = ""
 
 
@@ -81,7 +93,8 @@ ATTN_VO = Group("self_attn.v_proj", ("self_attn.o_proj",), option="attn_vo", hea
 MLP_UPDOWN = Group("mlp.up_proj", ("mlp.down_proj",), option="mlp_updown")
 
 
-def _llama_like(name: str, mlp_norm: str = "post_attention_layernorm", offset: float = 0.0) -> Arch:
+def _llama_like(name: str, mlp_norm: str = "post_attention_layernorm", offset: float = 0.0,
+                rotation: Rotation | None = Rotation()) -> Arch:
     return Arch(
         layers="model.layers",
         groups=(
@@ -91,6 +104,7 @@ def _llama_like(name: str, mlp_norm: str = "post_attention_layernorm", offset: f
             MLP_UPDOWN,
         ),
         norm_offset=offset,
+        rotation=rotation,
         name=name,
     )
 
@@ -132,12 +146,14 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
     "qwen2": _llama_like("qwen2"),
     "qwen3": _llama_like("qwen3"),
     "gemma": _llama_like("gemma", offset=1.0),
-    "gemma2": _llama_like("gemma2", mlp_norm="pre_feedforward_layernorm", offset=1.0),
-    "gemma3_text": _llama_like("gemma3_text", mlp_norm="pre_feedforward_layernorm", offset=1.0),
+    # Gemma 2/3 normalize each sublayer's output before the residual add: no exact rotation
+    "gemma2": _llama_like("gemma2", mlp_norm="pre_feedforward_layernorm", offset=1.0, rotation=None),
+    "gemma3_text": _llama_like("gemma3_text", mlp_norm="pre_feedforward_layernorm", offset=1.0, rotation=None),
     "phi3": Arch(
         layers="model.layers",
         groups=(Group("input_layernorm", ("self_attn.qkv_proj",)),
                 Group("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        rotation=Rotation(),
         name="phi3",
     ),
     "opt": _opt,
@@ -170,6 +186,7 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
         ),
         keep_float=("mlp.gate",),
         fused_experts="mlp.experts",
+        rotation=Rotation(writers=("self_attn.o_proj", "mlp.experts.*.down_proj")),
         name="mixtral",
     ),
 }

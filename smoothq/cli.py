@@ -32,12 +32,17 @@ def _alpha(text: str) -> float | str:
 def _add_plus(p: argparse.ArgumentParser, clip: bool = True) -> None:
     """Beyond the paper's recipe (issue 5): extra exact smoothing groups, alpha search, clipping."""
     g = p.add_argument_group("beyond the paper (smoothq.search / smoothq.attention)")
+    g.add_argument("--rotate", nargs="?", const="hadamard", choices=["hadamard", "orthogonal"],
+                   help="rotate the residual stream first (exact; RMSNorm models): outliers spread over all "
+                        "channels, which per-tensor schemes (O1-O3) need. Default kind: hadamard")
     g.add_argument("--smooth-extra", default="", metavar="OPTS",
                    help="also smooth exact extra groups: comma list of attn_vo, mlp_updown, opt_fc, or 'all'")
     g.add_argument("--search-samples", type=int, default=4, help="calibration sequences the alpha search uses")
     g.add_argument("--search-strategy", default="coarse", choices=["grid", "coarse"],
                    help="alpha grid 0..1 step 0.05: every point, or every other point then refine (default)")
     g.add_argument("--blockwise", action="store_true", help="--alpha auto: one alpha per decoder block")
+    g.add_argument("--guard-samples", type=int, default=16,
+                   help="--alpha auto: calibration sequences the end-to-end guard scores on (default: 16)")
     g.add_argument("--no-guard", action="store_true",
                    help="--alpha auto: skip the end-to-end comparison with the global alphas")
     if clip:
@@ -53,7 +58,7 @@ def _search_config(args, alpha):
     return SearchConfig(grid=GRID if alpha == "auto" else (alpha,), blockwise=args.blockwise,
                         options=args.smooth_extra, clip=getattr(args, "clip", None),
                         clip_percentile=getattr(args, "clip_percentile", 99.9), samples=args.search_samples,
-                        strategy=args.search_strategy, guard=not args.no_guard)
+                        strategy=args.search_strategy, guard=not args.no_guard, guard_samples=args.guard_samples)
 
 
 def _scheme(text: str) -> str:
@@ -243,9 +248,9 @@ def cmd_quantize_sequential(args) -> int:
 
 def cmd_quantize(args) -> int:
     if args.sequential:
-        if args.alpha == "auto" or args.clip or args.smooth_extra or args.int8_attention:
-            raise DataError("--alpha auto, --clip, --smooth-extra and --int8-attention need the in-memory path "
-                            "(drop --sequential)")
+        if args.alpha == "auto" or args.clip or args.smooth_extra or args.int8_attention or args.rotate:
+            raise DataError("--alpha auto, --clip, --smooth-extra, --rotate and --int8-attention need the in-memory "
+                            "path (drop --sequential)")
         return cmd_quantize_sequential(args)
     if args.resume:
         raise DataError("--resume continues an interrupted --sequential run; add --sequential")
@@ -257,6 +262,7 @@ def cmd_quantize(args) -> int:
 
     model, tok = _load(args)
     fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    _rotate(args, model)
     evaluated = _evaluation(args, tok) if args.eval else None
     calib = _calibration(args, tok, evaluated)
     stats = calibrate(model, calib, progress=not args.quiet)
@@ -288,6 +294,15 @@ def cmd_quantize(args) -> int:
         _print_row(model=args.model, scheme=args.scheme, alpha="none" if args.no_smooth else args.alpha,
                    perplexity=f"{ppl:.3f}")
     return 0
+
+
+def _rotate(args, model) -> None:
+    if args.rotate:
+        from .rotate import rotate
+
+        rotate(model, args.rotate, seed=args.seed)
+        tied = " (LM head untied from the embedding)" if not model.config.tie_word_embeddings else ""
+        _say(f"rotated the residual stream: {model.smoothq_rotation}{tied}")
 
 
 def _print_row(**columns) -> None:
@@ -339,6 +354,7 @@ def cmd_compare(args) -> int:
     from .compare import compare, format_table
 
     model, tok = _load(args)
+    _rotate(args, model)  # exact: the fp32 row is the same model
     windows = _evaluation(args, tok)
     calib = _calibration(args, tok, windows)
     rows = compare(model, windows, calib, schemes=args.schemes, alphas=args.alphas, backend=args.backend,

@@ -247,6 +247,8 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     scheme = model.smoothq_scheme
     qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
     extra = {"version": FORMAT_VERSION, "scheme": scheme.to_dict(), **(meta or {})}
+    if getattr(model, "smoothq_rotation", None):  # weights are in the rotated basis (rotate.py)
+        extra["rotation"] = model.smoothq_rotation
     if format == "compressed-tensors":
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
         qc = compressed_tensors_config(scheme, ignore)

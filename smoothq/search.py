@@ -67,6 +67,9 @@ class SearchConfig:
     # whichever (per-group result or a global alpha) has the lowest next-token loss on the search
     # samples, so "auto" never does worse than the best fixed alpha on calibration data.
     guard: bool = True
+    # The guard's differences between alphas are a few thousandths of a nat per token: it scores
+    # on more sequences than the block search needs (the first `guard_samples` of the calibration set).
+    guard_samples: int = 16
     strategy: str = "grid"  # "grid": every alpha of the grid; "coarse": every other one, then refine
 
     def __post_init__(self):
@@ -82,8 +85,8 @@ class SearchConfig:
             raise ValueError(f"strategy must be 'grid' or 'coarse', got {self.strategy!r}")
         if self.loss not in ("mse", "nmse"):
             raise ValueError(f"loss must be 'mse' or 'nmse', got {self.loss!r}")
-        if self.samples < 1 or self.batch_size < 1:
-            raise ValueError("samples and batch_size must be >= 1")
+        if self.samples < 1 or self.batch_size < 1 or self.guard_samples < 1:
+            raise ValueError("samples, guard_samples and batch_size must be >= 1")
         check_alpha(self.init_alpha)
 
 
@@ -391,19 +394,18 @@ def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActS
         x_fp = target
         del cand
     if config.guard and len(config.grid) > 1:
-        _guard(model, stats, batches, scheme, config, arch, result, progress)
+        guard_ids = ids[: max(config.guard_samples, config.samples)].to(device)
+        _guard(model, stats, guard_ids, scheme, config, arch, result, progress)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _guard(model, stats, batches, scheme, config: SearchConfig, arch, result: SearchResult, progress: bool) -> None:
+def _guard(model, stats, ids, scheme, config: SearchConfig, arch, result: SearchResult, progress: bool) -> None:
     """Compare the searched alphas with every global alpha of the grid end to end (next-token loss
-    of the whole quantized model on the search samples); switch to the best global one if it wins."""
+    of the whole quantized model on calibration sequences `ids`); switch to the best global one if it wins."""
     from .evaluate import perplexity
     from .nn import quantize
     from .smooth import smooth
-
-    ids = torch.cat(batches)
 
     def nll(alpha: float, alphas: dict | None, clip: dict | None) -> float:
         m = copy.deepcopy(model)
@@ -418,7 +420,7 @@ def _guard(model, stats, batches, scheme, config: SearchConfig, arch, result: Se
     searched = nll(config.init_alpha, result.alphas, result.clip)
     glob = {a: nll(a, None, None) for a in tqdm(config.grid, desc="guard: global alphas", disable=not progress)}
     best = min(glob, key=lambda a: (glob[a], config.grid.index(a)))
-    result.guard = {"searched": searched, "global": glob, "picked": "searched"}
+    result.guard = {"searched": searched, "global": glob, "picked": "searched", "sequences": len(ids)}
     if glob[best] < searched:
         result.guard["picked"] = f"global alpha={best:g}"
         result.alphas = {k: best for k in result.alphas}

@@ -57,3 +57,27 @@ def test_chat_formatted_and_mixed_calibration(model_dir, capsys):
 def test_bad_alpha_is_rejected(model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", str(model_dir), "--alpha", "often"])
+
+
+def test_quantize_rotated_saves_a_checkpoint_that_reloads_with_the_same_perplexity(model_dir, tmp_path, capsys):
+    out = tmp_path / "rot"
+    assert main(["-q", "quantize", str(model_dir), "--rotate", "--scheme", "O3", "--alpha", "0.5", "--eval",
+                 "--format", "compressed-tensors", "-o", str(out), *QUICK]) == 0
+    captured = capsys.readouterr()
+    assert "rotated the residual stream" in captured.err
+    config = json.loads((out / "config.json").read_text())
+    assert config["smoothq"]["rotation"]["kind"] == "hadamard" and config["tie_word_embeddings"] is False
+    quantized = _ppl(captured.out)
+    assert main(["-q", "eval", str(out), "--seqlen", "64", "--max-windows", "2", "--dtype", "float32"]) == 0
+    # the checkpoint stores float parts as float16: within rounding of the in-memory model
+    assert _ppl(capsys.readouterr().out) == pytest.approx(quantized, rel=5e-3)
+
+
+def test_rotation_is_refused_where_it_cannot_be_exact(tmp_path, data_dir, capsys):
+    d = tmp_path / "opt"
+    tiny_model("opt").save_pretrained(d)
+    tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:50_000]).save_pretrained(d)
+    assert main(["-q", "quantize", str(d), "--rotate", *QUICK]) == 2
+    assert "cannot be rotated exactly" in capsys.readouterr().err
+    assert main(["-q", "quantize", str(d), "--rotate", "--sequential", "-o", str(tmp_path / "o"), *QUICK]) == 2
+    assert "--rotate" in capsys.readouterr().err

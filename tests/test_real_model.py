@@ -67,3 +67,27 @@ def test_real_int8_smollm2_matches_fake_quant_and_survives_save_load(smollm2, sc
     back, back_tok = io.load(tmp_path / "ckpt")
     assert back_tok is not None and back.dtype == torch.float32
     assert sq.perplexity(back, windows, progress=False) == real
+
+
+def test_rotation_keeps_smollm2_exact_and_rescues_per_tensor_o3(smollm2):
+    """The Hadamard rotation of SmolLM2's 576-wide residual stream (Paley 12 x 12 x 4) keeps its fp32
+    logits, and under O3 (per-tensor weights and static activations) it beats the same recipe
+    without rotation by a wide margin (benchmarks/accuracy_plus.py measures by how much)."""
+    model, tok = smollm2
+    windows = sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=4)
+    calib = sq.calib_samples(tok, "wikitext2-train", n=16, seqlen=512, seed=0)
+    rotated = copy.deepcopy(model)
+    sq.rotate(rotated)
+    ids = windows.input_ids[:1, :128]
+    with torch.no_grad():
+        ref = model(ids).logits
+        rel = ((rotated(ids).logits - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 1e-4 and rotated.smoothq_rotation["kind"] == "hadamard"
+
+    def o3(m):
+        m = copy.deepcopy(m)
+        stats = sq.smooth(m, sq.calibrate(m, calib, progress=False), 0.5, options=("attn_vo", "mlp_updown"))
+        return sq.perplexity(sq.quantize(m, "O3", stats, backend="emulated"), windows, progress=False)
+
+    plain, rot = o3(model), o3(rotated)
+    assert rot < 0.8 * plain, f"rotated O3 {rot:.2f} vs plain O3 {plain:.2f}"

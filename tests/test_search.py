@@ -173,3 +173,18 @@ def test_config_validation():
         SearchConfig(clip="max")
     with pytest.raises(ValueError, match="unknown smoothing option"):
         SearchConfig(options=("v_o",))
+
+
+def test_the_guard_scores_on_more_sequences_than_the_block_search():
+    model = _mixed_outliers_model()
+    calib = sample_ids(n=12, length=32)
+    stats = sq.calibrate(model, calib, progress=False)
+    grid = (0.3, 0.7)
+    r = search_alpha(model, calib, "O3", stats, SearchConfig(grid=grid, samples=2, guard_samples=10), progress=False)
+    assert r.guard["sequences"] == 10 and r.tokens == 2 * 32
+    m = copy.deepcopy(model)
+    st = sq.smooth(m, stats, 0.3)
+    nll = math.log(sq.perplexity(sq.quantize(m, "O3", st, backend="emulated"), calib[:10], progress=False))
+    assert r.guard["global"][0.3] == pytest.approx(nll, abs=1e-6)
+    with pytest.raises(ValueError, match="guard_samples"):
+        SearchConfig(guard_samples=0)
