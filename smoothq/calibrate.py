@@ -89,9 +89,15 @@ def update_absmax(absmax: dict[str, torch.Tensor], name: str, x: torch.Tensor, w
 
 @torch.no_grad()
 def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: int = 4,
-              progress: bool = True) -> ActStats:
+              progress: bool = True, sink_tokens: int = 0) -> ActStats:
     """Run `samples` (LongTensor [N, L], or a list of 1D token tensors) through the model and
-    return the per-channel abs-max of the input of every decoder linear (and MoE router)."""
+    return the per-channel abs-max of the input of every decoder linear (and MoE router).
+
+    sink_tokens=n leaves the first n tokens of each sequence out of the statistics (they will be
+    quantized per token: see sink.py); routed MoE experts, which see no positions, keep them."""
+    from .sink import check_sink_tokens
+
+    sink_tokens = check_sink_tokens(sink_tokens)
     res = resolve(model, arch)
     observed = res.observed()
     absmax: dict[str, torch.Tensor] = {}
@@ -102,11 +108,16 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
             x = inputs[0]
             if x.numel() == 0:  # an expert that no token was routed to in this batch
                 return
+            if sink_tokens and x.dim() == 3:  # [B, T, K] from position 0: drop the sink positions
+                x = x[:, sink_tokens:]
             update_absmax(absmax, name, x, f"{name} in calibration batch {current['batch']}")
 
         return hook
 
     batches = _as_batches(samples, batch_size)
+    if sink_tokens and min(b.shape[-1] for b in batches) <= sink_tokens:
+        raise CalibrationError(f"calibration sequences must be longer than sink_tokens={sink_tokens}: "
+                               "they would have no other tokens to calibrate on")
     device = next(model.parameters()).device
     handles = [m.register_forward_hook(make_hook(n)) for n, m in observed.items()]
     was_training = model.training
@@ -123,7 +134,10 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
         model.train(was_training)
 
     _fill_unseen_experts(absmax, observed, res)
-    return ActStats({k: v.cpu() for k, v in absmax.items()}, tokens, {"arch": res.arch.name, "sequences": sum(len(b) for b in batches)})
+    meta = {"arch": res.arch.name, "sequences": sum(len(b) for b in batches)}
+    if sink_tokens:
+        meta["sink_tokens"] = sink_tokens
+    return ActStats({k: v.cpu() for k, v in absmax.items()}, tokens, meta)
 
 
 def _forward_no_logits(model: nn.Module, input_ids: torch.Tensor) -> None:

@@ -35,6 +35,9 @@ def _add_plus(p: argparse.ArgumentParser, clip: bool = True) -> None:
     g.add_argument("--rotate", nargs="?", const="hadamard", choices=["hadamard", "orthogonal"],
                    help="rotate the residual stream first (exact; RMSNorm models): outliers spread over all "
                         "channels, which per-tensor schemes (O1-O3) need. Default kind: hadamard")
+    g.add_argument("--sink-tokens", type=int, default=0, metavar="N",
+                   help="quantize the first N tokens of each sequence per token and calibrate per-tensor scales "
+                        "without them (O2/O3; the attention sink of Llama-family models). Default 0")
     g.add_argument("--smooth-extra", default="", metavar="OPTS",
                    help="also smooth exact extra groups: comma list of attn_vo, mlp_updown, opt_fc, or 'all'")
     g.add_argument("--search-samples", type=int, default=4, help="calibration sequences the alpha search uses")
@@ -248,12 +251,17 @@ def cmd_quantize_sequential(args) -> int:
 
 def cmd_quantize(args) -> int:
     if args.sequential:
-        if args.alpha == "auto" or args.clip or args.smooth_extra or args.int8_attention or args.rotate:
-            raise DataError("--alpha auto, --clip, --smooth-extra, --rotate and --int8-attention need the in-memory "
-                            "path (drop --sequential)")
+        if args.alpha == "auto" or args.clip or args.smooth_extra or args.int8_attention or args.rotate \
+                or args.sink_tokens:
+            raise DataError("--alpha auto, --clip, --smooth-extra, --rotate, --sink-tokens and --int8-attention need "
+                            "the in-memory path (drop --sequential)")
         return cmd_quantize_sequential(args)
     if args.resume:
         raise DataError("--resume continues an interrupted --sequential run; add --sequential")
+    if args.sink_tokens and args.output and args.format == "compressed-tensors" \
+            and get_scheme(args.scheme).activations != "per_token":
+        raise DataError(f"--sink-tokens with {args.scheme}: compressed-tensors has no field for that, and vLLM would "
+                        "apply the per-tensor scale to the sink tokens too. Use --format smoothq, or drop --sink-tokens")
     from .calibrate import calibrate
     from .evaluate import perplexity
     from .io import dir_bytes, save
@@ -265,7 +273,7 @@ def cmd_quantize(args) -> int:
     _rotate(args, model)
     evaluated = _evaluation(args, tok) if args.eval else None
     calib = _calibration(args, tok, evaluated)
-    stats = calibrate(model, calib, progress=not args.quiet)
+    stats = calibrate(model, calib, progress=not args.quiet, sink_tokens=_sink_tokens(args))
     if args.int8_attention and args.output:
         raise DataError("--int8-attention is for --eval: INT8 attention scales are not saved in checkpoints")
     if not args.no_smooth and (args.alpha == "auto" or args.clip):
@@ -294,6 +302,15 @@ def cmd_quantize(args) -> int:
         _print_row(model=args.model, scheme=args.scheme, alpha="none" if args.no_smooth else args.alpha,
                    perplexity=f"{ppl:.3f}")
     return 0
+
+
+def _sink_tokens(args) -> int:
+    if args.sink_tokens < 0:
+        raise DataError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
+    if args.sink_tokens >= args.calib_seqlen:
+        raise DataError(f"--sink-tokens {args.sink_tokens} leaves no calibration tokens in sequences of "
+                        f"{args.calib_seqlen}; use fewer sink tokens or longer calibration sequences")
+    return args.sink_tokens
 
 
 def _rotate(args, model) -> None:
@@ -358,7 +375,7 @@ def cmd_compare(args) -> int:
     windows = _evaluation(args, tok)
     calib = _calibration(args, tok, windows)
     rows = compare(model, windows, calib, schemes=args.schemes, alphas=args.alphas, backend=args.backend,
-                   options=args.smooth_extra, search=_search_config(args, "auto"),
+                   options=args.smooth_extra, search=_search_config(args, "auto"), sink_tokens=_sink_tokens(args),
                    progress=not args.quiet, on_row=lambda r: _say(f"  {r.method:11s} {r.scheme:5s} "
                                                                   f"alpha={r.alpha} ppl={r.ppl:.3f} ({r.seconds:.0f}s)"))
     print(format_table(rows))

@@ -31,11 +31,12 @@ class Row:
 
 def compare(model: nn.Module, eval_windows, calib_windows, schemes=("O1", "O2", "O3", "W8A8"),
             alphas=(0.5, 0.8), backend: str = "auto", progress: bool = True, on_row=None,
-            options=(), search=None) -> list[Row]:
+            options=(), search=None, sink_tokens: int = 0) -> list[Row]:
     """Perplexity of the float model, of naive INT8 (no smoothing) and of SmoothQuant at each alpha,
     under each scheme. `on_row(row)` is called as each row finishes (for live printing).
     `alphas` may contain "auto" (search.auto_smooth per scheme, configured by `search`, a
-    SearchConfig); `options` opts in to the extra exact smoothing groups (archs.OPTIONS)."""
+    SearchConfig); `options` opts in to the extra exact smoothing groups (archs.OPTIONS);
+    `sink_tokens` quantizes the first tokens of each sequence per token (sink.py), naive rows included."""
     schemes = [get_scheme(s) for s in schemes]
     alphas = ["auto" if str(a).lower() == "auto" else check_alpha(a) for a in alphas]
     rows: list[Row] = []
@@ -50,7 +51,7 @@ def compare(model: nn.Module, eval_windows, calib_windows, schemes=("O1", "O2", 
             on_row(row)
 
     run("fp32", "none", None, model)
-    stats = calibrate(model, calib_windows, progress=progress)
+    stats = calibrate(model, calib_windows, progress=progress, sink_tokens=sink_tokens)
     for scheme in schemes:
         run("naive", scheme.name, None, quantize(copy.deepcopy(model), scheme, stats, backend=backend))
     for alpha in alphas:

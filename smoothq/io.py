@@ -249,6 +249,14 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     extra = {"version": FORMAT_VERSION, "scheme": scheme.to_dict(), **(meta or {})}
     if getattr(model, "smoothq_rotation", None):  # weights are in the rotated basis (rotate.py)
         extra["rotation"] = model.smoothq_rotation
+    sink_tokens = getattr(model, "smoothq_sink_tokens", 0)
+    if sink_tokens and scheme.activations != "per_token":
+        if format == "compressed-tensors":
+            raise CheckpointError(
+                f"the model quantizes its first {sink_tokens} token(s) per token (sink_tokens): compressed-tensors "
+                f"has no field for that, and vLLM would apply the {scheme.label} per-tensor scale to the sink tokens "
+                "too, which loads but computes wrong. Save with format='smoothq', or quantize without sink_tokens")
+        extra["sink_tokens"] = sink_tokens
     if format == "compressed-tensors":
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
         qc = compressed_tensors_config(scheme, ignore)
@@ -376,6 +384,14 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.smoothq_scheme = scheme
+    if qc.get("quant_method") == "smoothq" and qc.get("sink_tokens"):
+        from .nn import set_sink_tokens
+        from .sink import check_sink_tokens
+
+        try:
+            set_sink_tokens(model, res.blocks, check_sink_tokens(qc["sink_tokens"]))
+        except ValueError as exc:
+            raise CheckpointError(f"{folder}/config.json: {exc}") from None
     model.eval()
     tokenizer = None
     try:

@@ -18,6 +18,7 @@ from .archs import Arch, resolve, weight_nk
 from .calibrate import ActStats
 from .config import QuantScheme, get_scheme
 from .quant import absmax_to_scale, quantize_activation, quantize_weight
+from .sink import TokenPositions, check_sink_tokens, quantize_with_sinks, track_positions
 
 
 class W8A8Linear(nn.Module):
@@ -33,6 +34,10 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(scale_shape, device=device))
         self.register_buffer("input_scale", torch.ones(1, device=device) if scheme.static else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        # sink.py: the first `sink_tokens` positions of each sequence get per-token scales (per-tensor
+        # schemes only); `positions` is the decoder block's shared position tracker
+        self.sink_tokens = 0
+        self.positions: TokenPositions | None = None
 
     @classmethod
     @torch.no_grad()
@@ -57,7 +62,13 @@ class W8A8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         impl = backends.get_backend(self.backend, x.device.type)
-        x_q, x_scale = (impl.quantize or quantize_activation)(x2, self.scheme.activations, self.input_scale)
+        sinks = None
+        if self.sink_tokens and self.positions is not None and self.scheme.activations != "per_token":
+            sinks = self.positions.sink_rows(x, self.sink_tokens)
+        if sinks is not None and bool(sinks.any()):
+            x_q, x_scale = quantize_with_sinks(x2, sinks, self.scheme.activations, self.input_scale)
+        else:
+            x_q, x_scale = (impl.quantize or quantize_activation)(x2, self.scheme.activations, self.input_scale)
         out = impl.linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
@@ -65,17 +76,23 @@ class W8A8Linear(nn.Module):
         return self.weight.float() * self.weight_scale
 
     def extra_repr(self) -> str:
+        sinks = f", sink_tokens={self.sink_tokens}" if self.sink_tokens else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"scheme={self.scheme.label}, backend={self.backend}")
+                f"scheme={self.scheme.label}, backend={self.backend}{sinks}")
 
 
 @torch.no_grad()
 def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActStats | None = None,
-             backend: str = "auto", arch: Arch | None = None, progress: bool = False) -> nn.Module:
+             backend: str = "auto", arch: Arch | None = None, progress: bool = False,
+             sink_tokens: int | None = None) -> nn.Module:
     """Swap every linear in the decoder blocks for a W8A8Linear, in place. Embeddings, the LM head
     and modules the architecture keeps in float (MoE routers) stay float. Static schemes (O3) need
-    `stats` from calibrate() -- the ones smooth() returned, if the model was smoothed."""
+    `stats` from calibrate() -- the ones smooth() returned, if the model was smoothed.
+
+    sink_tokens (sink.py): the first n tokens of each sequence get per-token activation scales;
+    default = what the stats were calibrated with (`calibrate(..., sink_tokens=n)`)."""
     scheme = get_scheme(scheme)
+    sink_tokens = resolve_sink_tokens(stats, sink_tokens, scheme)
     if backend != "auto" and backend not in backends.names():
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.names())}")
     if scheme.static and stats is None:
@@ -99,4 +116,31 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActSta
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, W8A8Linear.from_float(module, scheme, absmax, backend))
     model.smoothq_scheme = scheme
+    if sink_tokens:
+        set_sink_tokens(model, res.blocks, sink_tokens)
     return model
+
+
+def resolve_sink_tokens(stats: ActStats | None, sink_tokens: int | None, scheme: QuantScheme) -> int:
+    """The sink-token count to quantize with: explicit, else the one the statistics were calibrated with.
+    A static scale calibrated with the sinks excluded must not be applied to them, and vice versa."""
+    calibrated = int((stats.meta if stats is not None else {}).get("sink_tokens", 0))
+    if sink_tokens is None:
+        return calibrated
+    check_sink_tokens(sink_tokens)
+    if scheme.static and sink_tokens != calibrated:
+        raise ValueError(
+            f"sink_tokens={sink_tokens} but the statistics were calibrated with sink_tokens={calibrated}: the static "
+            f"scales would be sized for the wrong tokens. Calibrate with smoothq.calibrate(..., sink_tokens={sink_tokens})"
+        )
+    return sink_tokens
+
+
+def set_sink_tokens(model: nn.Module, blocks, sink_tokens: int) -> None:
+    """Give every W8A8Linear of the decoder blocks the sink-token count and the shared position tracker."""
+    tracker = track_positions(model, blocks)
+    for _, block in blocks:
+        for m in block.modules():
+            if isinstance(m, W8A8Linear):
+                m.sink_tokens, m.positions = sink_tokens, tracker
+    model.smoothq_sink_tokens = sink_tokens

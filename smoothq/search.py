@@ -41,6 +41,7 @@ from .archs import Arch, ResolvedGroup, check_options, resolve, weight_nk
 from .calibrate import ActStats, _as_batches
 from .config import QuantScheme, check_alpha, get_scheme
 from .quant import QMAX, absmax_to_scale, quantize_weight
+from .sink import quantize_with_sinks
 from .smooth import apply_group, group_scales
 
 GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
@@ -210,8 +211,10 @@ class _Candidates:
     group and are replayed from a cache."""
 
     def __init__(self, block: nn.Module, prefix: str, arch: Arch, quant_names: list[str], scheme: QuantScheme,
-                 calls: list[tuple], order: list[str]):
+                 calls: list[tuple], order: list[str], sink_tokens: int = 0):
         self.block = copy.deepcopy(block)
+        # calibration windows start at position 0: the first `sink_tokens` rows of each are sinks
+        self.sink_tokens = sink_tokens if scheme.activations != "per_token" else 0
         self.prefix, self.scheme, self.calls = prefix, scheme, calls
         self.view = SimpleNamespace(arch=arch, modules=_NameMap(self.block, prefix))
         self.quant_names = quant_names
@@ -233,6 +236,10 @@ class _Candidates:
             x = args[0]
             scale = self.act_scale.get(name)
             act = self.scheme.activations
+            if self.sink_tokens and x.dim() == 3:
+                sinks = (torch.arange(x.shape[1], device=x.device) < self.sink_tokens).expand(*x.shape[:-1])
+                x_q, s = quantize_with_sinks(x.detach().reshape(-1, x.shape[-1]), sinks.reshape(-1), act, scale)
+                return ((x_q.float() * s).reshape(x.shape).to(x.dtype), *args[1:])
             if act == "per_token":
                 scale = absmax_to_scale(x.detach().abs().amax(dim=-1, keepdim=True))
             elif act == "per_tensor_dynamic":
@@ -333,6 +340,7 @@ def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActS
     if getattr(model, "smoothq_alpha", None) is not None and len(config.grid) > 1:
         raise RuntimeError("search alpha on the float model (this one is already smoothed)")
     res = resolve(model, arch, config.options)
+    sink_tokens = int(stats.meta.get("sink_tokens", 0))  # calibrate(..., sink_tokens=n) decides
     ids = getattr(calib, "input_ids", calib)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError("alpha search needs equal-length calibration windows, a LongTensor [N, L]")
@@ -355,7 +363,7 @@ def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActS
         names = [n for n in quantizable if n.startswith(prefix + ".")]
         order: list[str] = []
         target = _run(block, x_fp, calls[i], order)
-        cand = _Candidates(block, prefix, res.arch, names, scheme, calls[i], order)
+        cand = _Candidates(block, prefix, res.arch, names, scheme, calls[i], order, sink_tokens)
 
         def evaluate(alphas: list[float]) -> float:
             cand.set(groups, alphas, stats)
@@ -459,9 +467,14 @@ def _search_clip(cand: _Candidates, groups, alphas, stats: ActStats, x_q, config
         smoothed_float[name] = (weight_nk(mod).detach().clone(), None if bias is None else bias.detach().clone())
     cand.quantize(smoothed)
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in cand.quant_names}
+
+    def keep(x: torch.Tensor) -> torch.Tensor:  # the tokens a static scale applies to (not the sinks)
+        if cand.sink_tokens and x.dim() == 3:
+            x = x[:, cand.sink_tokens:]
+        return x.detach().reshape(-1, x.shape[-1])
+
     handles = [cand._module(n).register_forward_pre_hook(
-        lambda _m, a, n=n: captured[n].append(a[0].detach().reshape(-1, a[0].shape[-1])), prepend=True)
-        for n in cand.quant_names]
+        lambda _m, a, n=n: captured[n].append(keep(a[0])), prepend=True) for n in cand.quant_names]
     try:
         cand.run(x_q)
     finally:

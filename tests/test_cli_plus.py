@@ -81,3 +81,22 @@ def test_rotation_is_refused_where_it_cannot_be_exact(tmp_path, data_dir, capsys
     assert "cannot be rotated exactly" in capsys.readouterr().err
     assert main(["-q", "quantize", str(d), "--rotate", "--sequential", "-o", str(tmp_path / "o"), *QUICK]) == 2
     assert "--rotate" in capsys.readouterr().err
+
+
+def test_quantize_with_sink_tokens_saves_them_and_refuses_what_cannot_carry_them(model_dir, tmp_path, capsys):
+    out = tmp_path / "sink"
+    assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "1", "--scheme", "O3", "--alpha", "0.5",
+                 "--eval", "-o", str(out), "--save-dtype", "float32", *QUICK]) == 0
+    quantized = _ppl(capsys.readouterr().out)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["sink_tokens"] == 1
+    assert main(["-q", "eval", str(out), "--seqlen", "64", "--max-windows", "2"]) == 0
+    assert _ppl(capsys.readouterr().out) == pytest.approx(quantized, rel=1e-5)
+    ct = tmp_path / "ct"
+    assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "1", "--scheme", "O3", "--format",
+                 "compressed-tensors", "-o", str(ct), *QUICK]) == 2
+    assert "no field for that" in capsys.readouterr().err and not ct.exists()
+    assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "1", "--sequential", "-o", str(tmp_path / "s"),
+                 *QUICK]) == 2
+    assert "--sink-tokens" in capsys.readouterr().err
+    assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "64", *QUICK]) == 2
+    assert "leaves no calibration tokens" in capsys.readouterr().err

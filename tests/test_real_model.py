@@ -91,3 +91,24 @@ def test_rotation_keeps_smollm2_exact_and_rescues_per_tensor_o3(smollm2):
 
     plain, rot = o3(model), o3(rotated)
     assert rot < 0.8 * plain, f"rotated O3 {rot:.2f} vs plain O3 {plain:.2f}"
+
+
+def test_smollm2_puts_massive_activations_on_the_first_token_and_sink_tokens_keep_them_out(smollm2):
+    """SmolLM2's attention sink: whatever the first token is, the input of layer 11's down_proj at
+    position 0 is >100x the largest value at any other position. calibrate(sink_tokens=1) leaves it
+    out of the statistics, so the O3 static scale shrinks by that factor, and the quantized model
+    gives the sink rows their own per-token scales."""
+    model, tok = smollm2
+    calib = sq.calib_samples(tok, "wikitext2-train", n=4, seqlen=512, seed=0)
+    name = "model.layers.11.mlp.down_proj"
+    seen = []
+    h = model.get_submodule(name).register_forward_hook(lambda _m, a, _o: seen.append(a[0].detach().abs()))
+    stats = sq.calibrate(model, calib, progress=False, sink_tokens=1)
+    h.remove()
+    x = torch.cat(seen)  # [4, 512, 1536]
+    first, rest = x[:, 0].amax(-1), x[:, 1:].amax(dim=(1, 2))
+    assert (first > 100 * rest).all(), (first, rest)
+    assert torch.equal(stats[name], x[:, 1:].amax(dim=(0, 1)))
+    q = sq.quantize(copy.deepcopy(model), "O3", stats, backend="emulated")
+    lin = q.get_submodule(name)
+    assert lin.sink_tokens == 1 and lin.input_scale.item() * 127 < first.min().item() / 100

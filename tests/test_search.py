@@ -142,14 +142,15 @@ def test_mse_clipping_lowers_static_scales_where_it_helps_and_only_for_static_sc
     assert all(v < 1 for v in p.clip.values())  # the 90th percentile token is below the max
 
 
-@pytest.mark.parametrize("scheme", ["W8A8", "O1", "O2", "O3"])
-def test_the_search_fake_quant_reproduces_the_quantized_model(scheme):
+@pytest.mark.parametrize("scheme, sink_tokens", [("W8A8", 0), ("O1", 0), ("O2", 0), ("O3", 0), ("O2", 1), ("O3", 1)])
+def test_the_search_fake_quant_reproduces_the_quantized_model(scheme, sink_tokens):
     """The search evaluates candidates with W8A8Linear's numerics on a reused block copy: its per-block
-    losses are those of the model really smoothed and quantized with W8A8Linear. (One batch of 8
-    on both sides: O2's per-tensor dynamic scale depends on what is in the batch.)"""
+    losses are those of the model really smoothed and quantized with W8A8Linear, sink tokens
+    (sink.py) included. (One batch of 8 on both sides: O2's per-tensor dynamic scale depends on
+    what is in the batch.)"""
     model = _outlier_model()
     ids = sample_ids(n=8, length=32)
-    stats = sq.calibrate(model, ids, progress=False)
+    stats = sq.calibrate(model, ids, progress=False, sink_tokens=sink_tokens)
     r = search_alpha(model, ids, scheme, stats, SearchConfig(grid=(0.6,), samples=8, batch_size=8, options="all"), progress=False)
     q = copy.deepcopy(model)
     sq.quantize(q, scheme, sq.smooth(q, stats, 0.6, options="all"), backend="emulated")
