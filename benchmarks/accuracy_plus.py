@@ -34,7 +34,7 @@ from smoothq.search import SearchConfig, SearchResult, auto_smooth  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = ("W8A8", "O1", "O2", "O3")
 FIXED_ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.9)
-SECTIONS = ("fixed", "coverage", "clip", "auto", "rotate", "attention", "breakdown", "calib", "full")
+SECTIONS = ("fixed", "coverage", "clip", "auto", "rotate", "sink", "attention", "breakdown", "calib", "full")
 OPTION_SETS = {"+v->o": ("attn_vo",), "+up->down": ("mlp_updown",), "+v->o +up->down": ("attn_vo", "mlp_updown")}
 
 
@@ -67,15 +67,15 @@ class Bench:
             sq.rotate(self._rotated)
         return self._rotated if rotated else self.model
 
-    def stats(self, key=("wikitext2-train", 128, 512, False), rotated=False):
-        if (key, rotated) not in self._stats:
+    def stats(self, key=("wikitext2-train", 128, 512, False), rotated=False, sink=0):
+        if (key, rotated, sink) not in self._stats:
             source, n, seqlen, chat = key
             w = self.calib if key == ("wikitext2-train", self.args.samples, self.args.calib_seqlen, False) \
                 else self.calib_windows(n, seqlen, source, chat)
             t0 = time.perf_counter()
-            self._stats[key, rotated] = (sq.calibrate(self.base(rotated), w, progress=False), w)
+            self._stats[key, rotated, sink] = (sq.calibrate(self.base(rotated), w, progress=False, sink_tokens=sink), w)
             print(f"  calibrated on {w.describe()} in {time.perf_counter() - t0:.0f}s", flush=True)
-        return self._stats[key, rotated]
+        return self._stats[key, rotated, sink]
 
     def full_windows(self):
         if self._full is None:
@@ -109,16 +109,17 @@ class Bench:
         return self.row("fp32", "none", lambda: (self.model, {}), full=full)["ppl"]
 
     def quantized(self, scheme, alpha, options=(), clip=None, attention=None, stats_key=None,
-                  keep_per_token=(), base=None, rotated=None):
+                  keep_per_token=(), base=None, rotated=None, sink=None):
         """A build function: smooth (fixed alpha, or 'auto' = search) + quantize (+ INT8 attention).
         Searched alphas and clipping ratios are stored in the row; a later row naming that row's
         config as `base` (same scheme) reuses them instead of searching again."""
 
         rot = rotated if rotated is not None else (base or "").startswith("rotated")
+        sink = sink if sink is not None else (1 if "+sink 1" in (base or "") else 0)
 
         def build():
             stats, calib = self.stats(stats_key or ("wikitext2-train", self.args.samples, self.args.calib_seqlen, False),
-                                      rot)
+                                      rot, sink)
             m = copy.deepcopy(self.base(rot))
             more = {}
             prior = self.find(base, scheme, len(self.windows)) if base else None
@@ -238,6 +239,9 @@ def section_rotate(b: Bench):
             b.row(f"rotated fixed alpha={a:g}", scheme, b.quantized(scheme, a, rotated=True))
         a = fixed_best(b, scheme, rotated=True)
         b.row(f"rotated fixed alpha={a:g} +v->o +up->down", scheme, b.quantized(scheme, a, allopts, rotated=True))
+    if not b.args.rotate_search:
+        return
+    for scheme in b.args.focus:  # the search costs ~10 min a row on 2 cores: only the focus schemes
         b.row("rotated auto alpha +v->o +up->down", scheme, b.quantized(scheme, "auto", allopts, rotated=True))
     for scheme in ("O3",):
         a = fixed_best(b, scheme, rotated=True)
@@ -245,6 +249,33 @@ def section_rotate(b: Bench):
               b.quantized(scheme, a, allopts, clip="mse", rotated=True))
         b.row("rotated auto alpha +v->o +up->down +clip mse", scheme,
               b.quantized(scheme, "auto", allopts, clip="mse", rotated=True))
+
+
+def section_sink(b: Bench):
+    print("sink tokens (smoothq.sink): the first token of each sequence quantized per token, per-tensor scales "
+          "calibrated without it", flush=True)
+    allopts = ("attn_vo", "mlp_updown")
+    n = b.args.sink_calib
+    key = ("wikitext2-train", n, b.args.calib_seqlen, False)
+    calib = "" if n == b.args.samples else f" [calib {n} x {b.args.calib_seqlen}]"
+    for rotated in [base == "rotated" for base in b.args.sink_bases]:
+        pre = "rotated " if rotated else ""
+        for scheme in b.args.sink_schemes:
+            for a in b.args.sink_alphas:
+                if calib:  # the same recipe without sink tokens on the same calibration set
+                    b.row(f"{pre}fixed alpha={a:g} +v->o +up->down{calib}", scheme,
+                          b.quantized(scheme, a, allopts, rotated=rotated, sink=0, stats_key=key))
+                b.row(f"{pre}fixed alpha={a:g} +v->o +up->down +sink 1{calib}", scheme,
+                      b.quantized(scheme, a, allopts, rotated=rotated, sink=1, stats_key=key))
+    if not b.args.sink_search:
+        return
+    best = b.best("O3", prefix="rotated fixed alpha=")
+    cfg = best["config"] if "+sink 1" in best["config"] and "[calib" not in best["config"] else None
+    if cfg:
+        a = float(cfg.split("=")[1].split()[0])
+        b.row(f"rotated fixed alpha={a:g} +v->o +up->down +clip mse +sink 1", "O3",
+              b.quantized("O3", a, allopts, clip="mse", rotated=True, sink=1))
+    b.row("rotated auto alpha +v->o +up->down +sink 1", "O3", b.quantized("O3", "auto", allopts, rotated=True, sink=1))
 
 
 def best_recipe(b: Bench, scheme: str):
@@ -301,8 +332,8 @@ def section_breakdown(b: Bench):
         cfg, alpha, opts, clip = best_recipe(b, scheme)
         if key not in b.extra or b.extra[key]["config"] != cfg:
             qm, _ = b.quantized(scheme, alpha, opts, clip, base=cfg)()
-            rot = cfg.startswith("rotated")
-            fm = b._smoothed_float(alpha, opts, qm.bench_alphas, b.stats(rotated=rot)[0], rot)
+            rot, sink = cfg.startswith("rotated"), 1 if "+sink 1" in cfg else 0
+            fm = b._smoothed_float(alpha, opts, qm.bench_alphas, b.stats(rotated=rot, sink=sink)[0], rot)
             db = linear_sqnr(fm, qm, calib.input_ids[:4])
             b.extra[key] = {"config": cfg, "sqnr_db": {k: round(v, 2) for k, v in db.items()}}
             b.save()
@@ -415,9 +446,21 @@ def main() -> int:
                    default=["c4", "wikitext2-train+c4", "wikitext2-train:chat"],
                    help="128 x 512 calibration from other sources (':chat' = chat-template formatted)")
     p.add_argument("--full-set", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--rotate-search", action=argparse.BooleanOptionalAction, default=True,
+                   help="the rotate section's searched rows (auto alpha, clipping; ~10 min each on 2 cores)")
+    p.add_argument("--sink-alphas", type=lambda t: [float(a) for a in t.split(",")], default=[0.5, 0.65, 0.8])
+    p.add_argument("--sink-bases", type=lambda t: [x for x in t.split(",") if x], default=["plain", "rotated"],
+                   help="models the sink rows are measured on: plain, rotated or both")
+    p.add_argument("--sink-calib", type=int, default=128,
+                   help="calibration sequences of the sink rows (fewer than --samples: a same-set baseline row is added)")
+    p.add_argument("--sink-schemes", type=lambda t: [x for x in t.split(",") if x], default=["O3", "O2"])
+    p.add_argument("--sink-search", action=argparse.BooleanOptionalAction, default=True,
+                   help="the sink section's searched rows (clipping, auto alpha; ~10 min each on 2 cores)")
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
     p.add_argument("--name", default="accuracy-plus-smollm2")
     args = p.parse_args()
+    if set(args.sink_bases) - {"plain", "rotated"}:
+        p.error(f"--sink-bases takes plain and/or rotated, got {','.join(args.sink_bases)}")
     sections = [s for s in args.sections.split(",") if s]
     if not args.full_set and "full" in sections:
         sections.remove("full")
