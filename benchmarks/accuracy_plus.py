@@ -370,7 +370,11 @@ def report(b: Bench, wall: float) -> str:
              f"- Auto alpha: per smoothing group, alpha in 0.00-1.00 step 0.05 ({b.args.strategy} search) minimizing the "
              f"fake-quantized block's output MSE on the first {b.args.search_samples} calibration sequences, block by block "
              "on the quantized trajectory; then an end-to-end guard compares it with every global alpha of the grid "
-             "(next-token loss on the same calibration sequences) and keeps the better. Cost per row in `prep_seconds`.",
+             f"(next-token loss on the first {b.args.guard_samples} calibration sequences) and keeps the better. Cost per row "
+             "in `prep_seconds`.",
+             "- Rotated: the residual stream rotated first (smoothq.rotate, randomized Hadamard, exact). `+sink 1`: the "
+             "first token of each sequence quantized per token, static scales calibrated without it (smoothq.sink). "
+             "`[calib 32 x 512]`: those rows (and their baseline) calibrated on the first 32 sequences only.",
              "- INT8 rows use the emulated backend (the integers of the real INT8 path, float arithmetic).", "",
              f"FP32: **{fp32:.3f}**", "", f"## Summary ({n} windows)", "",
              "| scheme | best fixed α (paper recipe) | auto α | best rotated | best configuration | best | vs fp32 |",

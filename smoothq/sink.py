@@ -1,9 +1,9 @@
 """Attention-sink tokens: the first token(s) of every sequence quantized on their own.
 
 Llama-family models route attention "to nowhere" through the first token of a sequence, and give
-that token massive activations: on SmolLM2-135M the input of down_proj at position 0 reaches
-2,400-3,100 in layers 11 and 28 while every other token stays below ~60, whatever the text and
-whatever the first token is (benchmarks/results/accuracy-plus-smollm2.md). A per-tensor scale
+that token massive activations: on SmolLM2-135M the input of layer 11's down_proj at position 0
+is more than 100x its value at any other position, whatever the text and whatever the first token
+is (tests/test_real_model.py asserts it). A per-tensor scale
 (O2, O3) sized for that one token leaves the other 511 of a 512-token window with a handful of
 integer levels; clipping it destroys the sink instead.
 
@@ -14,6 +14,8 @@ already give each token its own scale; for them the option only keeps the sink o
 smoothing statistics. The integer GEMM is unchanged: the activation scale becomes a [M, 1] vector
 that equals the per-tensor scale except on the sink rows, which every backend's epilogue takes.
 (PrefixQuant, Chen et al. 2024, makes the same observation and caches the sink tokens' KV instead.)
+Measured on SmolLM2 after rotation it does not pay (benchmarks/results/accuracy-plus-smollm2.md):
+opt-in.
 
 Which rows are sinks depends on positions, which a linear layer cannot see: `track_positions`
 puts a pre-hook on every decoder block that records the positions of the tokens it is processing
