@@ -29,12 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import smoothq as sq  # noqa: E402
 from smoothq.attention import AttnQuantConfig, enable_int8_attention  # noqa: E402
 from smoothq.compare import linear_sqnr  # noqa: E402
+from smoothq.online_rotation import rotate_inputs  # noqa: E402
 from smoothq.search import SearchConfig, SearchResult, auto_smooth  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = ("W8A8", "O1", "O2", "O3")
 FIXED_ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.9)
-SECTIONS = ("fixed", "coverage", "clip", "auto", "rotate", "sink", "attention", "breakdown", "calib", "full")
+SECTIONS = ("fixed", "coverage", "clip", "auto", "rotate", "sink", "online", "attention", "breakdown", "calib", "full")
+ONLINE = "+rotate inputs"  # config label of smoothq.online_rotation (after smoothing)
 OPTION_SETS = {"+v->o": ("attn_vo",), "+up->down": ("mlp_updown",), "+v->o +up->down": ("attn_vo", "mlp_updown")}
 
 
@@ -109,13 +111,14 @@ class Bench:
         return self.row("fp32", "none", lambda: (self.model, {}), full=full)["ppl"]
 
     def quantized(self, scheme, alpha, options=(), clip=None, attention=None, stats_key=None,
-                  keep_per_token=(), base=None, rotated=None, sink=None):
+                  keep_per_token=(), base=None, rotated=None, sink=None, online=None):
         """A build function: smooth (fixed alpha, or 'auto' = search) + quantize (+ INT8 attention).
         Searched alphas and clipping ratios are stored in the row; a later row naming that row's
         config as `base` (same scheme) reuses them instead of searching again."""
 
         rot = rotated if rotated is not None else (base or "").startswith("rotated")
         sink = sink if sink is not None else (1 if "+sink 1" in (base or "") else 0)
+        online = online if online is not None else ONLINE in (base or "")
 
         def build():
             stats, calib = self.stats(stats_key or ("wikitext2-train", self.args.samples, self.args.calib_seqlen, False),
@@ -147,6 +150,8 @@ class Bench:
             else:
                 alphas = None
                 st = sq.smooth(m, stats, alpha, options=options)
+            if online:  # after smoothing (and the search); static scales of the rotated linears recalibrated
+                st = rotate_inputs(m, st, calib if sq.config.get_scheme(scheme).static else None) or st
             sq.quantize(m, scheme, st, backend="emulated")
             if keep_per_token:  # diagnostic only: those linears in W8A8 granularity (per-channel/per-token)
                 float_m = self._smoothed_float(alpha, options, alphas, stats, rot)
@@ -166,10 +171,10 @@ class Bench:
         sq.smooth(m, stats, 0.5 if alpha == "auto" else alpha, options=options, alphas=alphas)
         return m
 
-    def best(self, scheme, prefix="", windows=None):
+    def best(self, scheme, prefix="", windows=None, contains=""):
         windows = windows or len(self.windows)
         cands = [r for r in self.rows if r["scheme"] == scheme and r["windows"] == windows
-                 and r["config"].startswith(prefix) and not r.get("diagnostic")]
+                 and r["config"].startswith(prefix) and contains in r["config"] and not r.get("diagnostic")]
         return min(cands, key=lambda r: r["ppl"]) if cands else None
 
     def save(self):
@@ -278,6 +283,27 @@ def section_sink(b: Bench):
     b.row("rotated auto alpha +v->o +up->down +sink 1", "O3", b.quantized("O3", "auto", allopts, rotated=True, sink=1))
 
 
+def section_online(b: Bench):
+    print("online rotation of the MLP down projections' inputs (smoothq.online_rotation: fast Hadamard at run time, "
+          "exact), after smoothing", flush=True)
+    allopts = ("attn_vo", "mlp_updown")
+    for scheme in b.args.online_schemes:
+        for a in b.args.online_alphas:
+            b.row(f"rotated fixed alpha={a:g} +v->o +up->down {ONLINE}", scheme,
+                  b.quantized(scheme, a, allopts, rotated=True, online=True))
+    for scheme in b.args.online_schemes:
+        if sq.config.get_scheme(scheme).static:
+            a = float(b.best(scheme, prefix="rotated fixed alpha=", contains=ONLINE)["config"].split("=")[1].split()[0])
+            b.row(f"rotated fixed alpha={a:g} +v->o +up->down +clip mse {ONLINE}", scheme,
+                  b.quantized(scheme, a, allopts, clip="mse", rotated=True, online=True))
+            b.row(f"rotated fixed alpha={a:g} {ONLINE}", scheme, b.quantized(scheme, a, rotated=True, online=True))
+            b.row(f"fixed alpha={a:g} +v->o +up->down {ONLINE}", scheme, b.quantized(scheme, a, allopts, online=True))
+    if b.args.online_search:
+        for scheme in b.args.online_schemes:
+            b.row(f"rotated auto alpha +v->o +up->down {ONLINE}", scheme,
+                  b.quantized(scheme, "auto", allopts, rotated=True, online=True))
+
+
 def best_recipe(b: Bench, scheme: str):
     """(alpha, options, clip) of the best non-attention, default-calibration row of a scheme."""
     cands = [r for r in b.rows if r["scheme"] == scheme and r["windows"] == len(b.windows)
@@ -375,6 +401,9 @@ def report(b: Bench, wall: float) -> str:
              "- Rotated: the residual stream rotated first (smoothq.rotate, randomized Hadamard, exact). `+sink 1`: the "
              "first token of each sequence quantized per token, static scales calibrated without it (smoothq.sink). "
              "`[calib 32 x 512]`: those rows (and their baseline) calibrated on the first 32 sequences only.",
+             f"- `{ONLINE}`: after smoothing, the input of every MLP down projection is rotated online (smoothq.online_rotation, "
+             "a randomized fast Hadamard transform at run time, exact: W stored as W Q, input x Q); static schemes "
+             "recalibrate those inputs on the same calibration set.",
              "- INT8 rows use the emulated backend (the integers of the real INT8 path, float arithmetic).", "",
              f"FP32: **{fp32:.3f}**", "", f"## Summary ({n} windows)", "",
              "| scheme | best fixed α (paper recipe) | auto α | best rotated | best configuration | best | vs fp32 |",
@@ -460,6 +489,11 @@ def main() -> int:
     p.add_argument("--sink-schemes", type=lambda t: [x for x in t.split(",") if x], default=["O3", "O2"])
     p.add_argument("--sink-search", action=argparse.BooleanOptionalAction, default=True,
                    help="the sink section's searched rows (clipping, auto alpha; ~10 min each on 2 cores)")
+    p.add_argument("--online-schemes", type=lambda t: [x for x in t.split(",") if x], default=["O3", "O2", "O1", "W8A8"],
+                   help="schemes of the online-rotation section")
+    p.add_argument("--online-alphas", type=lambda t: [float(a) for a in t.split(",")], default=[0.5, 0.65])
+    p.add_argument("--online-search", action=argparse.BooleanOptionalAction, default=False,
+                   help="the online section's auto-alpha rows (~10 min each on 2 cores)")
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
     p.add_argument("--name", default="accuracy-plus-smollm2")
     args = p.parse_args()

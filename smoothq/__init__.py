@@ -16,6 +16,7 @@ from .evaluate import perplexity
 from .io import CheckpointError, load, save
 from .models import load_model
 from .nn import W8A8Linear, quantize
+from .online_rotation import rotate_inputs
 from .rotate import rotate
 from .sequential import quantize_sequential
 from .smooth import smooth, smooth_scales
@@ -25,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ActStats", "Arch", "CalibrationError", "CheckpointError", "load", "save", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
     "UnsupportedArchError", "W8A8", "W8A8Linear", "calib_samples", "calibrate", "eval_windows",
-    "get_scheme", "load_model", "perplexity", "quantize", "quantize_sequential", "rotate", "smooth", "smooth_scales",
+    "get_scheme", "load_model", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales",
 ]

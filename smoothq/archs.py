@@ -84,6 +84,9 @@ class Arch:
     keep_float: tuple[str, ...] = ()  # smoothed with their group but never quantized (MoE router)
     fused_experts: str | None = None  # 3D-parameter expert module to split into nn.Linear leaves
     rotation: Rotation | None = None  # set where the residual stream can be rotated exactly (rotate.py)
+    # block-relative linears whose input online_rotation.py may rotate at run time (the MLP's down
+    # projection: its input is the one no weight before it can rotate); exact for any linear
+    online_rotation: tuple[str, ...] = ()
     name: str = ""
 
 
@@ -105,6 +108,7 @@ def _llama_like(name: str, mlp_norm: str = "post_attention_layernorm", offset: f
         ),
         norm_offset=offset,
         rotation=rotation,
+        online_rotation=("mlp.down_proj",),
         name=name,
     )
 
@@ -117,7 +121,7 @@ def _falcon(config) -> Arch:
         groups = (Group("ln_attn", (qkv,)), Group("ln_mlp", (fc1,)))
     else:  # 7B: one norm feeds attention and MLP in parallel
         groups = (Group("input_layernorm", (qkv, fc1)),)
-    return Arch(layers="transformer.h", groups=groups, name="falcon")
+    return Arch(layers="transformer.h", groups=groups, online_rotation=("mlp.dense_4h_to_h",), name="falcon")
 
 
 def _opt(config) -> Arch:
@@ -136,6 +140,7 @@ def _opt(config) -> Arch:
             Group("final_layer_norm", ("fc1",)),
             *optional,
         ),
+        online_rotation=("fc2",),
         name="opt",
     )
 
@@ -154,6 +159,7 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
         groups=(Group("input_layernorm", ("self_attn.qkv_proj",)),
                 Group("post_attention_layernorm", ("mlp.gate_up_proj",))),
         rotation=Rotation(),
+        online_rotation=("mlp.down_proj",),
         name="phi3",
     ),
     "opt": _opt,
@@ -161,18 +167,21 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
         layers="transformer.h",
         groups=(Group("input_layernorm", ("self_attention.query_key_value",)),
                 Group("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+        online_rotation=("mlp.dense_4h_to_h",),
         name="bloom",
     ),
     "falcon": _falcon,
     "gpt2": Arch(
         layers="transformer.h",
         groups=(Group("ln_1", ("attn.c_attn",)), Group("ln_2", ("mlp.c_fc",))),
+        online_rotation=("mlp.c_proj",),
         name="gpt2",
     ),
     "gpt_neox": Arch(  # both norms exist also with use_parallel_residual
         layers="gpt_neox.layers",
         groups=(Group("input_layernorm", ("attention.query_key_value",)),
                 Group("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+        online_rotation=("mlp.dense_4h_to_h",),
         name="gpt_neox",
     ),
     "mixtral": Arch(  # the router and every expert read the same normed input: one shared scale
@@ -187,6 +196,7 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
         keep_float=("mlp.gate",),
         fused_experts="mlp.experts",
         rotation=Rotation(writers=("self_attn.o_proj", "mlp.experts.*.down_proj")),
+        online_rotation=("mlp.experts.*.down_proj",),
         name="mixtral",
     ),
 }

@@ -89,17 +89,23 @@ def update_absmax(absmax: dict[str, torch.Tensor], name: str, x: torch.Tensor, w
 
 @torch.no_grad()
 def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: int = 4,
-              progress: bool = True, sink_tokens: int = 0) -> ActStats:
+              progress: bool = True, sink_tokens: int = 0, only: list[str] | None = None) -> ActStats:
     """Run `samples` (LongTensor [N, L], or a list of 1D token tensors) through the model and
     return the per-channel abs-max of the input of every decoder linear (and MoE router).
 
     sink_tokens=n leaves the first n tokens of each sequence out of the statistics (they will be
-    quantized per token: see sink.py); routed MoE experts, which see no positions, keep them."""
+    quantized per token: see sink.py); routed MoE experts, which see no positions, keep them.
+    only: observe just these modules (online_rotation.recalibrate)."""
     from .sink import check_sink_tokens
 
     sink_tokens = check_sink_tokens(sink_tokens)
     res = resolve(model, arch)
     observed = res.observed()
+    if only is not None:
+        unknown = [n for n in only if n not in observed]
+        if unknown:
+            raise CalibrationError(f"cannot calibrate {unknown[:3]}: not a decoder linear of this model")
+        observed = {n: observed[n] for n in only}
     absmax: dict[str, torch.Tensor] = {}
     current = {"batch": 0}
 
@@ -137,6 +143,8 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
     meta = {"arch": res.arch.name, "sequences": sum(len(b) for b in batches)}
     if sink_tokens:
         meta["sink_tokens"] = sink_tokens
+    if getattr(model, "smoothq_input_rotation", None):  # online_rotation.py: these inputs were rotated
+        meta["input_rotation"] = dict(model.smoothq_input_rotation)
     return ActStats({k: v.cpu() for k, v in absmax.items()}, tokens, meta)
 
 

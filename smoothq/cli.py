@@ -35,6 +35,9 @@ def _add_plus(p: argparse.ArgumentParser, clip: bool = True) -> None:
     g.add_argument("--rotate", nargs="?", const="hadamard", choices=["hadamard", "orthogonal"],
                    help="rotate the residual stream first (exact; RMSNorm models): outliers spread over all "
                         "channels, which per-tensor schemes (O1-O3) need. Default kind: hadamard")
+    g.add_argument("--rotate-inputs", action="store_true",
+                   help="after smoothing, rotate each MLP down projection's input online (exact fast Hadamard at "
+                        "run time, QuaRot's R4): its outlier channels spread over all channels (O2/O3; smoothq format)")
     g.add_argument("--sink-tokens", type=int, default=0, metavar="N",
                    help="quantize the first N tokens of each sequence per token and calibrate per-tensor scales "
                         "without them (O2/O3; the attention sink of Llama-family models). Default 0")
@@ -252,9 +255,9 @@ def cmd_quantize_sequential(args) -> int:
 def cmd_quantize(args) -> int:
     if args.sequential:
         if args.alpha == "auto" or args.clip or args.smooth_extra or args.int8_attention or args.rotate \
-                or args.sink_tokens:
-            raise DataError("--alpha auto, --clip, --smooth-extra, --rotate, --sink-tokens and --int8-attention need "
-                            "the in-memory path (drop --sequential)")
+                or args.sink_tokens or args.rotate_inputs:
+            raise DataError("--alpha auto, --clip, --smooth-extra, --rotate, --rotate-inputs, --sink-tokens and "
+                            "--int8-attention need the in-memory path (drop --sequential)")
         return cmd_quantize_sequential(args)
     if args.resume:
         raise DataError("--resume continues an interrupted --sequential run; add --sequential")
@@ -262,6 +265,9 @@ def cmd_quantize(args) -> int:
             and get_scheme(args.scheme).activations != "per_token":
         raise DataError(f"--sink-tokens with {args.scheme}: compressed-tensors has no field for that, and vLLM would "
                         "apply the per-tensor scale to the sink tokens too. Use --format smoothq, or drop --sink-tokens")
+    if args.rotate_inputs and args.output and args.format == "compressed-tensors":
+        raise DataError("--rotate-inputs: compressed-tensors has no field vLLM applies for an online input rotation, "
+                        "so the export would load and compute wrong. Use --format smoothq, or drop --rotate-inputs")
     from .calibrate import calibrate
     from .evaluate import perplexity
     from .io import dir_bytes, save
@@ -284,6 +290,13 @@ def cmd_quantize(args) -> int:
     elif not args.no_smooth:
         stats = smooth(model, stats, args.alpha, options=args.smooth_extra)
         _say(f"smoothed {len(model.smoothq_scales)} groups with alpha={args.alpha}")
+    if args.rotate_inputs:
+        from .online_rotation import rotate_inputs
+
+        static = get_scheme(args.scheme).static
+        stats = rotate_inputs(model, stats, calib if static else None, seed=args.seed, progress=not args.quiet) or stats
+        _say(f"rotated the inputs of {len(model.smoothq_input_rotation['linears'])} down projections online"
+             + (" and recalibrated them" if static else ""))
     quantize(model, args.scheme, stats, backend=args.backend)
     if args.int8_attention:
         from .attention import AttnQuantConfig, enable_int8_attention
@@ -376,7 +389,7 @@ def cmd_compare(args) -> int:
     calib = _calibration(args, tok, windows)
     rows = compare(model, windows, calib, schemes=args.schemes, alphas=args.alphas, backend=args.backend,
                    options=args.smooth_extra, search=_search_config(args, "auto"), sink_tokens=_sink_tokens(args),
-                   progress=not args.quiet, on_row=lambda r: _say(f"  {r.method:11s} {r.scheme:5s} "
+                   rotate_inputs=args.rotate_inputs, progress=not args.quiet, on_row=lambda r: _say(f"  {r.method:11s} {r.scheme:5s} "
                                                                   f"alpha={r.alpha} ppl={r.ppl:.3f} ({r.seconds:.0f}s)"))
     print(format_table(rows))
     if args.json:

@@ -31,15 +31,25 @@ class Row:
 
 def compare(model: nn.Module, eval_windows, calib_windows, schemes=("O1", "O2", "O3", "W8A8"),
             alphas=(0.5, 0.8), backend: str = "auto", progress: bool = True, on_row=None,
-            options=(), search=None, sink_tokens: int = 0) -> list[Row]:
+            options=(), search=None, sink_tokens: int = 0, rotate_inputs: bool = False) -> list[Row]:
     """Perplexity of the float model, of naive INT8 (no smoothing) and of SmoothQuant at each alpha,
     under each scheme. `on_row(row)` is called as each row finishes (for live printing).
     `alphas` may contain "auto" (search.auto_smooth per scheme, configured by `search`, a
     SearchConfig); `options` opts in to the extra exact smoothing groups (archs.OPTIONS);
-    `sink_tokens` quantizes the first tokens of each sequence per token (sink.py), naive rows included."""
+    `sink_tokens` quantizes the first tokens of each sequence per token (sink.py), naive rows included;
+    `rotate_inputs` rotates the down projections' inputs online after smoothing (online_rotation.py;
+    SmoothQuant rows only)."""
     schemes = [get_scheme(s) for s in schemes]
     alphas = ["auto" if str(a).lower() == "auto" else check_alpha(a) for a in alphas]
     rows: list[Row] = []
+
+    def finish(m, scheme, st):
+        """Quantize a smoothed copy (rotating the down projections' inputs first, if asked)."""
+        if rotate_inputs:
+            from .online_rotation import rotate_inputs as rotate
+
+            st = rotate(m, st, calib_windows if scheme.static else None) or st
+        return quantize(m, scheme, st, backend=backend)
 
     def run(method, scheme, alpha, m):
         t0 = time.perf_counter()
@@ -65,13 +75,13 @@ def compare(model: nn.Module, eval_windows, calib_windows, schemes=("O1", "O2", 
             for scheme in schemes:
                 m = copy.deepcopy(model)
                 st = auto_smooth(m, stats, calib_windows, scheme, cfg, progress=progress)
-                run("smoothquant", scheme.name, "auto", quantize(m, scheme, st, backend=backend))
+                run("smoothquant", scheme.name, "auto", finish(m, scheme, st))
                 del m
             continue
         smoothed = copy.deepcopy(model)
         smoothed_stats = smooth(smoothed, stats, alpha, options=options)
         for scheme in schemes:
-            run("smoothquant", scheme.name, alpha, quantize(copy.deepcopy(smoothed), scheme, smoothed_stats, backend=backend))
+            run("smoothquant", scheme.name, alpha, finish(copy.deepcopy(smoothed), scheme, smoothed_stats))
         del smoothed
     return rows
 

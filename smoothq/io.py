@@ -257,6 +257,14 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
                 f"has no field for that, and vLLM would apply the {scheme.label} per-tensor scale to the sink tokens "
                 "too, which loads but computes wrong. Save with format='smoothq', or quantize without sink_tokens")
         extra["sink_tokens"] = sink_tokens
+    input_rotation = getattr(model, "smoothq_input_rotation", None)
+    if input_rotation:  # online_rotation.py: those linears multiply their input by Q at run time
+        if format == "compressed-tensors":
+            raise CheckpointError(
+                "the model rotates the inputs of its down projections online (rotate_inputs): compressed-tensors "
+                "has no field vLLM applies for that, so it would load the W Q weights and compute wrong. Save with "
+                "format='smoothq', or quantize without --rotate-inputs")
+        extra["input_rotation"] = input_rotation
     if format == "compressed-tensors":
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
         qc = compressed_tensors_config(scheme, ignore)
@@ -392,6 +400,13 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
             set_sink_tokens(model, res.blocks, check_sink_tokens(qc["sink_tokens"]))
         except ValueError as exc:
             raise CheckpointError(f"{folder}/config.json: {exc}") from None
+    if qc.get("quant_method") == "smoothq" and qc.get("input_rotation"):
+        from .online_rotation import install
+
+        try:
+            install(model, qc["input_rotation"])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{folder}/config.json: bad input_rotation entry: {exc}") from None
     model.eval()
     tokenizer = None
     try:

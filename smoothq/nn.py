@@ -18,6 +18,7 @@ from .archs import Arch, resolve, weight_nk
 from .calibrate import ActStats
 from .config import QuantScheme, get_scheme
 from .quant import absmax_to_scale, quantize_activation, quantize_weight
+from .online_rotation import check_stats as check_input_rotation
 from .sink import TokenPositions, check_sink_tokens, quantize_with_sinks, track_positions
 
 
@@ -38,6 +39,9 @@ class W8A8Linear(nn.Module):
         # schemes only); `positions` is the decoder block's shared position tracker
         self.sink_tokens = 0
         self.positions: TokenPositions | None = None
+        # online_rotation.py: the input is multiplied by this orthogonal Q before it is quantized
+        # (the weight is stored as W Q); None = no rotation
+        self.input_rotation = None
 
     @classmethod
     @torch.no_grad()
@@ -52,6 +56,7 @@ class W8A8Linear(nn.Module):
         q.weight, q.weight_scale = quantize_weight(w.float(), scheme.weights)
         if bias is not None:
             q.bias = bias.detach().clone()
+        q.input_rotation = getattr(module, "smoothq_input_rotation", None)
         if scheme.static:
             if input_absmax is None:
                 raise ValueError(f"{scheme.label} uses a static activation scale: pass the input's calibrated abs-max")
@@ -59,6 +64,8 @@ class W8A8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         impl = backends.get_backend(self.backend, x.device.type)
@@ -77,6 +84,7 @@ class W8A8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         sinks = f", sink_tokens={self.sink_tokens}" if self.sink_tokens else ""
+        sinks += ", input_rotation=hadamard" if self.input_rotation is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"scheme={self.scheme.label}, backend={self.backend}{sinks}")
 
@@ -103,6 +111,8 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActSta
     if getattr(model, "smoothq_scheme", None) is not None:
         raise RuntimeError(f"model is already quantized ({model.smoothq_scheme.label}); reload the float model "
                            "to quantize it with another scheme")
+    if scheme.static:
+        check_input_rotation(model, stats)
     res = resolve(model, arch)
     targets = list(res.quantizable())
     if not targets:

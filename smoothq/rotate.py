@@ -119,7 +119,8 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0, arch: Arch |
     """Rotate the residual stream of `model` in place (see the module docstring); returns R.
     Call it on the float model, before calibrate(). The rotation is recorded as
     `model.smoothq_rotation` and in saved checkpoints."""
-    for attr, what in (("smoothq_scheme", "quantized"), ("smoothq_alpha", "smoothed"), ("smoothq_rotation", "rotated")):
+    for attr, what in (("smoothq_scheme", "quantized"), ("smoothq_alpha", "smoothed"), ("smoothq_rotation", "rotated"),
+                       ("smoothq_input_rotation", "input-rotated")):
         if getattr(model, attr, None) is not None:
             raise RuntimeError(f"model is already {what}: rotate the float model first (rotate -> calibrate -> "
                                "smooth -> quantize); reload it to start over")

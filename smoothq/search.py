@@ -339,6 +339,9 @@ def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActS
         raise ValueError(f"clipping applies to static activation scales; {scheme.label} computes them per batch")
     if getattr(model, "smoothq_alpha", None) is not None and len(config.grid) > 1:
         raise RuntimeError("search alpha on the float model (this one is already smoothed)")
+    from .smooth import check_not_input_rotated
+
+    check_not_input_rotated(model)
     res = resolve(model, arch, config.options)
     sink_tokens = int(stats.meta.get("sink_tokens", 0))  # calibrate(..., sink_tokens=n) decides
     ids = getattr(calib, "input_ids", calib)

@@ -100,6 +100,14 @@ def apply_group(res, group: ResolvedGroup, s: torch.Tensor, stats: ActStats | No
             out.act_absmax[n] = stats[n] / cols.to(stats[n].device)
 
 
+def check_not_input_rotated(model: nn.Module) -> None:
+    """Smoothing scales the float input channels of a linear; after online_rotation.rotate_inputs the
+    weights of the rotated linears are in the rotated basis, where that would not be exact."""
+    if getattr(model, "smoothq_input_rotation", None) is not None:
+        raise RuntimeError("the model's down-projection inputs are already rotated (rotate_inputs): smooth first, "
+                           "then rotate_inputs, then quantize. Reload the float model to start over")
+
+
 @torch.no_grad()
 def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | None = None, *,
            options=(), alphas: dict[str, float] | None = None) -> ActStats:
@@ -121,6 +129,7 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
             f"model is already smoothed (alpha={model.smoothq_alpha}); smoothing twice compounds the "
             "scales. Reload the float model to smooth it with another alpha."
         )
+    check_not_input_rotated(model)
     res = resolve(model, arch, options)
     alphas = {k: check_alpha(v) for k, v in (alphas or {}).items()}
     unknown = set(alphas) - {g.prev for g in res.groups}

@@ -100,3 +100,29 @@ def test_quantize_with_sink_tokens_saves_them_and_refuses_what_cannot_carry_them
     assert "--sink-tokens" in capsys.readouterr().err
     assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "64", *QUICK]) == 2
     assert "leaves no calibration tokens" in capsys.readouterr().err
+
+
+def test_quantize_with_rotated_inputs_saves_them_and_refuses_what_cannot_carry_them(model_dir, tmp_path, capsys):
+    out = tmp_path / "rot"
+    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
+                 "--alpha", "0.5", "--eval", "-o", str(out), "--save-dtype", "float32", *QUICK]) == 0
+    captured = capsys.readouterr()
+    assert "rotated the inputs of 2 down projections online and recalibrated them" in captured.err
+    quantized = _ppl(captured.out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["input_rotation"]["linears"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert main(["-q", "eval", str(out), "--seqlen", "64", "--max-windows", "2"]) == 0
+    assert _ppl(capsys.readouterr().out) == pytest.approx(quantized, rel=1e-5)
+    ct = tmp_path / "ct"
+    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--format", "compressed-tensors",
+                 "-o", str(ct), *QUICK]) == 2
+    assert "no field vLLM applies" in capsys.readouterr().err and not ct.exists()
+    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--sequential", "-o", str(tmp_path / "s"),
+                 *QUICK]) == 2
+    assert "--rotate-inputs" in capsys.readouterr().err
+
+
+def test_compare_with_rotated_inputs(model_dir, capsys):
+    assert main(["-q", "compare", str(model_dir), "--rotate-inputs", "--schemes", "O3", "--alphas", "0.5",
+                 *QUICK]) == 0
+    assert "| smoothquant | O3 | 0.5 |" in capsys.readouterr().out
