@@ -151,7 +151,7 @@ class Bench:
                 alphas = None
                 st = sq.smooth(m, stats, alpha, options=options)
             if online:  # after smoothing (and the search); static scales of the rotated linears recalibrated
-                st = rotate_inputs(m, st, calib if sq.config.get_scheme(scheme).static else None) or st
+                st = rotate_inputs(m, st, calib if sq.config.get_scheme(scheme).static else None)
             sq.quantize(m, scheme, st, backend="emulated")
             if keep_per_token:  # diagnostic only: those linears in W8A8 granularity (per-channel/per-token)
                 float_m = self._smoothed_float(alpha, options, alphas, stats, rot)

@@ -294,7 +294,7 @@ def cmd_quantize(args) -> int:
         from .online_rotation import rotate_inputs
 
         static = get_scheme(args.scheme).static
-        stats = rotate_inputs(model, stats, calib if static else None, seed=args.seed, progress=not args.quiet) or stats
+        stats = rotate_inputs(model, stats, calib if static else None, seed=args.seed, progress=not args.quiet)
         _say(f"rotated the inputs of {len(model.smoothq_input_rotation['linears'])} down projections online"
              + (" and recalibrated them" if static else ""))
     quantize(model, args.scheme, stats, backend=args.backend)

@@ -48,7 +48,7 @@ def compare(model: nn.Module, eval_windows, calib_windows, schemes=("O1", "O2", 
         if rotate_inputs:
             from .online_rotation import rotate_inputs as rotate
 
-            st = rotate(m, st, calib_windows if scheme.static else None) or st
+            st = rotate(m, st, calib_windows if scheme.static else None)
         return quantize(m, scheme, st, backend=backend)
 
     def run(method, scheme, alpha, m):

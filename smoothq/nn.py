@@ -19,6 +19,7 @@ from .calibrate import ActStats
 from .config import QuantScheme, get_scheme
 from .quant import absmax_to_scale, quantize_activation, quantize_weight
 from .online_rotation import check_stats as check_input_rotation
+from .online_rotation import input_rotation
 from .sink import TokenPositions, check_sink_tokens, quantize_with_sinks, track_positions
 
 
@@ -56,7 +57,7 @@ class W8A8Linear(nn.Module):
         q.weight, q.weight_scale = quantize_weight(w.float(), scheme.weights)
         if bias is not None:
             q.bias = bias.detach().clone()
-        q.input_rotation = getattr(module, "smoothq_input_rotation", None)
+        q.input_rotation = input_rotation(module)
         if scheme.static:
             if input_absmax is None:
                 raise ValueError(f"{scheme.label} uses a static activation scale: pass the input's calibrated abs-max")

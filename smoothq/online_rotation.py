@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .archs import Arch, UnsupportedArchError, _expand, resolve, weight_nk
+from .rotate import _hadamard
 
 MAX_FACTOR = 256  # Sylvester factors are split into Kronecker factors of at most this size
 MIN_BLOCK = 16  # below this, a block-diagonal Hadamard hardly spreads anything: refuse
@@ -45,12 +46,8 @@ MIN_BLOCK = 16  # below this, a block-diagonal Hadamard hardly spreads anything:
 def _factors(n: int) -> tuple[tuple[int, ...], bool]:
     """Kronecker factor sizes of the Hadamard transform of size n, and whether it is block-diagonal
     (the first factor is then an identity of that size)."""
-    from .rotate import _hadamard
-
-    if n < 1:
-        raise ValueError(f"cannot rotate an input of size {n}")
-    if n == 1:
-        raise UnsupportedArchError("cannot rotate an input of size 1")
+    if n < 2:
+        raise UnsupportedArchError(f"cannot rotate an input of size {n}")
     two = n & -n  # largest power of two dividing n
     for p in range(two.bit_length() - 1, -1, -1):  # prefer the largest power-of-two part
         m = n // (1 << p)
@@ -85,8 +82,6 @@ class InputRotation:
     def _tensors(self, device, dtype):
         key = (str(device), dtype)
         if key not in self._cache:
-            from .rotate import _hadamard
-
             g = torch.Generator().manual_seed(self.seed)
             signs = torch.randint(0, 2, (self.size,), generator=g, dtype=torch.float64) * 2 - 1
             mats = []
@@ -115,19 +110,21 @@ class InputRotation:
         """The dense Q (float64), for tests and small sizes."""
         return self(torch.eye(self.size, dtype=torch.float64))
 
-    def to_dict(self) -> dict:
-        return {"kind": "hadamard", "size": self.size, "seed": self.seed}
+def input_rotation(module: nn.Module) -> InputRotation | None:
+    """The rotation a float linear applies to its input (rotate_inputs), or None."""
+    return getattr(module, "smoothq_input_rotation", None)
 
 
 def _rotate_input_hook(module: nn.Module, args):
-    rot = getattr(module, "smoothq_input_rotation", None)
+    rot = input_rotation(module)
     if rot is None or not args:
         return None
     return (rot(args[0]), *args[1:])
 
 
-def input_rotation(module: nn.Module) -> InputRotation | None:
-    return getattr(module, "smoothq_input_rotation", None)
+def _spec(seed: int, names: list[str]) -> dict:
+    """What `model.smoothq_input_rotation` (and a checkpoint's config) records."""
+    return {"kind": "hadamard", "seed": seed, "linears": list(names)}
 
 
 def targets(model: nn.Module, arch: Arch | None = None) -> list[tuple[str, nn.Module]]:
@@ -155,7 +152,8 @@ def rotate_inputs(model: nn.Module, stats=None, samples=None, seed: int = 0, arc
 
     Static schemes quantize the rotated input with a calibrated scale: pass `stats` (what smooth()
     returned) and `samples` (the calibration set) and the rotated linears are recalibrated; the
-    returned statistics are `stats` with those entries replaced. Without samples it returns None."""
+    returned statistics are `stats` with those entries replaced. Without samples it returns `stats`
+    as they are (enough for per-token schemes, which use no static scale)."""
     if getattr(model, "smoothq_scheme", None) is not None:
         raise RuntimeError("model is already quantized: rotate its inputs on the float model (after smooth(), "
                            "before quantize()); reload it to start over")
@@ -171,9 +169,9 @@ def rotate_inputs(model: nn.Module, stats=None, samples=None, seed: int = 0, arc
         lin.smoothq_input_rotation = rot
         lin.register_forward_pre_hook(_rotate_input_hook, prepend=True)
         names.append(name)
-    model.smoothq_input_rotation = {"kind": "hadamard", "seed": seed, "linears": names}
+    model.smoothq_input_rotation = _spec(seed, names)
     if samples is None:
-        return None
+        return stats
     return recalibrate(model, stats, samples, names, arch=arch, progress=progress)
 
 
@@ -200,7 +198,7 @@ def install(model: nn.Module, spec: dict) -> None:
         if not isinstance(mod, W8A8Linear):
             raise ValueError(f"input rotation recorded for {name}, which is not a quantized linear")
         mod.input_rotation = InputRotation(mod.in_features, seed)
-    model.smoothq_input_rotation = {"kind": "hadamard", "seed": seed, "linears": list(spec["linears"])}
+    model.smoothq_input_rotation = _spec(seed, spec["linears"])
 
 
 def check_stats(model: nn.Module, stats) -> None:
