@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import sys
 import time
@@ -35,7 +36,8 @@ from smoothq.search import SearchConfig, SearchResult, auto_smooth  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = ("W8A8", "O1", "O2", "O3")
 FIXED_ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.9)
-SECTIONS = ("fixed", "coverage", "clip", "auto", "rotate", "sink", "online", "attention", "breakdown", "calib", "full")
+SECTIONS = ("fixed", "coverage", "clip", "auto", "paired", "rotate", "sink", "online", "attention", "breakdown", "calib",
+            "full")
 ONLINE = "+rotate inputs"  # config label of smoothq.online_rotation (after smoothing)
 OPTION_SETS = {"+v->o": ("attn_vo",), "+up->down": ("mlp_updown",), "+v->o +up->down": ("attn_vo", "mlp_updown")}
 
@@ -89,18 +91,30 @@ class Bench:
         return next((r for r in self.rows if r["config"] == config and r["scheme"] == scheme
                      and r["windows"] == windows), None)
 
-    def row(self, config, scheme, build, full=False, **info):
-        """Perplexity of the model `build()` returns (cached by config/scheme/windows)."""
+    def row(self, config, scheme, build, full=False, refresh=False, **info):
+        """Perplexity of the model `build()` returns (cached by config/scheme/windows), with the NLL
+        of every window. `refresh`: a cached row recorded before per-window NLLs were kept is rebuilt
+        and re-evaluated (searched rows reuse their own alphas) so that it can be paired."""
         windows = self.full_windows() if full else self.windows
         hit = self.find(config, scheme, len(windows))
-        if hit is not None:
+        if hit is not None and not (refresh and "window_nll" not in hit):
             return hit
         t0 = time.perf_counter()
         model, more = build()
         prep = time.perf_counter() - t0
-        ppl = sq.perplexity(model, windows, progress=False)
+        nll = sq.window_nll(model, windows, progress=False)
+        ppl = math.exp(nll.mean().item())
+        if hit is not None:  # the rebuilt model should be the recorded one (up to another CPU's float rounding)
+            hit["window_nll"] = [round(v, 6) for v in nll.tolist()]
+            hit["ppl_rebuilt"] = round(ppl, 4)
+            same = abs(ppl / hit["ppl"] - 1) <= 1e-3
+            print(f"  {scheme:5s} {config:55s} per-window NLL added: rebuilt ppl {ppl:.4f} vs recorded {hit['ppl']:.4f}"
+                  f"{'' if same else '  WARNING: the rebuilt model differs'}", flush=True)
+            self.save()
+            return hit
         r = {"config": config, "scheme": scheme, "ppl": round(ppl, 4), "windows": len(windows),
-             "prep_seconds": round(prep, 1), "eval_seconds": round(time.perf_counter() - t0 - prep, 1), **info, **more}
+             "prep_seconds": round(prep, 1), "eval_seconds": round(time.perf_counter() - t0 - prep, 1), **info, **more,
+             "window_nll": [round(v, 6) for v in nll.tolist()]}
         self.rows.append(r)
         print(f"  {scheme:5s} {config:55s} ppl={ppl:.3f} (prep {prep:.0f}s, {len(windows)} windows)", flush=True)
         self.save()
@@ -108,7 +122,7 @@ class Bench:
         return r
 
     def fp32(self, full=False):
-        return self.row("fp32", "none", lambda: (self.model, {}), full=full)["ppl"]
+        return self.row("fp32", "none", lambda: (self.model, {}), full=full, refresh=not full)["ppl"]
 
     def quantized(self, scheme, alpha, options=(), clip=None, attention=None, stats_key=None,
                   keep_per_token=(), base=None, rotated=None, sink=None, online=None):
@@ -236,6 +250,33 @@ def section_clip(b: Bench):
     b.row("auto alpha +v->o +up->down +clip mse", "O3", b.quantized("O3", "auto", allopts, clip="mse"))
 
 
+def auto_vs_fixed_pairs(b: Bench):
+    """(scheme, auto row, best fixed row of the same recipe) for every auto-alpha row of the paper's
+    (unrotated) recipe: the fixed alpha is the one with the lowest perplexity on these very windows,
+    an optimistic baseline (the best of several noisy measurements)."""
+    pairs = []
+    for r in list(b.rows):
+        cfg = r["config"]
+        if r["windows"] != len(b.windows) or not cfg.startswith("auto alpha") or " + int8" in cfg or "[" in cfg:
+            continue
+        suffix = cfg.removeprefix("auto alpha")
+        fixed = [f for f in b.rows if f["scheme"] == r["scheme"] and f["windows"] == r["windows"]
+                 and f["config"].startswith("fixed alpha=")
+                 and f["config"].removeprefix("fixed alpha=").partition(" ")[2] == suffix.strip()]
+        if fixed:
+            pairs.append((r["scheme"], r, min(fixed, key=lambda f: f["ppl"])))
+    return pairs
+
+
+def section_paired(b: Bench):
+    print("auto vs best fixed alpha, window by window (rows recorded before per-window NLLs were kept are rebuilt)",
+          flush=True)
+    for scheme, auto, fixed in auto_vs_fixed_pairs(b):
+        for r in (auto, fixed):  # searched rows (alphas, clipping) are rebuilt from what they recorded
+            b.row(r["config"], scheme, b.quantized(scheme, *parse_recipe(r["config"]),
+                                                   base=r["config"] if "search_alphas" in r else None), refresh=True)
+
+
 def section_rotate(b: Bench):
     print("rotated residual stream (smoothq.rotate: randomized Hadamard, exact), then SmoothQuant", flush=True)
     allopts = ("attn_vo", "mlp_updown")
@@ -309,12 +350,16 @@ def best_recipe(b: Bench, scheme: str):
     cands = [r for r in b.rows if r["scheme"] == scheme and r["windows"] == len(b.windows)
              and r["config"].removeprefix("rotated ").startswith(("fixed", "auto")) and "int8 attention" not in r["config"]
              and not r.get("diagnostic")]
-    r = min(cands, key=lambda r: r["ppl"])
-    cfg = r["config"]
+    cfg = min(cands, key=lambda r: r["ppl"])["config"]
+    return (cfg, *parse_recipe(cfg))
+
+
+def parse_recipe(cfg: str):
+    """(alpha, options, clip) of a row's config label."""
     alpha = "auto" if cfg.removeprefix("rotated ").startswith("auto") else float(cfg.split("=")[1].split()[0])
     opts = tuple(o for label, o in (("+v->o", "attn_vo"), ("+up->down", "mlp_updown")) if label in cfg)
     clip = "mse" if "+clip mse" in cfg else ("percentile" if "+clip p" in cfg else None)
-    return cfg, alpha, opts, clip
+    return alpha, opts, clip
 
 
 def section_attention(b: Bench):
@@ -374,8 +419,9 @@ def section_full(b: Bench):
     print(f"full test set ({len(b.full_windows())} windows)", flush=True)
     b.fp32(full=True)
     for scheme in ("W8A8", "O3"):
-        a = fixed_best(b, scheme)
-        b.row(f"fixed alpha={a:g}", scheme, b.quantized(scheme, a), full=True)
+        if b.args.full_paper:
+            a = fixed_best(b, scheme)
+            b.row(f"fixed alpha={a:g}", scheme, b.quantized(scheme, a), full=True)
         cfg, alpha, opts, clip = best_recipe(b, scheme)
         b.row(cfg, scheme, b.quantized(scheme, alpha, opts, clip, base=cfg), full=True)
 
@@ -415,6 +461,24 @@ def report(b: Bench, wall: float) -> str:
         lines.append(f"| {s} | {fb['ppl']:.3f} ({fb['config'].split('=')[1]}) | {au['ppl'] if au else float('nan'):.3f} | "
                      f"{ro['ppl'] if ro else float('nan'):.3f} | {be['config']} | {be['ppl']:.3f} | "
                      f"{100 * (be['ppl'] / fp32 - 1):+.2f}% |")
+    pairs = [(s, a, f) for s, a, f in auto_vs_fixed_pairs(b) if "window_nll" in a and "window_nll" in f]
+    if pairs:
+        lines += ["", f"## Auto α vs the best fixed α, window by window ({n} windows)", "",
+                  "Δ = mean next-token NLL of auto minus that of the best fixed global α of the same recipe (nats per "
+                  "token), with a 95% bootstrap interval over the windows (smoothq.paired_nll_difference). The fixed α "
+                  "is picked on these very windows, so it is an optimistic baseline. Verdict: `auto better` / "
+                  "`fixed better` when the interval excludes 0, else `tie`.", "",
+                  "| scheme | recipe | auto α | best fixed α | Δ NLL | 95% interval | windows auto better | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s, a, f in pairs:
+            d = sq.paired_nll_difference(a["window_nll"], f["window_nll"])
+            lo, hi = d["ci95"]
+            verdict = "auto better" if hi < 0 else ("fixed better" if lo > 0 else "tie")
+            recipe = a["config"].removeprefix("auto alpha").strip() or "paper (norm -> qkv, norm -> gate/up)"
+            pa, pf = (math.exp(sum(r["window_nll"]) / len(r["window_nll"])) for r in (a, f))  # of these NLLs
+            lines.append(f"| {s} | {recipe} | {pa:.3f} | {pf:.3f} (α={f['config'].split('=')[1].split()[0]}) | "
+                         f"{d['mean']:+.5f} | [{lo:+.5f}, {hi:+.5f}] | {d['a_better_windows']}/{d['windows']} | "
+                         f"{verdict} |")
     lines += ["", f"## All rows ({n} windows)", "", "| scheme | configuration | perplexity | vs fp32 | prep (s) |",
               "|---|---|---|---|---|"]
     for r in b.rows:
@@ -479,6 +543,9 @@ def main() -> int:
                    default=["c4", "wikitext2-train+c4", "wikitext2-train:chat"],
                    help="128 x 512 calibration from other sources (':chat' = chat-template formatted)")
     p.add_argument("--full-set", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--full-paper", action=argparse.BooleanOptionalAction, default=True,
+                   help="full-set rows of the paper recipe's best fixed alpha too, not only of the best configurations "
+                        "(each full-set row is ~12 min on 2 cores)")
     p.add_argument("--rotate-search", action=argparse.BooleanOptionalAction, default=True,
                    help="the rotate section's searched rows (auto alpha, clipping; ~10 min each on 2 cores)")
     p.add_argument("--sink-alphas", type=lambda t: [float(a) for a in t.split(",")], default=[0.5, 0.65, 0.8])

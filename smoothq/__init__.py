@@ -12,7 +12,7 @@ from .archs import Arch, Group, UnsupportedArchError
 from .calibrate import ActStats, CalibrationError, calibrate
 from .config import O1, O2, O3, SCHEMES, W8A8, QuantScheme, get_scheme
 from .data import calib_samples, eval_windows
-from .evaluate import perplexity
+from .evaluate import paired_nll_difference, perplexity, window_nll
 from .io import CheckpointError, load, save
 from .models import load_model
 from .nn import W8A8Linear, quantize
@@ -26,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ActStats", "Arch", "CalibrationError", "CheckpointError", "load", "save", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
     "UnsupportedArchError", "W8A8", "W8A8Linear", "calib_samples", "calibrate", "eval_windows",
-    "get_scheme", "load_model", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales",
+    "get_scheme", "load_model", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
 ]

@@ -12,11 +12,15 @@ reproduces their results bit for bit on any device. (Dequantizing first, then mu
 algebraically the same but rounds differently; on a fragile model such as per-tensor static O3
 on SmolLM2 that alone moved perplexity by 2%.) Real integer backends register themselves
 here with `register()`; `auto` picks the best one available for the input's device.
+On a CPU without int8 dot-product instructions (VNNI, AMX, Arm dotprod) `auto` picks `emulated`:
+the same numbers, and there fp32 GEMMs are faster than oneDNN's int8 ones.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 from typing import Callable
 
 import torch
@@ -29,8 +33,11 @@ class Backend:
 
     def __init__(self, name: str, linear: LinearFn, devices: tuple[str, ...], priority: int = 0,
                  available: Callable[[], bool] = lambda: True, real_int8: bool = True,
-                 quantize: Callable | None = None):
+                 quantize: Callable | None = None, auto_on: Callable[[str], bool] = lambda device_type: True):
         self.name = name
+        # whether `auto` may pick it on a device type: a backend can run somewhere and still be the
+        # wrong default there (real INT8 on a CPU without integer dot-product instructions)
+        self.auto_on = auto_on
         self.linear = linear
         # optional fused activation quantization with quant.quantize_activation's contract
         self.quantize = quantize
@@ -90,14 +97,53 @@ def torch_int_mm_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     return _scale_epilogue(torch._int_mm(x_q.contiguous(), w_q.t()), x_scale, w_scale, bias, out_dtype)
 
 
+# CPU instructions that make an int8 GEMM faster than fp32: x86 VNNI (AVX-512 or AVX) and AMX,
+# Arm dot-product / i8mm. Without them oneDNN's int8 path is emulated with widening multiplies and
+# is ~30x *slower* than fp32 (AVX2-only AMD EPYC, SmolLM2's down projection at 512 tokens: 294 ms vs
+# 10 ms; benchmarks/results/cpu-linear-avx2-smollm2.md).
+_CPU_INT8_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_int8_accelerated() -> bool:
+    """Whether this CPU has int8 dot-product instructions. SMOOTHQ_CPU_INT8=1/0 overrides the
+    check; where the CPU flags cannot be read (not Linux) the answer is yes, as before."""
+    override = os.environ.get("SMOOTHQ_CPU_INT8")
+    if override is not None:
+        if override not in ("0", "1"):
+            raise ValueError(f"SMOOTHQ_CPU_INT8 must be 0 or 1, got {override!r}")
+        return override == "1"
+    return cpu_flags_have_int8(_read_cpu_flags())
+
+
+def _read_cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / Arm spelling
+            flags.update(value.split())
+    return flags or None
+
+
+def cpu_flags_have_int8(flags: set[str] | None) -> bool:
+    return True if flags is None else bool(flags & _CPU_INT8_FLAGS)
+
+
 register(Backend("torch", torch_int_mm_linear, devices=("cpu", "cuda"), priority=10,
-                 available=lambda: hasattr(torch, "_int_mm")))
+                 available=lambda: hasattr(torch, "_int_mm"),
+                 auto_on=lambda device_type: device_type != "cpu" or cpu_int8_accelerated()))
 
 
 def get_backend(name: str, device_type: str) -> Backend:
-    """Resolve a backend name for a device; `auto` = the highest-priority backend that runs there."""
+    """Resolve a backend name for a device; `auto` = the highest-priority backend that runs there
+    and is a sensible default there (`emulated` on CPUs without int8 dot-product instructions)."""
     if name == "auto":
-        candidates = [b for b in _BACKENDS.values() if b.runs_on(device_type)]
+        candidates = [b for b in _BACKENDS.values() if b.runs_on(device_type) and b.auto_on(device_type)]
         if not candidates:
             raise RuntimeError(f"no INT8 backend runs on device {device_type!r}")
         return max(candidates, key=lambda b: b.priority)

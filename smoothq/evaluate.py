@@ -11,27 +11,52 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows, batch_size: int = 1, progress: bool = True, desc: str = "perplexity") -> float:
-    """exp(mean next-token NLL) over every predicted token of every window; `windows` is a
-    LongTensor [N, L] or a data.Windows. Each window predicts its tokens 1..L-1 from its own prefix."""
+def window_nll(model: nn.Module, windows, batch_size: int = 1, progress: bool = True,
+               desc: str = "perplexity") -> torch.Tensor:
+    """Mean next-token NLL of each window (float64 [N]); `windows` is a LongTensor [N, L] or a
+    data.Windows. Each window predicts its tokens 1..L-1 from its own prefix. Per-window values let
+    two models be compared window by window (a paired test), not only by their perplexities."""
     ids = getattr(windows, "input_ids", windows)
     if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError(f"need windows of shape [N >= 1, L >= 2], got {tuple(ids.shape)}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    out = []
     try:
         for batch in tqdm(ids.split(batch_size), desc=desc, disable=not progress, unit="window"):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            if not torch.isfinite(loss):
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                                   reduction="none").view(batch.shape[0], -1)
+            if not torch.isfinite(loss).all():
                 raise FloatingPointError("the model produced non-finite logits; perplexity is undefined")
-            nll += loss.item()
-            count += batch[:, 1:].numel()
+            out.append(loss.double().mean(1).cpu())
     finally:
         model.train(was_training)
-    return math.exp(nll / count)
+    return torch.cat(out)
+
+
+def perplexity(model: nn.Module, windows, batch_size: int = 1, progress: bool = True, desc: str = "perplexity") -> float:
+    """exp(mean next-token NLL) over every predicted token of every window (all windows have the
+    same length, so this is the mean of `window_nll`)."""
+    return math.exp(window_nll(model, windows, batch_size, progress, desc).mean().item())
+
+
+def paired_nll_difference(nll_a, nll_b, resamples: int = 10000, seed: int = 0) -> dict:
+    """Window-paired comparison of two models on the same windows: mean NLL difference a - b (nats
+    per token), a percentile-bootstrap 95% interval over windows (deterministic for `seed`), and the
+    perplexity ratio exp(mean difference). An interval that contains 0 means the windows cannot tell
+    the two apart."""
+    a, b = torch.as_tensor(nll_a, dtype=torch.float64), torch.as_tensor(nll_b, dtype=torch.float64)
+    if a.shape != b.shape or a.dim() != 1 or a.numel() < 2:
+        raise ValueError(f"need two equal-length per-window NLL vectors (>= 2 windows), got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    diff = a - b
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, diff.numel(), (resamples, diff.numel()), generator=gen)
+    means = diff[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    mean = diff.mean().item()
+    return {"mean": mean, "ci95": (lo, hi), "ppl_ratio": math.exp(mean), "windows": diff.numel(),
+            "a_better_windows": int((diff < 0).sum())}

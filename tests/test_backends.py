@@ -18,9 +18,31 @@ def operands(m, k, n, seed=0):
     return x_q, w_q
 
 
-def test_cpu_has_a_real_int8_backend_and_auto_picks_it():
+def test_cpu_has_a_real_int8_backend_and_auto_picks_it_where_the_cpu_has_int8_instructions(monkeypatch):
     assert "torch" in CPU_INT8
-    assert backends.get_backend("auto", "cpu").real_int8
+    for value, expected in (("1", "torch"), ("0", "emulated")):
+        monkeypatch.setenv("SMOOTHQ_CPU_INT8", value)
+        backends.cpu_int8_accelerated.cache_clear()
+        assert backends.get_backend("auto", "cpu").name == expected
+        # an explicit choice is honoured either way
+        assert backends.get_backend("torch", "cpu").name == "torch"
+    monkeypatch.setenv("SMOOTHQ_CPU_INT8", "yes")
+    backends.cpu_int8_accelerated.cache_clear()
+    with pytest.raises(ValueError, match="SMOOTHQ_CPU_INT8 must be 0 or 1"):
+        backends.get_backend("auto", "cpu")
+    monkeypatch.delenv("SMOOTHQ_CPU_INT8")
+    backends.cpu_int8_accelerated.cache_clear()
+    assert backends.get_backend("auto", "cpu").name == ("torch" if backends.cpu_int8_accelerated() else "emulated")
+
+
+def test_cpu_int8_flags():
+    # AVX2-only AMD EPYC (no VNNI): int8 GEMMs there are slower than fp32
+    assert not backends.cpu_flags_have_int8({"fpu", "sse4_2", "avx", "avx2", "fma", "avx512f"})
+    assert backends.cpu_flags_have_int8({"avx2", "avx512_vnni"})
+    assert backends.cpu_flags_have_int8({"avx2", "avx_vnni"})
+    assert backends.cpu_flags_have_int8({"amx_int8", "amx_tile"})
+    assert backends.cpu_flags_have_int8({"asimd", "asimddp"})
+    assert backends.cpu_flags_have_int8(None)  # flags unreadable: keep the real int8 default
 
 
 @pytest.mark.parametrize("name", CPU_INT8)
