@@ -185,10 +185,13 @@ class Bench:
         sq.smooth(m, stats, 0.5 if alpha == "auto" else alpha, options=options, alphas=alphas)
         return m
 
-    def best(self, scheme, prefix="", windows=None, contains=""):
+    def best(self, scheme, prefix="", windows=None, contains="", exact=False):
+        """The lowest-perplexity row whose config starts with `prefix` (`exact`: is `prefix` and a
+        number, nothing after it)."""
         windows = windows or len(self.windows)
         cands = [r for r in self.rows if r["scheme"] == scheme and r["windows"] == windows
-                 and r["config"].startswith(prefix) and contains in r["config"] and not r.get("diagnostic")]
+                 and r["config"].startswith(prefix) and contains in r["config"] and not r.get("diagnostic")
+                 and not (exact and " " in r["config"].removeprefix(prefix))]
         return min(cands, key=lambda r: r["ppl"]) if cands else None
 
     def save(self):
@@ -213,7 +216,10 @@ class Bench:
 
 # --------------------------------------------------------------------- sections
 def fixed_best(b: Bench, scheme: str, rotated=False) -> float:
-    r = b.best(scheme, prefix=("rotated " if rotated else "") + "fixed alpha=")
+    """The best global alpha of the paper recipe (rows with no extra groups, clipping or online
+    rotation): the alpha the other sections build their recipes on."""
+    prefix = ("rotated " if rotated else "") + "fixed alpha="
+    r = b.best(scheme, prefix=prefix, exact=True)
     return float(r["config"].split("=")[1].split()[0])
 
 
@@ -452,7 +458,7 @@ def report(b: Bench, wall: float) -> str:
              "recalibrate those inputs on the same calibration set.",
              "- INT8 rows use the emulated backend (the integers of the real INT8 path, float arithmetic).", "",
              f"FP32: **{fp32:.3f}**", "", f"## Summary ({n} windows)", "",
-             "| scheme | best fixed α (paper recipe) | auto α | best rotated | best configuration | best | vs fp32 |",
+             "| scheme | best fixed α, unrotated (recipe) | auto α | best rotated | best configuration | best | vs fp32 |",
              "|---|---|---|---|---|---|---|"]
     for s in SCHEMES:
         fb, au, be, ro = b.best(s, "fixed alpha="), b.find("auto alpha", s, n), b.best(s), b.best(s, "rotated")
