@@ -104,8 +104,9 @@ class Bench:
         prep = time.perf_counter() - t0
         nll = sq.window_nll(model, windows, progress=False)
         ppl = math.exp(nll.mean().item())
+        window_nll = [round(v, 6) for v in nll.tolist()]
         if hit is not None:  # the rebuilt model should be the recorded one (up to another CPU's float rounding)
-            hit["window_nll"] = [round(v, 6) for v in nll.tolist()]
+            hit["window_nll"] = window_nll
             hit["ppl_rebuilt"] = round(ppl, 4)
             same = abs(ppl / hit["ppl"] - 1) <= 1e-3
             print(f"  {scheme:5s} {config:55s} per-window NLL added: rebuilt ppl {ppl:.4f} vs recorded {hit['ppl']:.4f}"
@@ -114,7 +115,7 @@ class Bench:
             return hit
         r = {"config": config, "scheme": scheme, "ppl": round(ppl, 4), "windows": len(windows),
              "prep_seconds": round(prep, 1), "eval_seconds": round(time.perf_counter() - t0 - prep, 1), **info, **more,
-             "window_nll": [round(v, 6) for v in nll.tolist()]}
+             "window_nll": window_nll}
         self.rows.append(r)
         print(f"  {scheme:5s} {config:55s} ppl={ppl:.3f} (prep {prep:.0f}s, {len(windows)} windows)", flush=True)
         self.save()
@@ -185,13 +186,13 @@ class Bench:
         sq.smooth(m, stats, 0.5 if alpha == "auto" else alpha, options=options, alphas=alphas)
         return m
 
-    def best(self, scheme, prefix="", windows=None, contains="", exact=False):
-        """The lowest-perplexity row whose config starts with `prefix` (`exact`: is `prefix` and a
-        number, nothing after it)."""
+    def best(self, scheme, prefix="", windows=None, contains="", options=None):
+        """The lowest-perplexity row whose config starts with `prefix`; `options`: whose config is
+        `prefix`, one value (an alpha) and exactly these options after it ("" = none)."""
         windows = windows or len(self.windows)
         cands = [r for r in self.rows if r["scheme"] == scheme and r["windows"] == windows
                  and r["config"].startswith(prefix) and contains in r["config"] and not r.get("diagnostic")
-                 and not (exact and " " in r["config"].removeprefix(prefix))]
+                 and (options is None or r["config"].removeprefix(prefix).partition(" ")[2] == options)]
         return min(cands, key=lambda r: r["ppl"]) if cands else None
 
     def save(self):
@@ -219,7 +220,7 @@ def fixed_best(b: Bench, scheme: str, rotated=False) -> float:
     """The best global alpha of the paper recipe (rows with no extra groups, clipping or online
     rotation): the alpha the other sections build their recipes on."""
     prefix = ("rotated " if rotated else "") + "fixed alpha="
-    r = b.best(scheme, prefix=prefix, exact=True)
+    r = b.best(scheme, prefix=prefix, options="")
     return float(r["config"].split("=")[1].split()[0])
 
 
@@ -261,16 +262,13 @@ def auto_vs_fixed_pairs(b: Bench):
     (unrotated) recipe: the fixed alpha is the one with the lowest perplexity on these very windows,
     an optimistic baseline (the best of several noisy measurements)."""
     pairs = []
-    for r in list(b.rows):
+    for r in b.rows:
         cfg = r["config"]
         if r["windows"] != len(b.windows) or not cfg.startswith("auto alpha") or " + int8" in cfg or "[" in cfg:
             continue
-        suffix = cfg.removeprefix("auto alpha")
-        fixed = [f for f in b.rows if f["scheme"] == r["scheme"] and f["windows"] == r["windows"]
-                 and f["config"].startswith("fixed alpha=")
-                 and f["config"].removeprefix("fixed alpha=").partition(" ")[2] == suffix.strip()]
+        fixed = b.best(r["scheme"], prefix="fixed alpha=", options=cfg.removeprefix("auto alpha").strip())
         if fixed:
-            pairs.append((r["scheme"], r, min(fixed, key=lambda f: f["ppl"])))
+            pairs.append((r["scheme"], r, fixed))
     return pairs
 
 
