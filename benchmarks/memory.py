@@ -3,6 +3,7 @@ in-memory pipeline, on synthetic Llama-style checkpoints of growing size.
 
     python benchmarks/memory.py                        # sizes 0.5 1 2 4 GB + a layer-width series
     python benchmarks/memory.py --sizes 0.5 1 --no-width-series --workdir /big/disk
+    python benchmarks/memory.py --presets best-o3           # only that recipe in the recipe series
 
 Series "size": a fixed layer (hidden 2048, intermediate 5632: ~88 MB of fp16 weights, TinyLlama's)
 repeated to reach each model size; series "width": ~2 GB models whose layers grow (hidden 1024 /
@@ -11,6 +12,11 @@ repeated to reach each model size; series "width": ~2 GB models whose layers gro
 that process's VmHWM (peak resident set, imports included). The in-memory path is what
 `smoothq quantize` does: from_pretrained in float32, calibrate, smooth, quantize, save. The
 sequential one is `smoothq quantize --sequential` (error propagation on, the default).
+
+Series "recipe": on the same "size" checkpoints, the best recipes through the layered executor
+(`smoothq quantize SRC --sequential --preset best-o3 | best-w8a8`, float propagation): residual
+rotation, extra smoothing groups, clipping search (O3), online input rotation; peak and time per
+layer, one run each.
 
 Writes benchmarks/results/memory.{md,json}.
 """
@@ -36,11 +42,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 GB = 1e9
 
 
-def measure(mode: str, src: Path, out: Path, samples: int, seqlen: int) -> dict:
+def measure(mode: str, src: Path, out: Path, samples: int, seqlen: int, preset: str | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
+    recipe = ["--preset", preset, "--propagation", "float"] if preset else []
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "synthetic.py"), mode, str(src), str(out),
-                           "--samples", str(samples), "--seqlen", str(seqlen)], capture_output=True, text=True)
+                           "--samples", str(samples), "--seqlen", str(seqlen), *recipe], capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -74,6 +82,26 @@ def row(series: str, config, src: Path, args) -> dict:
     return r
 
 
+def recipe_row(preset: str, config, src: Path, args) -> dict:
+    import torch
+
+    m = measure("sequential", src, src.parent / "out", args.samples, args.seqlen, preset)
+    print(f"  {preset:10s} peak {m['peak_rss'] / GB:.2f} GB, {m['seconds']:.0f}s", flush=True)
+    return {"series": "recipe", "preset": preset, "propagation": "float", "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size, "model_gb_fp16": synthetic.model_bytes(config, torch.float16) / GB,
+            "model_gb_fp32": synthetic.model_bytes(config, torch.float32) / GB, "peak_gb": m["peak_rss"] / GB,
+            "seconds": m["seconds"], "seconds_per_layer": m["seconds_per_layer"]}
+
+
+def recipe_table(rows: list[dict]) -> str:
+    lines = ["| preset (layered, float propagation) | layers | model (fp16 / fp32) | peak | time | per layer |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['layers']} | {r['model_gb_fp16']:.2f} / {r['model_gb_fp32']:.2f} GB | "
+                     f"**{r['peak_gb']:.2f} GB** | {r['seconds']:.0f} s | {r['seconds_per_layer']:.1f} s |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| series | layers | hidden | layer (fp32) | model (fp16 / fp32) | sequential peak (best) | in-memory peak | "
              "sequential time | in-memory time |", "|---|---|---|---|---|---|---|---|---|"]
@@ -94,6 +122,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs of the sequential path per model (max reported)")
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--presets", nargs="*", default=["best-o3", "best-w8a8"], help="recipes of the recipe series")
     p.add_argument("--workdir", help="where the synthetic checkpoints go (default: a temp dir)")
     args = p.parse_args()
 
@@ -105,7 +134,7 @@ def main() -> int:
             inter = {1024: 2816, 2048: 5632, 4096: 11008}.get(h, int(2.6875 * h) // 256 * 256)
             configs.append(("width", synthetic.config_for(args.width_size * GB, hidden=h, intermediate=inter,
                                                           heads=max(8, h // 128), kv_heads=max(2, h // 512))))
-    rows = []
+    rows, recipe_rows = [], []
     work = Path(tempfile.mkdtemp(prefix="smoothq-memory-", dir=args.workdir))
     try:
         for series, config in configs:
@@ -113,20 +142,24 @@ def main() -> int:
                   f"{synthetic.model_bytes(config) / GB:.2f} GB fp16", flush=True)
             src = synthetic.write_checkpoint(work / "src", config)
             rows.append(row(series, config, src, args))
+            if series == "size":
+                recipe_rows += [recipe_row(preset, config, src, args) for preset in args.presets]
             shutil.rmtree(src)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    env = {"python": platform.python_version(), "cpu": cpu, "torch": torch.__version__, "platform": platform.platform(),
            "cpus": torch.get_num_threads(), "calibration": f"{args.samples} x {args.seqlen} tokens",
            "scheme": "W8A8", "alpha": 0.8, "sequential_runs": args.repeat,
            "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-    md = table(rows)
+    (RESULTS / "memory.json").write_text(json.dumps({"env": env, "rows": rows + recipe_rows}, indent=2) + "\n")
+    md = table(rows) + ("\n\n## The best recipes, layered\n\n" + recipe_table(recipe_rows) if recipe_rows else "")
     (RESULTS / "memory.md").write_text(
         "# Peak memory: sequential vs in-memory quantization\n\n"
-        f"`python benchmarks/memory.py` on {env['platform']}, torch {env['torch']}, {env['cpus']} threads; "
+        f"`python benchmarks/memory.py` on {cpu}, {env['platform']}, torch {env['torch']}, {env['cpus']} threads; "
         f"W8A8, alpha 0.8, {env['calibration']} of calibration. Peak = the process's VmHWM (imports, "
         f"~{rows[0]['import_gb']:.2f} GB, included); sequential: the worst of {args.repeat} runs (the best in "
         f"parentheses), time the median; in-memory: one run. The machine was shared with other jobs: "

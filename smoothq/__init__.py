@@ -2,10 +2,11 @@
 
     import smoothq as sq
     model, tok = sq.load_model("smollm2")
-    stats = sq.calibrate(model, sq.calib_samples(tok, "wikitext2-train", n=128, seqlen=512))
-    stats = sq.smooth(model, stats, alpha=0.8)       # returns the smoothed model's statistics
-    sq.quantize(model, "W8A8", stats)                 # swaps decoder linears for W8A8Linear
+    model = sq.run(model, "best-w8a8", tokenizer=tok).model   # a preset, a recipe file/dict or sq.Recipe
     print(sq.perplexity(model, sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=40)))
+
+`sq.run` orders the stages (pipeline.py); they stay public for custom pipelines: sq.rotate,
+sq.calibrate, sq.smooth, sq.rotate_inputs, sq.quantize, sq.save.
 """
 
 from .archs import Arch, Group, UnsupportedArchError
@@ -17,6 +18,8 @@ from .io import CheckpointError, load, save
 from .models import load_model
 from .nn import W8A8Linear, quantize
 from .online_rotation import rotate_inputs
+from .pipeline import RunResult, run
+from .recipe import PRESETS, Recipe, RecipeError
 from .rotate import rotate
 from .sequential import quantize_sequential
 from .smooth import smooth, smooth_scales
@@ -26,5 +29,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ActStats", "Arch", "CalibrationError", "CheckpointError", "load", "save", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
     "UnsupportedArchError", "W8A8", "W8A8Linear", "calib_samples", "calibrate", "eval_windows",
-    "get_scheme", "load_model", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
+    "get_scheme", "load_model", "PRESETS", "Recipe", "RecipeError", "RunResult", "run", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
 ]

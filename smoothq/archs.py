@@ -113,6 +113,18 @@ def _llama_like(name: str, mlp_norm: str = "post_attention_layernorm", offset: f
     )
 
 
+def _glm(name: str, rotation: Rotation | None) -> Arch:
+    return Arch(
+        layers="model.layers",
+        groups=(Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                Group("post_attention_layernorm", ("mlp.gate_up_proj",)),
+                ATTN_VO),
+        rotation=rotation,
+        online_rotation=("mlp.down_proj",),
+        name=name,
+    )
+
+
 def _falcon(config) -> Arch:
     qkv, fc1 = "self_attention.query_key_value", "mlp.dense_h_to_4h"
     if not config.parallel_attn:  # sequential block (falcon-rw)
@@ -162,6 +174,10 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
         online_rotation=("mlp.down_proj",),
         name="phi3",
     ),
+    # GLM: llama-like with q/k/v biases and a fused gate_up_proj; GLM-4 adds sandwich norms after each
+    # sublayer (like Gemma 2/3), which rules out an exact residual rotation
+    "glm": _glm("glm", rotation=Rotation()),
+    "glm4": _glm("glm4", rotation=None),
     "opt": _opt,
     "bloom": Arch(
         layers="transformer.h",

@@ -14,6 +14,7 @@ from . import backends
 from .config import SCHEMES, check_alpha, get_scheme
 from .data import DEFAULT_CALIB, DEFAULT_EVAL, DataError, Windows, calib_samples, eval_windows
 from .models import DEFAULT_MODEL, ModelNotFound
+from .recipe import PRESETS, Recipe, RecipeError
 
 
 def _floats(text: str) -> list[float | str]:
@@ -56,15 +57,6 @@ def _add_plus(p: argparse.ArgumentParser, clip: bool = True) -> None:
         g.add_argument("--clip-percentile", type=float, default=99.9)
         g.add_argument("--int8-attention", choices=["per-head", "per-tensor"],
                        help="also quantize Q, K, V and the attention probabilities (static scales; for --eval)")
-
-
-def _search_config(args, alpha):
-    from .search import GRID, SearchConfig
-
-    return SearchConfig(grid=GRID if alpha == "auto" else (alpha,), blockwise=args.blockwise,
-                        options=args.smooth_extra, clip=getattr(args, "clip", None),
-                        clip_percentile=getattr(args, "clip_percentile", 99.9), samples=args.search_samples,
-                        strategy=args.search_strategy, guard=not args.no_guard, guard_samples=args.guard_samples)
 
 
 def _scheme(text: str) -> str:
@@ -110,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="calibrate, smooth and quantize a model; optionally save and evaluate it")
     _add_model(q)
+    r = q.add_argument_group("recipe (smoothq/recipe.py): everything the run does, in one file; the flags below "
+                                "that differ from their defaults override it")
+    r.add_argument("--preset", choices=list(PRESETS), help="a measured recipe: " + "; ".join(
+        f"{k} = {Recipe.preset(k).describe().split(': ', 1)[1]}" for k in PRESETS))
+    r.add_argument("--recipe", metavar="FILE", help="a recipe .yaml/.json, or a checkpoint directory whose recipe to reuse")
+    r.add_argument("--save-recipe", metavar="FILE", help="write the recipe this run uses to FILE (.yaml/.json)")
     _add_calib(q)
     q.add_argument("--alpha", type=_alpha, default=0.8,
                    help="migration strength in [0, 1], or 'auto' to search it per group (default: 0.8)")
@@ -131,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     big.add_argument("--sequential", action="store_true",
                      help="stream the model from disk one decoder layer at a time (peak memory ~ one layer); "
                           "needs -o")
-    big.add_argument("--propagate", default="quantized", choices=["quantized", "float"],
-                     help="next layer's calibration inputs: outputs of the quantized layer (default, the error "
-                          "inference sees) or of the float layer (= the in-memory result)")
+    big.add_argument("--propagate", choices=["quantized", "float"],
+                     help="next layer's calibration inputs: outputs of the quantized layer (the error inference "
+                          "sees; the default without a recipe) or of the float layer (= the in-memory checkpoint; "
+                          "the presets' default)")
     big.add_argument("--activations", default="device", choices=["device", "cpu"],
                      help="keep calibration hidden states on the compute device (default) or in CPU memory")
     big.add_argument("--device-map", help="spread layers over GPUs: 'auto', or JSON {module name: device}")
@@ -187,8 +186,13 @@ def _load(args):
 
 
 def _calibration(args, tok, evaluated: Windows | None) -> Windows:
-    calib = calib_samples(tok, args.calib, n=args.samples, seqlen=args.calib_seqlen, seed=args.seed, avoid=evaluated,
-                          chat=getattr(args, "chat_calib", False))
+    """Calibration windows as the recipe (or the calibration flags of eval/compare) say."""
+    c = args.calibration if isinstance(args, Recipe) else None
+    if c is not None:
+        calib = calib_samples(tok, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=evaluated, chat=c.chat)
+    else:
+        calib = calib_samples(tok, args.calib, n=args.samples, seqlen=args.calib_seqlen, seed=args.seed,
+                              avoid=evaluated, chat=getattr(args, "chat_calib", False))
     note = ""
     if evaluated is not None:
         if calib.overlaps(evaluated):  # cannot happen by construction; checked because it matters
@@ -205,134 +209,131 @@ def _evaluation(args, tok) -> Windows:
     return windows
 
 
-def cmd_quantize_sequential(args) -> int:
-    from transformers import AutoTokenizer
+def _flags_recipe(args) -> dict:
+    """The recipe the flags describe (each flag is one recipe field; compare has no scheme, alpha or
+    output flags: it varies the first two per row)."""
+    flag = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    return {
+        "scheme": flag("scheme", "W8A8"),
+        "smoothing": {"alpha": None if flag("no_smooth") else flag("alpha", 0.5), "extra": args.smooth_extra,
+                      "search": {"samples": args.search_samples, "strategy": args.search_strategy,
+                                 "blockwise": args.blockwise, "guard": not args.no_guard,
+                                 "guard_samples": args.guard_samples}},
+        "clip": {"method": flag("clip"), "percentile": flag("clip_percentile", 99.9)},
+        "rotation": {"kind": args.rotate, "seed": args.seed},
+        "rotate_inputs": args.rotate_inputs,
+        "sink_tokens": args.sink_tokens,
+        "calibration": {"source": args.calib, "samples": args.samples, "seqlen": args.calib_seqlen, "seed": args.seed,
+                        "chat": args.chat_calib},
+        "propagation": flag("propagate") or "quantized",
+        "output": {"format": flag("format", "smoothq"), "dtype": flag("save_dtype", "float16"),
+                   "embeddings": flag("embeddings", "float")},
+    }
 
-    from .evaluate import perplexity
-    from .io import dir_bytes, load
-    from .sequential import interrupted_run, partial_dir, quantize_sequential
 
-    if not args.output:
-        raise DataError("--sequential writes the checkpoint layer by layer: pass -o OUTPUT")
-    if args.gguf_file or not Path(args.model).is_dir():
-        raise ModelNotFound(f"--sequential reads a local model directory of safetensors shards; {args.model!r} is not one")
-    tok = AutoTokenizer.from_pretrained(args.model)
-    evaluated = _evaluation(args, tok) if args.eval else None
-    calib = _calibration(args, tok, evaluated)
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "alphas":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _recipe(args) -> Recipe:
+    """--preset / --recipe, with every flag that differs from its default applied on top; the flags
+    alone without either."""
+    if args.preset and args.recipe:
+        raise RecipeError("pass --preset or --recipe, not both")
+    flags = _flat(Recipe.from_dict(_flags_recipe(args)).to_dict())
+    if not (args.preset or args.recipe):
+        recipe = Recipe.from_dict(_flags_recipe(args))
+    else:
+        defaults = _flat(Recipe.from_dict(_flags_recipe(build_parser().parse_args(["quantize"]))).to_dict())
+        changed = {k: v for k, v in flags.items() if v != defaults.get(k) and k != "propagation"}
+        if args.propagate:
+            changed["propagation"] = args.propagate
+        base = Recipe.preset(args.preset) if args.preset else Recipe.from_file(args.recipe)
+        recipe = base.override(changed)
+    if args.save_recipe:
+        recipe.to_file(args.save_recipe)
+    return recipe
+
+
+def _device_map(args):
     device_map = args.device_map
     if device_map and device_map not in ("auto", "balanced"):
         try:
             device_map = json.loads(device_map)
         except json.JSONDecodeError as exc:
             raise DataError(f"--device-map is neither 'auto' nor JSON ({exc})") from None
-    record = interrupted_run(args.output)
-    if args.resume and record:
-        _say(f"resuming {partial_dir(args.output)}: {record.get('layers_done')}/{record.get('layers')} layers done")
-    meta = {"alpha": None if args.no_smooth else args.alpha, "calibration": calib.describe()}
-    t0 = time.perf_counter()
-    try:
-        path = quantize_sequential(
-            args.model, args.output, calib, scheme=args.scheme, alpha=args.alpha, smooth=not args.no_smooth,
-            error_propagation=args.propagate == "quantized", format=args.format, float_dtype=args.save_dtype,
-            embeddings=args.embeddings, dtype=args.dtype, device=args.device, device_map=device_map,
-            activations=args.activations, backend=args.backend, tokenizer=tok, meta=meta, resume=args.resume,
-            overwrite=args.force, progress=not args.quiet)
-    except KeyboardInterrupt:
-        record = interrupted_run(args.output) or {}
-        _say(f"interrupted after {record.get('layers_done', 0)}/{record.get('layers', '?')} layers; rerun the same "
-             "command with --resume to continue")
-        return 130
-    _say(f"saved {args.scheme} ({args.format} format, sequential) to {path}: {dir_bytes(path) / 1e6:.1f} MB "
-         f"in {time.perf_counter() - t0:.0f}s")
-    if evaluated is not None:
-        model, _ = load(path, backend=args.backend, device=args.device, dtype=args.dtype)
-        ppl = perplexity(model, evaluated, progress=not args.quiet)
-        _print_row(model=args.model, scheme=args.scheme, alpha="none" if args.no_smooth else args.alpha,
-                   perplexity=f"{ppl:.3f}")
-    return 0
+    return device_map
 
 
 def cmd_quantize(args) -> int:
-    if args.sequential:
-        if args.alpha == "auto" or args.clip or args.smooth_extra or args.int8_attention or args.rotate \
-                or args.sink_tokens or args.rotate_inputs:
-            raise DataError("--alpha auto, --clip, --smooth-extra, --rotate, --rotate-inputs, --sink-tokens and "
-                            "--int8-attention need the in-memory path (drop --sequential)")
-        return cmd_quantize_sequential(args)
-    if args.resume:
-        raise DataError("--resume continues an interrupted --sequential run; add --sequential")
-    if args.sink_tokens and args.output and args.format == "compressed-tensors" \
-            and get_scheme(args.scheme).activations != "per_token":
-        raise DataError(f"--sink-tokens with {args.scheme}: compressed-tensors has no field for that, and vLLM would "
-                        "apply the per-tensor scale to the sink tokens too. Use --format smoothq, or drop --sink-tokens")
-    if args.rotate_inputs and args.output and args.format == "compressed-tensors":
-        raise DataError("--rotate-inputs: compressed-tensors has no field vLLM applies for an online input rotation, "
-                        "so the export would load and compute wrong. Use --format smoothq, or drop --rotate-inputs")
-    from .calibrate import calibrate
+    """Thin caller of smoothq.run: the recipe from --preset/--recipe/flags, one of two executors."""
     from .evaluate import perplexity
-    from .io import dir_bytes, save
-    from .nn import quantize
-    from .smooth import smooth
+    from .io import dir_bytes, load
+    from .pipeline import run
+    from .sequential import interrupted_run, partial_dir
 
-    model, tok = _load(args)
-    fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
-    _rotate(args, model)
-    evaluated = _evaluation(args, tok) if args.eval else None
-    calib = _calibration(args, tok, evaluated)
-    stats = calibrate(model, calib, progress=not args.quiet, sink_tokens=_sink_tokens(args))
-    if args.int8_attention and args.output:
-        raise DataError("--int8-attention is for --eval: INT8 attention scales are not saved in checkpoints")
-    if not args.no_smooth and (args.alpha == "auto" or args.clip):
-        from .search import auto_smooth
+    recipe = _recipe(args)
+    _say(f"recipe: {recipe.describe()}")
+    if args.int8_attention and (args.output or args.sequential):
+        raise DataError("--int8-attention is for --eval: INT8 attention scales are not saved in checkpoints "
+                        "(drop -o / --sequential)")
+    if args.resume and not args.sequential:
+        raise DataError("--resume continues an interrupted --sequential run; add --sequential")
+    t0 = time.perf_counter()
+    if args.sequential:
+        from transformers import AutoTokenizer
 
-        stats = auto_smooth(model, stats, calib, args.scheme, _search_config(args, args.alpha), progress=not args.quiet)
-        _say(f"alpha search: {model.smoothq_search.summary()}")
-    elif not args.no_smooth:
-        stats = smooth(model, stats, args.alpha, options=args.smooth_extra)
-        _say(f"smoothed {len(model.smoothq_scales)} groups with alpha={args.alpha}")
-    if args.rotate_inputs:
-        from .online_rotation import rotate_inputs
+        if not args.output:
+            raise DataError("--sequential writes the checkpoint layer by layer: pass -o OUTPUT")
+        if args.gguf_file or not Path(args.model).is_dir():
+            raise ModelNotFound(f"--sequential reads a local model directory of safetensors shards; {args.model!r} "
+                                "is not one")
+        tok = AutoTokenizer.from_pretrained(args.model)
+        evaluated = _evaluation(args, tok) if args.eval else None
+        calib = _calibration(recipe, tok, evaluated)
+        record = interrupted_run(args.output)
+        if args.resume and record:
+            _say(f"resuming {partial_dir(args.output)}: {record.get('layers_done')}/{record.get('layers')} layers done")
+        try:
+            result = run(args.model, recipe, calib, tokenizer=tok, output=args.output, executor="layered",
+                         backend=args.backend, dtype=args.dtype, device=args.device, device_map=_device_map(args),
+                         activations=args.activations, overwrite=args.force, resume=args.resume,
+                         progress=not args.quiet, log=_say)
+        except KeyboardInterrupt:
+            record = interrupted_run(args.output) or {}
+            _say(f"interrupted after {record.get('layers_done', 0)}/{record.get('layers', '?')} layers; rerun the "
+                 "same command with --resume to continue")
+            return 130
+        _say(f"saved {recipe.scheme} ({recipe.output.format} format, layered, {recipe.propagation} propagation) to "
+             f"{result.output}: {dir_bytes(result.output) / 1e6:.1f} MB in {time.perf_counter() - t0:.0f}s")
+        model = load(result.output, backend=args.backend, device=args.device, dtype=args.dtype)[0] if evaluated else None
+    else:
+        model, tok = _load(args)
+        fp16_bytes = 2 * sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+        evaluated = _evaluation(args, tok) if args.eval else None
+        calib = _calibration(recipe, tok, evaluated)
+        result = run(model, recipe, calib, tokenizer=tok, output=args.output, executor="in-memory",
+                     backend=args.backend, overwrite=args.force, progress=not args.quiet, log=_say)
+        if args.int8_attention:
+            from .attention import AttnQuantConfig, enable_int8_attention
 
-        static = get_scheme(args.scheme).static
-        stats = rotate_inputs(model, stats, calib if static else None, seed=args.seed, progress=not args.quiet)
-        _say(f"rotated the inputs of {len(model.smoothq_input_rotation['linears'])} down projections online"
-             + (" and recalibrated them" if static else ""))
-    quantize(model, args.scheme, stats, backend=args.backend)
-    if args.int8_attention:
-        from .attention import AttnQuantConfig, enable_int8_attention
-
-        enable_int8_attention(model, AttnQuantConfig(granularity=args.int8_attention.replace("-", "_")),
-                              calib.input_ids[:16])
-    if args.output:
-        meta = {"alpha": None if args.no_smooth else args.alpha, "calibration": calib.describe()}
-        path = save(model, args.output, tok, format=args.format, float_dtype=args.save_dtype,
-                    embeddings=args.embeddings, overwrite=args.force, meta=meta)
-        size = dir_bytes(path)
-        _say(f"saved {args.scheme} ({args.format} format) to {path}: {size / 1e6:.1f} MB, "
-             f"{100 * size / fp16_bytes:.0f}% of the {fp16_bytes / 1e6:.1f} MB FP16 weights")
+            enable_int8_attention(model, AttnQuantConfig(granularity=args.int8_attention.replace("-", "_")),
+                                  calib.input_ids[:16])
+        if result.output is not None:
+            size = dir_bytes(result.output)
+            _say(f"saved {recipe.scheme} ({recipe.output.format} format) to {result.output}: {size / 1e6:.1f} MB, "
+                 f"{100 * size / fp16_bytes:.0f}% of the {fp16_bytes / 1e6:.1f} MB FP16 weights")
     if evaluated is not None:
         ppl = perplexity(model, evaluated, progress=not args.quiet)
-        _print_row(model=args.model, scheme=args.scheme, alpha="none" if args.no_smooth else args.alpha,
+        _print_row(model=args.model, scheme=recipe.scheme, alpha="none" if recipe.smoothing.alpha is None else recipe.smoothing.alpha,
                    perplexity=f"{ppl:.3f}")
     return 0
-
-
-def _sink_tokens(args) -> int:
-    if args.sink_tokens < 0:
-        raise DataError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
-    if args.sink_tokens >= args.calib_seqlen:
-        raise DataError(f"--sink-tokens {args.sink_tokens} leaves no calibration tokens in sequences of "
-                        f"{args.calib_seqlen}; use fewer sink tokens or longer calibration sequences")
-    return args.sink_tokens
-
-
-def _rotate(args, model) -> None:
-    if args.rotate:
-        from .rotate import rotate
-
-        rotate(model, args.rotate, seed=args.seed)
-        tied = " (LM head untied from the embedding)" if not model.config.tie_word_embeddings else ""
-        _say(f"rotated the residual stream: {model.smoothq_rotation}{tied}")
 
 
 def _print_row(**columns) -> None:
@@ -383,14 +384,15 @@ def cmd_generate(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare, format_table
 
+    recipe = Recipe.from_dict(_flags_recipe(args))  # the scheme and alpha vary per row
     model, tok = _load(args)
-    _rotate(args, model)  # exact: the fp32 row is the same model
     windows = _evaluation(args, tok)
-    calib = _calibration(args, tok, windows)
+    calib = _calibration(recipe, tok, windows)
     rows = compare(model, windows, calib, schemes=args.schemes, alphas=args.alphas, backend=args.backend,
-                   options=args.smooth_extra, search=_search_config(args, "auto"), sink_tokens=_sink_tokens(args),
-                   rotate_inputs=args.rotate_inputs, progress=not args.quiet, on_row=lambda r: _say(f"  {r.method:11s} {r.scheme:5s} "
-                                                                  f"alpha={r.alpha} ppl={r.ppl:.3f} ({r.seconds:.0f}s)"))
+                   recipe=recipe, progress=not args.quiet,
+                   on_row=lambda r: _say(f"  {r.method:11s} {r.scheme:5s} alpha={r.alpha} ppl={r.ppl:.3f} ({r.seconds:.0f}s)"))
+    if recipe.rotation.kind:
+        _say(f"rotated the residual stream: {model.smoothq_rotation}")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "seqlen": args.seqlen, "windows": len(windows),
@@ -410,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError, FileExistsError) as exc:
+    except (DataError, RecipeError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError,
+            FileExistsError) as exc:
         _say(f"error: {exc}")
         return 2
 

@@ -10,11 +10,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .archs import arch_for
 from .calibrate import calibrate
 from .config import check_alpha, get_scheme
 from .evaluate import perplexity
-from .nn import quantize
-from .smooth import smooth
+from .pipeline import run
+from .recipe import Recipe
+from .rotate import rotate
+from .search import SearchConfig
 
 
 @dataclass
@@ -29,60 +32,62 @@ class Row:
         return asdict(self)
 
 
+def legacy_recipe(options=(), search=None, sink_tokens: int = 0, rotate_inputs: bool = False) -> Recipe:
+    """The base recipe that compare()'s keyword arguments describe (a SearchConfig's searched fields)."""
+    cfg = search or SearchConfig()
+    return Recipe.from_dict({
+        "smoothing": {"alpha": 0.5, "extra": list(options or ()),
+                      "search": {"samples": cfg.samples, "strategy": cfg.strategy, "blockwise": cfg.blockwise,
+                                 "guard": cfg.guard, "guard_samples": cfg.guard_samples}},
+        "clip": {"method": cfg.clip, "percentile": cfg.clip_percentile},
+        "sink_tokens": sink_tokens, "rotate_inputs": rotate_inputs})
+
+
 def compare(model: nn.Module, eval_windows, calib_windows, schemes=("O1", "O2", "O3", "W8A8"),
             alphas=(0.5, 0.8), backend: str = "auto", progress: bool = True, on_row=None,
-            options=(), search=None, sink_tokens: int = 0, rotate_inputs: bool = False) -> list[Row]:
+            options=(), search=None, sink_tokens: int = 0, rotate_inputs: bool = False,
+            recipe: Recipe | None = None) -> list[Row]:
     """Perplexity of the float model, of naive INT8 (no smoothing) and of SmoothQuant at each alpha,
-    under each scheme. `on_row(row)` is called as each row finishes (for live printing).
-    `alphas` may contain "auto" (search.auto_smooth per scheme, configured by `search`, a
-    SearchConfig); `options` opts in to the extra exact smoothing groups (archs.OPTIONS);
-    `sink_tokens` quantizes the first tokens of each sequence per token (sink.py), naive rows included;
-    `rotate_inputs` rotates the down projections' inputs online after smoothing (online_rotation.py;
-    SmoothQuant rows only)."""
+    under each scheme: each quantized row is `run(copy of model, recipe)` with the scheme and alpha
+    of the row, all rows sharing one calibration. `recipe` (default: the one the keyword arguments
+    describe, see legacy_recipe) supplies everything else: extra groups, search settings, clipping
+    (static schemes), sink tokens (naive rows too), online input rotation (SmoothQuant rows), and
+    residual rotation (applied to `model` first, in place: exact, so the fp32 row is the same model).
+    `alphas` may contain "auto". `on_row(row)` is called as each row finishes (live printing)."""
     schemes = [get_scheme(s) for s in schemes]
     alphas = ["auto" if str(a).lower() == "auto" else check_alpha(a) for a in alphas]
+    base = recipe or legacy_recipe(options, search, sink_tokens, rotate_inputs)
+    base = base.check(arch_for(model))
+    if base.rotation.kind:
+        rotate(model, base.rotation.kind, seed=base.rotation.seed)
+        base = base.override({"rotation.kind": None})
     rows: list[Row] = []
 
-    def finish(m, scheme, st):
-        """Quantize a smoothed copy (rotating the down projections' inputs first, if asked)."""
-        if rotate_inputs:
-            from .online_rotation import rotate_inputs as rotate
-
-            st = rotate(m, st, calib_windows if scheme.static else None)
-        return quantize(m, scheme, st, backend=backend)
-
-    def run(method, scheme, alpha, m):
+    def row(method, scheme, alpha, m):
         t0 = time.perf_counter()
         label = f"{method} {scheme}" + (f" a={alpha}" if alpha is not None else "")
-        row = Row(method, scheme, alpha, perplexity(m, eval_windows, progress=progress, desc=label), 0.0)
-        row.seconds = round(time.perf_counter() - t0, 1)
-        rows.append(row)
+        r = Row(method, scheme, alpha, perplexity(m, eval_windows, progress=progress, desc=label), 0.0)
+        r.seconds = round(time.perf_counter() - t0, 1)
+        rows.append(r)
         if on_row:
-            on_row(row)
+            on_row(r)
 
-    run("fp32", "none", None, model)
-    stats = calibrate(model, calib_windows, progress=progress, sink_tokens=sink_tokens)
+    def quantized(scheme, alpha, naive=False):
+        changes = {"scheme": scheme.name, "smoothing.alpha": None if naive else alpha,
+                   "clip.method": base.clip.method if scheme.static and not naive else None,
+                   "rotate_inputs": base.rotate_inputs and not naive}
+        if naive:
+            changes["smoothing.alphas"] = {}
+        r = base.override(changes)
+        return run(copy.deepcopy(model), r, calib_windows, stats=stats, backend=backend, progress=progress).model
+
+    row("fp32", "none", None, model)
+    stats = calibrate(model, calib_windows, progress=progress, sink_tokens=base.sink_tokens)
     for scheme in schemes:
-        run("naive", scheme.name, None, quantize(copy.deepcopy(model), scheme, stats, backend=backend))
+        row("naive", scheme.name, None, quantized(scheme, None, naive=True))
     for alpha in alphas:
-        if alpha == "auto":
-            from dataclasses import replace
-
-            from .archs import check_options
-            from .search import SearchConfig, auto_smooth
-
-            cfg = replace(search or SearchConfig(), options=check_options(options))
-            for scheme in schemes:
-                m = copy.deepcopy(model)
-                st = auto_smooth(m, stats, calib_windows, scheme, cfg, progress=progress)
-                run("smoothquant", scheme.name, "auto", finish(m, scheme, st))
-                del m
-            continue
-        smoothed = copy.deepcopy(model)
-        smoothed_stats = smooth(smoothed, stats, alpha, options=options)
         for scheme in schemes:
-            run("smoothquant", scheme.name, alpha, finish(copy.deepcopy(smoothed), scheme, smoothed_stats))
-        del smoothed
+            row("smoothquant", scheme.name, alpha, quantized(scheme, alpha))
     return rows
 
 

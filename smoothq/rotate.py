@@ -108,10 +108,114 @@ def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> torch.Tens
     return q * torch.sign(torch.diagonal(r))[None, :]  # sign fix: Haar-distributed
 
 
+def _sylvester_signs(rot: torch.Tensor) -> torch.Tensor | None:
+    """The signs s if rot = diag(s) H / sqrt(n) with H Sylvester's Hadamard matrix, else None."""
+    n = rot.shape[0]
+    if n < 64 or n & (n - 1) or rot.dtype != torch.float64:
+        return None
+    signs = torch.sign(rot[:, 0])
+    if not torch.equal(rot * signs[:, None] * math.sqrt(n), _hadamard(n).to(rot.device)):
+        return None
+    return signs
+
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """x @ H along the last dimension, H the n x n Sylvester Hadamard matrix (unnormalized). Sylvester's
+    H_n is H_a kron H_b for any split n = a b, so each row, viewed as an a x b matrix X, maps to
+    H_a X H_b: two small matrix products, 2 (a + b) instead of n multiply-adds per element."""
+    n = x.shape[-1]
+    a = 1 << (n.bit_length() - 1) // 2
+    h_a, h_b = _hadamard(a).to(x), _hadamard(n // a).to(x)
+    return (h_a @ x.reshape(-1, a, n // a) @ h_b).reshape(x.shape)
+
+
+def times_rotation(x: torch.Tensor, rot: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+    """x @ rot in float64, returned in x's dtype; in row chunks (a 7B model's embedding times R would
+    otherwise hold three 1 GB float64 copies). A randomized Sylvester Hadamard rotation (every power of
+    two) takes the fast Walsh-Hadamard transform: n log n instead of n^2 per row, the same product."""
+    rot = rot.to(x.device)
+    signs = _sylvester_signs(rot)
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], rows):
+        part = x[start:start + rows].double()
+        part = _fwht(part * signs) / math.sqrt(rot.shape[0]) if signs is not None else part @ rot
+        out[start:start + rows] = part.to(x.dtype)
+    return out
+
+
 def _right(module: nn.Module, m: torch.Tensor) -> None:
     """Input side: W [out, in] -> W @ m."""
     w = weight_nk(module)
-    w.copy_((w.double() @ m.to(w.device)).to(w.dtype))
+    w.copy_(times_rotation(w, m))
+
+
+def _fold_norm(norm: nn.Module, readers: list[nn.Module], rot: torch.Tensor, offset: float) -> None:
+    """RMSNorm gain g folded into the linears it feeds (W diag(g) R), and set to the identity."""
+    if isinstance(norm, nn.LayerNorm) or getattr(norm, "bias", None) is not None:
+        raise UnsupportedArchError(f"{type(norm).__name__} subtracts a mean or adds a bias: only RMSNorm "
+                                   "commutes with a rotation")
+    gain = norm.weight.double() + offset
+    for lin in readers:
+        w = weight_nk(lin)
+        w.copy_((w.double() * gain.to(w.device)[None, :]).to(w.dtype))
+        _right(lin, rot)
+    norm.weight.fill_(1.0 - offset)
+
+
+def _spec_of(res, what: str):
+    spec = res.arch.rotation
+    if spec is None:
+        raise UnsupportedArchError(
+            f"{res.arch.name or 'this architecture'} cannot be rotated exactly: rotation needs pre-norm RMSNorm "
+            "blocks whose norms feed only the linears of the table (Llama, Mistral, Qwen2/3, Phi-3, Mixtral, "
+            f"Gemma 1, GLM). {what}")
+    return spec
+
+
+@torch.no_grad()
+def rotate_block(res, prefix: str, block: nn.Module, rot: torch.Tensor) -> None:
+    """Rotate one decoder block of a resolved model (`res`, paper groups): its norms folded into
+    their readers, readers W diag(g) R, residual writers R^T W (bias b R). The sequential pipeline
+    calls it on each layer as it is read; rotate() on every block."""
+    spec, offset = _spec_of(res, "Quantize it without rotation."), res.arch.norm_offset
+    for group in res.groups:
+        if group.prev.startswith(prefix + ".") and not group.option:
+            _fold_norm(res.modules[group.prev], [res.modules[n] for n in group.linears], rot, offset)
+    for pattern in spec.writers:
+        for rel in _expand(block, pattern):
+            lin = block.get_submodule(rel)
+            w = weight_nk(lin)
+            w.copy_(times_rotation(w.T, rot).T)  # R^T W = (W^T R)^T
+            if getattr(lin, "bias", None) is not None:
+                lin.bias.copy_((lin.bias.double() @ rot.to(lin.bias.device)).to(lin.bias.dtype))
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give a head tied to the input embedding its own weight (they are rotated differently)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is embed.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):
+        model.all_tied_weights_keys = {}
+
+
+@torch.no_grad()
+def rotate_outside(model: nn.Module, arch: Arch, rot: torch.Tensor) -> None:
+    """The parts of the rotation outside the decoder blocks: embedding E R, final norm folded into
+    the (untied) LM head W diag(g_final) R."""
+    spec = arch.rotation
+    embed, head = model.get_submodule(spec.embed), model.get_submodule(spec.head)
+    untie_head(model)
+    embed.weight.copy_(times_rotation(embed.weight, rot))
+    _fold_norm(model.get_submodule(spec.final_norm), [head], rot, arch.norm_offset)
+
+
+def rotation_record(kind: str, seed: int, hidden: int) -> dict:
+    """What model.smoothq_rotation and a checkpoint's config record (the kind actually built)."""
+    return {"kind": kind if hadamard_matrix(hidden) is not None or kind != "hadamard" else "orthogonal",
+            "seed": seed, "size": hidden}
 
 
 @torch.no_grad()
@@ -125,46 +229,11 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0, arch: Arch |
             raise RuntimeError(f"model is already {what}: rotate the float model first (rotate -> calibrate -> "
                                "smooth -> quantize); reload it to start over")
     res = resolve(model, arch)
-    spec = res.arch.rotation
-    if spec is None:
-        raise UnsupportedArchError(
-            f"{res.arch.name or 'this architecture'} cannot be rotated exactly: rotation needs pre-norm RMSNorm "
-            "blocks whose norms feed only the linears of the table (Llama, Mistral, Qwen2/3, Phi-3, Mixtral, "
-            "Gemma 1). Quantize it without --rotate.")
-    embed, head = model.get_submodule(spec.embed), model.get_submodule(spec.head)
-    hidden = embed.weight.shape[1]
+    spec = _spec_of(res, "Quantize it without --rotate.")
+    hidden = model.get_submodule(spec.embed).weight.shape[1]
     rot = rotation_matrix(hidden, kind, seed)
-    offset = res.arch.norm_offset
-
-    def fold_norm(norm: nn.Module, readers: list[nn.Module]) -> None:
-        if isinstance(norm, nn.LayerNorm) or getattr(norm, "bias", None) is not None:
-            raise UnsupportedArchError(f"{type(norm).__name__} subtracts a mean or adds a bias: only RMSNorm "
-                                       "commutes with a rotation")
-        gain = norm.weight.double() + offset
-        for lin in readers:
-            w = weight_nk(lin)
-            w.copy_((w.double() * gain.to(w.device)[None, :]).to(w.dtype))
-            _right(lin, rot)
-        norm.weight.fill_(1.0 - offset)
-
-    if head.weight is embed.weight:  # tied: the head gets its own copy (it is rotated differently)
-        head.weight = nn.Parameter(head.weight.detach().clone())
-        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            cfg.tie_word_embeddings = False
-        if hasattr(model, "all_tied_weights_keys"):
-            model.all_tied_weights_keys = {}
-    embed.weight.copy_((embed.weight.double() @ rot.to(embed.weight.device)).to(embed.weight.dtype))
-    for group in res.groups:  # the paper's groups (no options): every norm and all the linears reading it
-        fold_norm(res.modules[group.prev], [res.modules[n] for n in group.linears])
+    rotate_outside(model, res.arch, rot)
     for prefix, block in res.blocks:
-        for pattern in spec.writers:
-            for rel in _expand(block, pattern):
-                lin = block.get_submodule(rel)
-                w = weight_nk(lin)
-                w.copy_((rot.T.to(w.device) @ w.double()).to(w.dtype))
-                if getattr(lin, "bias", None) is not None:
-                    lin.bias.copy_((lin.bias.double() @ rot.to(lin.bias.device)).to(lin.bias.dtype))
-    fold_norm(model.get_submodule(spec.final_norm), [head])
-    model.smoothq_rotation = {"kind": kind if hadamard_matrix(hidden) is not None or kind != "hadamard"
-                              else "orthogonal", "seed": seed, "size": hidden}
+        rotate_block(res, prefix, block, rot)
+    model.smoothq_rotation = rotation_record(kind, seed, hidden)
     return rot

@@ -364,51 +364,76 @@ def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActS
     for i, (prefix, block) in enumerate(tqdm(res.blocks, desc=f"alpha search {scheme.name}", disable=not progress)):
         groups = [g for g in res.groups if g.prev.startswith(prefix + ".")]
         names = [n for n in quantizable if n.startswith(prefix + ".")]
-        order: list[str] = []
-        target = _run(block, x_fp, calls[i], order)
-        cand = _Candidates(block, prefix, res.arch, names, scheme, calls[i], order, sink_tokens)
-
-        def evaluate(alphas: list[float]) -> float:
-            cand.set(groups, alphas, stats)
-            return _loss(cand.run(x_q), target, config.loss)
-
-        chosen = [config.init_alpha] * len(groups)
-        if groups and len(config.grid) > 1:
-            if config.blockwise:
-                cand.cache_before({m for g in groups for m in (g.prev, *g.linears)})
-                best, curve = _search_grid(lambda a: evaluate([a] * len(groups)), config.grid, config.strategy)
-                chosen = [best] * len(groups)
-                result.curves[prefix] = curve
-            else:
-                for k, g in enumerate(groups):
-                    cand.cache_before({g.prev, *g.linears})
-
-                    def trial(a: float, k=k) -> float:
-                        return evaluate(chosen[:k] + [a] + chosen[k + 1:])
-
-                    chosen[k], result.curves[g.prev] = _search_grid(trial, config.grid, config.strategy)
-        elif groups:
-            chosen = [config.grid[0]] * len(groups)
-        for g, a in zip(groups, chosen):
-            result.alphas[g.prev] = a
-
-        cand.cache_before(set())  # nothing replayed from here on
-        clip: dict[str, float] = {}
-        if config.clip:
-            clip = _search_clip(cand, groups, chosen, stats, x_q, config)
-            result.clip.update(clip)
-        cand.set(groups, chosen, stats, clip)
-        x_q = cand.run(x_q)
-        result.block_loss.append(_loss(x_q, target, config.loss))
-        result.block_forwards += cand.forwards
-        cand.close()
-        x_fp = target
-        del cand
+        x_fp, x_q = search_block(block, prefix, res.arch, groups, names, scheme, stats, x_fp, x_q, calls[i], config,
+                                 result, sink_tokens)
     if config.guard and len(config.grid) > 1:
         guard_ids = ids[: max(config.guard_samples, config.samples)].to(device)
         _guard(model, stats, guard_ids, scheme, config, arch, result, progress)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+@torch.no_grad()
+def search_block(block: nn.Module, prefix: str, arch: Arch, groups: list[ResolvedGroup], names: list[str],
+                 scheme: QuantScheme, stats: ActStats, x_fp: list[torch.Tensor], x_q: list[torch.Tensor],
+                 calls: list[tuple], config: SearchConfig, result: SearchResult,
+                 sink_tokens: int = 0, local_guard: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Search one decoder block (steps 2-5 of the module docstring): its groups' alphas and clipping
+    ratios go into `result`; returns the block's float output on `x_fp` and the chosen quantized
+    block's output on `x_q` (the next block's two inputs). `calls[b]` = (args, kwargs) the block is
+    called with on batch b after its hidden state. search_alpha calls it on every block of a model
+    in memory, the sequential pipeline on each layer as it is read; the block is not modified.
+    local_guard: also score every global alpha of the grid on this block and keep it if its output
+    error is lower than the searched alphas' (the layer-local form of search_alpha's end-to-end
+    guard, for the sequential pipeline, where the whole model is never in memory)."""
+    order: list[str] = []
+    target = _run(block, x_fp, calls, order)
+    cand = _Candidates(block, prefix, arch, names, scheme, calls, order, sink_tokens)
+
+    def evaluate(alphas: list[float]) -> float:
+        cand.set(groups, alphas, stats)
+        return _loss(cand.run(x_q), target, config.loss)
+
+    chosen = [config.init_alpha] * len(groups)
+    if groups and len(config.grid) > 1:
+        if config.blockwise:
+            cand.cache_before({m for g in groups for m in (g.prev, *g.linears)})
+            best, curve = _search_grid(lambda a: evaluate([a] * len(groups)), config.grid, config.strategy)
+            chosen = [best] * len(groups)
+            result.curves[prefix] = curve
+        else:
+            for k, g in enumerate(groups):
+                cand.cache_before({g.prev, *g.linears})
+
+                def trial(a: float, k=k) -> float:
+                    return evaluate(chosen[:k] + [a] + chosen[k + 1:])
+
+                chosen[k], result.curves[g.prev] = _search_grid(trial, config.grid, config.strategy)
+    elif groups:
+        chosen = [config.grid[0]] * len(groups)
+    if local_guard and groups and len(config.grid) > 1:
+        cand.cache_before(set())
+        searched = evaluate(chosen)
+        glob = {a: evaluate([a] * len(groups)) for a in config.grid}
+        best = min(glob, key=lambda a: (glob[a], config.grid.index(a)))
+        result.guard = {"picked": "searched"}
+        if glob[best] < searched:
+            chosen = [best] * len(groups)
+            result.guard["picked"] = f"global alpha={best:g}"
+    for g, a in zip(groups, chosen):
+        result.alphas[g.prev] = a
+
+    cand.cache_before(set())  # nothing replayed from here on
+    clip: dict[str, float] = {}
+    if config.clip:
+        clip = _search_clip(cand, groups, chosen, stats, x_q, config)
+        result.clip.update(clip)
+    cand.set(groups, chosen, stats, clip)
+    x_q = cand.run(x_q)
+    result.block_loss.append(_loss(x_q, target, config.loss))
+    result.block_forwards += cand.forwards
+    cand.close()
+    return target, x_q
 
 
 def _guard(model, stats, ids, scheme, config: SearchConfig, arch, result: SearchResult, progress: bool) -> None:

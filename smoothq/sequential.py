@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .archs import Arch, arch_for, resolve, weight_nk
+from .archs import Arch, arch_for, check_options, resolve, weight_nk
 from .calibrate import ActStats, CalibrationError, _as_batches, update_absmax, _fill_unseen_experts, _forward_no_logits
 from .config import FORMAT_VERSION, QuantScheme, check_alpha, get_scheme
 from .io import (CheckpointError, _float_dtype, check_save_options, checkpoint_config, compressed_tensors_config,
@@ -417,12 +417,29 @@ def _mismatch(old: dict, new: dict) -> list[str]:
 # the pipeline
 
 
+def recipe_of(*, scheme="W8A8", alpha=0.8, smooth=True, options=(), alphas=None, error_propagation=True,
+              format="smoothq", float_dtype="float16", embeddings="float", batch_size=4):
+    """The Recipe the keyword arguments of quantize_sequential describe."""
+    from .recipe import Recipe
+
+    if isinstance(options, str):
+        options = [o.strip() for o in options.split(",") if o.strip()]
+    return Recipe.from_dict({
+        "scheme": get_scheme(scheme).name,
+        "smoothing": {"alpha": check_alpha(alpha) if smooth else None, "extra": list(options or ()),
+                      "alphas": {k: check_alpha(v) for k, v in (alphas or {}).items()}},
+        "propagation": "quantized" if error_propagation else "float",
+        "calibration": {"batch_size": batch_size},
+        "output": {"format": format, "dtype": float_dtype, "embeddings": embeddings}})
+
+
 @torch.no_grad()
 def quantize_sequential(
     model_dir: str | Path,
     output: str | Path,
     samples,
     *,
+    recipe=None,
     scheme: str | QuantScheme = "W8A8",
     alpha: float = 0.8,
     smooth: bool = True,
@@ -467,13 +484,19 @@ def quantize_sequential(
     on_layer(i, n): called after layer i of n is safely on disk.
     Memory: on glibc, allocations of 1 MiB and more are served by mmap from here on (mallopt
         M_MMAP_THRESHOLD), so that each freed layer goes back to the OS instead of fragmenting the heap.
-    The other arguments are those of `smooth` (alpha, options, alphas; smooth=False skips it),
-    `quantize` (scheme, backend) and `smoothq.io.save` (format, float_dtype, embeddings, meta,
-    max_shard_bytes, tokenizer, overwrite). Returns the output directory."""
-    run = _Run(model_dir, output, samples, scheme=scheme, alpha=alpha, smooth=smooth, options=options, alphas=alphas,
-               arch=arch, error_propagation=error_propagation, format=format, float_dtype=float_dtype,
-               embeddings=embeddings, dtype=dtype, device=device, device_map=device_map, activations=activations,
-               batch_size=batch_size, backend=backend, attn_implementation=attn_implementation, meta=meta,
+    recipe: a smoothq.Recipe: every stage it names runs layer by layer (rotation, alpha search with a
+        layer-local guard, clipping, extra groups, online input rotation, sink tokens); it replaces
+        scheme, alpha, smooth, options, alphas, error_propagation, format, float_dtype, embeddings
+        and batch_size, which are otherwise those of `smooth` (alpha, options, alphas; smooth=False
+        skips it), `quantize` (scheme) and `smoothq.io.save` (format, float_dtype, embeddings).
+    The other arguments: `quantize` (backend), `smoothq.io.save` (meta, max_shard_bytes, tokenizer,
+    overwrite). Returns the output directory."""
+    if recipe is None:
+        recipe = recipe_of(scheme=scheme, alpha=alpha, smooth=smooth, options=options, alphas=alphas,
+                           error_propagation=error_propagation, format=format, float_dtype=float_dtype,
+                           embeddings=embeddings, batch_size=batch_size)
+    run = _Run(model_dir, output, samples, recipe=recipe, arch=arch, dtype=dtype, device=device, device_map=device_map,
+               activations=activations, backend=backend, attn_implementation=attn_implementation, meta=meta,
                max_shard_bytes=max_shard_bytes, overwrite=overwrite)
     run.open(resume=resume, overwrite=overwrite)
     _map_large_allocations()
@@ -497,30 +520,23 @@ class _Run:
     """One sequential quantization: the plan (at construction), the working directory (`open`),
     and the layer-by-layer pass (`execute`)."""
 
-    def __init__(self, model_dir, output, samples, *, scheme, alpha, smooth, options, alphas, arch, error_propagation,
-                 format, float_dtype, embeddings, dtype, device, device_map, activations, batch_size, backend,
+    def __init__(self, model_dir, output, samples, *, recipe, arch, dtype, device, device_map, activations, backend,
                  attn_implementation, meta, max_shard_bytes, overwrite):
         from transformers import AutoConfig
 
-        self.scheme = get_scheme(scheme)
-        self.alpha = check_alpha(alpha)
+        from .online_rotation import _spec as input_rotation_spec
+        from .online_rotation import targets as input_rotation_targets
+        from .rotate import rotation_matrix, rotation_record, untie_head
+
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        check_save_options(format, embeddings)
-        if format == "compressed-tensors":
-            compressed_tensors_config(self.scheme, [])  # refuses O2 before any work
         if activations not in ("device", "cpu"):
             raise ValueError(f"activations must be 'device' or 'cpu', got {activations!r}")
         self.out = Path(output)
         if self.out.exists() and not (self.out.is_dir() and not any(self.out.iterdir())) and not overwrite:
             raise FileExistsError(f"{self.out} already exists; choose another output or allow overwriting (--force)")
         self.work_dir = partial_dir(self.out)
-        self.smooth, self.error_propagation, self.format = smooth, bool(error_propagation), format
-        self.int8_embeddings = embeddings == "int8"
         self.backend, self.activations = backend, activations
-        if isinstance(options, str):  # "attn_vo,mlp_updown" or "all", as smooth() takes them
-            options = [o.strip() for o in options.split(",") if o.strip()]
-        self.options = tuple(options or ())
-        self.batches = _as_batches(samples, batch_size)
+        self.batches = _as_batches(samples, recipe.calibration.batch_size)
         self.writer = None
 
         self.model_dir = Path(model_dir)
@@ -528,17 +544,53 @@ class _Run:
         self.config = AutoConfig.from_pretrained(model_dir)
         self.model = skeleton(self.config, self.dtype, attn_implementation)
         self.arch = arch = arch or arch_for(self.model)
+        self.recipe = recipe = recipe.check(arch)  # refuses what the architecture cannot do
+        self.scheme = get_scheme(recipe.scheme)
+        out_cfg = recipe.output
+        self.format, self.int8_embeddings = out_cfg.format, out_cfg.embeddings == "int8"
+        check_save_options(self.format, out_cfg.embeddings)
+        if self.format == "compressed-tensors":
+            compressed_tensors_config(self.scheme, [])  # refuses O2 before any work
+        self.error_propagation = recipe.propagation == "quantized"
+        self.options = check_options(recipe.smoothing.extra, arch)
+        self.sink_tokens = recipe.sink_tokens
+        if self.sink_tokens and min(b.shape[-1] for b in self.batches) <= self.sink_tokens:
+            raise CalibrationError(f"calibration sequences must be longer than sink_tokens={self.sink_tokens}: "
+                                   "they would have no other tokens to calibrate on")
+        self.search = recipe.search_config() if recipe.searches else None
+        if self.search is not None:
+            ids = getattr(samples, "input_ids", samples)
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+                raise ValueError("alpha search needs equal-length calibration windows, a LongTensor [N, L]")
+            self.search_batches = _as_batches(ids[: self.search.samples], self.search.batch_size)
+        else:
+            self.search_batches = []
         self.layers = self.model.get_submodule(arch.layers)
         self.n = n = len(self.layers)
         self.prefix = prefix = f"{arch.layers}."
-        self.alphas = {k: check_alpha(v) for k, v in (alphas or {}).items()}
+        self.alphas = dict(recipe.smoothing.alphas)
         bad = [k for k in self.alphas if not k.startswith(prefix)]
         if bad:
             raise ValueError(f"alphas names {bad[0]!r}, which is not a smoothing group of a decoder layer")
-        self.float_dtype = _float_dtype(float_dtype, self.dtype)
+        self.float_dtype = _float_dtype(out_cfg.dtype, self.dtype)
+        hidden_size = self.model.get_input_embeddings().weight.shape[1]
+        self.rot = None
+        if recipe.rotation.kind:  # the head gets its own weight: it is rotated differently from the embedding
+            self.rot = rotation_matrix(hidden_size, recipe.rotation.kind, recipe.rotation.seed)
+            untie_head(self.model)
+            self.model.get_output_embeddings().weight = nn.Parameter(
+                torch.empty_like(self.model.get_output_embeddings().weight, device="meta"), requires_grad=False)
 
         # the layout and config save() would write, from a meta skeleton quantized as quantize() does
         planned = skeleton(self.config, self.dtype, attn_implementation)
+        if self.rot is not None:
+            untie_head(planned)
+            planned.get_output_embeddings().weight = nn.Parameter(
+                torch.empty_like(planned.get_output_embeddings().weight, device="meta"), requires_grad=False)
+            planned.smoothq_rotation = rotation_record(recipe.rotation.kind, recipe.rotation.seed, hidden_size)
+        if recipe.rotate_inputs:
+            planned.smoothq_input_rotation = input_rotation_spec(
+                recipe.rotation.seed, [nm for nm, _ in input_rotation_targets(planned, arch)])
         for name, module in list(resolve(planned, arch).quantizable()):
             parent, _, attr = name.rpartition(".")
             w = weight_nk(module)
@@ -547,12 +599,15 @@ class _Run:
                     W8A8Linear(w.shape[1], w.shape[0], bias is not None, self.scheme, backend,
                                bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta"))
         planned.smoothq_scheme = self.scheme
+        planned.smoothq_sink_tokens = self.sink_tokens
         self.meta = dict(meta or {})
+        if "recipe" in self.meta:  # as run: an optional rotation is dropped where the architecture has none
+            self.meta["recipe"] = recipe.to_dict()
         if self.error_propagation:
             self.meta["calibration_inputs"] = "outputs of the quantized layers before (sequential, error propagation)"
-        self.ckpt_config = checkpoint_config(planned, format, self.float_dtype, embeddings, self.meta)
+        self.ckpt_config = checkpoint_config(planned, self.format, self.float_dtype, out_cfg.embeddings, self.meta)
         self.layout = {k: (t.dtype, tuple(t.shape)) for k, t in
-                       quantized_state(planned, format, self.float_dtype, self.int8_embeddings).items()}
+                       quantized_state(planned, self.format, self.float_dtype, self.int8_embeddings).items()}
         del planned
         self.layer_names: list[list[str]] = [[] for _ in range(n)]
         outside = []
@@ -588,12 +643,9 @@ class _Run:
 
         self.embed_device, self.devices = _devices(n, arch.layers, self.embed_name, device, device_map)
         self.fingerprint = {
-            "smoothq_format": FORMAT_VERSION, "source": self.source.fingerprint(), "scheme": self.scheme.to_dict(),
-            "alpha": self.alpha if smooth else None, "options": list(self.options), "alphas": self.alphas,
-            "arch": arch.name, "error_propagation": self.error_propagation, "format": format,
-            "float_dtype": str(self.float_dtype), "embeddings": embeddings, "dtype": str(self.dtype),
-            "max_shard_bytes": max_shard_bytes, "calibration": _calibration_digest(self.batches),
-            "batch_size": batch_size, "layout": _layout_digest(self.layout),
+            "smoothq_format": FORMAT_VERSION, "source": self.source.fingerprint(), "recipe": recipe.to_dict(),
+            "arch": arch.name, "dtype": str(self.dtype), "max_shard_bytes": max_shard_bytes,
+            "calibration": _calibration_digest(self.batches), "layout": _layout_digest(self.layout),
             "meta": json.loads(json.dumps(self.meta, default=str)),
         }
         self.max_shard_bytes = max_shard_bytes
@@ -682,9 +734,12 @@ class _Run:
                     module._parameters[pname] = nn.Parameter(p.to("meta"), requires_grad=False)
         _return_freed_memory()
 
-    def embeddings_pass(self) -> tuple[list[torch.Tensor], list[list]]:
-        """Load the input side of the model and run every batch up to the first decoder layer,
-        recording each layer's call arguments: (hidden states entering layer 0, calls[b][i])."""
+    def embeddings_pass(self) -> tuple[list[torch.Tensor], list[list], list[torch.Tensor], list[list]]:
+        """Load the input side of the model (rotated, if the recipe rotates) and run every batch up
+        to the first decoder layer, recording each layer's call arguments: (hidden states entering
+        layer 0, calls[b][i]) for the calibration batches, and the same for the search batches."""
+        from .rotate import rotate_outside
+
         self.load(self.src_embed, self.embed_device)
         missing = [p for p in _still_meta(self.model, "")
                    if not p.startswith(self.prefix) and p not in self.head_params]
@@ -694,30 +749,44 @@ class _Run:
             for name, buf in list(module._buffers.items()):
                 if buf is not None and not buf.is_meta:
                     module._buffers[name] = buf.to(self.embed_device)
-        memo: dict = {}
-        store = lambda obj: _move(obj, self.act_device(0), memo)  # noqa: E731
-        inputs, calls = [], []
-        originals = list(self.layers)
-        try:
-            for ids in self.batches:
-                sink: list = []
-                for i in range(self.n):
-                    self.layers[i] = _Recorder(i, i == self.n - 1, sink, inputs, store)
-                try:
-                    _forward_no_logits(self.model, ids.to(self.embed_device))
-                except _Stop:
-                    pass
-                if len(sink) != self.n:
-                    raise CalibrationError(f"the model called {len(sink)} of its {self.n} decoder layers in one "
-                                           "forward; cannot run it layer by layer")
-                calls.append(sink)
-        finally:
-            for i, block in enumerate(originals):
-                self.layers[i] = block
-        return inputs, calls
+        if self.rot is not None:  # embedding E R; final norm folded into the head, W diag(g) R
+            head = self.model.get_output_embeddings()
+            if self.src_head:
+                self.load(self.src_head, self.embed_device)
+            else:  # tied in the source: the head starts as the embedding
+                head.weight = nn.Parameter(self.model.get_input_embeddings().weight.detach().clone(), requires_grad=False)
+            rotate_outside(self.model, self.arch, self.rot)
+        out = []
+        for batches in (self.batches, self.search_batches):
+            memo: dict = {}
+            store = lambda obj, memo=memo: _move(obj, self.act_device(0), memo)  # noqa: E731
+            inputs, calls = [], []
+            originals = list(self.layers)
+            try:
+                for ids in batches:
+                    sink: list = []
+                    for i in range(self.n):
+                        self.layers[i] = _Recorder(i, i == self.n - 1, sink, inputs, store)
+                    try:
+                        _forward_no_logits(self.model, ids.to(self.embed_device))
+                    except _Stop:
+                        pass
+                    if len(sink) != self.n:
+                        raise CalibrationError(f"the model called {len(sink)} of its {self.n} decoder layers in one "
+                                               "forward; cannot run it layer by layer")
+                    calls.append(sink)
+            finally:
+                for i, block in enumerate(originals):
+                    self.layers[i] = block
+            out += [inputs, calls]
+        return tuple(out)
 
     def write_outside(self) -> None:
         """The tensors outside the decoder layers: input side (already loaded), then the LM head."""
+        if self.rot is not None:  # the rotated head is already in memory
+            self.write(self.embed_out + self.head_out)
+            self.release_outside()
+            return
         self.write(self.embed_out)
         self.release_outside()
         if self.head_out:
@@ -725,9 +794,48 @@ class _Run:
             self.write(self.head_out)
             self.release_outside()
 
-    def layer(self, i: int, hidden: list[torch.Tensor], calls: list[list]) -> None:
-        """Calibrate, smooth, quantize and write decoder layer i; hidden[b] becomes its output."""
-        arch, dev, block = self.arch, self.devices[i], self.layers[i]
+    def observe(self, block: nn.Module, observed: dict[str, nn.Module], here: str, there: str, hidden, calls, i: int,
+                dev, memo: dict, outputs: list | None = None) -> ActStats:
+        """Run every batch through `block` with hooks reducing the inputs of `observed` to their
+        per-channel abs-max (calibrate()'s reduction, sink positions left out); the block's
+        outputs go to `outputs` if given."""
+        absmax: dict[str, torch.Tensor] = {}
+        sink_tokens = self.sink_tokens
+
+        def make_hook(name: str):
+            def hook(_module, inputs, _output):
+                x = inputs[0]
+                if x.numel() == 0:  # an expert that no token was routed to in this batch
+                    return
+                if sink_tokens and x.dim() == 3:  # [B, T, K] from position 0: drop the sink positions
+                    x = x[:, sink_tokens:]
+                update_absmax(absmax, name, x, name.replace(there, here, 1))
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(nm)) for nm, m in observed.items()]
+        try:
+            for b, call in enumerate(calls):
+                y = _call(block, hidden[b].to(dev), call[i], dev, memo)
+                if outputs is not None:
+                    outputs.append(y.to(self.act_device(i + 1)))
+                del y
+        finally:
+            for h in handles:
+                h.remove()
+        meta = {"arch": self.arch.name}
+        if sink_tokens:
+            meta["sink_tokens"] = sink_tokens
+        return ActStats({k: v.cpu() for k, v in absmax.items()}, sum(b.numel() for b in self.batches), meta)
+
+    def layer(self, i: int, hidden: list[torch.Tensor], calls: list[list], streams: dict) -> None:
+        """Rotate, calibrate, search, smooth, rotate inputs, quantize and write decoder layer i, the
+        stages of the recipe in the in-memory order; hidden[b] becomes its output (and the search
+        streams in `streams` advance by one block)."""
+        from .online_rotation import rotate_inputs
+        from .rotate import rotate_block
+        from .search import SearchResult, search_block
+
+        arch, dev, block, recipe = self.arch, self.devices[i], self.layers[i], self.recipe
         here, there = f"{self.prefix}{i}.", f"{self.prefix}0."
         self.load(self.src_layer[i], dev)
         missing = _still_meta(block, here)
@@ -738,42 +846,61 @@ class _Run:
                 if buf is not None and not buf.is_meta:
                     module._buffers[name] = buf.to(dev)
         view = _LayerView(arch, block, self.config)
+        if self.rot is not None:
+            rotate_block(resolve(view, arch), there[:-1], block, self.rot)
         res = resolve(view, arch, self.options) if self.options else resolve(view, arch)  # splits fused experts
         observed = res.observed()
-        absmax: dict[str, torch.Tensor] = {}
-
-        def make_hook(name: str):
-            def hook(_module, inputs, _output):  # the reduction of calibrate(), per batch
-                x = inputs[0]
-                if x.numel() == 0:  # an expert that no token was routed to in this batch
-                    return
-                update_absmax(absmax, name, x, name.replace(there, here, 1))
-            return hook
-
-        handles = [m.register_forward_hook(make_hook(nm)) for nm, m in observed.items()]
         memo: dict = {}
-        try:
-            for b, call in enumerate(calls):
-                y = _call(block, hidden[b].to(dev), call[i], dev, memo)
-                if not self.error_propagation:  # the float layer's outputs feed the next layer
-                    hidden[b] = y.to(self.act_device(i + 1))
-                del y
-        finally:
-            for h in handles:
-                h.remove()
-        _fill_unseen_experts(absmax, observed, res)
-        tokens = sum(b.numel() for b in self.batches)
-        stats = ActStats({k: v.cpu() for k, v in absmax.items()}, tokens, {"arch": arch.name})
-        del res, observed, absmax
-        if self.smooth:
+        floats: list | None = None if self.error_propagation else []
+        stats = self.observe(block, observed, here, there, hidden, calls, i, dev, memo, floats)
+        _fill_unseen_experts(stats.act_absmax, observed, res)
+        del observed
+        if self.search is not None:  # alpha search / clipping on this block (search.search_block)
+            cfg = self.search
+            result = SearchResult(alphas={}, grid=cfg.grid, options=cfg.options, scheme=self.scheme.name)
+            s_calls = [(_move(tuple(c[i][0]), dev, memo), _move(dict(c[i][1]), dev, memo)) for c in streams["calls"]]
+            x_fp = [x.to(dev) for x in streams["fp"]]
+            x_q = [x.to(dev) for x in streams["q"]]
+            names = [n for n, _ in res.quantizable()]
+            x_fp, x_q = search_block(block, there[:-1], arch, res.groups, names, self.scheme, stats, x_fp, x_q, s_calls,
+                                     cfg, result, self.sink_tokens if self.scheme.activations != "per_token" else 0,
+                                     local_guard=cfg.guard and len(cfg.grid) > 1)
+            streams["fp"] = [x.to(self.act_device(i + 1)) for x in x_fp]
+            streams["q"] = [x.to(self.act_device(i + 1)) for x in x_q]
+            searched = self.state.setdefault("search", {"alphas": {}, "clip": {}})
+            searched["alphas"].update({k.replace(there, here, 1): v for k, v in result.alphas.items()})
+            searched["clip"].update({k.replace(there, here, 1): v for k, v in result.clip.items()})
+            if result.guard:
+                searched.setdefault("guard", {})[here[:-1]] = result.guard["picked"]
+            stats = smooth_model(view, stats, cfg.init_alpha, arch=arch, options=self.options, alphas=result.alphas)
+            if result.clip:
+                stats = result.clip_stats(stats)
+        elif recipe.smooths:
             kw: dict = {"options": self.options} if self.options else {}
             alphas = {k.replace(here, there, 1): v for k, v in self.alphas.items() if k.startswith(here)}
             if alphas:
                 kw["alphas"] = alphas
-            stats = smooth_model(view, stats, self.alpha, arch=arch, **kw)
+            stats = smooth_model(view, stats, recipe.smoothing.alpha, arch=arch, **kw)
+        if recipe.rotate_inputs:
+            rotate_inputs(view, seed=recipe.rotation.seed, arch=arch)
+            if self.scheme.static:  # the rotated inputs' abs-max, measured on this layer's inputs again
+                names = view.smoothq_input_rotation["linears"]
+                # in memory, recalibration runs the smoothed float model: with float propagation its
+                # own trajectory ("sm") is kept, so the scales come out bit for bit the same
+                smoothed = streams.get("sm")
+                outs: list | None = [] if smoothed is not None else None
+                fresh = self.observe(block, {n: view.get_submodule(n) for n in names}, here, there,
+                                     hidden if smoothed is None else smoothed, calls, i, dev, memo, outs)
+                if smoothed is not None:
+                    streams["sm"] = outs
+                stats = stats.copy()
+                stats.act_absmax.update({n: fresh[n] for n in names})
+                stats.meta["input_rotation"] = dict(view.smoothq_input_rotation)
         quantize(view, self.scheme, stats, backend=self.backend, arch=arch)
         del stats, view
-        if self.error_propagation:  # the smoothed and quantized layer's outputs feed the next layer
+        if floats is not None:  # float propagation: the float layer's outputs feed the next layer
+            hidden[:] = floats
+        else:  # the smoothed and quantized layer's outputs feed the next layer
             for b, call in enumerate(calls):
                 hidden[b] = _call(block, hidden[b].to(dev), call[i], dev, memo).to(self.act_device(i + 1))
         del memo
@@ -788,7 +915,10 @@ class _Run:
         from transformers import GenerationConfig
 
         state, work_dir = self.state, self.work_dir
-        hidden, calls = self.embeddings_pass()
+        hidden, calls, s_inputs, s_calls = self.embeddings_pass()
+        streams = {"fp": s_inputs, "q": list(s_inputs), "calls": s_calls}
+        if self.recipe.rotate_inputs and self.scheme.static and not self.error_propagation:
+            streams["sm"] = list(hidden)
         if not state["embeddings_done"]:
             self.write_outside()
             self.writer.sync()
@@ -799,21 +929,28 @@ class _Run:
         start = state["layers_done"]
         if start:  # resumed: the saved inputs of the first layer still to do
             saved = load_file(str(work_dir / state["activations"]))
-            if len(saved) != len(self.batches):
+            if len(saved) != len(self.batches) * (2 if "sm" in streams else 1) + 2 * len(self.search_batches):
                 raise ResumeError(f"{work_dir / state['activations']} does not match the calibration batches")
             hidden = [saved.pop(str(b)).to(self.act_device(start)) for b in range(len(self.batches))]
+            for key in ("fp", "q"):
+                streams[key] = [saved.pop(f"{key}{b}").to(self.act_device(start)) for b in range(len(s_inputs))]
+            if "sm" in streams:
+                streams["sm"] = [saved.pop(f"sm{b}").to(self.act_device(start)) for b in range(len(hidden))]
             del saved
 
         bar = tqdm(total=self.n, initial=start, desc="quantizing layers", unit="layer", disable=not progress)
         for i in range(start, self.n):
-            self.layer(i, hidden, calls)
+            self.layer(i, hidden, calls, streams)
             # commit: the layer's tensors on disk, then the next layer's inputs, then the record
             self.writer.sync()
             previous = state["activations"]
             state["activations"] = None
             if i + 1 < self.n:
                 state["activations"] = f"activations-{i + 1:05d}.safetensors"
-                write_file(work_dir / state["activations"], {str(b): h for b, h in enumerate(hidden)})
+                saved = {str(b): h for b, h in enumerate(hidden)}
+                saved.update({f"{key}{b}": h for key in ("fp", "q", "sm") for b, h in enumerate(streams.get(key, ()))})
+                write_file(work_dir / state["activations"], saved)
+                del saved
             state["layers_done"] = i + 1
             self.commit()
             if previous:
@@ -822,7 +959,12 @@ class _Run:
             if on_layer is not None:
                 on_layer(i, self.n)
         bar.close()
-        del hidden, calls
+        del hidden, calls, streams
+        if state.get("search"):  # what the search chose, layer by layer, in the checkpoint's record
+            self.ckpt_config.smoothq = {**self.ckpt_config.smoothq, "search": state["search"]}
+            if self.format == "smoothq":
+                self.ckpt_config.quantization_config = {**self.ckpt_config.quantization_config,
+                                                        "search": state["search"]}
 
         # index, config, tokenizer; then the rename that marks the output complete
         self.writer.finish()

@@ -4,6 +4,7 @@ benchmarks/memory.py).
 
     python tests/synthetic.py sequential SRC OUT [--layers-only]   # prints {"peak_rss": bytes, "seconds": s}
     python tests/synthetic.py in-memory SRC OUT
+    python tests/synthetic.py sequential SRC OUT --preset best-o3        # a recipe, through smoothq.run
 """
 
 from __future__ import annotations
@@ -106,15 +107,29 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=64)
     p.add_argument("--scheme", default="W8A8")
+    p.add_argument("--preset", help="run this recipe preset through smoothq.run instead of W8A8 alpha 0.8")
+    p.add_argument("--propagation", default="quantized", choices=["quantized", "float"])
+    p.add_argument("--threads", type=int, default=4, help="at most this many torch threads")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    torch.set_num_threads(max(1, min(args.threads, torch.get_num_threads())))
     import smoothq as sq
 
     config = json.loads((Path(args.src) / "config.json").read_text())
     ids = calib_ids(args.samples, args.seqlen, config["vocab_size"])
     baseline = peak_rss()
     t0 = time.perf_counter()
-    if args.mode == "sequential":
+    layers = config["num_hidden_layers"]
+    if args.preset:
+        recipe = sq.Recipe.preset(args.preset).override({
+            "calibration.samples": args.samples, "calibration.seqlen": args.seqlen, "propagation": args.propagation})
+        if args.mode == "sequential":
+            sq.run(args.src, recipe, ids, output=args.out, executor="layered", progress=False)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float32).eval()
+            sq.run(model, recipe, ids, output=args.out, progress=False)
+    elif args.mode == "sequential":
         sq.quantize_sequential(args.src, args.out, ids, scheme=args.scheme, alpha=0.8, progress=False)
     else:
         from transformers import AutoModelForCausalLM
@@ -123,7 +138,9 @@ def main(argv=None) -> int:
         stats = sq.smooth(model, sq.calibrate(model, ids, progress=False), 0.8)
         sq.quantize(model, args.scheme, stats)
         sq.save(model, args.out)
-    print(json.dumps({"peak_rss": peak_rss(), "import_rss": baseline, "seconds": time.perf_counter() - t0}))
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"peak_rss": peak_rss(), "import_rss": baseline, "seconds": seconds, "layers": layers,
+                      "seconds_per_layer": seconds / layers}))
     return 0
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from tiny import tiny_model, tiny_tokenizer
 
 from smoothq.cli import main
@@ -73,6 +74,14 @@ def test_quantize_rotated_saves_a_checkpoint_that_reloads_with_the_same_perplexi
     assert _ppl(capsys.readouterr().out) == pytest.approx(quantized, rel=5e-3)
 
 
+def _assert_same_tensors(a, b):
+    from smoothq.io import _read_tensors
+
+    ta, tb = _read_tensors(a), _read_tensors(b)
+    assert ta.keys() == tb.keys()
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+
+
 def test_rotation_is_refused_where_it_cannot_be_exact(tmp_path, data_dir, capsys):
     d = tmp_path / "opt"
     tiny_model("opt").save_pretrained(d)
@@ -80,7 +89,7 @@ def test_rotation_is_refused_where_it_cannot_be_exact(tmp_path, data_dir, capsys
     assert main(["-q", "quantize", str(d), "--rotate", *QUICK]) == 2
     assert "cannot be rotated exactly" in capsys.readouterr().err
     assert main(["-q", "quantize", str(d), "--rotate", "--sequential", "-o", str(tmp_path / "o"), *QUICK]) == 2
-    assert "--rotate" in capsys.readouterr().err
+    assert "cannot be rotated exactly" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_quantize_with_sink_tokens_saves_them_and_refuses_what_cannot_carry_them(model_dir, tmp_path, capsys):
@@ -95,9 +104,11 @@ def test_quantize_with_sink_tokens_saves_them_and_refuses_what_cannot_carry_them
     assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "1", "--scheme", "O3", "--format",
                  "compressed-tensors", "-o", str(ct), *QUICK]) == 2
     assert "no field for that" in capsys.readouterr().err and not ct.exists()
-    assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "1", "--sequential", "-o", str(tmp_path / "s"),
-                 *QUICK]) == 2
-    assert "--sink-tokens" in capsys.readouterr().err
+    # the layered executor runs the same recipe layer by layer: the same checkpoint
+    assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "1", "--scheme", "O3", "--alpha", "0.5",
+                 "--sequential", "--propagate", "float", "-o", str(tmp_path / "s"), "--save-dtype", "float32",
+                 *QUICK]) == 0
+    _assert_same_tensors(out, tmp_path / "s")
     assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "64", *QUICK]) == 2
     assert "leaves no calibration tokens" in capsys.readouterr().err
 
@@ -117,9 +128,10 @@ def test_quantize_with_rotated_inputs_saves_them_and_refuses_what_cannot_carry_t
     assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--format", "compressed-tensors",
                  "-o", str(ct), *QUICK]) == 2
     assert "no field vLLM applies" in capsys.readouterr().err and not ct.exists()
-    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--sequential", "-o", str(tmp_path / "s"),
-                 *QUICK]) == 2
-    assert "--rotate-inputs" in capsys.readouterr().err
+    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
+                 "--alpha", "0.5", "--sequential", "--propagate", "float", "-o", str(tmp_path / "s"),
+                 "--save-dtype", "float32", *QUICK]) == 0
+    _assert_same_tensors(out, tmp_path / "s")
 
 
 def test_compare_with_rotated_inputs(model_dir, capsys):

@@ -17,6 +17,7 @@ def test_the_expected_architectures_offer_the_options():
     for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral"):
         assert offered[name] == ["attn_vo", "mlp_updown"], name
     assert offered["opt"] == ["attn_vo", "opt_fc"]
+    assert offered["glm"] == offered["glm4"] == ["attn_vo"]  # gate_up is fused: no up -> down group
     # fused qkv / gate_up, or GELU MLPs: nothing exact to add
     for name in ("phi3", "bloom", "falcon-7b", "gpt2", "gpt_neox"):
         assert offered[name] == [], name

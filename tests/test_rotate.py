@@ -45,8 +45,8 @@ def test_sizes_without_a_construction_fall_back_to_a_seeded_random_orthogonal_ma
 
 
 def test_the_table_offers_rotation_for_the_rmsnorm_families():
-    assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral"} <= set(ROTATABLE)
-    assert not {"gemma2", "gemma3_text", "opt", "bloom", "gpt2", "gpt_neox"} & set(ROTATABLE)
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "mixtral", "glm"} <= set(ROTATABLE)
+    assert not {"gemma2", "gemma3_text", "glm4", "opt", "bloom", "gpt2", "gpt_neox"} & set(ROTATABLE)
 
 
 @pytest.mark.parametrize("name", ROTATABLE)

@@ -18,6 +18,7 @@ from tiny import CONFIGS, sample_ids, tiny_model
 import smoothq as sq
 from smoothq import io, stream
 from smoothq.io import CheckpointError
+from smoothq.recipe import RecipeError
 from smoothq.sequential import ResumeError, interrupted_run, partial_dir, quantize_sequential
 
 HERE = Path(__file__).resolve().parent
@@ -340,7 +341,7 @@ def test_existing_output_and_bad_options_are_refused(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
         sequential(src, tmp_path / "out", sample_ids(2, 8))
-    with pytest.raises(CheckpointError, match="per tensor, dynamically"):
+    with pytest.raises(RecipeError, match="O2 .* no INT8 scheme in compressed-tensors"):
         sequential(src, tmp_path / "o2", sample_ids(2, 8), scheme="O2", format="compressed-tensors")
     with pytest.raises(ValueError, match="activations"):
         sequential(src, tmp_path / "o3", sample_ids(2, 8), activations="disk")
@@ -393,7 +394,7 @@ def test_cli_quantizes_sequentially_and_resumes(tmp_path, data_dir, capsys):
     args = ["-q", "quantize", str(src), "--sequential", "--samples", "4", "--calib-seqlen", "32", "--scheme", "O3",
             "--format", "compressed-tensors", "-o", str(out)]
     assert main(args) == 0
-    assert "sequential" in capsys.readouterr().err
+    assert "layered, quantized propagation" in capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert (out / "tokenizer.json").is_file()

@@ -20,6 +20,8 @@ CONFIGS = {
     "gemma2": lambda: T.Gemma2Config(head_dim=16, **_LLAMA_LIKE),
     "gemma3_text": lambda: T.Gemma3TextConfig(head_dim=16, **_LLAMA_LIKE),
     "phi3": lambda: T.Phi3Config(**{**_LLAMA_LIKE, "num_key_value_heads": 4}),
+    "glm": lambda: T.GlmConfig(head_dim=16, **_LLAMA_LIKE),
+    "glm4": lambda: T.Glm4Config(head_dim=16, **_LLAMA_LIKE),
     "mixtral": lambda: T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **_LLAMA_LIKE),
     "opt": lambda: T.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                                word_embed_proj_dim=64, **_COMMON),
