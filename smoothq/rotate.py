@@ -129,13 +129,14 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     return (h_a @ x.reshape(-1, a, n // a) @ h_b).reshape(x.shape)
 
 
-def times_rotation(x: torch.Tensor, rot: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+def times_rotation(x: torch.Tensor, rot: torch.Tensor, rows: int = 2048, out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ rot in float64, returned in x's dtype; in row chunks (a 7B model's embedding times R would
-    otherwise hold three 1 GB float64 copies). A randomized Sylvester Hadamard rotation (every power of
-    two) takes the fast Walsh-Hadamard transform: n log n instead of n^2 per row, the same product."""
+    otherwise hold three 1 GB float64 copies). `out=x` works in place: each chunk is read before it
+    is overwritten. A randomized Sylvester Hadamard rotation (every power of two) takes the fast
+    Walsh-Hadamard transform: n log n instead of n^2 per row, the same product."""
     rot = rot.to(x.device)
     signs = _sylvester_signs(rot)
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     for start in range(0, x.shape[0], rows):
         part = x[start:start + rows].double()
         part = _fwht(part * signs) / math.sqrt(rot.shape[0]) if signs is not None else part @ rot
@@ -146,7 +147,7 @@ def times_rotation(x: torch.Tensor, rot: torch.Tensor, rows: int = 2048) -> torc
 def _right(module: nn.Module, m: torch.Tensor) -> None:
     """Input side: W [out, in] -> W @ m."""
     w = weight_nk(module)
-    w.copy_(times_rotation(w, m))
+    times_rotation(w, m, out=w)  # in place: no second copy of the largest weights (embedding, head)
 
 
 def _fold_norm(norm: nn.Module, readers: list[nn.Module], rot: torch.Tensor, offset: float) -> None:
@@ -185,7 +186,7 @@ def rotate_block(res, prefix: str, block: nn.Module, rot: torch.Tensor) -> None:
         for rel in _expand(block, pattern):
             lin = block.get_submodule(rel)
             w = weight_nk(lin)
-            w.copy_(times_rotation(w.T, rot).T)  # R^T W = (W^T R)^T
+            times_rotation(w.T, rot, out=w.T)  # R^T W = (W^T R)^T, in place
             if getattr(lin, "bias", None) is not None:
                 lin.bias.copy_((lin.bias.double() @ rot.to(lin.bias.device)).to(lin.bias.dtype))
 
@@ -208,7 +209,7 @@ def rotate_outside(model: nn.Module, arch: Arch, rot: torch.Tensor) -> None:
     spec = arch.rotation
     embed, head = model.get_submodule(spec.embed), model.get_submodule(spec.head)
     untie_head(model)
-    embed.weight.copy_(times_rotation(embed.weight, rot))
+    times_rotation(embed.weight, rot, out=embed.weight)
     _fold_norm(model.get_submodule(spec.final_norm), [head], rot, arch.norm_offset)
 
 
