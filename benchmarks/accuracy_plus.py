@@ -152,7 +152,7 @@ class Bench:
                                    samples=self.args.search_samples, strategy=self.args.strategy,
                                    guard=alpha == "auto", guard_samples=self.args.guard_samples)
                 st = auto_smooth(m, stats, calib, scheme, cfg, progress=False)
-                res = m.smoothq_search
+                res = m.smoothq.search
                 alphas = res.alphas
                 more["search"] = res.summary()
                 more["search_alphas"] = dict(res.alphas)

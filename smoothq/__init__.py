@@ -6,7 +6,8 @@
     print(sq.perplexity(model, sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=40)))
 
 `sq.run` orders the stages (pipeline.py); they stay public for custom pipelines: sq.rotate,
-sq.calibrate, sq.smooth, sq.rotate_inputs, sq.quantize, sq.save.
+sq.calibrate, sq.smooth, sq.rotate_inputs, sq.quantize, sq.save. Each records what it did in
+`model.smoothq`, a QuantRecord (record.py).
 """
 
 from .archs import Arch, Group, UnsupportedArchError
@@ -20,6 +21,7 @@ from .nn import W8A8Linear, quantize
 from .online_rotation import rotate_inputs
 from .pipeline import RunResult, run
 from .recipe import PRESETS, Recipe, RecipeError
+from .record import QuantRecord
 from .rotate import rotate
 from .sequential import quantize_sequential
 from .smooth import smooth, smooth_scales
@@ -29,5 +31,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ActStats", "Arch", "CalibrationError", "CheckpointError", "load", "save", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
     "UnsupportedArchError", "W8A8", "W8A8Linear", "calib_samples", "calibrate", "eval_windows",
-    "get_scheme", "load_model", "PRESETS", "Recipe", "RecipeError", "RunResult", "run", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
+    "get_scheme", "load_model", "PRESETS", "QuantRecord", "Recipe", "RecipeError", "RunResult", "run", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
 ]

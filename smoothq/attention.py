@@ -30,6 +30,7 @@ from torch import nn
 from .archs import Arch, resolve
 from .calibrate import _as_batches, _forward_no_logits
 from .quant import MIN_SCALE, QMAX
+from .record import record
 
 NAME = "smoothq_int8"
 
@@ -208,6 +209,7 @@ def enable_int8_attention(model: nn.Module, config: AttnQuantConfig = AttnQuantC
                                    "AttentionInterface; INT8 attention is not available for it")
     mods = attention_modules(model, arch)
     for _, m in mods:
+        # per module, not in the model's record: transformers calls int8_attention with this module only
         m.smoothq_attn = AttnQuantState(config)
     model.set_attn_implementation(NAME)
     if config.static:
@@ -228,7 +230,7 @@ def enable_int8_attention(model: nn.Module, config: AttnQuantConfig = AttnQuantC
         if missing:
             raise UnsupportedArchError(f"{missing[0]} never called the attention function; INT8 attention "
                                        "is not available for this architecture")
-    model.smoothq_attention = config
+    record(model).attention = config
     return model
 
 
@@ -237,5 +239,5 @@ def disable_int8_attention(model: nn.Module, implementation: str = "eager") -> n
         if hasattr(m, "smoothq_attn"):
             del m.smoothq_attn
     model.set_attn_implementation(implementation)
-    model.smoothq_attention = None
+    record(model).attention = None
     return model

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .archs import Arch, resolve
+from .record import record
 
 
 class CalibrationError(RuntimeError):
@@ -143,8 +144,9 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
     meta = {"arch": res.arch.name, "sequences": sum(len(b) for b in batches)}
     if sink_tokens:
         meta["sink_tokens"] = sink_tokens
-    if getattr(model, "smoothq_input_rotation", None):  # online_rotation.py: these inputs were rotated
-        meta["input_rotation"] = dict(model.smoothq_input_rotation)
+    input_rotation = record(model).input_rotation
+    if input_rotation:  # online_rotation.py: these inputs were rotated
+        meta["input_rotation"] = dict(input_rotation)
     return ActStats({k: v.cpu() for k, v in absmax.items()}, tokens, meta)
 
 

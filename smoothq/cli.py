@@ -175,7 +175,7 @@ def _load(args):
     t0 = time.perf_counter()
     if is_quantized_checkpoint(args.model):
         model, tok = load(args.model, backend=getattr(args, "backend", "auto"), device=args.device, dtype=args.dtype)
-        kind = f"{model.smoothq_scheme.label} INT8 checkpoint"
+        kind = f"{model.smoothq.scheme.label} INT8 checkpoint"
     else:
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
         kind = args.dtype
@@ -346,10 +346,11 @@ def cmd_eval(args) -> int:
     from .calibrate import calibrate
     from .evaluate import perplexity
     from .nn import quantize
+    from .record import record
 
     model, tok = _load(args)
     windows = _evaluation(args, tok)
-    scheme = getattr(model, "smoothq_scheme", None)
+    scheme = record(model).scheme
     if args.scheme:
         if scheme is not None:
             raise DataError(f"{args.model} is already quantized ({scheme.label}); drop --scheme")
@@ -392,7 +393,7 @@ def cmd_compare(args) -> int:
                    recipe=recipe, progress=not args.quiet,
                    on_row=lambda r: _say(f"  {r.method:11s} {r.scheme:5s} alpha={r.alpha} ppl={r.ppl:.3f} ({r.seconds:.0f}s)"))
     if recipe.rotation.kind:
-        _say(f"rotated the residual stream: {model.smoothq_rotation}")
+        _say(f"rotated the residual stream: {model.smoothq.rotation}")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "seqlen": args.seqlen, "windows": len(windows),

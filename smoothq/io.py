@@ -13,7 +13,9 @@ norms, LM head) as float tensors under its Hugging Face name. They differ in `co
   repeated), so vLLM never re-quantizes fused q/k/v to a shared max. O2 (per-tensor *dynamic*
   activations) has no serving scheme there and is refused.
 
-`load()` reads both into a model whose decoder linears are W8A8Linear running real INT8.
+`load()` reads both into a model whose decoder linears are W8A8Linear running real INT8, with
+the facts `save()` took from the model's record (record.py: scheme, rotation, sink tokens, input
+rotation, and the recipe `smoothq.run` stored) back in `model.smoothq`.
 Every write goes to a temporary sibling directory renamed into place when complete, so a failed
 save (disk full, interrupt) never leaves a half-written output.
 """
@@ -26,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from torch import nn
 
 from .config import FORMAT_VERSION, QuantScheme
 from .nn import W8A8Linear
+from .record import record
 
 FORMATS = ("smoothq", "compressed-tensors")
 SINGLE_FILE = "model.safetensors"
@@ -228,9 +232,8 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
     float_dtype: dtype of the float tensors ('float16', 'bfloat16', 'float32' or 'auto' = the model's).
     embeddings: 'float', or 'int8' (smoothq format only): the input embedding stored as int8 rows."""
     check_save_options(format, embeddings)
-    scheme = getattr(model, "smoothq_scheme", None)
     qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
-    if scheme is None or not qnames:
+    if record(model).scheme is None or not qnames:
         raise CheckpointError("the model is not quantized: run smoothq.quantize(model, scheme, ...) before saving")
     dtype = _float_dtype(float_dtype, model.dtype)
     config = checkpoint_config(model, format, dtype, embeddings, meta)
@@ -244,12 +247,12 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
 def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddings: str = "float",
                       meta: dict | None = None):
     """The config.json of a quantized model (after smoothq.quantize; its weights may be on meta)."""
-    scheme = model.smoothq_scheme
+    rec = record(model)
+    scheme, sink_tokens = rec.scheme, rec.sink_tokens
     qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
     extra = {"version": FORMAT_VERSION, "scheme": scheme.to_dict(), **(meta or {})}
-    if getattr(model, "smoothq_rotation", None):  # weights are in the rotated basis (rotate.py)
-        extra["rotation"] = model.smoothq_rotation
-    sink_tokens = getattr(model, "smoothq_sink_tokens", 0)
+    if rec.rotation:  # weights are in the rotated basis (rotate.py)
+        extra["rotation"] = rec.rotation
     if sink_tokens and scheme.activations != "per_token":
         if format == "compressed-tensors":
             raise CheckpointError(
@@ -257,7 +260,7 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
                 f"has no field for that, and vLLM would apply the {scheme.label} per-tensor scale to the sink tokens "
                 "too, which loads but computes wrong. Save with format='smoothq', or quantize without sink_tokens")
         extra["sink_tokens"] = sink_tokens
-    input_rotation = getattr(model, "smoothq_input_rotation", None)
+    input_rotation = rec.input_rotation
     if input_rotation:  # online_rotation.py: those linears multiply their input by Q at run time
         if format == "compressed-tensors":
             raise CheckpointError(
@@ -391,7 +394,17 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
     missing = [n for n in missing if model.get_parameter(n).data_ptr() not in loaded]  # tied ones are fine
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.smoothq_scheme = scheme
+    rec = record(model)
+    rec.scheme = scheme
+    stored = getattr(config, "smoothq", None) or {}  # what save() recorded, in either format
+    rec.rotation = stored.get("rotation")
+    if stored.get("recipe") is not None:
+        from .recipe import Recipe, RecipeError
+
+        try:
+            rec.recipe = Recipe.from_dict(stored["recipe"])
+        except RecipeError as exc:  # the weights load without it: keep the model, say what is missing
+            warnings.warn(f"{folder}/config.json: smoothq.recipe does not read ({exc}); model.smoothq.recipe is None")
     if qc.get("quant_method") == "smoothq" and qc.get("sink_tokens"):
         from .nn import set_sink_tokens
         from .sink import check_sink_tokens

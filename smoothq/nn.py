@@ -18,6 +18,7 @@ from .archs import Arch, resolve, weight_nk
 from .calibrate import ActStats
 from .config import QuantScheme, get_scheme
 from .quant import absmax_to_scale, quantize_activation, quantize_weight
+from .record import record
 from .online_rotation import check_stats as check_input_rotation
 from .online_rotation import input_rotation
 from .sink import TokenPositions, check_sink_tokens, quantize_with_sinks, track_positions
@@ -109,8 +110,9 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActSta
             f"{scheme.label} uses static per-tensor activation scales, which need calibration statistics: "
             "stats = smoothq.calibrate(model, samples) (or the stats smooth() returned)"
         )
-    if getattr(model, "smoothq_scheme", None) is not None:
-        raise RuntimeError(f"model is already quantized ({model.smoothq_scheme.label}); reload the float model "
+    rec = record(model)
+    if rec.scheme is not None:
+        raise RuntimeError(f"model is already quantized ({rec.scheme.label}); reload the float model "
                            "to quantize it with another scheme")
     if scheme.static:
         check_input_rotation(model, stats)
@@ -126,7 +128,7 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActSta
             absmax = stats[name]
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, W8A8Linear.from_float(module, scheme, absmax, backend))
-    model.smoothq_scheme = scheme
+    rec.scheme = scheme
     if sink_tokens:
         set_sink_tokens(model, res.blocks, sink_tokens)
     return model
@@ -154,4 +156,4 @@ def set_sink_tokens(model: nn.Module, blocks, sink_tokens: int) -> None:
         for m in block.modules():
             if isinstance(m, W8A8Linear):
                 m.sink_tokens, m.positions = sink_tokens, tracker
-    model.smoothq_sink_tokens = sink_tokens
+    record(model).sink_tokens = sink_tokens

@@ -23,6 +23,7 @@ the rotated linears.
 
 Float models carry the rotation as a forward pre-hook (registered first, so calibration and search
 hooks see the rotated input) and `module.smoothq_input_rotation`; W8A8Linear applies it in forward.
+The model's record (`model.smoothq.input_rotation`) lists the rotated linears and the seed.
 Checkpoints in the smoothq format record it; compressed-tensors has no field vLLM would apply.
 """
 
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from .archs import Arch, UnsupportedArchError, _expand, resolve, weight_nk
+from .record import record
 from .rotate import _hadamard
 
 MAX_FACTOR = 256  # Sylvester factors are split into Kronecker factors of at most this size
@@ -111,7 +113,8 @@ class InputRotation:
         return self(torch.eye(self.size, dtype=torch.float64))
 
 def input_rotation(module: nn.Module) -> InputRotation | None:
-    """The rotation a float linear applies to its input (rotate_inputs), or None."""
+    """The rotation a float linear applies to its input (rotate_inputs), or None. Kept on the linear,
+    not in the model's record: its forward pre-hook and W8A8Linear.from_float see only the linear."""
     return getattr(module, "smoothq_input_rotation", None)
 
 
@@ -123,7 +126,7 @@ def _rotate_input_hook(module: nn.Module, args):
 
 
 def _spec(seed: int, names: list[str]) -> dict:
-    """What `model.smoothq_input_rotation` (and a checkpoint's config) records."""
+    """What `model.smoothq.input_rotation` (and a checkpoint's config) records."""
     return {"kind": "hadamard", "seed": seed, "linears": list(names)}
 
 
@@ -154,11 +157,12 @@ def rotate_inputs(model: nn.Module, stats=None, samples=None, seed: int = 0, arc
     returned) and `samples` (the calibration set) and the rotated linears are recalibrated; the
     returned statistics are `stats` with those entries replaced. Without samples it returns `stats`
     as they are (enough for per-token schemes, which use no static scale)."""
-    if getattr(model, "smoothq_scheme", None) is not None:
+    rec = record(model)
+    if rec.scheme is not None:
         raise RuntimeError("model is already quantized: rotate its inputs on the float model (after smooth(), "
                            "before quantize()); reload it to start over")
-    if getattr(model, "smoothq_input_rotation", None) is not None:
-        raise RuntimeError("the model's inputs are already rotated (model.smoothq_input_rotation)")
+    if rec.input_rotation is not None:
+        raise RuntimeError("the model's inputs are already rotated (model.smoothq.input_rotation)")
     if samples is not None and stats is None:
         raise ValueError("pass the statistics to update (stats=smooth(...)) together with samples")
     names = []
@@ -166,10 +170,10 @@ def rotate_inputs(model: nn.Module, stats=None, samples=None, seed: int = 0, arc
         w = weight_nk(lin)
         rot = InputRotation(w.shape[1], seed)
         w.copy_(rot(w.double()).to(w.dtype))  # each row w -> w Q: W -> W Q
-        lin.smoothq_input_rotation = rot
+        lin.smoothq_input_rotation = rot  # per linear: read by its pre-hook (see input_rotation)
         lin.register_forward_pre_hook(_rotate_input_hook, prepend=True)
         names.append(name)
-    model.smoothq_input_rotation = _spec(seed, names)
+    rec.input_rotation = _spec(seed, names)
     if samples is None:
         return stats
     return recalibrate(model, stats, samples, names, arch=arch, progress=progress)
@@ -184,7 +188,7 @@ def recalibrate(model: nn.Module, stats, samples, names: list[str], arch: Arch |
     out = stats.copy()
     for name in names:
         out.act_absmax[name] = fresh[name]
-    out.meta["input_rotation"] = dict(model.smoothq_input_rotation)
+    out.meta["input_rotation"] = dict(record(model).input_rotation)
     return out
 
 
@@ -198,12 +202,12 @@ def install(model: nn.Module, spec: dict) -> None:
         if not isinstance(mod, W8A8Linear):
             raise ValueError(f"input rotation recorded for {name}, which is not a quantized linear")
         mod.input_rotation = InputRotation(mod.in_features, seed)
-    model.smoothq_input_rotation = _spec(seed, spec["linears"])
+    record(model).input_rotation = _spec(seed, spec["linears"])
 
 
 def check_stats(model: nn.Module, stats) -> None:
     """Static scales must come from the rotated inputs: calibrated after rotate_inputs()."""
-    rotated = getattr(model, "smoothq_input_rotation", None)
+    rotated = record(model).input_rotation
     seen = (stats.meta if stats is not None else {}).get("input_rotation")
     if rotated and (seen is None or list(seen.get("linears", [])) != list(rotated["linears"])
                     or seen.get("seed") != rotated["seed"]):

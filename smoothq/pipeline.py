@@ -18,7 +18,9 @@ schemes recalibrate them) -> quantize -> save. Two executors run them:
   error against the global alphas) instead of end to end. With `propagation: float` and no
   `alpha: auto` guard the layered checkpoint equals the in-memory one (tests/test_pipeline.py).
 
-The checkpoint stores the recipe in config.json (`smoothq.recipe`); `Recipe.from_file(out)` reads it.
+Every stage records what it did in the model's record (`model.smoothq`, record.py); `run` adds the
+recipe it ran (`model.smoothq.recipe`). The checkpoint stores the recipe in config.json
+(`smoothq.recipe`); `Recipe.from_file(out)` reads it, and `load(out)` puts it back in the record.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import nn
 
 from .config import get_scheme
 from .recipe import Recipe
+from .record import record
 
 EXECUTORS = ("in-memory", "layered")
 
@@ -128,12 +131,13 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
     recipe = recipe.check(arch_for(model))
     scheme = get_scheme(recipe.scheme)
     result = RunResult(recipe=recipe, model=model)
+    rec = record(model)
     note = lambda msg: (result.notes.append(msg), say(msg))  # noqa: E731
     if recipe.rotation.kind:
         if stats is not None:
             raise ValueError("stats= were measured on the unrotated model; a rotating recipe calibrates after rotating")
         rotate(model, recipe.rotation.kind, seed=recipe.rotation.seed)
-        note(f"rotated the residual stream: {model.smoothq_rotation}")
+        note(f"rotated the residual stream: {rec.rotation}")
     if calib is None:
         if tokenizer is None:
             raise ValueError("pass calibration samples (calib=...) or a tokenizer to draw them with")
@@ -146,22 +150,22 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
         from .search import auto_smooth
 
         stats = auto_smooth(model, stats, calib, scheme, recipe.search_config(), progress=progress)
-        note(f"alpha search: {model.smoothq_search.summary()}")
+        note(f"alpha search: {rec.search.summary()}")
     elif recipe.smooths:
         stats = smooth(model, stats, recipe.smoothing.alpha, options=recipe.smoothing.extra,
                        alphas=dict(recipe.smoothing.alphas))
-        note(f"smoothed {len(model.smoothq_scales)} groups with alpha={recipe.smoothing.alpha}")
+        note(f"smoothed {len(rec.scales)} groups with alpha={recipe.smoothing.alpha}")
     if recipe.rotate_inputs:
         stats = rotate_inputs(model, stats, calib if scheme.static else None, seed=recipe.rotation.seed,
                               progress=progress)
-        note(f"rotated the inputs of {len(model.smoothq_input_rotation['linears'])} down projections online"
+        note(f"rotated the inputs of {len(rec.input_rotation['linears'])} down projections online"
              + (" and recalibrated them" if scheme.static else ""))
     quantize(model, scheme, stats, backend=backend)
+    rec.recipe = recipe  # as run: checked against the architecture
     if output is not None:
         full = _meta(recipe, calib, meta)
-        search = getattr(model, "smoothq_search", None)
-        if search is not None:  # what the search chose (the layered executor records the same)
-            full["search"] = {"alphas": search.alphas, "clip": search.clip}
+        if rec.search is not None:  # what the search chose (the layered executor records the same)
+            full["search"] = {"alphas": rec.search.alphas, "clip": rec.search.clip}
         o = recipe.output
         result.output = save(model, output, tokenizer, format=o.format, float_dtype=o.dtype, embeddings=o.embeddings,
                              overwrite=overwrite, meta=full)

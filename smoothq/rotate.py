@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .archs import Arch, UnsupportedArchError, _expand, resolve, weight_nk
+from .record import record
 
 KINDS = ("hadamard", "orthogonal")
 
@@ -214,7 +215,7 @@ def rotate_outside(model: nn.Module, arch: Arch, rot: torch.Tensor) -> None:
 
 
 def rotation_record(kind: str, seed: int, hidden: int) -> dict:
-    """What model.smoothq_rotation and a checkpoint's config record (the kind actually built)."""
+    """What model.smoothq.rotation and a checkpoint's config record (the kind actually built)."""
     return {"kind": kind if hadamard_matrix(hidden) is not None or kind != "hadamard" else "orthogonal",
             "seed": seed, "size": hidden}
 
@@ -223,10 +224,11 @@ def rotation_record(kind: str, seed: int, hidden: int) -> dict:
 def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0, arch: Arch | None = None) -> torch.Tensor:
     """Rotate the residual stream of `model` in place (see the module docstring); returns R.
     Call it on the float model, before calibrate(). The rotation is recorded as
-    `model.smoothq_rotation` and in saved checkpoints."""
-    for attr, what in (("smoothq_scheme", "quantized"), ("smoothq_alpha", "smoothed"), ("smoothq_rotation", "rotated"),
-                       ("smoothq_input_rotation", "input-rotated")):
-        if getattr(model, attr, None) is not None:
+    `model.smoothq.rotation` and in saved checkpoints."""
+    rec = record(model)
+    for fact, what in ((rec.scheme, "quantized"), (rec.alpha, "smoothed"), (rec.rotation, "rotated"),
+                       (rec.input_rotation, "input-rotated")):
+        if fact is not None:
             raise RuntimeError(f"model is already {what}: rotate the float model first (rotate -> calibrate -> "
                                "smooth -> quantize); reload it to start over")
     res = resolve(model, arch)
@@ -236,5 +238,5 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0, arch: Arch |
     rotate_outside(model, res.arch, rot)
     for prefix, block in res.blocks:
         rotate_block(res, prefix, block, rot)
-    model.smoothq_rotation = rotation_record(kind, seed, hidden)
+    rec.rotation = rotation_record(kind, seed, hidden)
     return rot

@@ -41,6 +41,7 @@ from .archs import Arch, ResolvedGroup, check_options, resolve, weight_nk
 from .calibrate import ActStats, _as_batches
 from .config import QuantScheme, check_alpha, get_scheme
 from .quant import QMAX, absmax_to_scale, quantize_weight
+from .record import record
 from .sink import quantize_with_sinks
 from .smooth import apply_group, group_scales
 
@@ -337,7 +338,7 @@ def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActS
     scheme = get_scheme(scheme)
     if config.clip and not scheme.static:
         raise ValueError(f"clipping applies to static activation scales; {scheme.label} computes them per batch")
-    if getattr(model, "smoothq_alpha", None) is not None and len(config.grid) > 1:
+    if record(model).alpha is not None and len(config.grid) > 1:
         raise RuntimeError("search alpha on the float model (this one is already smoothed)")
     from .smooth import check_not_input_rotated
 
@@ -538,12 +539,13 @@ def auto_smooth(model: nn.Module, stats: ActStats, calib, scheme: str | QuantSch
                 config: SearchConfig = SearchConfig(), arch: Arch | None = None, progress: bool = True) -> ActStats:
     """search_alpha, then smooth the model in place with the chosen alphas (and clip the static
     scales if asked). Returns the statistics to quantize with; the search result is kept on the
-    model as `model.smoothq_search`."""
+    model's record as `model.smoothq.search`."""
     result = search_alpha(model, calib, scheme, stats, config, arch=arch, progress=progress)
     from .smooth import smooth
 
     out = smooth(model, stats, alpha=config.init_alpha, arch=arch, options=config.options, alphas=result.alphas)
-    model.smoothq_alpha = "auto" if len(config.grid) > 1 else config.grid[0]
-    model.smoothq_search = result
-    out.meta = {**out.meta, "alpha": model.smoothq_alpha, "search": result.summary()}
+    rec = record(model)
+    rec.alpha = "auto" if len(config.grid) > 1 else config.grid[0]
+    rec.search = result
+    out.meta = {**out.meta, "alpha": rec.alpha, "search": result.summary()}
     return result.clip_stats(out) if result.clip else out

@@ -61,6 +61,7 @@ from .config import FORMAT_VERSION, QuantScheme, check_alpha, get_scheme
 from .io import (CheckpointError, _float_dtype, check_save_options, checkpoint_config, compressed_tensors_config,
                  quantized_state, replace_dir, write_metadata)
 from .nn import W8A8Linear, quantize
+from .record import record
 from .smooth import smooth as smooth_model
 from .stream import ShardWriter, SourceCheckpoint, nbytes, write_file
 
@@ -583,13 +584,14 @@ class _Run:
 
         # the layout and config save() would write, from a meta skeleton quantized as quantize() does
         planned = skeleton(self.config, self.dtype, attn_implementation)
+        plan = record(planned)  # what checkpoint_config reads, as the stages would have recorded it
         if self.rot is not None:
             untie_head(planned)
             planned.get_output_embeddings().weight = nn.Parameter(
                 torch.empty_like(planned.get_output_embeddings().weight, device="meta"), requires_grad=False)
-            planned.smoothq_rotation = rotation_record(recipe.rotation.kind, recipe.rotation.seed, hidden_size)
+            plan.rotation = rotation_record(recipe.rotation.kind, recipe.rotation.seed, hidden_size)
         if recipe.rotate_inputs:
-            planned.smoothq_input_rotation = input_rotation_spec(
+            plan.input_rotation = input_rotation_spec(
                 recipe.rotation.seed, [nm for nm, _ in input_rotation_targets(planned, arch)])
         for name, module in list(resolve(planned, arch).quantizable()):
             parent, _, attr = name.rpartition(".")
@@ -598,8 +600,8 @@ class _Run:
             setattr(planned.get_submodule(parent), attr,
                     W8A8Linear(w.shape[1], w.shape[0], bias is not None, self.scheme, backend,
                                bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta"))
-        planned.smoothq_scheme = self.scheme
-        planned.smoothq_sink_tokens = self.sink_tokens
+        plan.scheme = self.scheme
+        plan.sink_tokens = self.sink_tokens
         self.meta = dict(meta or {})
         if "recipe" in self.meta:  # as run: an optional rotation is dropped where the architecture has none
             self.meta["recipe"] = recipe.to_dict()
@@ -884,7 +886,7 @@ class _Run:
         if recipe.rotate_inputs:
             rotate_inputs(view, seed=recipe.rotation.seed, arch=arch)
             if self.scheme.static:  # the rotated inputs' abs-max, measured on this layer's inputs again
-                names = view.smoothq_input_rotation["linears"]
+                names = record(view).input_rotation["linears"]
                 # in memory, recalibration runs the smoothed float model: with float propagation its
                 # own trajectory ("sm") is kept, so the scales come out bit for bit the same
                 smoothed = streams.get("sm")
@@ -895,7 +897,7 @@ class _Run:
                     streams["sm"] = outs
                 stats = stats.copy()
                 stats.act_absmax.update({n: fresh[n] for n in names})
-                stats.meta["input_rotation"] = dict(view.smoothq_input_rotation)
+                stats.meta["input_rotation"] = dict(record(view).input_rotation)
         quantize(view, self.scheme, stats, backend=self.backend, arch=arch)
         del stats, view
         if floats is not None:  # float propagation: the float layer's outputs feed the next layer

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .quant import absmax_to_scale, act_scale_per_token, quantize
+from .record import record
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -98,14 +99,12 @@ def _positions(hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
 
 def track_positions(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> TokenPositions:
     """Record, before each decoder block runs, the positions of its tokens (see module doc)."""
-    tracker = getattr(model, "smoothq_positions", None)
-    if tracker is not None:
-        return tracker
-    tracker = TokenPositions()
-    for _, block in blocks:
-        tracker.handles.append(block.register_forward_pre_hook(tracker.record, with_kwargs=True))
-    model.smoothq_positions = tracker
-    return tracker
+    rec = record(model)  # one tracker per model (a deepcopy's hooks fill the copy's: see record.py)
+    if rec.positions is None:
+        rec.positions = TokenPositions()
+        for _, block in blocks:
+            rec.positions.handles.append(block.register_forward_pre_hook(rec.positions.record, with_kwargs=True))
+    return rec.positions
 
 
 def quantize_with_sinks(x: torch.Tensor, sinks: torch.Tensor, granularity: str,

@@ -23,6 +23,7 @@ from torch import nn
 from .archs import LINEAR_TYPES, Arch, ResolvedGroup, resolve, weight_nk
 from .calibrate import ActStats
 from .config import check_alpha
+from .record import record
 
 # Magnitudes below this are treated as "this channel carries nothing" (s = 1); it also keeps
 # x^alpha / w^(1-alpha) far from overflow for tiny but nonzero maxima.
@@ -103,7 +104,7 @@ def apply_group(res, group: ResolvedGroup, s: torch.Tensor, stats: ActStats | No
 def check_not_input_rotated(model: nn.Module) -> None:
     """Smoothing scales the float input channels of a linear; after online_rotation.rotate_inputs the
     weights of the rotated linears are in the rotated basis, where that would not be exact."""
-    if getattr(model, "smoothq_input_rotation", None) is not None:
+    if record(model).input_rotation is not None:
         raise RuntimeError("the model's down-projection inputs are already rotated (rotate_inputs): smooth first, "
                            "then rotate_inputs, then quantize. Reload the float model to start over")
 
@@ -113,20 +114,21 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
            options=(), alphas: dict[str, float] | None = None) -> ActStats:
     """Smooth every group of the model in place; return the statistics of the smoothed model
     (inputs of smoothed linears divided by s), which is what static activation scales need.
-    The scales are kept on the model as `model.smoothq_scales` (producer name -> s).
+    The scales are kept in the model's record as `model.smoothq.scales` (producer name -> s).
 
     `options` opts in to the exact extra groups of archs.OPTIONS ("attn_vo", "mlp_updown", "opt_fc",
     or "all"); `alphas` maps a group's producer name to its own alpha (e.g. from search.search_alpha),
     overriding `alpha` for that group. Defaults reproduce the paper's recipe."""
     alpha = check_alpha(alpha)
-    if getattr(model, "smoothq_scheme", None) is not None:
+    rec = record(model)
+    if rec.scheme is not None:
         raise RuntimeError(
-            f"model is already quantized ({model.smoothq_scheme.label}); smoothing must come before "
+            f"model is already quantized ({rec.scheme.label}); smoothing must come before "
             "quantize(). Reload the float model, then calibrate -> smooth -> quantize."
         )
-    if getattr(model, "smoothq_alpha", None) is not None:
+    if rec.alpha is not None:
         raise RuntimeError(
-            f"model is already smoothed (alpha={model.smoothq_alpha}); smoothing twice compounds the "
+            f"model is already smoothed (alpha={rec.alpha}); smoothing twice compounds the "
             "scales. Reload the float model to smooth it with another alpha."
         )
     check_not_input_rotated(model)
@@ -141,13 +143,13 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
         s = group_scales(res, group, stats, alphas.get(group.prev, alpha))
         apply_group(res, group, s, stats, out)
         applied[group.prev] = s
-    model.smoothq_alpha = alpha
-    model.smoothq_scales = applied
+    rec.alpha = alpha
+    rec.scales = applied
     meta = {"alpha": alpha}
     if res.arch and any(g.option for g in res.groups):
         meta["options"] = sorted({g.option for g in res.groups if g.option})
     if alphas:
-        model.smoothq_alphas = dict(alphas)
+        rec.alphas = dict(alphas)
         meta["alphas"] = {k: round(v, 4) for k, v in alphas.items()}
     out.meta = {**out.meta, **meta}
     return out

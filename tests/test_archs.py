@@ -58,7 +58,7 @@ def test_mixtral_router_and_all_experts_share_one_scale():
     stats = sq.calibrate(model, sample_ids(n=8), progress=False)
     router_w = model.get_submodule(moe.linears[0]).weight.detach().clone()
     sq.smooth(model, stats, alpha=0.5)
-    s = model.smoothq_scales[moe.prev]
+    s = model.smoothq.scales[moe.prev]
     assert torch.allclose(model.get_submodule(moe.linears[0]).weight, router_w * s)
 
 
@@ -136,5 +136,5 @@ def test_fold_into_previous_linear_is_exact_for_opt_v_to_out_and_fc1_to_fc2():
     with torch.no_grad():
         out = model(ids).logits
     assert ((out - ref).abs().max() / ref.abs().max()) < 1e-4
-    s = model.smoothq_scales["model.decoder.layers.0.self_attn.v_proj"]
+    s = model.smoothq.scales["model.decoder.layers.0.self_attn.v_proj"]
     assert torch.allclose(model.model.decoder.layers[0].self_attn.v_proj.bias, v_before / s)

@@ -52,7 +52,7 @@ def test_gqa_v_to_o_repeats_each_kv_channel_scale_for_every_query_head_of_its_gr
     o_before = attn.o_proj.weight.detach().clone()
     v_before = attn.v_proj.weight.detach().clone()
     sq.smooth(model, stats, alpha=0.5, options=["attn_vo"])
-    s = model.smoothq_scales["model.layers.0.self_attn.v_proj"]
+    s = model.smoothq.scales["model.layers.0.self_attn.v_proj"]
     assert s.shape == (32,)
     # query heads 0,1 read KV head 0 (channels 0..15); heads 2,3 read KV head 1 (channels 16..31)
     cols = torch.cat([s[:16], s[:16], s[16:], s[16:]])
@@ -87,9 +87,9 @@ def test_options_leave_the_paper_groups_scales_unchanged():
     stats = sq.calibrate(base, ids, progress=False)
     sq.smooth(base, stats, 0.8)
     sq.smooth(extended, stats, 0.8, options="all")
-    for k, s in base.smoothq_scales.items():
-        assert torch.equal(extended.smoothq_scales[k], s)
-    assert len(extended.smoothq_scales) == 2 * len(base.smoothq_scales)
+    for k, s in base.smoothq.scales.items():
+        assert torch.equal(extended.smoothq.scales[k], s)
+    assert len(extended.smoothq.scales) == 2 * len(base.smoothq.scales)
 
 
 def test_smoothed_stats_of_optional_consumers_are_divided_by_their_column_scales():

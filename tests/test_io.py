@@ -31,7 +31,7 @@ def test_save_load_round_trip_is_bit_identical_for_every_architecture(name, tmp_
     model, ids = quantized(name)
     io.save(model, tmp_path / "ckpt", float_dtype="auto")
     back, _ = io.load(tmp_path / "ckpt", dtype=torch.float32, attn_implementation="eager")
-    assert back.smoothq_scheme == model.smoothq_scheme
+    assert back.smoothq.scheme == model.smoothq.scheme
     assert torch.equal(logits(back, ids), logits(model, ids))
     saved, loaded = model.state_dict(), back.state_dict()
     for k, v in saved.items():
@@ -117,7 +117,7 @@ def test_smoothq_loads_its_compressed_tensors_export_with_identical_outputs(tmp_
     model, ids = quantized("llama", "O3")
     io.save(model, tmp_path / "ct", format="compressed-tensors", float_dtype="auto")
     back, _ = io.load(tmp_path / "ct", dtype=torch.float32, attn_implementation="eager")
-    assert back.smoothq_scheme.activations == "per_tensor_static"
+    assert back.smoothq.scheme.activations == "per_tensor_static"
     assert torch.equal(logits(back, ids), logits(model, ids))
 
 
@@ -127,7 +127,7 @@ def test_o2_has_no_compressed_tensors_scheme(tmp_path):
         io.save(model, tmp_path / "o2", format="compressed-tensors")
     assert not (tmp_path / "o2").exists()
     io.save(model, tmp_path / "o2")  # fine in our own format
-    assert io.load(tmp_path / "o2")[0].smoothq_scheme.activations == "per_tensor_dynamic"
+    assert io.load(tmp_path / "o2")[0].smoothq.scheme.activations == "per_tensor_dynamic"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_rotating_the_inputs_leaves_fp32_logits_unchanged_on_every_architecture(
     names = [n for n, _ in targets(model)]
     before = {n: sq.archs.weight_nk(model.get_submodule(n)).detach().clone() for n in names}
     rotate_inputs(model, seed=1)
-    assert model.smoothq_input_rotation["linears"] == names and len(names) == model.config.num_hidden_layers \
+    assert model.smoothq.input_rotation["linears"] == names and len(names) == model.config.num_hidden_layers \
         * (model.config.num_local_experts if name == "mixtral" else 1)
     assert rel_err(logits(model, ids), ref) < 1e-5
     for n in names:  # the stored weight really is W Q
@@ -191,9 +191,9 @@ def test_checkpoint_round_trip_keeps_the_input_rotation(tmp_path, scheme):
     sq.quantize(model, scheme, st, backend="emulated")
     sq.save(model, tmp_path / "q", float_dtype="float32")
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert qc["input_rotation"]["linears"] == model.smoothq_input_rotation["linears"]
+    assert qc["input_rotation"]["linears"] == model.smoothq.input_rotation["linears"]
     back, _ = sq.load(tmp_path / "q", backend="emulated", dtype=torch.float32)
-    assert back.smoothq_input_rotation == model.smoothq_input_rotation
+    assert back.smoothq.input_rotation == model.smoothq.input_rotation
     torch.testing.assert_close(logits(back, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match="no field vLLM applies"):
         sq.save(model, tmp_path / "ct", format="compressed-tensors")

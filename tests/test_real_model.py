@@ -44,7 +44,7 @@ def test_smoothing_leaves_smollm2_logits_unchanged(smollm2, options):
         ref = model(ids).logits
     smoothed = copy.deepcopy(model)
     sq.smooth(smoothed, sq.calibrate(smoothed, ids, progress=False), alpha=0.8, options=options)
-    assert set(smoothed.smoothq_scales) >= {"model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj"} or not options
+    assert set(smoothed.smoothq.scales) >= {"model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj"} or not options
     with torch.no_grad():
         rel = ((smoothed(ids).logits - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4
@@ -84,7 +84,7 @@ def test_rotation_keeps_smollm2_exact_and_rescues_per_tensor_o3(smollm2):
     with torch.no_grad():
         ref = model(ids).logits
         rel = ((rotated(ids).logits - ref).abs().max() / ref.abs().max()).item()
-    assert rel < 1e-4 and rotated.smoothq_rotation["kind"] == "hadamard"
+    assert rel < 1e-4 and rotated.smoothq.rotation["kind"] == "hadamard"
 
     def o3(m, online=False):
         m = copy.deepcopy(m)

@@ -65,7 +65,7 @@ def test_rotation_leaves_fp32_logits_unchanged_and_really_rotates(name, kind):
     assert model.lm_head.weight is not embed and not model.config.tie_word_embeddings
     # the norm gains now live in the linears: the norm computes plain x / rms(x)
     assert torch.equal(norm.weight + res.arch.norm_offset, torch.ones_like(norm.weight))
-    assert model.smoothq_rotation["size"] == embed.shape[1]
+    assert model.smoothq.rotation["size"] == embed.shape[1]
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral"])
@@ -141,7 +141,7 @@ def test_rotated_checkpoint_round_trips_with_an_untied_head(fmt, tmp_path):
     io.save(model, tmp_path / "ckpt", format=fmt, float_dtype="auto")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
-    assert config["smoothq"]["rotation"] == model.smoothq_rotation
+    assert config["smoothq"]["rotation"] == model.smoothq.rotation
     back, _ = io.load(tmp_path / "ckpt", dtype=torch.float32, attn_implementation="eager")
     assert back.lm_head.weight is not back.get_input_embeddings().weight
     assert torch.equal(logits(back, ids), logits(model, ids))

@@ -92,7 +92,7 @@ def test_auto_smooth_keeps_the_float_model_exact_and_records_the_search():
                       progress=False)
     with torch.no_grad():
         assert ((model(ids).logits - ref).abs().max() / ref.abs().max()) < 1e-4
-    assert model.smoothq_alpha == "auto" and model.smoothq_search.alphas == model.smoothq_alphas
+    assert model.smoothq.alpha == "auto" and model.smoothq.search.alphas == model.smoothq.alphas
     assert out.meta["search"]["groups"] == 8
     recal = sq.calibrate(model, ids, progress=False)
     for name in recal.act_absmax:
@@ -117,7 +117,7 @@ def test_single_point_grid_is_the_fixed_alpha_recipe():
     fixed = copy.deepcopy(model)
     ref_stats = sq.smooth(fixed, stats, 0.8)
     st = auto_smooth(model, stats, ids, "O3", SearchConfig(grid=(0.8,), samples=4), progress=False)
-    assert model.smoothq_alpha == 0.8
+    assert model.smoothq.alpha == 0.8
     for k, v in fixed.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
     for k in ref_stats.act_absmax:

@@ -140,8 +140,8 @@ def test_quantize_checks_sink_tokens_against_the_statistics():
         sq.quantize(copy.deepcopy(m), "O3", st, sink_tokens=0)
     # dynamic schemes compute their scales per batch: any count is fine
     q = sq.quantize(copy.deepcopy(m), "O2", st, sink_tokens=2, backend="emulated")
-    assert q.smoothq_sink_tokens == 2
-    assert sq.quantize(copy.deepcopy(m), "W8A8", st).smoothq_sink_tokens == 1
+    assert q.smoothq.sink_tokens == 2
+    assert sq.quantize(copy.deepcopy(m), "W8A8", st).smoothq.sink_tokens == 1
 
 
 def test_deepcopy_of_a_quantized_model_gets_its_own_position_tracker():
@@ -159,7 +159,7 @@ def test_checkpoint_round_trip_keeps_the_sink_tokens(tmp_path, scheme):
     m, ids = _o3("llama", sink_tokens=1, scheme=scheme)
     sq.save(m, tmp_path / "q", float_dtype="float32")
     back, _ = sq.load(tmp_path / "q", backend="emulated", dtype=torch.float32)
-    assert back.smoothq_sink_tokens == 1
+    assert back.smoothq.sink_tokens == 1
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, m(ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(CheckpointError, match="no field for that"):

@@ -67,7 +67,7 @@ def test_group_weight_max_is_taken_over_all_linears_sharing_the_input():
     w_max = torch.stack([weight_nk(res.modules[n]).abs().amax(0) for n in group.linears]).amax(0)
     act = torch.stack([stats[n] for n in group.linears]).amax(0)
     sq.smooth(model, stats, 0.6)
-    assert torch.allclose(model.smoothq_scales[group.prev], smooth_scales(act, w_max, 0.6))
+    assert torch.allclose(model.smoothq.scales[group.prev], smooth_scales(act, w_max, 0.6))
 
 
 def test_smoothed_stats_are_divided_by_the_scales():
@@ -75,7 +75,7 @@ def test_smoothed_stats_are_divided_by_the_scales():
     stats = sq.calibrate(model, sample_ids(), progress=False)
     smoothed = sq.smooth(model, stats, 0.5)
     name = "model.layers.0.self_attn.q_proj"
-    s = model.smoothq_scales["model.layers.0.input_layernorm"]
+    s = model.smoothq.scales["model.layers.0.input_layernorm"]
     assert torch.allclose(smoothed[name], stats[name] / s)
     # and they are what calibrating the smoothed model measures
     again = sq.calibrate(model, sample_ids(), progress=False)
@@ -111,7 +111,7 @@ def test_gemma_offset_norm_folds_into_one_plus_w():
     w_before = norm.weight.detach().clone()
     stats = sq.calibrate(model, sample_ids(), progress=False)
     sq.smooth(model, stats, 0.5)
-    s = model.smoothq_scales["model.layers.0.input_layernorm"]
+    s = model.smoothq.scales["model.layers.0.input_layernorm"]
     assert torch.allclose(1 + norm.weight, (1 + w_before) / s, rtol=1e-5, atol=1e-6)
 
 
