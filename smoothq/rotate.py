@@ -156,10 +156,11 @@ def _fold_norm(norm: nn.Module, readers: list[nn.Module], rot: torch.Tensor, off
     if isinstance(norm, nn.LayerNorm) or getattr(norm, "bias", None) is not None:
         raise UnsupportedArchError(f"{type(norm).__name__} subtracts a mean or adds a bias: only RMSNorm "
                                    "commutes with a rotation")
-    gain = norm.weight.double() + offset
+    gain = (norm.weight.double() + offset)[None, :]
     for lin in readers:
         w = weight_nk(lin)
-        w.copy_((w.double() * gain.to(w.device)[None, :]).to(w.dtype))
+        for start in range(0, w.shape[0], 2048):  # row chunks: a 7B head in float64 would be 1 GB, twice
+            w[start:start + 2048] = (w[start:start + 2048].double() * gain.to(w.device)).to(w.dtype)
         _right(lin, rot)
     norm.weight.fill_(1.0 - offset)
 
