@@ -1,4 +1,4 @@
-"""Command line: `smoothq quantize | eval | compare`, each a thin layer over the Python API."""
+"""Command line: `smoothq quantize | eval | generate | compare | verify`, each a thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -57,6 +57,16 @@ def _add_plus(p: argparse.ArgumentParser, clip: bool = True) -> None:
         g.add_argument("--clip-percentile", type=float, default=99.9)
         g.add_argument("--int8-attention", choices=["per-head", "per-tensor"],
                        help="also quantize Q, K, V and the attention probabilities (static scales; for --eval)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _scheme(text: str) -> str:
@@ -161,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated; 'auto' searches per group (default: 0.5,0.8)")
     _add_plus(c, clip=False)
     c.add_argument("--json", help="also write the rows as JSON here")
+
+    v = sub.add_parser("verify", help="check a saved checkpoint: every tensor against config.json, then a short "
+                                      "forward pass with finite logits; exit code 2 if anything is wrong")
+    v.add_argument("model", metavar="CHECKPOINT", help="directory written by smoothq quantize -o (either format)")
+    v.add_argument("--device", default="cpu", help="where the forward pass runs (default: cpu)")
+    v.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="float tensors are cast to this for the forward pass (default: float32)")
+    v.add_argument("--backend", default="auto", choices=backends.names())
+    v.add_argument("--tokens", type=_positive_int, default=8, help="tokens of the forward pass (default: 8)")
     return parser
 
 
@@ -402,7 +421,15 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare}
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    print(verify(args.model, backend=args.backend, device=args.device, dtype=args.dtype, tokens=args.tokens).line())
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare,
+            "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,26 +116,10 @@ def compressed_tensors_config(scheme: QuantScheme, ignore: list[str]) -> dict:
 
 
 def scheme_from_config(qc: dict) -> QuantScheme:
-    """The scheme a checkpoint's quantization_config describes (either format)."""
-    method = qc.get("quant_method")
-    if method == "smoothq":
-        return QuantScheme.from_dict(qc["scheme"])
-    if method == "compressed-tensors":
-        groups = list(qc.get("config_groups", {}).values())
-        if len(groups) != 1:
-            raise CheckpointError(f"expected one compressed-tensors config group, found {len(groups)}")
-        w, a = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
-        if qc.get("format") != "int-quantized" or w.get("num_bits") != 8 or a.get("num_bits") != 8 \
-                or w.get("type") != "int" or not w.get("symmetric", False) or not a.get("symmetric", False):
-            raise CheckpointError("only symmetric INT8 W8A8 compressed-tensors checkpoints (format int-quantized) load here")
-        weights = {"channel": "per_channel", "tensor": "per_tensor"}.get(w.get("strategy"))
-        acts = {("token", True): "per_token", ("tensor", True): "per_tensor_dynamic",
-                ("tensor", False): "per_tensor_static"}.get((a.get("strategy"), bool(a.get("dynamic"))))
-        if weights is None or acts is None:
-            raise CheckpointError(f"unsupported compressed-tensors strategies: weights {w.get('strategy')}, "
-                                  f"activations {a.get('strategy')} dynamic={a.get('dynamic')}")
-        return QuantScheme(weights, acts)
-    raise CheckpointError(f"not a quantized smoothq/compressed-tensors checkpoint (quant_method={method!r})")
+    """The scheme a checkpoint's quantization_config describes (either format; checked by verify.py)."""
+    from .verify import parse_quantization_config
+
+    return parse_quantization_config({"quantization_config": qc}).scheme
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,126 +283,126 @@ def dir_bytes(path: str | Path) -> int:
 # load
 
 
+def _shard_index(folder: Path) -> dict[str, str] | None:
+    """The index's tensor name -> shard file map, or None for a single-file checkpoint."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        if (folder / SINGLE_FILE).is_file():
+            return None
+        raise CheckpointError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: not a saved checkpoint")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index} is not a valid shard index ({type(exc).__name__}: {exc}); "
+                              "re-save the checkpoint") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names in this "
+                              "directory; re-save the checkpoint")
+    return weight_map
+
+
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every shard, by name. A truncated or corrupt shard is a CheckpointError
+    naming the file (safetensors raises SafetensorError for those, not OSError), and so is an
+    index that does not say where each tensor is (other loaders look tensors up through it)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid shard index ({exc}); re-save the checkpoint") from None
-    elif (folder / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
-    else:
-        raise CheckpointError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: not a saved checkpoint")
-    state = {}
-    for fname in files:
+    weight_map = _shard_index(folder)
+    state: dict[str, torch.Tensor] = {}
+    for fname in sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]:
         path = folder / fname
         if not path.is_file():
             raise CheckpointError(f"shard {fname} listed in the index is missing from {folder}")
         try:
-            state.update(load_file(str(path)))
-        except (SafetensorError, OSError, ValueError) as exc:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path} is corrupt or truncated ({exc}); re-save the checkpoint") from None
+        twice = sorted(state.keys() & tensors.keys())
+        if twice:
+            raise CheckpointError(f"{path} holds {twice[0]!r}, which another shard holds too; re-save the checkpoint")
+        if weight_map is not None:
+            misplaced = sorted(n for n in tensors if weight_map.get(n) != fname)
+            absent = sorted(n for n, f in weight_map.items() if f == fname and n not in tensors)
+            if misplaced or absent:
+                raise CheckpointError(f"{folder / INDEX_FILE} does not match {fname}: "
+                                      + (f"{misplaced[0]!r} is in the shard but not listed there" if misplaced
+                                         else f"{absent[0]!r} is listed there but not in the shard")
+                                      + "; re-save the checkpoint")
+        state.update(tensors)
     return state
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    """Whether `path` is a directory whose config.json has a smoothq/compressed-tensors quantization
+    section (a config.json that does not parse is a CheckpointError: nothing could load it)."""
+    from .verify import read_config_json
+
+    if not (Path(path) / "config.json").is_file():
         return False
-    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") in ("smoothq", "compressed-tensors")
+    qc = read_config_json(Path(path)).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") in ("smoothq", "compressed-tensors")
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: torch.dtype | str | None = None,
          attn_implementation: str | None = None):
     """(model, tokenizer) from a checkpoint written by save() (either format) or by another tool in
     the compressed-tensors INT8 W8A8 layout. Decoder linears are W8A8Linear on `backend`; float
-    tensors are cast to `dtype` (default: the checkpoint's)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tensors are cast to `dtype` (default: the checkpoint's).
 
-    from .archs import resolve, weight_nk
+    Every tensor is checked against config.json first (verify.check_checkpoint): a missing,
+    unexpected, mistyped or misshapen tensor, or a scale that is not finite and > 0, is a
+    CheckpointError before any weight reaches the model."""
+    from transformers import AutoTokenizer
 
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json: not a saved checkpoint")
-    config = AutoConfig.from_pretrained(folder)
-    qc = getattr(config, "quantization_config", None)
-    if not isinstance(qc, dict):
-        raise CheckpointError(f"{folder}/config.json has no quantization_config: not a quantized checkpoint")
-    scheme = scheme_from_config(qc)
-    del config.quantization_config
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or config.dtype or torch.float16)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    state = _read_tensors(folder)
+    from .verify import check_checkpoint
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    res = resolve(model)  # also splits fused MoE experts, as at quantization time
-    qnames = {n[: -len(".weight_scale")] for n in state
-              if n.endswith(".weight_scale") and state.get(n[: -len("_scale")], torch.empty(0)).dtype == torch.int8}
-    embed = model.get_input_embeddings()
-    embed_name = next(n for n, m in model.named_modules() if m is embed)
-    qnames.discard(embed_name)  # int8-stored embedding rows: dequantized below, not a W8A8Linear
-    known = {n for n, _ in res.quantizable()}
-    if not qnames or not qnames <= known:
-        raise CheckpointError(f"checkpoint quantizes {sorted(qnames - known)[:3] or 'nothing'}, which are not decoder "
-                              f"linears of {type(model).__name__}: config and tensors do not match")
-    for name in qnames:
-        w = state[f"{name}.weight"]
-        expected = tuple(weight_nk(model.get_submodule(name)).shape)
-        if w.dtype != torch.int8 or tuple(w.shape) != expected:
-            raise CheckpointError(f"{name}.weight is {w.dtype} {tuple(w.shape)} but the config makes it int8 {expected}: "
-                                  "tensors and config.json do not match")
-        per_channel = state[f"{name}.weight_scale"].numel() > 1 or scheme.weights == "per_channel"
+    checked = check_checkpoint(path, dtype, attn_implementation)
+    folder, quant, model, state, dtype = checked.folder, checked.quant, checked.model, checked.state, checked.dtype
+    scheme, res = quant.scheme, checked.resolved
+    for name, shape in checked.layout.linears.items():
+        scale = state[f"{name}.weight_scale"]
+        # compressed-tensors writes per-tensor scales as [out, 1]: held per channel, the same values
+        per_channel = scale.numel() > 1 or scheme.weights == "per_channel"
+        if not per_channel:
+            state[f"{name}.weight_scale"] = scale.reshape(1)  # a scalar [] from another tool
+        if scheme.static:
+            state[f"{name}.input_scale"] = state[f"{name}.input_scale"].reshape(1)
         mod_scheme = QuantScheme("per_channel" if per_channel else "per_tensor", scheme.activations, scheme.name)
         parent, _, attr = name.rpartition(".")
-        q = W8A8Linear(w.shape[1], w.shape[0], f"{name}.bias" in state, mod_scheme, backend, bias_dtype=dtype, device="meta")
+        q = W8A8Linear(shape.in_features, shape.out_features, shape.bias, mod_scheme, backend, bias_dtype=dtype,
+                       device="meta")
         setattr(model.get_submodule(parent), attr, q)
 
     model.to_empty(device=device)
     _init_non_persistent_buffers(model)
-    if f"{embed_name}.weight_scale" in state:  # int8-stored embedding rows
+    embed_name = checked.layout.embedding
+    if quant.int8_embeddings:  # int8-stored embedding rows: dequantized, compute stays float
         scale = state.pop(f"{embed_name}.weight_scale")
         state[f"{embed_name}.weight"] = (state[f"{embed_name}.weight"].float() * scale).to(dtype)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise CheckpointError(f"tensor shapes do not match the model config: {str(exc)[:500]}") from None
+    # the validator checked every name, dtype kind and shape: nothing can be missing or unexpected here
+    model.load_state_dict(state, strict=False)
     model.tie_weights()
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
-    missing = [n for n in missing if model.get_parameter(n).data_ptr() not in loaded]  # tied ones are fine
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     rec = record(model)
     rec.scheme = scheme
-    stored = getattr(config, "smoothq", None) or {}  # what save() recorded, in either format
-    rec.rotation = stored.get("rotation")
-    if stored.get("recipe") is not None:
+    rec.rotation = quant.rotation
+    if quant.recipe is not None:
         from .recipe import Recipe, RecipeError
 
         try:
-            rec.recipe = Recipe.from_dict(stored["recipe"])
+            rec.recipe = Recipe.from_dict(quant.recipe)
         except RecipeError as exc:  # the weights load without it: keep the model, say what is missing
             warnings.warn(f"{folder}/config.json: smoothq.recipe does not read ({exc}); model.smoothq.recipe is None")
-    if qc.get("quant_method") == "smoothq" and qc.get("sink_tokens"):
+    if quant.sink_tokens:
         from .nn import set_sink_tokens
-        from .sink import check_sink_tokens
 
-        try:
-            set_sink_tokens(model, res.blocks, check_sink_tokens(qc["sink_tokens"]))
-        except ValueError as exc:
-            raise CheckpointError(f"{folder}/config.json: {exc}") from None
-    if qc.get("quant_method") == "smoothq" and qc.get("input_rotation"):
+        set_sink_tokens(model, res.blocks, quant.sink_tokens)
+    if quant.input_rotation:
         from .online_rotation import install
 
         try:
-            install(model, qc["input_rotation"])
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            install(model, quant.input_rotation)
+        except ValueError as exc:  # e.g. a size with no Hadamard transform (UnsupportedArchError)
             raise CheckpointError(f"{folder}/config.json: bad input_rotation entry: {exc}") from None
     model.eval()
     tokenizer = None
