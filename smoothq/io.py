@@ -391,7 +391,9 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
 
         try:
             rec.recipe = Recipe.from_dict(quant.recipe)
-        except RecipeError as exc:  # the weights load without it: keep the model, say what is missing
+        # the weights load without it: keep the model, say what is missing. Recipe.from_dict answers
+        # some wrong field types (a number where a list belongs) with TypeError/AttributeError
+        except (RecipeError, TypeError, AttributeError, KeyError, ValueError) as exc:
             warnings.warn(f"{folder}/config.json: smoothq.recipe does not read ({exc}); model.smoothq.recipe is None")
     if quant.sink_tokens:
         from .nn import set_sink_tokens

@@ -63,7 +63,8 @@ class QuantConfig:
     sink_tokens: int = 0  # smoothq only: see sink.py
     input_rotation: dict | None = None  # smoothq only: {kind, seed, linears}, see online_rotation.py
     rotation: dict | None = None  # the residual rotation (rotate.py) the weights were saved in
-    recipe: dict | None = None  # the recipe smoothq.run stored (read by io.load, may be absent)
+    # the recipe smoothq.run stored, unparsed: io.load warns (and loads the weights) if it does not read
+    recipe: object = None
 
     @property
     def weights(self) -> str:
@@ -121,12 +122,14 @@ def parse_quantization_config(config: dict, where: str = "config.json") -> Quant
         raise CheckpointError(f"{where} has no quantization_config: not a quantized checkpoint")
     if not isinstance(qc, dict):
         raise _field(where, "quantization_config", qc, "an object")
+    # what save() recorded beyond the scheme, in either format (the recipe, the residual rotation)
+    extra = _optional_dict(config, "smoothq", where) or {}
     where = f"{where} quantization_config"
     method = qc.get("quant_method")
     if method == "smoothq":
-        return _parse_smoothq(qc, config, where)
+        return _parse_smoothq(qc, extra, where)
     if method == "compressed-tensors":
-        return _parse_compressed_tensors(qc, config, where)
+        return _parse_compressed_tensors(qc, extra, where)
     raise _field(where, "quant_method", method, "'smoothq' or 'compressed-tensors' (not a smoothq-loadable "
                                                 "quantized checkpoint)")
 
@@ -154,7 +157,7 @@ def _parse_scheme(value, where: str) -> QuantScheme:
     return QuantScheme(weights, acts, name)
 
 
-def _parse_smoothq(qc: dict, config: dict, where: str) -> QuantConfig:
+def _parse_smoothq(qc: dict, extra: dict, where: str) -> QuantConfig:
     from .sink import check_sink_tokens
 
     scheme = _parse_scheme(qc.get("scheme"), where)
@@ -177,14 +180,13 @@ def _parse_smoothq(qc: dict, config: dict, where: str) -> QuantConfig:
             raise CheckpointError(f"{where}: bad input_rotation entry {input_rotation!r}; expected "
                                   "{\"kind\": \"hadamard\", \"seed\": <int>, \"linears\": [module names]}. "
                                   "Restore the checkpoint's config.json")
-    extra = _optional_dict(config, "smoothq", where.replace(" quantization_config", "")) or {}
     return QuantConfig(
         format="smoothq", scheme=scheme, listed_modules=None if modules is None else tuple(modules),
         int8_embeddings=int8_embeddings, sink_tokens=sink_tokens, input_rotation=input_rotation,
-        rotation=_optional_dict(qc, "rotation", where), recipe=_optional_dict(extra, "recipe", f"{where} smoothq"))
+        rotation=_optional_dict(qc, "rotation", where), recipe=extra.get("recipe"))
 
 
-def _parse_compressed_tensors(qc: dict, config: dict, where: str) -> QuantConfig:
+def _parse_compressed_tensors(qc: dict, extra: dict, where: str) -> QuantConfig:
     if qc.get("format") != "int-quantized":
         raise _field(where, "format", qc.get("format"), "'int-quantized' (only INT8 W8A8 checkpoints load here)")
     groups = qc.get("config_groups")
@@ -225,10 +227,9 @@ def _parse_compressed_tensors(qc: dict, config: dict, where: str) -> QuantConfig
                 re.compile(pattern[3:])
             except re.error as exc:
                 raise _field(where, "ignore", pattern, f"a valid regular expression after 're:' ({exc})") from None
-    extra = _optional_dict(config, "smoothq", where.replace(" quantization_config", "")) or {}
     return QuantConfig(format="compressed-tensors", scheme=QuantScheme(weights, acts), ignore=tuple(ignore),
-                       rotation=_optional_dict(extra, "rotation", f"{where} smoothq"),
-                       recipe=_optional_dict(extra, "recipe", f"{where} smoothq"))
+                       rotation=_optional_dict(extra, "rotation", where.replace("quantization_config", "smoothq")),
+                       recipe=extra.get("recipe"))
 
 
 def _ignored(name: str, ignore: tuple[str, ...]) -> bool:

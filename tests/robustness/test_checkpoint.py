@@ -17,18 +17,14 @@ import smoothq as sq
 from smoothq import io
 from smoothq.cli import main
 from smoothq.io import CheckpointError
-from smoothq.online_rotation import rotate_inputs
 from smoothq.verify import verify
 
 Q = "model.layers.0.self_attn.q_proj"  # tiny llama: hidden 64, q_proj [64, 64]
 
 
-def _quantized(scheme: str, sink_tokens: int = 0, input_rotation: bool = False):
+def _quantized(scheme: str):
     model, ids = tiny_model("llama"), sample_ids()
-    stats = sq.smooth(model, sq.calibrate(model, ids, progress=False, sink_tokens=sink_tokens), 0.5)
-    if input_rotation:
-        stats = rotate_inputs(model, stats, ids)
-    return sq.quantize(model, scheme, stats)
+    return sq.quantize(model, scheme, sq.smooth(model, sq.calibrate(model, ids, progress=False), 0.5))
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +35,12 @@ def saved(tmp_path_factory):
     io.save(_quantized("O3"), root / "o3")
     io.save(_quantized("O3"), root / "ct-o3", format="compressed-tensors")
     io.save(_quantized("W8A8"), root / "w8a8-sharded", max_shard_bytes=40_000)
-    # every extra the smoothq format records: sink tokens, online input rotation, int8 embeddings
-    io.save(_quantized("O3", sink_tokens=1, input_rotation=True), root / "o3-extras", embeddings="int8")
+    # every extra the smoothq format records: the recipe, residual rotation, sink tokens, online
+    # input rotation, int8 embeddings
+    recipe = sq.Recipe.from_dict({"scheme": "O3", "rotation": {"kind": "hadamard"}, "rotate_inputs": True,
+                                  "sink_tokens": 1, "smoothing": {"alpha": 0.5}, "calibration": {"seqlen": 16},
+                                  "output": {"embeddings": "int8"}})
+    sq.run(tiny_model("llama"), recipe, sample_ids(), output=root / "o3-extras", progress=False)
     return root
 
 
@@ -85,7 +85,8 @@ def test_pristine_checkpoints_load_and_verify(saved, name):
     assert report.modules == 14 and "OK" in report.line()
     model, _ = io.load(saved / name)
     if name == "o3-extras":
-        assert model.smoothq.sink_tokens == 1 and model.smoothq.input_rotation["linears"]
+        rec = model.smoothq
+        assert rec.sink_tokens == 1 and rec.input_rotation["linears"] and rec.rotation and rec.recipe.scheme == "O3"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +276,14 @@ def test_wrong_types_in_the_smoothq_config(ckpt, key, value, fragment):
     refused(folder, fragment)
 
 
+def test_an_unreadable_recipe_only_warns(ckpt):
+    folder = ckpt("o3-extras")
+    edit_config(folder, lambda c: c["smoothq"]["recipe"]["smoothing"].update(extra=3))
+    with pytest.warns(UserWarning, match="smoothq.recipe does not read"):
+        model, _ = io.load(folder)  # the weights are fine: the recipe is a record of how they were made
+    assert model.smoothq.recipe is None and model.smoothq.sink_tokens == 1
+
+
 @pytest.mark.parametrize("edit,fragment", [
     (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="group"), "weights.strategy' is 'group'"),
     (lambda q: q["config_groups"]["group_0"]["input_activations"].update(num_bits=4), "4-bit int"),
@@ -404,6 +413,7 @@ def _mutate(folder: Path, rng: random.Random) -> str:
     return f"{kind} {shard.name}"
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # e.g. "smoothq.recipe does not read": expected here
 def test_fuzzed_checkpoints_load_cleanly_or_raise_checkpoint_error(saved, tmp_path):
     rng = random.Random(1234)
     outcomes, others = Counter(), []
