@@ -25,11 +25,12 @@ from .record import QuantRecord
 from .rotate import rotate
 from .sequential import quantize_sequential
 from .smooth import smooth, smooth_scales
+from .tasks import lambada_accuracy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActStats", "Arch", "CalibrationError", "CheckpointError", "load", "save", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
     "UnsupportedArchError", "W8A8", "W8A8Linear", "calib_samples", "calibrate", "eval_windows",
-    "get_scheme", "load_model", "PRESETS", "QuantRecord", "Recipe", "RecipeError", "RunResult", "run", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
+    "get_scheme", "lambada_accuracy", "load_model", "PRESETS", "QuantRecord", "Recipe", "RecipeError", "RunResult", "run", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
 ]

@@ -12,7 +12,7 @@ import torch
 
 from . import backends
 from .config import SCHEMES, check_alpha, get_scheme
-from .data import DEFAULT_CALIB, DEFAULT_EVAL, DataError, Windows, calib_samples, eval_windows
+from .data import BOS_PROTOCOLS, DEFAULT_CALIB, DEFAULT_EVAL, DataError, Windows, calib_samples, eval_windows
 from .models import DEFAULT_MODEL, ModelNotFound
 from .recipe import PRESETS, Recipe, RecipeError
 
@@ -80,6 +80,15 @@ def _schemes(text: str) -> list[str]:
     return [_scheme(s) for s in text.split(",") if s.strip()]
 
 
+def _tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise argparse.ArgumentTypeError("expected comma-separated task names, e.g. wikitext2,lambada")
+    if len(set(tasks)) != len(tasks):
+        raise argparse.ArgumentTypeError(f"a task is named twice in {text!r}")
+    return tasks
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"bundled name, .gguf file, directory or Hugging Face id (default: {DEFAULT_MODEL})")
@@ -92,6 +101,11 @@ def _add_eval(p: argparse.ArgumentParser, seqlen: int, max_windows: int | None) 
     p.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text: named source or .txt/.jsonl (default: {DEFAULT_EVAL})")
     p.add_argument("--seqlen", type=int, default=seqlen, help=f"evaluation window length (default: {seqlen})")
     p.add_argument("--max-windows", type=int, default=max_windows, help="evaluate only the first N windows")
+    p.add_argument("--bos", default="auto", choices=BOS_PROTOCOLS,
+                   help="start of each evaluation window and calibration sample: 'window' = BOS + seqlen text tokens "
+                        "(the BOS is never scored), 'stream' = one BOS at the start of the tokenized text (the "
+                        "GPTQ/SmoothQuant-paper protocol), 'none' = no BOS; 'auto' (default) = 'window' if the "
+                        "tokenizer adds a BOS (Gemma, Llama), else 'stream'")
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
@@ -152,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(optionally quantized naively with --scheme)")
     _add_model(e)
     _add_eval(e, seqlen=2048, max_windows=None)
+    e.add_argument("--task", type=_tasks,
+                   help="comma-separated: perplexity on wikitext2, ptb, c4 (or any --data source), and/or lambada "
+                        "(last-word accuracy, greedy); one table. Default: --data (wikitext2)")
+    e.add_argument("--limit", type=_positive_int, help="evaluate only the first N LAMBADA examples (of 5153)")
+    e.add_argument("--json", help="also write the table's rows as JSON here")
     e.add_argument("--scheme", type=_scheme, help="quantize (naive, no smoothing) first")
     _add_calib(e)
 
@@ -208,10 +227,11 @@ def _calibration(args, tok, evaluated: Windows | None) -> Windows:
     """Calibration windows as the recipe (or the calibration flags of eval/compare) say."""
     c = args.calibration if isinstance(args, Recipe) else None
     if c is not None:
-        calib = calib_samples(tok, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=evaluated, chat=c.chat)
+        calib = calib_samples(tok, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=evaluated, chat=c.chat,
+                              bos=c.bos)
     else:
         calib = calib_samples(tok, args.calib, n=args.samples, seqlen=args.calib_seqlen, seed=args.seed,
-                              avoid=evaluated, chat=getattr(args, "chat_calib", False))
+                              avoid=evaluated, chat=getattr(args, "chat_calib", False), bos=args.bos)
     note = ""
     if evaluated is not None:
         if calib.overlaps(evaluated):  # cannot happen by construction; checked because it matters
@@ -222,8 +242,8 @@ def _calibration(args, tok, evaluated: Windows | None) -> Windows:
     return calib
 
 
-def _evaluation(args, tok) -> Windows:
-    windows = eval_windows(tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows)
+def _evaluation(args, tok, source: str | None = None) -> Windows:
+    windows = eval_windows(tok, source or args.data, seqlen=args.seqlen, max_windows=args.max_windows, bos=args.bos)
     _say(f"evaluation: {windows.describe()}")
     return windows
 
@@ -243,7 +263,7 @@ def _flags_recipe(args) -> dict:
         "rotate_inputs": args.rotate_inputs,
         "sink_tokens": args.sink_tokens,
         "calibration": {"source": args.calib, "samples": args.samples, "seqlen": args.calib_seqlen, "seed": args.seed,
-                        "chat": args.chat_calib},
+                        "chat": args.chat_calib, "bos": args.bos},
         "propagation": flag("propagate") or "quantized",
         "output": {"format": flag("format", "smoothq"), "dtype": flag("save_dtype", "float16"),
                    "embeddings": flag("embeddings", "float")},
@@ -351,14 +371,21 @@ def cmd_quantize(args) -> int:
     if evaluated is not None:
         ppl = perplexity(model, evaluated, progress=not args.quiet)
         _print_row(model=args.model, scheme=recipe.scheme, alpha="none" if recipe.smoothing.alpha is None else recipe.smoothing.alpha,
-                   perplexity=f"{ppl:.3f}")
+                   bos=evaluated.bos, perplexity=f"{ppl:.3f}")
     return 0
 
 
 def _print_row(**columns) -> None:
-    """A one-row markdown table (the result of quantize --eval / eval)."""
-    print("| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|\n| "
-          + " | ".join(str(v) for v in columns.values()) + " |")
+    """A one-row markdown table (the result of quantize --eval)."""
+    _print_table([columns])
+
+
+def _print_table(rows: list[dict]) -> None:
+    """A markdown table, one row per dict (all with the same keys); the last column is the result,
+    so `line.split("|")[-2]` reads it."""
+    print("| " + " | ".join(rows[0]) + " |\n" + "|---" * len(rows[0]) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row.values()) + " |")
 
 
 def cmd_eval(args) -> int:
@@ -366,21 +393,47 @@ def cmd_eval(args) -> int:
     from .evaluate import perplexity
     from .nn import quantize
     from .record import record
+    from .tasks import LAMBADA, lambada_accuracy
 
+    if args.task and args.data != DEFAULT_EVAL:
+        raise DataError("pass the evaluation texts with --task (it takes sources and files too), not --task and --data")
+    tasks = args.task or [args.data]
+    if args.limit is not None and LAMBADA not in tasks:
+        raise DataError("--limit counts LAMBADA examples: add lambada to --task, or drop --limit")
+    if args.scheme and LAMBADA in tasks and LAMBADA in args.calib.split("+"):
+        raise DataError("calibrating on LAMBADA while evaluating it would show the model the test passages: "
+                        f"choose another --calib (default {DEFAULT_CALIB})")
     model, tok = _load(args)
-    windows = _evaluation(args, tok)
+    windows = {task: _evaluation(args, tok, task) for task in tasks if task != LAMBADA}
     scheme = record(model).scheme
     if args.scheme:
         if scheme is not None:
             raise DataError(f"{args.model} is already quantized ({scheme.label}); drop --scheme")
         stats = None
         if get_scheme(args.scheme).static:
-            stats = calibrate(model, _calibration(args, tok, windows), progress=not args.quiet)
+            # kept disjoint from the evaluated windows of the calibration text, if it is one of them
+            shared = [windows[part] for part in args.calib.split("+") if part in windows]
+            evaluated = shared[0] if shared else next(iter(windows.values()), None)
+            stats = calibrate(model, _calibration(args, tok, evaluated), progress=not args.quiet)
         quantize(model, args.scheme, stats, backend=args.backend)
         scheme = get_scheme(args.scheme)
-    ppl = perplexity(model, windows, progress=not args.quiet)
-    _print_row(model=args.model, scheme=scheme.name if scheme else "none", data=args.data, seqlen=args.seqlen,
-               windows=len(windows), perplexity=f"{ppl:.3f}")
+    results = []  # one per task, numbers as numbers (the JSON); the table formats them
+    for task in tasks:
+        if task == LAMBADA:
+            r = lambada_accuracy(model, tok, limit=args.limit, progress=not args.quiet, bos=args.bos)
+            results.append({"task": task, "metric": "accuracy", "value": r.value, "count": r.count,
+                            "unit": "examples", "seqlen": None, "bos": r.bos})
+        else:
+            ppl = perplexity(model, windows[task], progress=not args.quiet, desc=task)
+            results.append({"task": task, "metric": "perplexity", "value": ppl, "count": len(windows[task]),
+                            "unit": "windows", "seqlen": args.seqlen, "bos": windows[task].bos})
+    scheme_name = scheme.name if scheme else "none"
+    _print_table([{"model": args.model, "scheme": scheme_name, "task": r["task"], "bos": r["bos"],
+                   "seqlen": r["seqlen"] or "-", "windows/examples": f"{r['count']} {r['unit']}", "metric": r["metric"],
+                   "value": f"{r['value']:.4f}" if r["metric"] == "accuracy" else f"{r['value']:.3f}"} for r in results])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "scheme": scheme_name, "rows": results},
+                                              indent=2) + "\n")
     return 0
 
 
@@ -413,11 +466,14 @@ def cmd_compare(args) -> int:
                    on_row=lambda r: _say(f"  {r.method:11s} {r.scheme:5s} alpha={r.alpha} ppl={r.ppl:.3f} ({r.seconds:.0f}s)"))
     if recipe.rotation.kind:
         _say(f"rotated the residual stream: {model.smoothq.rotation}")
+    print(f"perplexity on {args.data}: {len(windows)} windows of {args.seqlen} tokens, bos={windows.bos} "
+          f"(calibration bos={calib.bos})\n")
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "seqlen": args.seqlen, "windows": len(windows),
-                                               "calibration": calib.describe(), "rows": [r.to_dict() for r in rows]},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"model": args.model, "data": args.data, "seqlen": args.seqlen,
+                                               "windows": len(windows), "bos": windows.bos,
+                                               "calibration": calib.describe(), "calibration_bos": calib.bos,
+                                               "rows": [r.to_dict() for r in rows]}, indent=2) + "\n")
     return 0
 
 

@@ -14,8 +14,10 @@ from tqdm.auto import tqdm
 def window_nll(model: nn.Module, windows, batch_size: int = 1, progress: bool = True,
                desc: str = "perplexity") -> torch.Tensor:
     """Mean next-token NLL of each window (float64 [N]); `windows` is a LongTensor [N, L] or a
-    data.Windows. Each window predicts its tokens 1..L-1 from its own prefix. Per-window values let
-    two models be compared window by window (a paired test), not only by their perplexities."""
+    data.Windows. Each window predicts its tokens 1..L-1 from its own prefix: under bos='window'
+    (input [BOS] + seqlen text tokens) that is every text token and never the BOS; under 'stream'
+    and 'none' the seqlen - 1 tokens after the first. Per-window values let two models be compared
+    window by window (a paired test), not only by their perplexities."""
     ids = getattr(windows, "input_ids", windows)
     if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError(f"need windows of shape [N >= 1, L >= 2], got {tuple(ids.shape)}")

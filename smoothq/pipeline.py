@@ -69,7 +69,8 @@ def calibration_samples(recipe: Recipe, tokenizer, avoid=None):
     from .data import calib_samples
 
     c = recipe.calibration
-    return calib_samples(tokenizer, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=avoid, chat=c.chat)
+    return calib_samples(tokenizer, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=avoid, chat=c.chat,
+                         bos=c.bos)
 
 
 @torch.no_grad()
@@ -110,8 +111,9 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
 
 
 def _meta(recipe: Recipe, calib, meta: dict | None) -> dict:
+    # calibration_bos: the protocol the samples were drawn with, "auto" resolved (None for bare token ids)
     return {"alpha": recipe.smoothing.alpha, "calibration": getattr(calib, "describe", lambda: "token ids")(),
-            "recipe": recipe.to_dict(), **(meta or {})}
+            "calibration_bos": getattr(calib, "bos", None), "recipe": recipe.to_dict(), **(meta or {})}
 
 
 def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtype, device, overwrite, meta, avoid,

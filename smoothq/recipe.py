@@ -70,6 +70,8 @@ class Calibration:
     seed: int = 0
     chat: bool = False
     batch_size: int = 4
+    # start of each sample (data.py): "auto" | "window" (BOS per sample) | "stream" | "none"
+    bos: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,9 @@ class Recipe:
             if stored is None:
                 raise RecipeError(f"{p} stores no recipe (config.json has no smoothq.recipe): it was not written by "
                                   "smoothq.run / smoothq quantize")
+            if isinstance(stored, dict) and isinstance(stored.get("calibration"), dict):
+                # checkpoints from before calibration.bos existed were calibrated on the stream protocol
+                stored["calibration"].setdefault("bos", "stream")
             return cls.from_dict(stored)
         try:
             text = p.read_text()
@@ -248,6 +253,11 @@ class Recipe:
         for k in ("samples", "seqlen", "batch_size"):
             if _int(getattr(c, k)) < 1:
                 raise RecipeError(f"calibration.{k} must be a positive integer, got {getattr(c, k)!r}")
+        from .data import BOS_PROTOCOLS
+
+        if c.bos not in BOS_PROTOCOLS:
+            raise RecipeError(f"calibration.bos must be one of {', '.join(BOS_PROTOCOLS)}, got {c.bos!r} ('auto': a "
+                              "BOS in front of every sample if the tokenizer adds one, else the paper's 'stream')")
         if _int(self.sink_tokens) < 0:
             raise RecipeError(f"sink_tokens must be a non-negative integer, got {self.sink_tokens!r}")
         if self.sink_tokens >= c.seqlen:

@@ -87,3 +87,75 @@ def test_bad_inputs_exit_with_clear_messages(model_dir, capsys):
 def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "smoothq", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "quantize" in proc.stdout and "compare" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def bos_model_dir(tmp_path_factory, data_dir):
+    """A tiny model whose tokenizer puts a BOS in front of every text, as Gemma's does."""
+    d = tmp_path_factory.mktemp("tiny-llama-bos")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000], add_bos=True).save_pretrained(d)
+    return d
+
+
+def _table(out: str) -> list[list[str]]:
+    lines = [line for line in out.strip().splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_eval_runs_several_tasks_into_one_table(model_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["-q", "eval", str(model_dir), "--task", "wikitext2,lambada", "--limit", "5", "--max-windows", "2",
+                 "--seqlen", "64", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    header, rule, ppl_row, lambada_row = _table(captured.out)
+    assert header == ["model", "scheme", "task", "bos", "seqlen", "windows/examples", "metric", "value"]
+    assert ppl_row[2:7] == ["wikitext2", "stream", "64", "2 windows", "perplexity"] and float(ppl_row[7]) > 1
+    assert lambada_row[2:7] == ["lambada", "stream", "-", "5 examples", "accuracy"] and 0 <= float(lambada_row[7]) <= 1
+    assert "bos=stream" in captured.err  # the evaluation line names the protocol too
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["task"], r["metric"], r["count"], r["bos"]) for r in rows] == [
+        ("wikitext2", "perplexity", 2, "stream"), ("lambada", "accuracy", 5, "stream")]
+    assert rows[0]["value"] == pytest.approx(float(ppl_row[7]), abs=1e-3)
+
+
+def test_eval_task_errors_are_clear(model_dir, capsys):
+    assert main(["-q", "eval", str(model_dir), "--task", "wikitext2", "--limit", "5"]) == 2
+    assert "--limit counts LAMBADA examples" in capsys.readouterr().err
+    assert main(["-q", "eval", str(model_dir), "--task", "lambada", "--data", "ptb"]) == 2
+    assert "not --task and --data" in capsys.readouterr().err
+    assert main(["-q", "eval", str(model_dir), "--task", "lambada", "--scheme", "O3", "--calib", "lambada"]) == 2
+    assert "choose another --calib" in capsys.readouterr().err
+    assert main(["-q", "eval", str(model_dir), "--task", "wikitext3"]) == 2
+    assert "unknown data source 'wikitext3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(model_dir), "--bos", "always"])
+    assert "invalid choice: 'always'" in capsys.readouterr().err
+
+
+def test_bos_protocol_reaches_eval_quantize_and_the_checkpoint(bos_model_dir, tmp_path, capsys):
+    quick = ["--seqlen", "64", "--max-windows", "2"]
+    assert main(["-q", "eval", str(bos_model_dir), *quick]) == 0
+    captured = capsys.readouterr()
+    auto = _table(captured.out)[-1]
+    assert auto[3] == "window" and "2 x 64 tokens (+ BOS)" in captured.err
+    assert main(["-q", "eval", str(bos_model_dir), *quick, "--bos", "stream"]) == 0
+    stream = _table(capsys.readouterr().out)[-1]
+    assert stream[3] == "stream" and stream[7] != auto[7]
+    out = tmp_path / "o3"
+    assert main(["-q", "quantize", str(bos_model_dir), "--scheme", "O3", "--samples", "4", "--calib-seqlen", "64",
+                 "-o", str(out), "--eval", *quick]) == 0
+    captured = capsys.readouterr()
+    assert "calibration: 4 x 64 tokens (+ BOS)" in captured.err and _table(captured.out)[-1][-2] == "window"
+    smoothq_cfg = json.loads((out / "config.json").read_text())["smoothq"]
+    assert smoothq_cfg["calibration_bos"] == "window" and smoothq_cfg["recipe"]["calibration"]["bos"] == "auto"
+    assert main(["-q", "quantize", str(bos_model_dir), "--scheme", "O3", "--samples", "4", "--calib-seqlen", "64",
+                 "-o", str(tmp_path / "stream"), "--bos", "stream"]) == 0
+    smoothq_cfg = json.loads((tmp_path / "stream" / "config.json").read_text())["smoothq"]
+    assert smoothq_cfg["calibration_bos"] == "stream" and smoothq_cfg["recipe"]["calibration"]["bos"] == "stream"
+    json_out = tmp_path / "rows.json"
+    assert main(["-q", "compare", str(bos_model_dir), *quick, "--samples", "4", "--calib-seqlen", "64",
+                 "--schemes", "W8A8", "--alphas", "0.5", "--json", str(json_out)]) == 0
+    assert "bos=window (calibration bos=window)" in capsys.readouterr().out
+    saved = json.loads(json_out.read_text())
+    assert saved["bos"] == saved["calibration_bos"] == "window"

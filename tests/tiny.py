@@ -77,9 +77,11 @@ def sample_ids(n: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, length), generator=gen)
 
 
-def tiny_tokenizer(text: str, vocab_size: int = VOCAB):
-    """A byte-level BPE tokenizer trained on `text` (offline, ~1 s)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(text: str, vocab_size: int = VOCAB, add_bos: bool = False):
+    """A byte-level BPE tokenizer trained on `text` (offline, ~1 s). `add_bos=True`: it puts its
+    BOS `<s>` in front of every text, as Gemma's and Llama's tokenizers do (by default it adds
+    nothing, as SmolLM2's and GPT-2's do)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -87,4 +89,7 @@ def tiny_tokenizer(text: str, vocab_size: int = VOCAB):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([text], trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
