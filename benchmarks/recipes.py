@@ -8,7 +8,8 @@ the bundled GGUF), or layered (streamed from a float safetensors copy of the sam
 once to a temp dir) with float or quantized propagation; then WikiText-2 test perplexity of the
 result. Calibration: what the recipe says (128 x 512 tokens of WikiText-2 train, seed 0) for every
 row, so in-memory and layered float rows see the same samples. Peak RSS is the process's VmHWM
-right after quantization (before evaluation); seconds are the quantization's wall time.
+right after quantization and saving (before evaluation); seconds are the quantization's wall time
+(save included). Every row scores its checkpoint reloaded with `smoothq.load`.
 
 Writes benchmarks/results/recipes-<model>.{json,md}: {"fp32": ppl, "rows": [{preset, scheme,
 executor, propagation, ppl, peak_rss_gb, seconds}]}.
@@ -67,18 +68,21 @@ def one(args) -> dict:
         return {"ppl": sq.perplexity(model, windows, progress=False), "peak_rss_gb": peak / GB, "seconds": 0.0}
     recipe = sq.Recipe.preset(args.preset).override({"propagation": args.propagation})
     t0 = time.perf_counter()
+    # both executors write the checkpoint (the recipe's output dtype) and the row scores it reloaded:
+    # what a user serves, and the same float16 rounding on both sides
+    out = Path(args.float_dir).parent / f"out-{args.preset}-{args.executor}-{args.propagation}"
     if args.executor == "in-memory":
-        result = sq.run(model, recipe, tokenizer=tok, avoid=windows, progress=False)
+        sq.run(model, recipe, tokenizer=tok, avoid=windows, output=out, overwrite=True, progress=False)
     else:
-        out = Path(args.float_dir).parent / f"out-{args.preset}-{args.propagation}"
-        result = sq.run(args.float_dir, recipe, tokenizer=tok, avoid=windows, output=out, executor="layered",
-                        overwrite=True, progress=False)
+        sq.run(args.float_dir, recipe, tokenizer=tok, avoid=windows, output=out, executor="layered",
+               overwrite=True, progress=False)
     seconds, peak = time.perf_counter() - t0, _peak_rss()
-    model = result.model if result.model is not None else sq.load(result.output)
-    if result.output is not None:
-        shutil.rmtree(result.output)
+    del model
+    model, _ = sq.load(out)
+    recipe = sq.Recipe.from_file(out)  # the recipe as run, from the checkpoint
+    shutil.rmtree(out)
     return {"ppl": sq.perplexity(model, windows, progress=False), "peak_rss_gb": peak / GB, "seconds": seconds,
-            "scheme": result.recipe.scheme, "recipe": result.recipe.describe()}
+            "scheme": recipe.scheme, "recipe": recipe.describe()}
 
 
 def main() -> int:

@@ -164,6 +164,18 @@ def test_an_interrupted_recipe_resumes_to_the_same_checkpoint(tmp_path, label):
 # the Recipe itself
 
 
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_preset_applies_to_every_architecture(name):
+    """A preset never refuses an architecture of the table: its rotation is optional (dropped exactly
+    where the architecture cannot be rotated), its extra groups are what the architecture offers."""
+    arch = resolve(tiny_model(name)).arch
+    for preset in PRESETS:
+        recipe = Recipe.preset(preset)
+        checked = recipe.check(arch)
+        assert (checked.rotation.kind is not None) == (recipe.rotation.kind is not None and arch.rotation is not None)
+        assert checked.smoothing == recipe.smoothing and checked.rotate_inputs == recipe.rotate_inputs
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_round_trips_through_dicts_yaml_and_json(tmp_path, preset):
     recipe = Recipe.preset(preset)
