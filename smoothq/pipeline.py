@@ -110,9 +110,14 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
     return result
 
 
+def _describe(calib) -> str:
+    """What the calibration was: a Windows object says (source, protocol); bare token ids do not."""
+    return getattr(calib, "describe", lambda: "token ids")()
+
+
 def _meta(recipe: Recipe, calib, meta: dict | None) -> dict:
     # calibration_bos: the protocol the samples were drawn with, "auto" resolved (None for bare token ids)
-    return {"alpha": recipe.smoothing.alpha, "calibration": getattr(calib, "describe", lambda: "token ids")(),
+    return {"alpha": recipe.smoothing.alpha, "calibration": _describe(calib),
             "calibration_bos": getattr(calib, "bos", None), "recipe": recipe.to_dict(), **(meta or {})}
 
 
@@ -144,7 +149,7 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
         if tokenizer is None:
             raise ValueError("pass calibration samples (calib=...) or a tokenizer to draw them with")
         calib = calibration_samples(recipe, tokenizer, avoid)
-    result.calibration = getattr(calib, "describe", lambda: "token ids")()
+    result.calibration = _describe(calib)
     if stats is None:
         stats = calibrate(model, calib, batch_size=recipe.calibration.batch_size, progress=progress,
                           sink_tokens=recipe.sink_tokens)
@@ -196,4 +201,4 @@ def _layered(model_dir, recipe: Recipe, calib, *, tokenizer, output, backend, dt
                                attn_implementation=attn_implementation, progress=progress)
     # the recipe as run (an optional rotation dropped where the architecture has none), as stored
     return RunResult(recipe=Recipe.from_file(path), output=path,
-                     calibration=getattr(calib, "describe", lambda: "token ids")())
+                     calibration=_describe(calib))
