@@ -101,16 +101,30 @@ def greedy_matches(model: nn.Module, examples: list[LambadaExample], batch_size:
             for row, e in enumerate(batch):
                 ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
                 mask[row, :len(e.input_ids)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            predicted = logits.argmax(-1).cpu()
+            # the logits at position p predict token p + 1: the target tokens n-k..n-1 are predicted at
+            # n-k-1..n-2; only those positions go through the LM head (on Gemma's 262k vocabulary the
+            # head costs more than the whole body)
+            wanted = sorted({p for e in batch for p in range(len(e.input_ids) - e.target_len - 1, len(e.input_ids) - 1)})
+            predicted, column = _argmax_at(model, ids.to(device), mask.to(device), wanted)
             for row, (i, e) in enumerate(zip(order[start:start + batch_size], batch)):
                 n = len(e.input_ids)
-                # the logits at position p predict token p + 1: the target is tokens n-k..n-1
-                guess = predicted[row, n - e.target_len - 1:n - 1]
+                guess = predicted[row, [column[p] for p in range(n - e.target_len - 1, n - 1)]]
                 matches[i] = guess.tolist() == e.input_ids[n - e.target_len:]
     finally:
         model.train(was_training)
     return matches
+
+
+def _argmax_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: list[int]):
+    """The argmax token at `positions` of every row, and {position: column of the result}. Asks the
+    model for those positions' logits only (`logits_to_keep`, transformers' generation models);
+    models without that argument compute all logits and are indexed here."""
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                       logits_to_keep=torch.tensor(positions, device=ids.device)).logits
+    except TypeError:  # a model whose forward has no logits_to_keep
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, positions]
+    return logits.argmax(-1).cpu(), {p: c for c, p in enumerate(positions)}
 
 
 def lambada_accuracy(model: nn.Module, tokenizer, limit: int | None = None, batch_size: int = 8,
