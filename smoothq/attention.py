@@ -29,7 +29,7 @@ from torch import nn
 
 from .archs import Arch, resolve
 from .calibrate import _as_batches, _forward_no_logits
-from .quant import MIN_SCALE, QMAX
+from .quant import QMAX, absmax_to_scale
 from .record import record
 
 NAME = "smoothq_int8"
@@ -74,7 +74,7 @@ class AttnQuantState:
             amax = self.absmax[name]
         else:
             amax = _absmax(x, self.config.granularity)
-        return (amax.float() / QMAX).clamp_min(MIN_SCALE).to(x.device)
+        return absmax_to_scale(amax).to(x.device)
 
 
 def _absmax(x: torch.Tensor, granularity: str) -> torch.Tensor:

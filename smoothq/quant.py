@@ -16,8 +16,10 @@ MIN_SCALE = 1e-12
 
 
 def absmax_to_scale(absmax: torch.Tensor) -> torch.Tensor:
-    """fp32 scale from an abs-max (any shape)."""
-    return (absmax.float() / QMAX).clamp_min(MIN_SCALE)
+    """fp32 scale from an abs-max (any shape). The divisor is a tensor on absmax's device: divided by a
+    Python number, torch's CUDA kernel multiplies by its reciprocal instead, which differs from the
+    true quotient (what the CPU and the Triton kernels compute) in the last bit for some values."""
+    return (absmax.float() / torch.full((), QMAX, dtype=torch.float32, device=absmax.device)).clamp_min(MIN_SCALE)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

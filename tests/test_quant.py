@@ -111,3 +111,15 @@ def test_quantizing_twice_is_refused():
     model = sq.quantize(tiny_model("llama"), "W8A8")
     with pytest.raises(RuntimeError, match="already quantized"):
         sq.quantize(model, "O1")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_scale_is_the_correctly_rounded_quotient_on_every_device(device):
+    """absmax / 127 rounded once (what the Triton kernels' div_rn computes): torch's CUDA division by
+    a Python number multiplies by the reciprocal instead, one ulp off for some abs-maxes."""
+    from smoothq.quant import absmax_to_scale
+
+    absmax = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 50
+    exact = (absmax.double() / 127).float()
+    assert torch.equal(absmax_to_scale(absmax.to(device)).cpu(), exact)
