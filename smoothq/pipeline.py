@@ -132,7 +132,13 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
     from .rotate import rotate
     from .smooth import smooth
 
+    sources = ()
     if not isinstance(model, nn.Module):
+        sources = (model,)  # the output must not be (inside) the input model's directory
+        if output is not None:
+            from .io import check_output
+
+            check_output(output, overwrite, sources)  # before the model is loaded
         model, loaded_tok = load_model(str(model), dtype=dtype, device=device)
         tokenizer = tokenizer or loaded_tok
     recipe = recipe.check(arch_for(model))
@@ -175,7 +181,7 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
             full["search"] = {"alphas": rec.search.alphas, "clip": rec.search.clip}
         o = recipe.output
         result.output = save(model, output, tokenizer, format=o.format, float_dtype=o.dtype, embeddings=o.embeddings,
-                             overwrite=overwrite, meta=full)
+                             overwrite=overwrite, meta=full, sources=sources)
     return result
 
 

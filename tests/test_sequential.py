@@ -391,7 +391,7 @@ def test_cli_quantizes_sequentially_and_resumes(tmp_path, data_dir, capsys):
     src = four_layer_llama(tmp_path)
     tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000]).save_pretrained(src)
     out = tmp_path / "out"
-    args = ["-q", "quantize", str(src), "--sequential", "--samples", "4", "--calib-seqlen", "32", "--scheme", "O3",
+    args = ["quantize", str(src), "--sequential", "--samples", "4", "--calib-seqlen", "32", "--scheme", "O3",
             "--format", "compressed-tensors", "-o", str(out)]
     assert main(args) == 0
     assert "layered, quantized propagation" in capsys.readouterr().err
