@@ -157,15 +157,19 @@ def planned_bytes(skel, arch, recipe, dtype: str = "float32") -> int:
     quantized = {n for n, _ in resolve(skel, arch).quantizable()}
     embed = skel.get_input_embeddings().weight
     head = skel.get_output_embeddings()
+    static = get_static(recipe)
+    header = lambda n: len(n) + 64  # noqa: E731 - safetensors header entry: name, dtype, shape, offsets
     total = 0
     for name, p in skel.named_parameters():  # tied parameters come once
         owner, _, leaf = name.rpartition(".")
-        if owner in quantized and leaf == "weight":
-            total += p.numel() + 4 * p.shape[0] + (4 if get_static(recipe) else 0)
+        if owner in quantized and leaf == "weight":  # int8 weight, fp32 weight_scale (and input_scale)
+            total += p.numel() + 4 * p.shape[0] + header(name) + header(owner + ".weight_scale")
+            if static:
+                total += 4 + header(owner + ".input_scale")
         elif p is embed and out.embeddings == "int8":
-            total += p.numel() + 4 * p.shape[0]
+            total += p.numel() + 4 * p.shape[0] + 2 * header(name)
         else:
-            total += p.numel() * fbytes
+            total += p.numel() * fbytes + header(name)
     if recipe.rotation.kind and head is not None and getattr(head, "weight", None) is embed:
         total += embed.numel() * fbytes  # rotation unties the head from the embedding
     return total
