@@ -16,8 +16,12 @@ norms, LM head) as float tensors under its Hugging Face name. They differ in `co
 `load()` reads both into a model whose decoder linears are W8A8Linear running real INT8, with
 the facts `save()` took from the model's record (record.py: scheme, rotation, sink tokens, input
 rotation, and the recipe `smoothq.run` stored) back in `model.smoothq`.
-Every write goes to a temporary sibling directory renamed into place when complete, so a failed
-save (disk full, interrupt) never leaves a half-written output.
+Every write goes to a temporary sibling directory (`.<name>.tmp-<pid>-*`), whose files and itself are
+fsynced, renamed into place when complete, so a failed save (disk full, interrupt) never leaves a
+half-written output; temp directories of killed saves are removed by the next save to that output.
+`check_output` decides what may be written or replaced: never the input model, `.`, a parent of
+either, or an existing directory that is not a checkpoint smoothq wrote. A full disk, a read-only
+location or a missing permission is one OutputError.
 """
 
 from __future__ import annotations

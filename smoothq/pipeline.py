@@ -93,6 +93,13 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
     executor = executor or ("in-memory" if isinstance(model, nn.Module) else "layered")
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    checks = []
+    if not isinstance(model, nn.Module):  # a path: every check the config and output allow, before loading
+        from .preflight import preflight
+
+        checks = preflight(str(model), recipe, output, force=overwrite, sequential=executor == "layered",
+                           resume=resume, device=device, device_map=device_map, need_tokenizer=tokenizer is None,
+                           samples=recipe.calibration.samples, check_calib=calib is None)
     if executor == "layered":
         if stats is not None:
             raise ValueError("stats= reuses an in-memory calibration; the layered executor calibrates layer by layer")
@@ -106,6 +113,7 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
         result = _in_memory(model, recipe, calib, tokenizer=tokenizer, output=output, backend=backend, dtype=dtype,
                             device=device, overwrite=overwrite, meta=meta, avoid=avoid, progress=progress, say=say,
                             stats=stats)
+    result.notes[:0] = [f"warning: {w}" for w in checks]
     result.seconds = time.perf_counter() - t0
     return result
 

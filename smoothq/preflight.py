@@ -201,13 +201,14 @@ def preflight(model: str, recipe=None, output: str | Path | None = None, *, forc
               gguf_file: str | None = None, sequential: bool = False, resume: bool = False, device: str = "cpu",
               device_map=None, dtype: str = "float32", need_tokenizer: bool = True,
               calib: tuple[str, int] | None = None, eval_sources=(), seqlen: int | None = None, bos: str = "auto",
-              int8_attention: str | None = None, samples: int | None = None) -> list[str]:
+              int8_attention: str | None = None, samples: int | None = None, check_calib: bool = True) -> list[str]:
     """Every check possible before the model is loaded (module docstring); the warnings, as lines.
 
     model: a bundled name, .gguf, directory or Hub id. recipe: the Recipe a quantize run will run
     (None for eval/generate). calib: (source, seqlen) of the calibration text (default: the
-    recipe's). eval_sources / seqlen: texts evaluated and their window length. samples: calibration
-    samples (for the sequential executor's saved activations)."""
+    recipe's; check_calib=False: the caller brings its own token ids). eval_sources / seqlen: texts
+    evaluated and their window length. samples: calibration samples (for the sequential executor's
+    saved activations)."""
     warnings: list[str] = []
     if resume and not sequential:
         raise PreflightError("--resume continues an interrupted --sequential run; add --sequential")
@@ -236,7 +237,7 @@ def preflight(model: str, recipe=None, output: str | Path | None = None, *, forc
         raise PreflightError(f"{model} is already a quantized checkpoint; quantize the float model it came from")
 
     limit = max_positions(config) if config is not None else None
-    if calib is None and recipe is not None:
+    if calib is None and recipe is not None and check_calib:
         calib = (recipe.calibration.source, recipe.calibration.seqlen)
         bos_c = recipe.calibration.bos
     else:
@@ -274,10 +275,8 @@ def preflight(model: str, recipe=None, output: str | Path | None = None, *, forc
             what = "the checkpoint"
             if sequential and samples:  # the hidden states between layers are kept next to it, for --resume
                 hidden = skel.get_input_embeddings().weight.shape[1]
-                need += 4 * samples * (calib[1] + 1) * hidden
+                need += 4 * samples * ((calib[1] if calib else recipe.calibration.seqlen) + 1) * hidden
                 what = "the checkpoint and the saved layer activations"
             check_disk(out, need, what)
         del skel
-    elif recipe is not None and recipe.output is not None and sequential:  # pragma: no cover - refused above
-        raise PreflightError("--sequential needs -o")
     return warnings

@@ -134,7 +134,8 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
     check_not_input_rotated(model)
     res = resolve(model, arch, options)
     # the statistics must be this model's; non-finite maxima would make NaN scales folded into the weights
-    check_stats(stats, res, sorted({n for g in res.groups for n in g.linears}), static=False, use="smooth")
+    check_stats(stats, res, sorted({n for g in res.groups for n in g.linears}), static=False, use="smooth",
+                model=model)
     bad = [n for g in res.groups for n in g.linears if not torch.isfinite(stats[n]).all()]
     if bad:
         raise StatsError(f"smooth: statistics of {bad[0]} hold NaN/Inf activation maxima: the smoothing scales "

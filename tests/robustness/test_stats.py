@@ -92,3 +92,19 @@ def test_saved_and_reloaded_statistics_still_match(stats, tmp_path):
     stats.save(tmp_path / "stats.safetensors")
     loaded = sq.ActStats.load(tmp_path / "stats.safetensors")
     sq.quantize(tiny_model("llama"), "O3", loaded)
+
+
+def test_statistics_carry_the_model_config_fingerprint(stats, tmp_path):
+    """Saved statistics keep a hash of the architecture config; a model with the same linear names
+    and shapes but another config (here: more attention heads) refuses them."""
+    import transformers as T
+    from tiny import _LLAMA_LIKE
+
+    assert len(stats.meta["model"]) == 16
+    stats.save(tmp_path / "stats.safetensors")
+    loaded = sq.ActStats.load(tmp_path / "stats.safetensors")
+    assert loaded.meta["model"] == stats.meta["model"]
+    torch.manual_seed(0)
+    other = T.LlamaForCausalLM(T.LlamaConfig(**{**_LLAMA_LIKE, "num_attention_heads": 8, "num_key_value_heads": 4}))
+    with pytest.raises(StatsError, match="calibrated on a model with another architecture config"):
+        sq.quantize(other, "O3", loaded)
