@@ -28,6 +28,14 @@ def model_src(tmp_path_factory, tiny_tok) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory, data_dir) -> str:
+    """A 40 kB slice of the WikiText-2 train text (tokenizing the whole file takes seconds)."""
+    path = tmp_path_factory.mktemp("robust-data") / "small.txt"
+    path.write_text((data_dir / "wikitext2-train-first1MB.txt").read_text()[:40_000])
+    return str(path)
+
+
 @pytest.fixture
 def src(model_src, tmp_path) -> Path:
     """A private copy of the tiny model (tests that damage or write into it)."""

@@ -54,13 +54,14 @@ def test_real_full_disk_on_save_is_one_clear_error_and_leaves_nothing(tmpfs):
     assert list(disk.iterdir()) == []  # no partial output, no temp directory
 
 
-def test_real_full_disk_through_the_cli_exits_2_and_leaves_nothing(capsys, model_src, tmpfs, monkeypatch):
+def test_real_full_disk_through_the_cli_exits_2_and_leaves_nothing(capsys, model_src, tmpfs, monkeypatch, small_text):
     """The same with the preflight's space check switched off, so the write itself hits the full disk."""
     from smoothq import preflight
 
     disk = tmpfs(128)
     monkeypatch.setattr(preflight, "check_disk", lambda *a, **k: None)
-    rc, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--save-dtype", "float32", "-o", str(disk / "out"))
+    rc, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "--save-dtype", "float32",
+                  "-o", str(disk / "out"))
     assert rc == 2 and "disk full while writing" in error_line(err) and "Traceback" not in err
     assert list(disk.iterdir()) == []
 
@@ -85,10 +86,12 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
 # --force and what it may replace
 
 
-def test_force_replaces_our_own_checkpoint(capsys, model_src, tmp_path):
+def test_force_replaces_our_own_checkpoint(capsys, model_src, tmp_path, small_text):
     out = tmp_path / "out"
-    assert main(["-q", "quantize", str(model_src), *QUICK, "--scheme", "W8A8", "-o", str(out)]) == 0
-    rc, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--scheme", "O3", "-o", str(out), "--force")
+    assert main(["-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "--scheme", "W8A8", "-o",
+                 str(out)]) == 0
+    rc, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "--scheme", "O3", "-o",
+                  str(out), "--force")
     assert rc == 0, err
     assert json.loads((out / "config.json").read_text())["smoothq"]["scheme"]["name"] == "O3"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old directory left
@@ -190,11 +193,11 @@ def test_files_and_directory_are_fsynced_before_the_rename(tmp_path, monkeypatch
 # determinism
 
 
-def test_same_seed_and_threads_give_identical_bytes(capsys, model_src, tmp_path):
+def test_same_seed_and_threads_give_identical_bytes(capsys, model_src, tmp_path, small_text):
     """Two runs (same recipe, seed and torch thread count) write byte-identical checkpoints."""
     threads = torch.get_num_threads()
-    args = ["-q", "quantize", str(model_src), "--samples", "4", "--calib-seqlen", "32", "--scheme", "O3",
-            "--alpha", "0.5", "--smooth-extra", "all", "--clip", "mse", "--seed", "3"]
+    args = ["-q", "quantize", str(model_src), "--calib", small_text, "--samples", "4", "--calib-seqlen", "32",
+            "--scheme", "O3", "--alpha", "0.5", "--smooth-extra", "all", "--seed", "3"]
     assert main([*args, "-o", str(tmp_path / "a")]) == 0
     assert torch.get_num_threads() == threads
     assert main([*args, "-o", str(tmp_path / "b")]) == 0

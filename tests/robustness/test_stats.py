@@ -44,9 +44,13 @@ def test_missing_linear_is_refused(stats):
 def test_statistics_of_another_model_are_refused(stats):
     """OPT's linears have other names: the statistics name modules this model does not have."""
     opt = tiny_model("opt")
+    with pytest.raises(StatsError, match="calibrated on a model with another architecture config"):
+        sq.smooth(opt, stats, 0.5)  # the fingerprint says so first
+    bare = stats.copy()
+    del bare.meta["model"]  # statistics from before fingerprints: the module set says so
     with pytest.raises(StatsError, match="which is not a decoder linear of this model: they were calibrated on "
                                          "another model"):
-        sq.smooth(opt, stats, 0.5)
+        sq.smooth(opt, bare, 0.5)
 
 
 def test_extra_layer_in_the_statistics_is_refused(stats):
