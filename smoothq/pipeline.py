@@ -98,7 +98,8 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
         from .preflight import preflight
 
         checks = preflight(str(model), recipe, output, force=overwrite, sequential=executor == "layered",
-                           resume=resume, device=device, device_map=device_map, need_tokenizer=tokenizer is None,
+                           resume=resume, device=device, device_map=device_map,
+                           need_tokenizer=tokenizer is None and calib is None,
                            samples=recipe.calibration.samples, check_calib=calib is None)
     if executor == "layered":
         if stats is not None:
