@@ -236,12 +236,17 @@ def write_error(exc: BaseException, out: Path, what: str = "nothing was written 
             SafetensorError = ()  # noqa: N806
         if not isinstance(exc, SafetensorError):
             return None
-        text = str(exc)
-        if "code: 28" in text or "No space left" in text or "StorageFull" in text:
+        import re
+
+        text = str(exc)  # e.g. "Error while serializing: I/O error: No space left on device (os error 28)"
+        found = re.search(r"os error (\d+)|code: (\d+)", text)
+        if found:
+            code = int(found.group(1) or found.group(2))
+        elif "No space left" in text or "StorageFull" in text:
             code = errno.ENOSPC
-        elif "code: 30" in text or "ReadOnlyFilesystem" in text or "Read-only" in text:
+        elif "ReadOnlyFilesystem" in text or "Read-only" in text:
             code = errno.EROFS
-        elif "code: 13" in text or "PermissionDenied" in text:
+        elif "PermissionDenied" in text or "Permission denied" in text:
             code = errno.EACCES
         else:
             code = errno.EIO
@@ -251,10 +256,8 @@ def write_error(exc: BaseException, out: Path, what: str = "nothing was written 
         msg = f"cannot write {out}: read-only file system; {what}. Choose an output in a writable location"
     elif code in (errno.EACCES, errno.EPERM):
         msg = f"cannot write {out}: permission denied; {what}. Choose an output in a writable location"
-    elif code == errno.EIO or isinstance(exc, OSError):
+    else:
         msg = f"could not write {out} ({exc}); {what}"
-    else:  # pragma: no cover
-        return None
     return OutputError(code, msg)
 
 

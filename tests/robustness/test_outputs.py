@@ -203,3 +203,17 @@ def test_same_seed_and_threads_give_identical_bytes(capsys, model_src, tmp_path,
     assert main([*args, "-o", str(tmp_path / "b")]) == 0
     a, b = digests(tmp_path / "a"), digests(tmp_path / "b")
     assert a == b and "model.safetensors" in a and "config.json" in a
+
+
+def test_safetensors_errors_are_recognized_by_their_os_error():
+    """safetensors raises SafetensorError (not an OSError) with the OS error in its message."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    full = io.write_error(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                          Path("out"))
+    assert isinstance(full, OutputError) and full.errno == errno.ENOSPC and "disk full while writing out" in str(full)
+    ro = io.write_error(SafetensorError("I/O error: Read-only file system (os error 30)"), Path("out"))
+    assert ro.errno == errno.EROFS and "read-only file system" in str(ro)
+    assert io.write_error(ValueError("not an I/O error"), Path("out")) is None
