@@ -56,6 +56,70 @@ class ActStats:
         return cls(tensors, int(meta.get("tokens", 0)), json.loads(meta.get("meta", "{}")))
 
 
+# config fields that decide which linears a model has and their shapes (and so what statistics fit)
+_FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "vocab_size", "num_local_experts", "ffn_dim", "n_embd",
+                     "n_layer", "n_head", "word_embed_proj_dim", "new_decoder_architecture", "multi_query")
+
+
+def config_fingerprint(model: nn.Module) -> str | None:
+    """A short hash of the model's architecture config (what decides its linears and their shapes),
+    stored with the statistics (`ActStats.meta['model']`) and compared before they are used."""
+    import hashlib
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    fields = {k: getattr(config, k, None) for k in _FINGERPRINT_KEYS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StatsError(CalibrationError):
+    """Calibration statistics that do not belong to this model, or that no scale can be made from."""
+
+
+def check_stats(stats: "ActStats", res, names, static: bool = False, use: str = "quantize",
+                model: nn.Module | None = None) -> None:
+    """Refuse statistics that do not match the resolved model `res` (archs.resolve) before they are
+    used: each linear of `names` must have a 1D entry with as many channels as its input, and no
+    entry may name a module the model does not observe (statistics of another model). For static
+    scales (`static`) every one of `names` also needs finite, non-negative maxima, not all zero."""
+    from .archs import in_features
+
+    if not isinstance(stats, ActStats):
+        raise StatsError(f"{use}: expected smoothq.ActStats (from smoothq.calibrate), got {type(stats).__name__}")
+    theirs, ours = stats.meta.get("model"), config_fingerprint(model) if model is not None else None
+    if theirs is not None and ours is not None and theirs != ours:
+        raise StatsError(f"{use}: the statistics were calibrated on a model with another architecture config "
+                         f"(fingerprint {theirs}, this model {ours}). Calibrate this model (smoothq.calibrate)")
+    observed = res.observed()
+    unknown = sorted(k for k in stats.act_absmax if k not in observed)
+    if unknown:
+        raise StatsError(f"{use}: the statistics hold {unknown[0]!r}"
+                         + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                         + ", which is not a decoder linear of this model: they were calibrated on another model. "
+                         "Calibrate this model (smoothq.calibrate)")
+    for name in names:
+        if name not in stats:
+            raise StatsError(f"{use}: no calibration statistics for {name}; they were calibrated on another model "
+                             "(or with only=...). Calibrate this model (smoothq.calibrate)")
+        got = stats[name]
+        want = in_features(res.modules[name] if name in res.modules else observed[name])
+        if got.dim() != 1 or got.shape[0] != want:
+            raise StatsError(f"{use}: statistics of {name} have shape {tuple(got.shape)}, but its input has {want} "
+                             "channels: they were calibrated on another model. Calibrate this model")
+        if static:
+            if not torch.isfinite(got).all():
+                raise StatsError(f"{use}: statistics of {name} hold NaN/Inf activation maxima: a static scale cannot "
+                                 "be made from them. Recalibrate in float32 on other data")
+            if (got < 0).any():
+                raise StatsError(f"{use}: statistics of {name} hold negative activation maxima (an abs-max cannot be "
+                                 "negative): they are corrupt. Recalibrate")
+            if not (got > 0).any():
+                raise StatsError(f"{use}: statistics of {name} are all zero: the static scale would be 0 (the linear "
+                                 "saw no nonzero input). Recalibrate on more or other data")
+
+
 def _as_batches(samples, batch_size: int) -> list[torch.Tensor]:
     ids = getattr(samples, "input_ids", samples)
     if isinstance(ids, torch.Tensor):
@@ -142,6 +206,9 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
 
     _fill_unseen_experts(absmax, observed, res)
     meta = {"arch": res.arch.name, "sequences": sum(len(b) for b in batches)}
+    fingerprint = config_fingerprint(model)
+    if fingerprint is not None:
+        meta["model"] = fingerprint
     if sink_tokens:
         meta["sink_tokens"] = sink_tokens
     input_rotation = record(model).input_rotation

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,7 +123,8 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoothq", description="SmoothQuant W8A8 quantization for causal LMs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars and no info lines on stderr (errors, warnings and results remain)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="calibrate, smooth and quantize a model; optionally save and evaluate it")
@@ -177,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="greedy completion of a prompt, to eyeball that a model still talks")
     _add_model(g)
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--backend", default="auto", choices=backends.names())
 
@@ -202,8 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_QUIET = False  # -q: no info lines (set by main)
+
+
 def _say(msg: str) -> None:
+    """An info line on stderr (silenced by -q)."""
+    if not _QUIET:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _error(msg: str) -> None:
+    """An error or warning line on stderr (never silenced)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def _preflight(args, recipe=None, **kw) -> None:
+    """smoothq.preflight with this subcommand's arguments; its warnings as lines."""
+    from .preflight import preflight
+
+    for line in preflight(args.model, recipe, gguf_file=getattr(args, "gguf_file", None),
+                          device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"), **kw):
+        _error(f"warning: {line}")
 
 
 def _load(args):
@@ -319,20 +341,14 @@ def cmd_quantize(args) -> int:
 
     recipe = _recipe(args)
     _say(f"recipe: {recipe.describe()}")
-    if args.int8_attention and (args.output or args.sequential):
-        raise DataError("--int8-attention is for --eval: INT8 attention scales are not saved in checkpoints "
-                        "(drop -o / --sequential)")
-    if args.resume and not args.sequential:
-        raise DataError("--resume continues an interrupted --sequential run; add --sequential")
+    # every refusal the arguments, the config and the output path allow, before the model is loaded
+    _preflight(args, recipe, output=args.output, force=args.force, sequential=args.sequential, resume=args.resume,
+               device_map=_device_map(args), int8_attention=args.int8_attention, samples=recipe.calibration.samples,
+               eval_sources=[args.data] if args.eval else (), seqlen=args.seqlen if args.eval else None, bos=args.bos)
     t0 = time.perf_counter()
     if args.sequential:
         from transformers import AutoTokenizer
 
-        if not args.output:
-            raise DataError("--sequential writes the checkpoint layer by layer: pass -o OUTPUT")
-        if args.gguf_file or not Path(args.model).is_dir():
-            raise ModelNotFound(f"--sequential reads a local model directory of safetensors shards; {args.model!r} "
-                                "is not one")
         tok = AutoTokenizer.from_pretrained(args.model)
         evaluated = _evaluation(args, tok) if args.eval else None
         calib = _calibration(recipe, tok, evaluated)
@@ -403,6 +419,8 @@ def cmd_eval(args) -> int:
     if args.scheme and LAMBADA in tasks and LAMBADA in args.calib.split("+"):
         raise DataError("calibrating on LAMBADA while evaluating it would show the model the test passages: "
                         f"choose another --calib (default {DEFAULT_CALIB})")
+    _preflight(args, calib=(args.calib, args.calib_seqlen) if args.scheme and get_scheme(args.scheme).static else None,
+               eval_sources=tasks, seqlen=args.seqlen if any(t != LAMBADA for t in tasks) else None, bos=args.bos)
     model, tok = _load(args)
     windows = {task: _evaluation(args, tok, task) for task in tasks if task != LAMBADA}
     scheme = record(model).scheme
@@ -438,6 +456,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if not args.prompt.strip():
+        raise DataError("the prompt is empty: pass the text to complete, e.g. smoothq generate OUT \"The capital of "
+                        "France is\"")
+    _preflight(args)
     model, tok = _load(args)
     if tok is None:
         raise DataError(f"{args.model} has no tokenizer files; save the checkpoint with its tokenizer")
@@ -458,6 +480,7 @@ def cmd_compare(args) -> int:
     from .compare import compare, format_table
 
     recipe = Recipe.from_dict(_flags_recipe(args))  # the scheme and alpha vary per row
+    _preflight(args, recipe, eval_sources=[args.data], seqlen=args.seqlen, bos=args.bos)
     model, tok = _load(args)
     windows = _evaluation(args, tok)
     calib = _calibration(recipe, tok, windows)
@@ -478,8 +501,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from .preflight import check_device
     from .verify import verify
 
+    check_device(args.device)
     print(verify(args.model, backend=args.backend, device=args.device, dtype=args.dtype, tokens=args.tokens).line())
     return 0
 
@@ -488,18 +513,89 @@ COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate
             "verify": cmd_verify}
 
 
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+# OSErrors that are the user's to fix (a path that is missing, not writable, full), not bugs
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR,
+                errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """smoothq's own warnings as one 'warning: ...' line; others as Python prints them."""
+    if "smoothq" in str(filename) or issubclass(category, UserWarning) and "smoothq" in str(message):
+        _error(f"warning: {message}")
+    else:
+        _error(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Exit codes: 0 ok; 2 an expected failure (bad input, missing or broken
+    model/checkpoint/data, refused options, output not writable or disk full: one 'error:' line
+    saying what and how to fix it); 1 a bug (traceback, and a request to report it); 130 interrupted."""
+    global _QUIET
     from .archs import UnsupportedArchError
     from .calibrate import CalibrationError
-    from .io import CheckpointError
+    from .io import CheckpointError, OutputError
+    from .preflight import PreflightError
 
     args = build_parser().parse_args(argv)
+    expected = (DataError, RecipeError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError,
+                FileExistsError, PreflightError, OutputError)
+    quiet, _QUIET = _QUIET, bool(args.quiet)
+    bars = _progress_bars(not args.quiet)
     try:
-        return COMMANDS[args.command](args)
-    except (DataError, RecipeError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError,
-            FileExistsError) as exc:
-        _say(f"error: {exc}")
-        return 2
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
+    except expected as exc:
+        _error(f"error: {exc}")
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        from .io import write_error
+
+        if exc.errno in _USER_ERRNOS:
+            err = write_error(exc, Path(exc.filename or "output")) if exc.errno != errno.ENOENT else None
+            _error(f"error: {err or exc}")
+            return EXIT_INPUT
+        return _bug()
+    except Exception as exc:  # noqa: BLE001 - the boundary: anything else is a bug
+        from safetensors import SafetensorError
+
+        if isinstance(exc, SafetensorError):  # e.g. a full disk while writing, outside io.save
+            from .io import write_error
+
+            err = write_error(exc, Path("output"))
+            if err is not None and err.errno != errno.EIO:
+                _error(f"error: {err}")
+                return EXIT_INPUT
+        return _bug()
+    finally:
+        _QUIET = quiet
+        _progress_bars(bars)
+
+
+def _progress_bars(enable: bool) -> bool:
+    """Turn transformers' own progress bars (weight loading) on or off; returns the previous state."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return True
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enable else hf_logging.disable_progress_bar)()
+    return before
+
+
+def _bug() -> int:
+    import traceback
+
+    traceback.print_exc()
+    from . import __version__
+
+    _error(f"smoothq {__version__}: unexpected error, most likely a bug in smoothq. Please report it with the "
+           "command line and the traceback above (exit code 1)")
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -99,22 +99,45 @@ def data_dir() -> Path | None:
     return shared if shared.is_dir() else None
 
 
+class DataWarning(UserWarning):
+    """Data that works, but not as well as it should (e.g. calibration samples that repeat the text)."""
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                     "convert it to UTF-8 (e.g. iconv -t utf-8)")
+
+
 def _jsonl_documents(path: Path) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{path}:{i}: expected one JSON object with a 'text' field per line") from None
+    try:
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        doc = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise DataError(f"{path}:{i}: not JSON; expected one JSON object with a 'text' field per "
+                                        "line") from None
+                    text = doc.get("text") if isinstance(doc, dict) else None
+                    if not isinstance(text, str):
+                        got = (f"a JSON {type(doc).__name__}" if not isinstance(doc, dict) else
+                               "no 'text' field" if "text" not in doc else f"'text' is a {type(doc['text']).__name__}")
+                        raise DataError(f"{path}:{i}: {got}; expected one JSON object with a string 'text' field "
+                                        "per line")
+                    docs.append(text)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
     return docs
 
 
 def _read_file(path: Path) -> str:
     if path.suffix == ".jsonl":
         return "\n\n".join(_jsonl_documents(path))
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
 
 
 def load_text(source: str) -> tuple[str, str]:
@@ -296,6 +319,13 @@ def calib_samples(tokenizer, source: str = DEFAULT_CALIB, n: int = 128, seqlen: 
             f"sample of {seqlen}: use a larger source (e.g. --calib {DEFAULT_CALIB}), fewer evaluation windows, "
             "or a shorter calibration seqlen"
         )
+    if n * seqlen > end - start:
+        import warnings
+
+        warnings.warn(f"calibration: {n} samples x {seqlen} tokens = {n * seqlen} tokens drawn from only "
+                      f"{end - start} tokens of {source!r}: the text repeats about {n * seqlen / (end - start):.1f} "
+                      "times (overlapping samples add little). Use a longer text, fewer --samples or a shorter "
+                      "--calib-seqlen", DataWarning, stacklevel=2)
     gen = torch.Generator().manual_seed(seed)
     offsets = torch.randint(start, end - seqlen + 1, (n,), generator=gen).tolist()
     windows = _with_bos(tokenizer, torch.stack([ids[o : o + seqlen] for o in offsets]), protocol)

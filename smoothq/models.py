@@ -133,11 +133,50 @@ def load_model(name: str | None = None, dtype: torch.dtype | str = torch.float32
     if path is not None:
         model, tok = _load_gguf(path, dtype)
     else:
-        if not Path(name).exists() and "/" not in name:
-            raise ModelNotFound(
-                f"model {name!r} is neither a bundled model ({', '.join(BUNDLED)}), a local path, "
-                "nor a Hugging Face id (owner/name)"
-            )
-        tok = AutoTokenizer.from_pretrained(name)
+        local = check_model_path(name)
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError, TypeError) as exc:
+            if local:
+                raise ModelNotFound(f"{name}: its tokenizer does not load ({type(exc).__name__}: {str(exc)[:200]}); "
+                                    f"copy the original model's tokenizer files ({', '.join(TOKENIZER_FILES[:2])}) "
+                                    "into it") from None
+            raise ModelNotFound(f"{name!r} is not a local path, and the Hugging Face Hub has no such model or cannot be "
+                                f"reached ({type(exc).__name__}); pass a local directory or .gguf file") from None
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     return model.to(device).eval(), tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name is meant as a local path (never sent to the Hub): it starts with / . or ~,
+    holds a separator other than the one of a Hub id `owner/name` (two or more, a trailing one, a
+    backslash), or names a file (.gguf, .safetensors, .json, .bin)."""
+    seps = [os.sep] + ([os.altsep] if os.altsep else [])
+    if name.startswith(("/", ".", "~", *seps)) or name.endswith(tuple(seps)):
+        return True
+    if any(sep != "/" and sep in name for sep in seps) or name.count("/") > 1:
+        return True
+    return Path(name).suffix in (".gguf", ".safetensors", ".json", ".bin")
+
+
+def check_model_path(name: str) -> bool:
+    """Refuse a model name that cannot load, without loading anything; True if it is a local path.
+    A missing local-looking path is reported as missing (never sent to the Hub); a directory needs a
+    config.json (or a single .gguf file)."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        if looks_local(name):
+            raise ModelNotFound(f"{name}: no such file or directory")
+        if "/" not in name:
+            raise ModelNotFound(f"model {name!r} is neither a bundled model ({', '.join(BUNDLED)}), a local path, "
+                                "nor a Hugging Face id (owner/name)")
+        return False
+    if path.is_dir() and not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
+        raise ModelNotFound(f"{name} is a directory without config.json (nor a .gguf file): not a model directory. "
+                            "Pass the directory that holds config.json and the weights")
+    if not path.is_dir() and path.suffix != ".gguf":
+        raise ModelNotFound(f"{name} is a file, not a model directory or .gguf file")
+    return True

@@ -120,6 +120,10 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActSta
     targets = list(res.quantizable())
     if not targets:
         raise ValueError("no linear layers found in the decoder blocks; nothing to quantize")
+    if scheme.static:
+        from .calibrate import check_stats
+
+        check_stats(stats, res, [n for n, _ in targets], static=True, use=f"quantize {scheme.label}", model=model)
     for name, module in tqdm(targets, desc=f"quantizing {scheme.label}", disable=not progress):
         absmax = None
         if scheme.static:

@@ -93,6 +93,14 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
     executor = executor or ("in-memory" if isinstance(model, nn.Module) else "layered")
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    checks = []
+    if not isinstance(model, nn.Module):  # a path: every check the config and output allow, before loading
+        from .preflight import preflight
+
+        checks = preflight(str(model), recipe, output, force=overwrite, sequential=executor == "layered",
+                           resume=resume, device=device, device_map=device_map,
+                           need_tokenizer=tokenizer is None and calib is None,
+                           samples=recipe.calibration.samples, check_calib=calib is None)
     if executor == "layered":
         if stats is not None:
             raise ValueError("stats= reuses an in-memory calibration; the layered executor calibrates layer by layer")
@@ -106,6 +114,7 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
         result = _in_memory(model, recipe, calib, tokenizer=tokenizer, output=output, backend=backend, dtype=dtype,
                             device=device, overwrite=overwrite, meta=meta, avoid=avoid, progress=progress, say=say,
                             stats=stats)
+    result.notes[:0] = [f"warning: {w}" for w in checks]
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -132,7 +141,13 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
     from .rotate import rotate
     from .smooth import smooth
 
+    sources = ()
     if not isinstance(model, nn.Module):
+        sources = (model,)  # the output must not be (inside) the input model's directory
+        if output is not None:
+            from .io import check_output
+
+            check_output(output, overwrite, sources)  # before the model is loaded
         model, loaded_tok = load_model(str(model), dtype=dtype, device=device)
         tokenizer = tokenizer or loaded_tok
     recipe = recipe.check(arch_for(model))
@@ -175,7 +190,7 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
             full["search"] = {"alphas": rec.search.alphas, "clip": rec.search.clip}
         o = recipe.output
         result.output = save(model, output, tokenizer, format=o.format, float_dtype=o.dtype, embeddings=o.embeddings,
-                             overwrite=overwrite, meta=full)
+                             overwrite=overwrite, meta=full, sources=sources)
     return result
 
 

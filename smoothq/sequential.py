@@ -58,7 +58,8 @@ from tqdm.auto import tqdm
 from .archs import Arch, arch_for, check_options, resolve, weight_nk
 from .calibrate import ActStats, CalibrationError, _as_batches, update_absmax, _fill_unseen_experts, _forward_no_logits
 from .config import FORMAT_VERSION, QuantScheme, check_alpha, get_scheme
-from .io import (CheckpointError, _float_dtype, check_save_options, checkpoint_config, compressed_tensors_config,
+from .io import (CheckpointError, OutputError, _float_dtype, check_output, check_save_options, checkpoint_config,
+                 compressed_tensors_config,
                  quantized_state, replace_dir, write_metadata)
 from .nn import W8A8Linear, quantize
 from .record import record
@@ -511,7 +512,7 @@ def quantize_sequential(
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             kept = (f"The {done} finished layer(s) are kept in {run.work_dir}: free some space and rerun with "
                     "resume=True (--resume)" if done else "Free some space and retry")
-            raise OSError(exc.errno, f"disk full while writing; {run.out} was not written. {kept}") from exc
+            raise OutputError(exc.errno, f"disk full while writing; {run.out} was not written. {kept}") from exc
         raise
     finally:
         run.close()
@@ -532,9 +533,8 @@ class _Run:
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if activations not in ("device", "cpu"):
             raise ValueError(f"activations must be 'device' or 'cpu', got {activations!r}")
-        self.out = Path(output)
-        if self.out.exists() and not (self.out.is_dir() and not any(self.out.iterdir())) and not overwrite:
-            raise FileExistsError(f"{self.out} already exists; choose another output or allow overwriting (--force)")
+        # the output must not be (inside) the source, and only a smoothq checkpoint is ever replaced
+        self.out = check_output(output, overwrite, sources=[model_dir])
         self.work_dir = partial_dir(self.out)
         self.backend, self.activations = backend, activations
         self.batches = _as_batches(samples, recipe.calibration.batch_size)
@@ -689,7 +689,7 @@ class _Run:
                 shutil.rmtree(work_dir, ignore_errors=True)
             if exc.errno == errno.ENOSPC:
                 size = sum(nbytes(*v) for v in self.layout.values())
-                raise OSError(exc.errno, f"not enough disk space for the {size / 1e9:.2f} GB checkpoint next to "
+                raise OutputError(exc.errno, f"not enough disk space for the {size / 1e9:.2f} GB checkpoint next to "
                                          f"{self.out}; nothing was written. Free some space and retry") from exc
             raise
         self.state = state

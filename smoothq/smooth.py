@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .archs import LINEAR_TYPES, Arch, ResolvedGroup, resolve, weight_nk
-from .calibrate import ActStats
+from .calibrate import ActStats, StatsError, check_stats
 from .config import check_alpha
 from .record import record
 
@@ -133,6 +133,13 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
         )
     check_not_input_rotated(model)
     res = resolve(model, arch, options)
+    # the statistics must be this model's; non-finite maxima would make NaN scales folded into the weights
+    check_stats(stats, res, sorted({n for g in res.groups for n in g.linears}), static=False, use="smooth",
+                model=model)
+    bad = [n for g in res.groups for n in g.linears if not torch.isfinite(stats[n]).all()]
+    if bad:
+        raise StatsError(f"smooth: statistics of {bad[0]} hold NaN/Inf activation maxima: the smoothing scales "
+                         "would be NaN. Recalibrate in float32 on other data")
     alphas = {k: check_alpha(v) for k, v in (alphas or {}).items()}
     unknown = set(alphas) - {g.prev for g in res.groups}
     if unknown:

@@ -23,7 +23,7 @@ QUICK = ["--seqlen", "64", "--max-windows", "2", "--samples", "4", "--calib-seql
 
 def test_compare_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    rc = main(["-q", "compare", str(model_dir), *QUICK, "--schemes", "W8A8,O3", "--alphas", "0.5", "--json", str(out)])
+    rc = main(["compare", str(model_dir), *QUICK, "--schemes", "W8A8,O3", "--alphas", "0.5", "--json", str(out)])
     assert rc == 0
     captured = capsys.readouterr()
     table = captured.out
@@ -39,13 +39,13 @@ def test_compare_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
 
 
 def test_compare_says_when_calibration_shares_the_evaluated_text(model_dir, capsys):
-    assert main(["-q", "compare", str(model_dir), *QUICK, "--calib", "wikitext2", "--schemes", "W8A8", "--alphas", "0.5"]) == 0
+    assert main(["compare", str(model_dir), *QUICK, "--calib", "wikitext2", "--schemes", "W8A8", "--alphas", "0.5"]) == 0
     assert "after the evaluated tokens, disjoint from them" in capsys.readouterr().err
 
 
 def test_quantize_saves_a_checkpoint_that_eval_and_generate_run(model_dir, tmp_path, capsys):
     out = tmp_path / "o3"
-    assert main(["-q", "quantize", str(model_dir), "--alpha", "0.6", "--scheme", "O3", "--samples", "4",
+    assert main(["quantize", str(model_dir), "--alpha", "0.6", "--scheme", "O3", "--samples", "4",
                  "--calib-seqlen", "64", "-o", str(out), "--eval", "--seqlen", "64", "--max-windows", "2"]) == 0
     captured = capsys.readouterr()
     config = json.loads((out / "config.json").read_text())
@@ -105,7 +105,7 @@ def _table(out: str) -> list[list[str]]:
 
 def test_eval_runs_several_tasks_into_one_table(model_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["-q", "eval", str(model_dir), "--task", "wikitext2,lambada", "--limit", "5", "--max-windows", "2",
+    assert main(["eval", str(model_dir), "--task", "wikitext2,lambada", "--limit", "5", "--max-windows", "2",
                  "--seqlen", "64", "--json", str(out)]) == 0
     captured = capsys.readouterr()
     header, rule, ppl_row, lambada_row = _table(captured.out)
@@ -135,7 +135,7 @@ def test_eval_task_errors_are_clear(model_dir, capsys):
 
 def test_bos_protocol_reaches_eval_quantize_and_the_checkpoint(bos_model_dir, tmp_path, capsys):
     quick = ["--seqlen", "64", "--max-windows", "2"]
-    assert main(["-q", "eval", str(bos_model_dir), *quick]) == 0
+    assert main(["eval", str(bos_model_dir), *quick]) == 0
     captured = capsys.readouterr()
     auto = _table(captured.out)[-1]
     assert auto[3] == "window" and "2 x 64 tokens (+ BOS)" in captured.err
@@ -143,7 +143,7 @@ def test_bos_protocol_reaches_eval_quantize_and_the_checkpoint(bos_model_dir, tm
     stream = _table(capsys.readouterr().out)[-1]
     assert stream[3] == "stream" and stream[7] != auto[7]
     out = tmp_path / "o3"
-    assert main(["-q", "quantize", str(bos_model_dir), "--scheme", "O3", "--samples", "4", "--calib-seqlen", "64",
+    assert main(["quantize", str(bos_model_dir), "--scheme", "O3", "--samples", "4", "--calib-seqlen", "64",
                  "-o", str(out), "--eval", *quick]) == 0
     captured = capsys.readouterr()
     assert "calibration: 4 x 64 tokens (+ BOS)" in captured.err and _table(captured.out)[-1][-2] == "window"

@@ -26,7 +26,7 @@ def _ppl(out: str) -> float:
 
 
 def test_quantize_with_auto_alpha_extra_groups_clipping_and_int8_attention(model_dir, capsys):
-    assert main(["-q", "quantize", str(model_dir), "--alpha", "auto", "--scheme", "O3", "--smooth-extra", "all",
+    assert main(["quantize", str(model_dir), "--alpha", "auto", "--scheme", "O3", "--smooth-extra", "all",
                  "--clip", "mse", "--int8-attention", "per-head", "--eval", *QUICK]) == 0
     captured = capsys.readouterr()
     assert "alpha search:" in captured.err and "'groups': 8" in captured.err
@@ -49,7 +49,7 @@ def test_compare_accepts_auto_and_extra_groups(model_dir, tmp_path, capsys):
 
 
 def test_chat_formatted_and_mixed_calibration(model_dir, capsys):
-    assert main(["-q", "quantize", str(model_dir), "--calib", "wikitext2-train+c4", "--chat-calib", "--eval",
+    assert main(["quantize", str(model_dir), "--calib", "wikitext2-train+c4", "--chat-calib", "--eval",
                  *QUICK]) == 0
     err = capsys.readouterr().err
     assert "2 from wikitext2-train" in err and "2 from c4" in err and "chat-formatted" in err
@@ -62,7 +62,7 @@ def test_bad_alpha_is_rejected(model_dir, capsys):
 
 def test_quantize_rotated_saves_a_checkpoint_that_reloads_with_the_same_perplexity(model_dir, tmp_path, capsys):
     out = tmp_path / "rot"
-    assert main(["-q", "quantize", str(model_dir), "--rotate", "--scheme", "O3", "--alpha", "0.5", "--eval",
+    assert main(["quantize", str(model_dir), "--rotate", "--scheme", "O3", "--alpha", "0.5", "--eval",
                  "--format", "compressed-tensors", "-o", str(out), *QUICK]) == 0
     captured = capsys.readouterr()
     assert "rotated the residual stream" in captured.err
@@ -115,7 +115,7 @@ def test_quantize_with_sink_tokens_saves_them_and_refuses_what_cannot_carry_them
 
 def test_quantize_with_rotated_inputs_saves_them_and_refuses_what_cannot_carry_them(model_dir, tmp_path, capsys):
     out = tmp_path / "rot"
-    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
+    assert main(["quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
                  "--alpha", "0.5", "--eval", "-o", str(out), "--save-dtype", "float32", *QUICK]) == 0
     captured = capsys.readouterr()
     assert "rotated the inputs of 2 down projections online and recalibrated them" in captured.err

@@ -191,5 +191,10 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError):
         io.save(model, tmp_path / "out")
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
-    io.save(model, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "precious.txt").exists() and (tmp_path / "out" / "config.json").is_file()
+    # --force replaces only a checkpoint smoothq wrote: never a directory holding other files
+    with pytest.raises(io.OutputError, match="not a checkpoint written by smoothq"):
+        io.save(model, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+    io.save(model, tmp_path / "ours")
+    io.save(model, tmp_path / "ours", overwrite=True)
+    assert (tmp_path / "ours" / "config.json").is_file()

@@ -345,8 +345,14 @@ def test_existing_output_and_bad_options_are_refused(tmp_path):
         sequential(src, tmp_path / "o2", sample_ids(2, 8), scheme="O2", format="compressed-tensors")
     with pytest.raises(ValueError, match="activations"):
         sequential(src, tmp_path / "o3", sample_ids(2, 8), activations="disk")
-    sequential(src, tmp_path / "out", sample_ids(2, 8), overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and io.is_quantized_checkpoint(tmp_path / "out")
+    # overwrite (--force) never replaces a directory that is not a checkpoint smoothq wrote
+    with pytest.raises(io.OutputError, match="not a checkpoint written by smoothq"):
+        sequential(src, tmp_path / "out", sample_ids(2, 8), overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+    (tmp_path / "out" / "keep.txt").unlink()
+    sequential(src, tmp_path / "out", sample_ids(2, 8))
+    sequential(src, tmp_path / "out", sample_ids(2, 8), overwrite=True)  # our own checkpoint: replaced
+    assert io.is_quantized_checkpoint(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
@@ -391,7 +397,7 @@ def test_cli_quantizes_sequentially_and_resumes(tmp_path, data_dir, capsys):
     src = four_layer_llama(tmp_path)
     tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000]).save_pretrained(src)
     out = tmp_path / "out"
-    args = ["-q", "quantize", str(src), "--sequential", "--samples", "4", "--calib-seqlen", "32", "--scheme", "O3",
+    args = ["quantize", str(src), "--sequential", "--samples", "4", "--calib-seqlen", "32", "--scheme", "O3",
             "--format", "compressed-tensors", "-o", str(out)]
     assert main(args) == 0
     assert "layered, quantized propagation" in capsys.readouterr().err
