@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,27 @@ def _datasets_error() -> type:
     return DatasetsError
 
 
+@contextmanager
+def _as_is(model):
+    """While HFLM wraps `model`: no re-tying of its weights (HFLM calls tie_weights(), which would
+    replace a separately loaded lm_head by the input embedding: the model is scored as we hold it),
+    and no warning that `pretrained` is a module rather than a name (that is the point)."""
+    log = logging.getLogger("lm_eval.models.huggingface")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    had = "tie_weights" in vars(model)
+    saved = vars(model).get("tie_weights")
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if had:
+            model.tie_weights = saved
+        else:
+            del model.tie_weights
+
+
 def wrap(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
     """Our in-memory module as an lm-eval LM (HFLM on the very same object: no copy, no reload)."""
     _lm_eval()
@@ -148,13 +170,8 @@ def wrap(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
 
     if tokenizer is None:
         raise DataError("lm-eval needs the model's tokenizer; save the checkpoint with its tokenizer")
-    log = logging.getLogger("lm_eval.models.huggingface")
-    level = log.level
-    log.setLevel(logging.ERROR)  # "pretrained is not a str ...": passing the module is the point
-    try:
+    with _as_is(model):
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    finally:
-        log.setLevel(level)
 
 
 def run_harness(model, tokenizer, tasks: list[str] | HarnessTasks, limit: int | None = None,
@@ -233,14 +250,9 @@ def _register() -> None:
                 model, tok = load(pretrained, backend=quant_backend, device=device, dtype=dtype)
             else:
                 model, tok = load_model(pretrained, dtype=dtype, device=device)
-            log = logging.getLogger("lm_eval.models.huggingface")
-            level = log.level
-            log.setLevel(logging.ERROR)
-            try:
+            with _as_is(model):
                 super().__init__(pretrained=model, tokenizer=tok, batch_size=batch_size or 8, max_length=max_length,
                                  **kwargs)
-            finally:
-                log.setLevel(level)
 
     globals()["SmoothqLM"] = SmoothqLM
 

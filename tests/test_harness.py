@@ -220,3 +220,15 @@ def test_registered_model_type_loads_a_checkpoint(model, tok, task_dir, tmp_path
     acc = simple_evaluate(lm, tasks=tasks.objects, task_manager=tasks.manager)["results"]["tiny_mc"]["acc,none"]
     loaded, loaded_tok = sq.load(tmp_path / "ckpt")
     assert acc == reference_mc(loaded, loaded_tok)[1]
+
+
+def test_the_model_is_scored_as_held_not_re_tied(tok, task_dir):
+    """HFLM calls tie_weights(): on a model whose config says tied but whose lm_head is its own
+    tensor (as loaded), that would score another model. The adapter leaves it as it is."""
+    m = tiny_model("llama", seed=1).eval()
+    m.config.tie_word_embeddings = True
+    head = m.lm_head.weight
+    _, ref_acc = reference_mc(m, tok)
+    (row,) = [r for r in evaluate_harness(m, tok, ["tiny_mc"], include_path=str(task_dir)) if r["metric"] == "acc"]
+    assert m.lm_head.weight is head and m.lm_head.weight is not m.model.embed_tokens.weight
+    assert "tie_weights" not in vars(m) and row["value"] == ref_acc
