@@ -71,6 +71,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def _scheme(text: str) -> str:
     try:
         return get_scheme(text.strip()).name
@@ -175,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=_positive_int, help="evaluate only the first N LAMBADA examples (of 5153)")
     e.add_argument("--json", help="also write the table's rows as JSON here")
     e.add_argument("--scheme", type=_scheme, help="quantize (naive, no smoothing) first")
+    h = e.add_argument_group("lm-evaluation-harness (smoothq.harness; pip install 'smoothq[lm-eval]')")
+    h.add_argument("--lm-eval", type=_tasks, metavar="TASKS",
+                   help="comma-separated lm-eval tasks (e.g. hellaswag,arc_easy; lambada_openai_local = its "
+                        "lambada_openai on the local data) run on this model as loaded or quantized; a second table. "
+                        "lm-eval downloads task datasets from the Hugging Face Hub: offline, use --lm-eval-include")
+    h.add_argument("--lm-eval-include", action="append", metavar="DIR",
+                   help="a directory of lm-eval task YAMLs (e.g. dataset_path: json with local data_files); repeatable")
+    h.add_argument("--lm-eval-limit", type=_positive_int, metavar="N", help="the first N examples of each lm-eval task")
+    h.add_argument("--lm-eval-fewshot", type=_nonnegative_int, metavar="K",
+                   help="few-shot examples per prompt (default: each task's own, mostly 0)")
+    h.add_argument("--lm-eval-batch-size", type=_positive_int, default=8, metavar="N",
+                   help="lm-eval requests per forward pass (default: 8)")
     _add_calib(e)
 
     g = sub.add_parser("generate", help="greedy completion of a prompt, to eyeball that a model still talks")
@@ -413,7 +435,16 @@ def cmd_eval(args) -> int:
 
     if args.task and args.data != DEFAULT_EVAL:
         raise DataError("pass the evaluation texts with --task (it takes sources and files too), not --task and --data")
-    tasks = args.task or [args.data]
+    harness_flags = [f for f in ("lm_eval_include", "lm_eval_limit", "lm_eval_fewshot")
+                     if getattr(args, f) is not None]
+    if harness_flags and not args.lm_eval:
+        raise DataError(f"--{harness_flags[0].replace('_', '-')} is for lm-eval tasks: add --lm-eval TASKS")
+    harness = None
+    if args.lm_eval:  # built before the model loads: a task without its data fails at once
+        from .harness import load_tasks
+
+        harness = load_tasks(args.lm_eval, args.lm_eval_include)
+    tasks = args.task or ([] if harness else [args.data])  # --lm-eval alone: only the harness tasks
     if args.limit is not None and LAMBADA not in tasks:
         raise DataError("--limit counts LAMBADA examples: add lambada to --task, or drop --limit")
     if args.scheme and LAMBADA in tasks and LAMBADA in args.calib.split("+"):
@@ -445,13 +476,37 @@ def cmd_eval(args) -> int:
             ppl = perplexity(model, windows[task], progress=not args.quiet, desc=task)
             results.append({"task": task, "metric": "perplexity", "value": ppl, "count": len(windows[task]),
                             "unit": "windows", "seqlen": args.seqlen, "bos": windows[task].bos})
+    harness_rows = None
+    if harness is not None:
+        import lm_eval
+
+        from .harness import evaluate_harness
+
+        _say(f"lm-eval {lm_eval.__version__}: {', '.join(harness.names)}")
+        harness_rows = evaluate_harness(model, tok, harness, limit=args.lm_eval_limit,
+                                        num_fewshot=args.lm_eval_fewshot, batch_size=args.lm_eval_batch_size)
     scheme_name = scheme.name if scheme else "none"
-    _print_table([{"model": args.model, "scheme": scheme_name, "task": r["task"], "bos": r["bos"],
-                   "seqlen": r["seqlen"] or "-", "windows/examples": f"{r['count']} {r['unit']}", "metric": r["metric"],
-                   "value": f"{r['value']:.4f}" if r["metric"] == "accuracy" else f"{r['value']:.3f}"} for r in results])
+    if results:
+        _print_table([{"model": args.model, "scheme": scheme_name, "task": r["task"], "bos": r["bos"],
+                       "seqlen": r["seqlen"] or "-", "windows/examples": f"{r['count']} {r['unit']}",
+                       "metric": r["metric"],
+                       "value": f"{r['value']:.4f}" if r["metric"] == "accuracy" else f"{r['value']:.3f}"}
+                      for r in results])
+    if harness_rows:
+        if results:
+            print()
+        _print_table([{"model": args.model, "scheme": scheme_name, "lm-eval task": r["task"],
+                       "fewshot": r["fewshot"], "examples": r["count"] if r["count"] is not None else "-",
+                       "metric": r["metric"], "stderr": "-" if r["stderr"] is None else f"{r['stderr']:.4f}",
+                       "value": f"{r['value']:.4f}"} for r in harness_rows])
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "scheme": scheme_name, "rows": results},
-                                              indent=2) + "\n")
+        out = {"model": args.model, "scheme": scheme_name, "rows": results}
+        if harness_rows is not None:
+            import lm_eval
+
+            out["lm_eval"] = {"version": lm_eval.__version__, "limit": args.lm_eval_limit,
+                              "num_fewshot": args.lm_eval_fewshot, "rows": harness_rows}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
