@@ -1,4 +1,4 @@
-"""Command line: `smoothq quantize | eval | generate | compare | verify`, each a thin layer over the Python API."""
+"""Command line: `smoothq quantize | eval | generate | compare | verify | inspect`, each a thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -224,10 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float tensors are cast to this for the forward pass (default: float32)")
     v.add_argument("--backend", default="auto", choices=backends.names())
     v.add_argument("--tokens", type=_positive_int, default=8, help="tokens of the forward pass (default: 8)")
+    _add_inspect(sub)
     return parser
 
 
 _QUIET = False  # -q: no info lines (set by main)
+
+
+def _add_inspect(sub) -> None:
+    from .inspect import DEFAULT_HEAT_TOKENS, DEFAULT_TOKENS
+
+    i = sub.add_parser("inspect", help="an HTML report of what smoothing does to each linear's activations, weights "
+                                       "and INT8 errors, from one calibration pass (needs matplotlib)")
+    _add_model(i)
+    i.add_argument("-o", "--output", required=True, help="directory to write index.html, the PNGs and report.json to")
+    i.add_argument("--force", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    i.add_argument("--linears", type=lambda t: [n.strip() for n in t.split(",") if n.strip()], metavar="NAME,...",
+                   help="full names of the linears to plot (default: q_proj and the down projection of the first, "
+                        "middle and last block, and the two largest input outlier ratios)")
+    i.add_argument("--alpha", type=_alpha, help="migration strength to smooth with, or 'auto' (each group at its local "
+                                                "grid optimum). Default: the recipe's, else 0.5")
+    i.add_argument("--scheme", type=_scheme, help="scheme of the output SQNR columns and the alpha grid "
+                                                  "(default: the recipe's, else O3, per-tensor)")
+    i.add_argument("--smooth-extra", metavar="OPTS",
+                   help="extra exact groups (attn_vo, mlp_updown, opt_fc, all, or 'none'); default: the recipe's, "
+                        "else all, so the o and down projections' inputs are smoothed too")
+    i.add_argument("--preset", choices=list(PRESETS), help="take alpha, scheme, extra groups and calibration from a "
+                                                           "preset (its rotation and clipping are not applied)")
+    i.add_argument("--recipe", metavar="FILE", help="the same from a recipe file or checkpoint directory")
+    _add_calib(i)
+    i.add_argument("--bos", default="auto", choices=BOS_PROTOCOLS, help="start of each calibration sample (see eval)")
+    i.add_argument("--tokens", type=_positive_int, default=DEFAULT_TOKENS,
+                   help=f"calibration rows kept per linear to measure the errors on (default: {DEFAULT_TOKENS})")
+    i.add_argument("--heat-tokens", type=_positive_int, default=DEFAULT_HEAT_TOKENS,
+                   help=f"tokens of calibration sample 0 in the token x channel maps (default: {DEFAULT_HEAT_TOKENS})")
+    i.add_argument("--json", help="also write every number (one row per linear) as JSON here")
 
 
 def _say(msg: str) -> None:
@@ -564,8 +595,70 @@ def cmd_verify(args) -> int:
     return 0
 
 
+# inspect's calibration flags and the recipe fields they override
+_INSPECT_CALIB = {"calib": "source", "samples": "samples", "calib_seqlen": "seqlen", "seed": "seed",
+                  "chat_calib": "chat", "bos": "bos"}
+
+
+def _inspect_recipe(args) -> Recipe | None:
+    """The --preset / --recipe, with the calibration flags that differ from their defaults applied."""
+    if args.preset and args.recipe:
+        raise RecipeError("pass --preset or --recipe, not both")
+    if not (args.preset or args.recipe):
+        return None
+    recipe = Recipe.preset(args.preset) if args.preset else Recipe.from_file(args.recipe)
+    defaults = build_parser().parse_args(["inspect", "-o", "x"])
+    changed = {f"calibration.{field}": getattr(args, flag) for flag, field in _INSPECT_CALIB.items()
+               if getattr(args, flag) != getattr(defaults, flag)}
+    ignored = [what for what, on in (("rotation", recipe.rotation.kind), ("clipping", recipe.clip.method),
+                                     ("online input rotation", recipe.rotate_inputs),
+                                     ("sink tokens", recipe.sink_tokens)) if on]
+    if ignored:
+        _say(f"note: inspect measures the unrotated float model; the recipe's {', '.join(ignored)} is not applied")
+    return recipe.override(changed)
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_model
+    from .report import require_matplotlib, write_report
+
+    require_matplotlib()  # before any work: the plots are the point
+    out = Path(args.output)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.force:
+        raise FileExistsError(f"{out} already exists and is not empty; choose another -o or pass --force")
+    recipe = _inspect_recipe(args)
+    smoothing = recipe.smoothing if recipe else None
+    alpha = args.alpha if args.alpha is not None else (smoothing.alpha if smoothing else 0.5)
+    if alpha is None:
+        raise RecipeError("the recipe does not smooth (smoothing.alpha: null): pass --alpha to inspect a smoothing")
+    scheme = args.scheme or (recipe.scheme if recipe else "O3")
+    extra = args.smooth_extra if args.smooth_extra is not None else (",".join(smoothing.extra) if smoothing else "all")
+    extra = "" if extra.strip().lower() == "none" else extra
+    model, tok = _load(args)
+    calib = _calibration(recipe or args, tok, None)
+    report = inspect_model(model, calib.input_ids, alpha=alpha, linears=args.linears, scheme=scheme, options=extra,
+                           tokens=args.tokens, heat_tokens=args.heat_tokens, progress=not args.quiet, name=args.model)
+    write_report(report, out, overwrite=args.force)
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    lim = report.limiting
+    # one row per kind of linear, medians over the decoder blocks
+    _print_table([{"linear": kind, "outlier ratio": f"{v['outlier_ratio_median']:.1f}",
+                   "outlier ratio smoothed": f"{v['outlier_ratio_smoothed_median']:.1f}",
+                   f"{report.scheme} out SQNR dB": f"{v['out_sqnr_median']:.1f}",
+                   "smoothed": f"{v['out_sqnr_smoothed_median']:.1f}",
+                   "smoothed, worst block": f"{v['out_sqnr_smoothed_min']:.1f}"} for kind, v in lim["kinds"].items()])
+    print(f"\nlimiting: largest outlier ratio {lim['largest_outlier_ratio'][0]} "
+          f"({report.row(lim['largest_outlier_ratio'][0]).outlier_ratio:.1f}); worst smoothed SQNR "
+          f"{lim['worst_smoothed_sqnr'][0]} ({report.row(lim['worst_smoothed_sqnr'][0]).out_sqnr_smoothed:.1f} dB); "
+          f"by kind: {lim['worst_kind_by_outlier_ratio']} / {lim['worst_kind_by_smoothed_sqnr']}")
+    _say(f"wrote {out / 'index.html'} ({len(report.profiles)} linears plotted, alpha {report.alpha}, "
+         f"{report.scheme}){' and ' + args.json if args.json else ''}")
+    return 0
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare,
-            "verify": cmd_verify}
+            "verify": cmd_verify, "inspect": cmd_inspect}
 
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -589,12 +682,13 @@ def main(argv: list[str] | None = None) -> int:
     global _QUIET
     from .archs import UnsupportedArchError
     from .calibrate import CalibrationError
+    from .inspect import InspectError
     from .io import CheckpointError, OutputError
     from .preflight import PreflightError
 
     args = build_parser().parse_args(argv)
     expected = (DataError, RecipeError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError,
-                FileExistsError, PreflightError, OutputError)
+                FileExistsError, PreflightError, OutputError, InspectError)
     quiet, _QUIET = _QUIET, bool(args.quiet)
     bars = _progress_bars(not args.quiet)
     try:
