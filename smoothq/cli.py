@@ -622,10 +622,11 @@ def cmd_inspect(args) -> int:
     from .inspect import inspect_model
     from .report import require_matplotlib, write_report
 
+    from .io import check_output
+    from .report import not_a_report
+
     require_matplotlib()  # before any work: the plots are the point
-    out = Path(args.output)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.force:
-        raise FileExistsError(f"{out} already exists and is not empty; choose another -o or pass --force")
+    out = check_output(args.output, args.force, replaceable=not_a_report)  # --force replaces only a report
     recipe = _inspect_recipe(args)
     smoothing = recipe.smoothing if recipe else None
     alpha = args.alpha if args.alpha is not None else (smoothing.alpha if smoothing else 0.5)

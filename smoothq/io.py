@@ -99,7 +99,7 @@ def _related(a: Path, b: Path) -> str | None:
     return None
 
 
-def check_output(output: str | Path, overwrite: bool = False, sources=()) -> Path:
+def check_output(output: str | Path, overwrite: bool = False, sources=(), replaceable=None) -> Path:
     """Refuse an output directory that must not be written or replaced, before any work:
 
     - one that is, contains or is inside a source (the input model), the current directory or one of
@@ -108,6 +108,8 @@ def check_output(output: str | Path, overwrite: bool = False, sources=()) -> Pat
       checkpoint smoothq wrote (config.json with its smoothq section, and only checkpoint files):
       never a directory holding anything else;
     - a location that cannot be written (read-only file system, no permission).
+    `replaceable(path) -> str | None`, for outputs other than checkpoints (e.g. inspect's report),
+    says why an existing directory may not be replaced (None: it may).
     Returns the output path. OutputError (or FileExistsError for a non-forced existing output)."""
     out = Path(output).expanduser()
     where = out.resolve()
@@ -129,11 +131,16 @@ def check_output(output: str | Path, overwrite: bool = False, sources=()) -> Pat
             if not overwrite:
                 raise FileExistsError(f"{out} already exists; choose another output or allow overwriting (--force: "
                                       "replaces only a checkpoint written by smoothq)")
-            if not is_own_checkpoint(out):
+            if replaceable is not None:
+                why = replaceable(out)
+                if why is not None:
+                    raise OutputError(errno.EEXIST, f"{out} {why}, so --force does not replace it: choose another "
+                                                    "output, or remove it yourself")
+            elif not is_own_checkpoint(out):
                 raise OutputError(errno.EEXIST, f"{out} is not a checkpoint written by smoothq (its config.json has "
                                                 "no smoothq section), so --force does not replace it: choose another "
                                                 "output, or remove it yourself")
-            foreign = _foreign_entry(out)
+            foreign = _foreign_entry(out) if replaceable is None else None
             if foreign is not None:
                 raise OutputError(errno.EEXIST, f"{out} holds {foreign}, which is not part of a smoothq checkpoint, "
                                                 "so --force does not replace it: move it away or choose another output")
@@ -262,12 +269,12 @@ def write_error(exc: BaseException, out: Path, what: str = "nothing was written 
 
 
 @contextmanager
-def atomic_dir(output: str | Path, overwrite: bool = False, sources=()):
+def atomic_dir(output: str | Path, overwrite: bool = False, sources=(), replaceable=None):
     """Yield a temp directory next to `output`; on success its files and itself are fsynced and it
     replaces `output` in one rename. A failure removes it (no partial output); a disk-full,
     read-only or permission failure becomes one OutputError. Temp directories of killed saves into
     the same output (`.<name>.tmp-<pid>-*`, their process gone) are removed first."""
-    out = check_output(output, overwrite, sources)
+    out = check_output(output, overwrite, sources, replaceable)
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

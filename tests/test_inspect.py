@@ -226,3 +226,15 @@ def test_smollm2_down_projections_limit_per_tensor_int8(smollm2, data_dir):
         assert sum(n.endswith("mlp.down_proj") for n in ranking) > len(ranking) // 2, ranking
     for kind, v in lim["kinds"].items():  # typical inputs get flatter (single ones may not: o_proj of block 2)
         assert v["outlier_ratio_smoothed_median"] < v["outlier_ratio_median"], kind
+
+
+def test_force_replaces_only_a_report(model_dir, tmp_path, capsys):
+    """--force over a directory that is not an inspect report (here: a model) is refused before any
+    work, and nothing in it is touched."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "index.html").write_text("mine")
+    (notes / "todo.txt").write_text("keep me")
+    assert main(["-q", "inspect", str(model_dir), "-o", str(notes), *QUICK, "--force"]) == 2
+    assert "is not an inspect report" in capsys.readouterr().err
+    assert (notes / "todo.txt").read_text() == "keep me" and (notes / "index.html").read_text() == "mine"
