@@ -86,11 +86,16 @@ def _settings(args) -> dict:
     return {"bos": args.bos, "seqlen": args.seqlen, "windows": args.windows, "lambada_limit": args.limit}
 
 
+def _stem(args) -> str:
+    """The results file name: tasks-<model>, with the protocol when it is not the default."""
+    name = args.model if args.model in ("smollm2", "gemma3-270m") else Path(args.model).name
+    return f"tasks-{name}" + ("" if args.bos == "auto" else f"-{args.bos}")
+
+
 def write(args, rows: list[dict], protocol: str, wall: float) -> Path:
     import torch
 
-    name = args.model if args.model in ("smollm2", "gemma3-270m") else Path(args.model).name
-    stem = f"tasks-{name}" + ("" if args.bos == "auto" else f"-{args.bos}")
+    stem = _stem(args)
     order = list(CONFIGS)
     rows = sorted(rows, key=lambda r: (order.index(r["config"]), (*PPL_TASKS, LAMBADA).index(r["task"])))
     command = "python benchmarks/tasks.py " + " ".join(sys.argv[1:])
@@ -144,8 +149,7 @@ def main() -> int:
         print(json.dumps(one(args)))
         return 0
 
-    name = args.model if args.model in ("smollm2", "gemma3-270m") else Path(args.model).name
-    previous = RESULTS / (f"tasks-{name}" + ("" if args.bos == "auto" else f"-{args.bos}") + ".json")
+    previous = RESULTS / f"{_stem(args)}.json"
     rows = []
     if previous.exists():
         old = json.loads(previous.read_text())
