@@ -71,15 +71,19 @@ class W8A8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         impl = backends.get_backend(self.backend, x.device.type)
+        x_q, x_scale = self.quantize_input(x, x2, impl.quantize or quantize_activation)
+        out = impl.linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def quantize_input(self, x: torch.Tensor, x2: torch.Tensor, quantize_fn=quantize_activation):
+        """(int8 [M, K], fp32 scale) for the flattened input x2 (x: the same input, unflattened, which
+        the sink tracker reads): the scheme's granularity, sink rows per token where set."""
         sinks = None
         if self.sink_tokens and self.positions is not None and self.scheme.activations != "per_token":
             sinks = self.positions.sink_rows(x, self.sink_tokens)
         if sinks is not None and bool(sinks.any()):
-            x_q, x_scale = quantize_with_sinks(x2, sinks, self.scheme.activations, self.input_scale)
-        else:
-            x_q, x_scale = (impl.quantize or quantize_activation)(x2, self.scheme.activations, self.input_scale)
-        out = impl.linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+            return quantize_with_sinks(x2, sinks, self.scheme.activations, self.input_scale)
+        return quantize_fn(x2, self.scheme.activations, self.input_scale)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.float() * self.weight_scale

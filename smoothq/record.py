@@ -62,6 +62,8 @@ class QuantRecord:
     positions: TokenPositions | None = None
     # attention.enable_int8_attention (None again after disable_int8_attention); read by callers
     attention: AttnQuantConfig | None = None
+    # cpu_fast.optimize_for_cpu: {dtype, int8_embeddings}; the model is packed for inference (cannot be saved)
+    cpu_fast: dict | None = None
 
 
 def record(model: nn.Module) -> QuantRecord:
