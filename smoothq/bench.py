@@ -148,6 +148,7 @@ def _random_model(shape: str, dtype: torch.dtype):
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives the tied LM head a storage of its own
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

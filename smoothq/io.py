@@ -432,6 +432,9 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
     check_save_options(format, embeddings)
     check_output(output, overwrite, sources)
     qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
+    if record(model).cpu_fast is not None:
+        raise CheckpointError("optimize_for_cpu() packed this model's int8 weights for oneDNN and released the plain "
+                              "copies: save the quantized model before optimizing it, or reload it")
     if record(model).scheme is None or not qnames:
         raise CheckpointError("the model is not quantized: run smoothq.quantize(model, scheme, ...) before saving")
     dtype = _float_dtype(float_dtype, model.dtype)
