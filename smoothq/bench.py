@@ -275,6 +275,22 @@ def _child(spec_dict: dict, config: str, progress: bool, queue) -> None:
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def _result(queue, proc) -> tuple[str, object]:
+    """The child's report; a child that died without one (killed, out of memory) is an error, not a hang."""
+    import queue as queue_mod
+
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                try:
+                    return queue.get(timeout=1.0)
+                except queue_mod.Empty:
+                    return "error", f"the benchmark process exited with code {proc.exitcode} without a result " \
+                                    "(killed, or out of memory?)"
+
+
 def bench(spec: BenchSpec, progress: bool = True, isolate: bool = True) -> dict:
     """Measure every configuration of `spec`; returns {cpu, threads, torch, spec, configs: {name: ConfigResult},
     speedup_vs_bf16: {config: {prefill BxS / decode bB: ratio of medians}}}."""
@@ -294,7 +310,7 @@ def bench(spec: BenchSpec, progress: bool = True, isolate: bool = True) -> dict:
             queue = ctx.Queue()
             proc = ctx.Process(target=_child, args=(asdict(spec), config, progress, queue))
             proc.start()
-            status, payload = queue.get()
+            status, payload = _result(queue, proc)
             proc.join()
             if status != "ok":
                 raise BenchError(f"{config} failed: {payload}")
@@ -335,9 +351,7 @@ def table(report: dict) -> list[dict]:
         row["peak RSS MiB"] = f"{r['peak_rss_bytes'] / 2**20:.0f}"
         ratio = report["speedup_vs_bf16"].get(name)
         if ratio:
-            row["vs bf16 (prefill / decode / memory)"] = " / ".join(
-                f"{ratio[k]:.2f}x" for k in ratio if k.startswith("prefill")) + " | " + " / ".join(
-                f"{ratio[k]:.2f}x" for k in ratio if k.startswith("decode")) + f" | {ratio['weight memory']:.2f}"
+            row["vs bf16"] = "; ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
         rows.append(row)
     return rows
 

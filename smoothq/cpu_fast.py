@@ -195,7 +195,7 @@ class SharedInputGemm:
         self.layers = layers
         self.packed_weight = None
         self._input: torch.Tensor | None = None
-        self._version = -1
+        self._version = -2
         self._outputs: list[torch.Tensor | None] = []
         self.parts = []
         for i, layer in enumerate(layers):
@@ -223,15 +223,20 @@ class SharedInputGemm:
 
     def __call__(self, layer: PackedW8A8Linear, x: torch.Tensor) -> torch.Tensor:
         i = layer.shared_index
-        if self._input is x and x._version == self._version and self._outputs[i] is not None:
+        if self._input is x and _version(x) == self._version and self._outputs[i] is not None:
             out, self._outputs[i] = self._outputs[i], None
             if all(o is None for o in self._outputs):
                 self._input = None  # every member has its output: drop the references
             return out
         self._outputs = layer.gemm(x, self.packed_weight, self.parts)
-        self._input, self._version = x, x._version
+        self._input, self._version = x, _version(x)
         out, self._outputs[i] = self._outputs[i], None
         return out
+
+
+def _version(x: torch.Tensor) -> int:
+    # tensors made under torch.inference_mode keep no version counter: identity alone decides there
+    return -1 if x.is_inference() else x._version
 
 
 def _share_inputs(model: nn.Module, packed: dict[str, PackedW8A8Linear], weights: dict[str, torch.Tensor]) -> int:
