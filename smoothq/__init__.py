@@ -12,6 +12,7 @@ sq.calibrate, sq.smooth, sq.rotate_inputs, sq.quantize, sq.save. Each records wh
 
 from .archs import Arch, Group, UnsupportedArchError
 from .calibrate import ActStats, CalibrationError, calibrate
+from .cpu_fast import optimize_for_cpu
 from .config import O1, O2, O3, SCHEMES, W8A8, QuantScheme, get_scheme
 from .data import calib_samples, eval_windows
 from .evaluate import paired_nll_difference, perplexity, window_nll
@@ -32,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ActStats", "Arch", "CalibrationError", "CheckpointError", "load", "save", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
     "UnsupportedArchError", "W8A8", "W8A8Linear", "calib_samples", "calibrate", "eval_windows",
-    "get_scheme", "lambada_accuracy", "load_model", "PRESETS", "QuantRecord", "Recipe", "RecipeError", "RunResult", "run", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
+    "get_scheme", "lambada_accuracy", "load_model", "optimize_for_cpu", "PRESETS", "QuantRecord", "Recipe", "RecipeError", "RunResult", "run", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
 ]

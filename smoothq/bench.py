@@ -111,6 +111,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
     for module in model.modules():
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False),
                    *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
+        shared = getattr(module, "shared", None)  # cpu_fast.SharedInputGemm: the members' one packed weight
+        if shared is not None and isinstance(getattr(shared, "packed_weight", None), torch.Tensor):
+            tensors.append(shared.packed_weight)
         for t in tensors:
             key = id(t) if t.is_mkldnn else (t.untyped_storage().data_ptr(), t.dtype, t.shape)
             if key not in seen:

@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive_int, default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--backend", default="auto", choices=backends.names())
+    g.add_argument("--cpu-fast", action="store_true",
+                   help="run a quantized checkpoint on the CPU fast path (sq.optimize_for_cpu: oneDNN int8 on "
+                        "prepacked weights, the rest in bf16)")
 
     c = sub.add_parser("compare", help="FP vs naive INT8 vs SmoothQuant for each scheme, as a table")
     _add_model(c)
@@ -550,6 +553,13 @@ def cmd_generate(args) -> int:
     model, tok = _load(args)
     if tok is None:
         raise DataError(f"{args.model} has no tokenizer files; save the checkpoint with its tokenizer")
+    if args.cpu_fast:
+        from .cpu_fast import optimize_for_cpu
+
+        if model.smoothq.scheme is None:
+            raise DataError(f"--cpu-fast runs a quantized checkpoint; {args.model} is a float model "
+                            "(quantize it first: smoothq quantize MODEL -o OUT)")
+        optimize_for_cpu(model)
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
     else:
@@ -728,13 +738,14 @@ def main(argv: list[str] | None = None) -> int:
     from .archs import UnsupportedArchError
     from .calibrate import CalibrationError
     from .bench import BenchError
+    from .cpu_fast import CpuFastError
     from .inspect import InspectError
     from .io import CheckpointError, OutputError
     from .preflight import PreflightError
 
     args = build_parser().parse_args(argv)
     expected = (DataError, RecipeError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError,
-                FileExistsError, PreflightError, OutputError, InspectError, BenchError)
+                FileExistsError, PreflightError, OutputError, InspectError, BenchError, CpuFastError)
     quiet, _QUIET = _QUIET, bool(args.quiet)
     bars = _progress_bars(not args.quiet)
     try:

@@ -49,6 +49,10 @@ from .record import record
 ZERO_POINT = 128  # int8 activations are handed to oneDNN as uint8 = int8 + 128
 
 
+class CpuFastError(RuntimeError):
+    """The fast path cannot run here (CPU, torch build) or on this model."""
+
+
 def available() -> str | None:
     """None if this machine runs the fast path, else why not (in words)."""
     if not (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")):
@@ -85,6 +89,10 @@ def _compiled_or_eager(name: str, fn, rows: int, enabled: bool):
     if not enabled or rows < COMPILE_MIN_ROWS or _compiled.get("failed"):
         return fn
     if name not in _compiled:
+        # one compiled variant per input dtype, scale shape (per token / per tensor), bias or not and
+        # contiguous or column-sliced accumulator (shared GEMMs): more than dynamo's default 8 in a
+        # process that runs several schemes or dtypes; past the limit it would fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled[name] = torch.compile(fn, dynamic=True)
     return _compiled[name]
 
@@ -313,12 +321,12 @@ def optimize_for_cpu(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     why = available()
     if why is not None:
-        raise RuntimeError(f"optimize_for_cpu: {why}")
+        raise CpuFastError(f"optimize_for_cpu: {why}")
     rec = record(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
     if rec.scheme is None or not layers:
         if any(isinstance(m, PackedW8A8Linear) for m in model.modules()):
-            raise RuntimeError("this model was already optimized for the CPU")
+            raise CpuFastError("this model was already optimized for the CPU")
         raise ValueError("optimize_for_cpu() takes a quantized model: run sq.quantize(model, 'W8A8') (or sq.run, "
                          "or load a saved checkpoint with sq.load) first")
     devices = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
