@@ -296,7 +296,13 @@ class Int8LMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.dtype), self.weight_q, self.row_scale)
+        x2 = x.reshape(-1, shape[-1]).to(self.dtype)
+        if self.in_features % 16 == 0:
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight_q, self.row_scale)
+        else:
+            # torch 2.13's kernel returns wrong sums (or crashes) when K is not a multiple of 16
+            # (K = 72: 27% error; K = 32 ... 2080 in steps of 16: exact to bf16): dequantize instead
+            out = torch.nn.functional.linear(x2, self.weight_q.to(self.dtype)) * self.row_scale
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*shape[:-1], self.out_features)

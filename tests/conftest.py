@@ -31,3 +31,14 @@ def smollm2():
     import smoothq
 
     return smoothq.load_model("smollm2")
+
+
+@pytest.fixture
+def int8_cpu(monkeypatch):
+    """SMOOTHQ_CPU_INT8=1: the oneDNN fast path runs on any x86 CPU (without VNNI slowly, not wrongly)."""
+    from smoothq import backends
+
+    monkeypatch.setenv("SMOOTHQ_CPU_INT8", "1")
+    backends.cpu_int8_accelerated.cache_clear()
+    yield
+    backends.cpu_int8_accelerated.cache_clear()

@@ -8,19 +8,11 @@ import json
 import pytest
 import torch
 
-from smoothq import backends
 from smoothq.bench import BenchError, BenchSpec, bench, parse_prefill, run_config, speedups, weight_bytes
 from smoothq.cli import main
 
+pytestmark = pytest.mark.usefixtures("int8_cpu")
 TINY = dict(prefill=((1, 16), (2, 8)), decode=(1, 2), prompt=8, new_tokens=3, repeats=2)
-
-
-@pytest.fixture(autouse=True)
-def int8_cpu(monkeypatch):
-    monkeypatch.setenv("SMOOTHQ_CPU_INT8", "1")
-    backends.cpu_int8_accelerated.cache_clear()
-    yield
-    backends.cpu_int8_accelerated.cache_clear()
 
 
 @pytest.mark.parametrize(("spec", "message"), [
