@@ -149,7 +149,7 @@ def _random_model(shape: str, dtype: torch.dtype):
 
     config = LlamaConfig(**SHAPES[shape])
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).to(dtype)  # allocated below in the target dtype (7B fp32 would not fit)
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty gives the tied LM head a storage of its own
     g = torch.Generator().manual_seed(0)
@@ -160,7 +160,7 @@ def _random_model(shape: str, dtype: torch.dtype):
             else:
                 p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0, 0.02, generator=g).to(p.dtype))
     _init_non_persistent_buffers(model)
-    return model.to(dtype).eval(), None
+    return model.eval(), None
 
 
 def _dequantized_float(model) -> None:

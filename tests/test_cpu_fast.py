@@ -199,3 +199,18 @@ def test_int8_lm_head_is_right_for_any_hidden_size(k):
     got = head(x)
     assert got.shape == (2, 5, 300) and got.dtype == torch.bfloat16
     assert ((got.float() - want).norm() / want.norm()).item() < 0.01
+
+
+@pytest.mark.slow
+def test_smollm2_fast_path_equals_emulated_and_generates(smollm2):
+    model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
+    sq.quantize(model, "W8A8", backend="emulated")
+    ids = tok("The tower is 324 metres tall, about the same height as an 81-storey building.",
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).logits
+        fast = optimize_for_cpu(copy.deepcopy(model), dtype=torch.float32, compile=False)
+        assert torch.equal(fast(ids).logits, want)
+        bf16 = optimize_for_cpu(model, int8_embeddings=True, compile=False)
+        out = bf16.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > ids.shape[1] and torch.equal(out[:, :ids.shape[1]], ids)
