@@ -101,8 +101,8 @@ def torch_int_mm_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype):
 # Arm dot-product / i8mm. Without them oneDNN's int8 path is emulated with widening multiplies and
 # is ~30x *slower* than fp32 (AVX2-only AMD EPYC, SmolLM2's down projection at 512 tokens: 294 ms vs
 # 10 ms; measured with the cpu_linear.py of commit 385251a). With them, smoothq.cpu_fast runs
-# oneDNN's int8 GEMM on prepacked weights: 1.8-2.9x bf16 F.linear at Llama-2-7B shapes on an
-# AVX512-VNNI EPYC (benchmarks/results/cpu-e2e-*.md).
+# oneDNN's int8 GEMM on prepacked weights: 1.8-6.2x bf16 F.linear at Llama-2-7B shapes on an
+# AVX512-VNNI EPYC (benchmarks/results/cpu-linear-amd-epyc.md).
 _CPU_INT8_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"}
 
 

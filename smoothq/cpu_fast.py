@@ -8,12 +8,12 @@ What it does to a quantized model, and why:
 - Every W8A8Linear becomes a PackedW8A8Linear: its int8 weight is reordered once into oneDNN's
   blocked layout for the CPU's int8 dot-product instructions (torch.ops.onednn.qlinear_prepack) and
   the plain copy is released. torch._int_mm (backend "torch") reorders the whole weight on every
-  call: at Llama-2-7B's q/k/v shape on 2 EPYC cores that made 16 tokens take 20.5 ms against 4.9 ms
-  packed (benchmarks/cpu_linear.py).
+  call: at Llama-2-7B's q/k/v shape on 2 EPYC cores that made 16 tokens take 21.6 ms against 6.1 ms
+  packed (benchmarks/results/cpu-linear-amd-epyc.md).
 - Activations are quantized exactly as W8A8Linear does (same scales, same integers), then stored
   shifted by 128 as uint8 with zero point 128. u8 x s8 is the native form of VNNI (vpdpbusd) and
   of oneDNN's fast kernels; its s8 x s8 path falls back to a reference loop on CPUs without AMX
-  (450x slower measured on an AVX512-VNNI EPYC). The shift is exact: oneDNN subtracts
+  (one-off check on an AVX512-VNNI EPYC: 1067 ms against 2.4 ms at 1 x 4096 -> 12288). The shift is exact: oneDNN subtracts
   128 * sum(w) in int32.
 - The GEMM returns the int32 accumulator as fp32 (unit scales, so exactly the integer), and the
   epilogue is backends._scale_epilogue: results equal backend="emulated" bit for bit while the
@@ -76,9 +76,9 @@ def quantize_u8(x: torch.Tensor, granularity: str, static_scale: torch.Tensor | 
     return (torch.round(x.float() / scale).clamp_(-QMAX, QMAX) + ZERO_POINT).to(torch.uint8), scale
 
 
-# torch.compile (inductor's C++ codegen) fuses each of these into one pass over the data: at 512 x
-# 2048 -> 8192 the per-token quantization takes 0.40 ms instead of 1.9 and the epilogue 1.5 instead
-# of 4.0, with the same bits. Below COMPILE_MIN_ROWS rows (decode) the compiled call's overhead
+# torch.compile (inductor's C++ codegen) fuses each of these into one pass over the data (one-off
+# check at 512 x 2048 -> 8192, 2 EPYC cores: the per-token quantization 0.40 ms instead of 1.9, the
+# epilogue 1.5 instead of 4.0, same bits). Below COMPILE_MIN_ROWS rows (decode) the compiled call's overhead
 # outweighs the gain, so eager runs there. A machine where compiling fails (no C++ compiler) warns
 # once and stays eager.
 COMPILE_MIN_ROWS = 16
