@@ -43,7 +43,7 @@ from torch import nn
 
 from . import backends
 from .nn import W8A8Linear
-from .quant import QMAX, act_scale_per_tensor, act_scale_per_token, quantize_weight
+from .quant import QMAX, activation_scale, quantize_weight
 from .record import record
 
 ZERO_POINT = 128  # int8 activations are handed to oneDNN as uint8 = int8 + 128
@@ -67,12 +67,7 @@ def available() -> str | None:
 
 def quantize_u8(x: torch.Tensor, granularity: str, static_scale: torch.Tensor | None):
     """quant.quantize_activation's integers, returned as uint8 (+128) with the same fp32 scale."""
-    if granularity == "per_token":
-        scale = act_scale_per_token(x)
-    elif granularity == "per_tensor_dynamic":
-        scale = act_scale_per_tensor(x)
-    else:
-        scale = static_scale
+    scale = activation_scale(x, granularity, static_scale)
     return (torch.round(x.float() / scale).clamp_(-QMAX, QMAX) + ZERO_POINT).to(torch.uint8), scale
 
 

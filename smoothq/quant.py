@@ -56,20 +56,24 @@ def act_scale_per_tensor(x: torch.Tensor) -> torch.Tensor:
     return absmax_to_scale(x.abs().amax().reshape(1))
 
 
+def activation_scale(x: torch.Tensor, granularity: str, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, K] float activation -> its fp32 scale ([M, 1] per token, [1] per tensor) under `granularity`."""
+    if granularity == "per_token":
+        return act_scale_per_token(x)
+    if granularity == "per_tensor_dynamic":
+        return act_scale_per_tensor(x)
+    if granularity == "per_tensor_static":
+        if static_scale is None:
+            raise ValueError("per_tensor_static activations need a calibrated static scale")
+        return static_scale
+    raise ValueError(f"unknown activation granularity {granularity!r}")
+
+
 def quantize_activation(
     x: torch.Tensor, granularity: str, static_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] float activation -> (int8 [M, K], fp32 scale [M, 1] or [1])."""
-    if granularity == "per_token":
-        scale = act_scale_per_token(x)
-    elif granularity == "per_tensor_dynamic":
-        scale = act_scale_per_tensor(x)
-    elif granularity == "per_tensor_static":
-        if static_scale is None:
-            raise ValueError("per_tensor_static activations need a calibrated static scale")
-        scale = static_scale
-    else:
-        raise ValueError(f"unknown activation granularity {granularity!r}")
+    scale = activation_scale(x, granularity, static_scale)
     return quantize(x, scale), scale
 
 
