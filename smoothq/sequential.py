@@ -62,6 +62,7 @@ from .io import (CheckpointError, OutputError, _float_dtype, check_output, check
                  compressed_tensors_config,
                  quantized_state, replace_dir, write_metadata)
 from .nn import W8A8Linear, quantize
+from .online_rotation import CT_SCHEME
 from .record import record
 from .smooth import smooth as smooth_model
 from .stream import ShardWriter, SourceCheckpoint, nbytes, write_file
@@ -608,8 +609,11 @@ class _Run:
         if self.error_propagation:
             self.meta["calibration_inputs"] = "outputs of the quantized layers before (sequential, error propagation)"
         self.ckpt_config = checkpoint_config(planned, self.format, self.float_dtype, out_cfg.embeddings, self.meta)
-        self.layout = {k: (t.dtype, tuple(t.shape)) for k, t in
-                       quantized_state(planned, self.format, self.float_dtype, self.int8_embeddings).items()}
+        planned_state = quantized_state(planned, self.format, self.float_dtype, self.int8_embeddings)
+        self.layout = {k: (t.dtype, tuple(t.shape)) for k, t in planned_state.items()}
+        # tensors that depend on no weight (the online rotation's compressed-tensors transform): ready now
+        self.ready = {k: t for k, t in planned_state.items() if k.endswith(f".{CT_SCHEME}_input.weight")}
+        del planned_state
         del planned
         self.layer_names: list[list[str]] = [[] for _ in range(n)]
         outside = []
@@ -709,7 +713,7 @@ class _Run:
     def write(self, names: list[str]) -> None:
         """Write `names` from the model's current state (its parts on the meta device are skipped)."""
         wanted = set(names)
-        state = quantized_state(self.model, self.format, self.float_dtype, self.int8_embeddings)
+        state = {**quantized_state(self.model, self.format, self.float_dtype, self.int8_embeddings), **self.ready}
         got = {k: t for k, t in state.items() if k in wanted and not t.is_meta}
         del state
         missing = sorted(wanted - set(got))

@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import ACT_GRANULARITIES, SCHEMES, WEIGHT_GRANULARITIES, QuantScheme
 from .io import CheckpointError
+from .online_rotation import CT_SCHEME, ct_check_weight, ct_expected_weights
 
 MAX_LISTED_PROBLEMS = 8  # a corrupt checkpoint can have thousands; the first few say enough
 FIX = ("The checkpoint is damaged or its files do not belong together: re-save it (smoothq quantize ... -o), "
@@ -61,7 +62,8 @@ class QuantConfig:
     ignore: tuple[str, ...] = ()
     int8_embeddings: bool = False  # smoothq only: the input embedding stored as int8 rows
     sink_tokens: int = 0  # smoothq only: see sink.py
-    input_rotation: dict | None = None  # smoothq only: {kind, seed, linears}, see online_rotation.py
+    # {kind, seed, linears}, see online_rotation.py; compressed-tensors: config.smoothq's, and a transform_config
+    input_rotation: dict | None = None
     rotation: dict | None = None  # the residual rotation (rotate.py) the weights were saved in
     # the recipe smoothq.run stored, unparsed: io.load warns (and loads the weights) if it does not read
     recipe: object = None
@@ -172,7 +174,15 @@ def _parse_smoothq(qc: dict, extra: dict, where: str) -> QuantConfig:
         check_sink_tokens(sink_tokens)
     except ValueError:
         raise _field(where, "sink_tokens", sink_tokens, "a non-negative integer") from None
-    input_rotation = _optional_dict(qc, "input_rotation", where)
+    input_rotation = _input_rotation(qc, where)
+    return QuantConfig(
+        format="smoothq", scheme=scheme, listed_modules=None if modules is None else tuple(modules),
+        int8_embeddings=int8_embeddings, sink_tokens=sink_tokens, input_rotation=input_rotation,
+        rotation=_optional_dict(qc, "rotation", where), recipe=extra.get("recipe"))
+
+
+def _input_rotation(holder: dict, where: str) -> dict | None:
+    input_rotation = _optional_dict(holder, "input_rotation", where)
     if input_rotation is not None:
         linears, seed = input_rotation.get("linears"), input_rotation.get("seed", 0)
         if input_rotation.get("kind", "hadamard") != "hadamard" or not _is_int(seed) \
@@ -180,10 +190,36 @@ def _parse_smoothq(qc: dict, extra: dict, where: str) -> QuantConfig:
             raise CheckpointError(f"{where}: bad input_rotation entry {input_rotation!r}; expected "
                                   "{\"kind\": \"hadamard\", \"seed\": <int>, \"linears\": [module names]}. "
                                   "Restore the checkpoint's config.json")
-    return QuantConfig(
-        format="smoothq", scheme=scheme, listed_modules=None if modules is None else tuple(modules),
-        int8_embeddings=int8_embeddings, sink_tokens=sink_tokens, input_rotation=input_rotation,
-        rotation=_optional_dict(qc, "rotation", where), recipe=extra.get("recipe"))
+    return input_rotation
+
+
+def _ct_input_rotation(qc: dict, extra: dict, where: str) -> dict | None:
+    """A compressed-tensors transform_config loads only as the online rotation smoothq wrote: the
+    transform's recipe (seed, rotated linears) is in config.smoothq.input_rotation, and the
+    transform_config must be the one that recipe gives (online_rotation.ct_transform)."""
+    transform = qc.get("transform_config")
+    spec = _input_rotation(extra, where.replace("quantization_config", "smoothq"))
+    if transform is None and spec is None:
+        return None
+    if transform is None:
+        raise CheckpointError(f"{where}: config.json smoothq.input_rotation says the down projections' inputs are "
+                              "rotated online, but quantization_config has no transform_config: an engine would "
+                              "compute without the rotation. Restore the checkpoint's config.json")
+    if spec is None:
+        raise CheckpointError(f"{where}: transform_config (online transforms, e.g. from llm-compressor's QuIP or "
+                              "SpinQuant) loads only as the online rotation smoothq writes (with config.json "
+                              "smoothq.input_rotation); serve this checkpoint with vLLM")
+    groups = transform.get("config_groups") if isinstance(transform, dict) else None
+    scheme = groups.get(CT_SCHEME) if isinstance(groups, dict) and len(groups) == 1 else None
+    ok = isinstance(scheme, dict) and scheme.get("type") == "random-hadamard" and scheme.get("head_dim") is None \
+        and isinstance(scheme.get("apply"), list) \
+        and sorted((a.get("location"), bool(a.get("inverse"))) for a in scheme["apply"] if isinstance(a, dict)) \
+        == [("input", False), ("weight_input", True)]
+    if not ok:
+        raise CheckpointError(f"{where}: transform_config is not the online rotation smoothq writes (one "
+                              f"'{CT_SCHEME}' random-hadamard scheme at input, inverse at weight_input); "
+                              "restore the checkpoint's config.json")
+    return spec
 
 
 def _parse_compressed_tensors(qc: dict, extra: dict, where: str) -> QuantConfig:
@@ -228,6 +264,7 @@ def _parse_compressed_tensors(qc: dict, extra: dict, where: str) -> QuantConfig:
             except re.error as exc:
                 raise _field(where, "ignore", pattern, f"a valid regular expression after 're:' ({exc})") from None
     return QuantConfig(format="compressed-tensors", scheme=QuantScheme(weights, acts), ignore=tuple(ignore),
+                       input_rotation=_ct_input_rotation(qc, extra, where),
                        rotation=_optional_dict(extra, "rotation", where.replace("quantization_config", "smoothq")),
                        recipe=extra.get("recipe"))
 
@@ -259,6 +296,8 @@ class CheckpointLayout:
     embedding: str = ""  # name of the input embedding module
     config_problems: list[str] = field(default_factory=list)  # config.json contradicting the architecture
     float_linears: set[str] = field(default_factory=set)  # decoder linears the config keeps in float
+    # compressed-tensors online rotation: transform weight name -> size (online_rotation.ct_transform)
+    transforms: dict[str, int] = field(default_factory=dict)
 
     def quantized_tensors(self, name: str) -> dict[str, str]:
         """Tensor name -> what it must be, for quantized linear `name` (the scheme's exact set)."""
@@ -305,11 +344,15 @@ def expected_layout(model: nn.Module, resolved, quant: QuantConfig) -> Checkpoin
         module = quantizable[name]
         out_f, in_f = weight_nk(module).shape
         linears[name] = LinearShape(out_f, in_f, getattr(module, "bias", None) is not None)
+    transforms = {}
     if quant.input_rotation is not None:
-        stray = [n for n in quant.input_rotation["linears"] if n not in linears]
+        rotated = quant.input_rotation["linears"]
+        stray = [n for n in rotated if n not in linears]
         if stray:
             raise CheckpointError(f"{where}: bad input_rotation entry: {stray[0]!r} is not a quantized linear "
                                   "of this model. Restore the checkpoint's config.json")
+        if quant.format == "compressed-tensors":
+            transforms = ct_expected_weights(rotated, {n: linears[n].in_features for n in rotated})
 
     embed = model.get_input_embeddings()
     embedding = next(n for n, m in model.named_modules() if m is embed)
@@ -322,7 +365,8 @@ def expected_layout(model: nn.Module, resolved, quant: QuantConfig) -> Checkpoin
         by_identity.setdefault(id(tensor), []).append(name)  # tied parameters are one object
     tied = [names for names in by_identity.values() if len(names) > 1]
     return CheckpointLayout(quant=quant, linears=linears, floats=floats, tied=tied, embedding=embedding,
-                            config_problems=config_problems, float_linears=set(quantizable) - set(linears))
+                            config_problems=config_problems, float_linears=set(quantizable) - set(linears),
+                            transforms=transforms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +435,14 @@ def tensor_problems(layout: CheckpointLayout, state: dict[str, torch.Tensor]) ->
             problems.append(f"{embed_weight}_scale is missing; expected {what}")
         else:
             _check_scale(f"{embed_weight}_scale", scale, [(vocab, 1)], what, problems)
+    for name, size in layout.transforms.items():
+        expected.add(name)
+        t = state.get(name)
+        what = f"the online rotation's transform weight, float [{size}, {size}]"
+        if t is None:
+            problems.append(f"{name} is missing; expected {what}")
+        elif (why := ct_check_weight(t, size, int(quant.input_rotation.get("seed", 0)))) is not None:
+            problems.append(f"{name} is {_describe(t)}: {why}")
     present_in_tie = {n for names in layout.tied if any(m in state for m in names) for n in names}
     for name, (shape, dtype) in layout.floats.items():
         expected.add(name)

@@ -196,7 +196,6 @@ def test_every_preset_round_trips_through_dicts_yaml_and_json(tmp_path, preset):
     ({"scheme": "W4A4"}, r"scheme"),
     ({"scheme": "W8A8", "clip": {"method": "mse"}}, r"computes them per batch"),
     ({"scheme": "O2", "output": {"format": "compressed-tensors"}}, r"O2 .* no INT8 scheme"),
-    ({"rotate_inputs": True, "output": {"format": "compressed-tensors"}}, r"no field vLLM applies"),
     ({"sink_tokens": 600}, r"leaves no calibration tokens"),
     ({"calibration": {"samples": 0}}, r"calibration.samples must be a positive integer"),
     ({"propagation": "sideways"}, r"propagation must be"),

@@ -142,6 +142,26 @@ def test_mse_clipping_lowers_static_scales_where_it_helps_and_only_for_static_sc
     assert all(v < 1 for v in p.clip.values())  # the 90th percentile token is below the max
 
 
+def test_linears_reading_one_input_get_one_clipped_static_scale():
+    """q/k/v (and gate/up) run as one fused GEMM with one input scale in engines (vLLM takes the max of
+    the parts): the clipping search picks one ratio per input, so the exported scales agree. The
+    model quantized with the searched clipping holds equal input_scale tensors inside each group."""
+    model = _outlier_model()
+    ids = sample_ids(n=8, length=32)
+    stats = sq.calibrate(model, ids, progress=False)
+    res = resolve(model)
+    shared = [g.linears for g in res.groups if len(g.linears) > 1]
+    assert shared and any(len(s) == 3 for s in shared)  # q/k/v and gate/up of each block
+    st = auto_smooth(model, stats, ids, "O3", SearchConfig(grid=(0.5,), samples=8, clip="mse"), progress=False)
+    ratios = model.smoothq.search.clip
+    sq.quantize(model, "O3", st)
+    for names in shared:
+        assert len({ratios[n] for n in names}) == 1, names
+        scales = [model.get_submodule(n).input_scale for n in names]
+        assert all(torch.equal(scales[0], s) for s in scales[1:]), names
+    assert len(set(ratios.values())) > 1  # not one ratio for everything: the inputs differ
+
+
 @pytest.mark.parametrize("scheme, sink_tokens", [("W8A8", 0), ("O1", 0), ("O2", 0), ("O3", 0), ("O2", 1), ("O3", 1)])
 def test_the_search_fake_quant_reproduces_the_quantized_model(scheme, sink_tokens):
     """The search evaluates candidates with W8A8Linear's numerics on a reused block copy: its per-block
