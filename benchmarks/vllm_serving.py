@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -158,6 +159,15 @@ def main() -> int:
                 cfg = json.loads((control / "config.json").read_text())
                 del cfg["quantization_config"]["transform_config"]
                 (control / "config.json").write_text(json.dumps(cfg, indent=2))
+                for shard in control.glob("*.safetensors"):  # and the transform weights with it
+                    tensors = load_file(str(shard))
+                    save_file({k: v for k, v in tensors.items() if f".{CT_SCHEME}_input." not in k}, str(shard),
+                              metadata={"format": "pt"})
+                index = control / "model.safetensors.index.json"
+                if index.exists():
+                    idx = json.loads(index.read_text())
+                    idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if f".{CT_SCHEME}_input." not in k}
+                    index.write_text(json.dumps(idx, indent=2))
                 rep = serve(args.vllm_python, control, wfile, dtypes[0], True, work, args.threads)
                 evidence["transform_config_removed"] = {"recipe": name, "vllm_dtype": dtypes[0],
                                                         "vllm_ppl": rep.get("ppl"), "ours_ppl": ours,
