@@ -470,6 +470,8 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     if format == "compressed-tensors":
         ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
         qc = compressed_tensors_config(scheme, ignore)
+        if scheme.static:
+            check_shared_input_scales(model)
         if input_rotation:  # as a compressed-tensors transform that vLLM applies (online_rotation.ct_transform)
             qc["transform_config"] = _ct_transform(model, input_rotation, dtype)[0]
     else:
@@ -480,6 +482,25 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     config.smoothq = extra
     config.dtype = dtype
     return config
+
+
+def check_shared_input_scales(model: nn.Module) -> None:
+    """Static schemes: linears that read one input (q/k/v, gate/up) must hold one input scale. vLLM
+    fuses them into one layer with one scale, the max of the parts, so different scales would load
+    and serve a different model from the one smoothq evaluated."""
+    from .archs import resolve
+
+    for group in resolve(model).groups:
+        mods = [model.get_submodule(n) for n in group.linears]
+        scales = [getattr(m, "input_scale", None) for m in mods]
+        if len(mods) < 2 or any(s is None or s.is_meta for s in scales):
+            continue
+        if any(not torch.equal(scales[0], s) for s in scales[1:]):
+            listed = ", ".join(f"{n} {s.item():.6g}" for n, s in zip(group.linears, scales))
+            raise CheckpointError(
+                f"the linears that read one input have different static input scales ({listed}): vLLM runs them "
+                "as one fused layer with one scale (the max), so the export would serve another model. Quantize "
+                "with this smoothq version (its clipping picks one ratio per input), or without clipping")
 
 
 def _ct_transform(model: nn.Module, spec: dict, dtype: torch.dtype):

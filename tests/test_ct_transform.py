@@ -133,3 +133,34 @@ def test_moe_expert_rotation_is_refused_for_compressed_tensors(tmp_path):
     recipe = sq.Recipe.from_dict({"rotate_inputs": True, "output": {"format": "compressed-tensors"}})
     with pytest.raises(UnsupportedArchError, match="MoE expert linears"):
         recipe.check(resolve(quantized).arch)
+
+
+def test_static_scales_of_linears_reading_one_input_must_agree_for_compressed_tensors(tmp_path):
+    model = tiny_model("llama")
+    ids = sample_ids()
+    stats = sq.smooth(model, sq.calibrate(model, ids, progress=False), 0.5)
+    sq.quantize(model, "O3", stats, backend="emulated")
+    sq.save(model, tmp_path / "ok", format="compressed-tensors")  # one calibrated input: equal scales
+    k = model.get_submodule("model.layers.0.self_attn.k_proj")
+    k.input_scale = k.input_scale * 0.9  # what per-linear clipping used to give
+    with pytest.raises(CheckpointError, match=r"q_proj .*k_proj .*one fused layer"):
+        sq.save(model, tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+    sq.save(model, tmp_path / "own")  # the smoothq format runs them separately: fine
+
+
+def test_sequential_export_with_online_rotation_equals_the_in_memory_one(tmp_path):
+    import transformers as T
+    from test_sequential import assert_same_checkpoint, save_source
+
+    src = save_source(tiny_model("llama"), tmp_path / "src")
+    ids = sample_ids(6, 16)
+    recipe = {"scheme": "W8A8", "smoothing": {"alpha": 0.5}, "rotate_inputs": True,
+              "output": {"format": "compressed-tensors", "dtype": "float32"}, "propagation": "float"}
+    model = T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
+    sq.run(model, recipe, ids, output=tmp_path / "mem", progress=False)
+    sq.run(str(src), recipe, ids, output=tmp_path / "seq", executor="layered", attn_implementation="eager",
+           progress=False)
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "seq")
+    cfg = json.loads((tmp_path / "seq" / "config.json").read_text())
+    assert CT_SCHEME in cfg["quantization_config"]["transform_config"]["config_groups"]
