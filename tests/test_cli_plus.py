@@ -113,7 +113,7 @@ def test_quantize_with_sink_tokens_saves_them_and_refuses_what_cannot_carry_them
     assert "leaves no calibration tokens" in capsys.readouterr().err
 
 
-def test_quantize_with_rotated_inputs_saves_them_and_refuses_what_cannot_carry_them(model_dir, tmp_path, capsys):
+def test_quantize_with_rotated_inputs_saves_them_in_both_formats(model_dir, tmp_path, capsys):
     out = tmp_path / "rot"
     assert main(["quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
                  "--alpha", "0.5", "--eval", "-o", str(out), "--save-dtype", "float32", *QUICK]) == 0
@@ -125,9 +125,14 @@ def test_quantize_with_rotated_inputs_saves_them_and_refuses_what_cannot_carry_t
     assert main(["-q", "eval", str(out), "--seqlen", "64", "--max-windows", "2"]) == 0
     assert _ppl(capsys.readouterr().out) == pytest.approx(quantized, rel=1e-5)
     ct = tmp_path / "ct"
-    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--format", "compressed-tensors",
-                 "-o", str(ct), *QUICK]) == 2
-    assert "no field vLLM applies" in capsys.readouterr().err and not ct.exists()
+    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
+                 "--alpha", "0.5", "--format", "compressed-tensors", "-o", str(ct), "--save-dtype", "float32",
+                 *QUICK]) == 0
+    ct_qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert ct_qc["transform_config"]["config_groups"]["online_rotation"]["type"] == "random-hadamard"
+    capsys.readouterr()
+    assert main(["-q", "eval", str(ct), "--seqlen", "64", "--max-windows", "2"]) == 0  # the same model
+    assert _ppl(capsys.readouterr().out) == pytest.approx(quantized, rel=1e-5)
     assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
                  "--alpha", "0.5", "--sequential", "--propagate", "float", "-o", str(tmp_path / "s"),
                  "--save-dtype", "float32", *QUICK]) == 0
