@@ -19,6 +19,7 @@ from .evaluate import paired_nll_difference, perplexity, window_nll
 from .io import CheckpointError, load, save
 from .models import load_model
 from .nn import W8A8Linear, quantize
+from .onnx_export import export_onnx
 from .online_rotation import rotate_inputs
 from .pipeline import RunResult, run
 from .recipe import PRESETS, Recipe, RecipeError
@@ -33,5 +34,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ActStats", "Arch", "CalibrationError", "CheckpointError", "load", "save", "Group", "O1", "O2", "O3", "QuantScheme", "SCHEMES",
     "UnsupportedArchError", "W8A8", "W8A8Linear", "calib_samples", "calibrate", "eval_windows",
-    "get_scheme", "lambada_accuracy", "load_model", "optimize_for_cpu", "PRESETS", "QuantRecord", "Recipe", "RecipeError", "RunResult", "run", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
+    "export_onnx", "get_scheme", "lambada_accuracy", "load_model", "optimize_for_cpu", "PRESETS", "QuantRecord", "Recipe", "RecipeError", "RunResult", "run", "paired_nll_difference", "perplexity", "quantize", "quantize_sequential", "rotate", "rotate_inputs", "smooth", "smooth_scales", "window_nll",
 ]

@@ -1,4 +1,5 @@
-"""Command line: `smoothq quantize | eval | generate | compare | verify | inspect`, each a thin layer over the Python API."""
+"""Command line: `smoothq quantize | eval | generate | compare | verify | inspect | bench | export`, each a thin
+layer over the Python API."""
 
 from __future__ import annotations
 
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokens", type=_positive_int, default=8, help="tokens of the forward pass (default: 8)")
     _add_inspect(sub)
     _add_bench(sub)
+    _add_export(sub)
     return parser
 
 
@@ -712,8 +714,45 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    x = sub.add_parser("export", help="export a checkpoint (or a float model) to ONNX for ONNX Runtime: our int8 "
+                                      "weights and scales, MatMulInteger kernels (needs smoothq[onnx])")
+    x.add_argument("model", metavar="OUT", help="a checkpoint saved by smoothq quantize -o (either format), or a "
+                                                "float model (bundled name, .gguf, directory) for a float32 export")
+    x.add_argument("--gguf-file", help="GGUF file name inside the model directory")
+    x.add_argument("--onnx", required=True, metavar="DIR", help="directory to write model.onnx (+ model.onnx.data "
+                                                                "past 2 GB), config and tokenizer files to")
+    x.add_argument("--embeddings", default="float", choices=["float", "int8"],
+                   help="int8: also the embedding rows and the LM head as int8 with per-row scales (weight-only "
+                        "LM head); the quantized linears are int8 either way (default: float)")
+    x.add_argument("--no-kv-cache", action="store_true",
+                   help="prefill graph only (input_ids, attention_mask -> logits); default: the "
+                        "text-generation-with-past layout (past_key_values.N.key/value in, present.N.* out)")
+    x.add_argument("--no-check", action="store_true",
+                   help="skip onnx.checker and the ONNX Runtime vs PyTorch logits check on a few tokens")
+    x.add_argument("--force", action="store_true", help="replace DIR if it is an ONNX export written by smoothq")
+
+
+def cmd_export(args) -> int:
+    from .io import check_output
+    from .onnx_export import _not_an_export, describe, export_onnx, require_onnx
+
+    require_onnx()  # before any work: the packages, then the output, then the model
+    source = Path(args.model).expanduser()
+    sources = (args.model,) if source.is_dir() else ()
+    check_output(args.onnx, args.force, sources, replaceable=_not_an_export)
+    args.dtype, args.device, args.backend = "float32", "cpu", "auto"  # the graph is float32, on the CPU
+    model, tok = _load(args)
+    t0 = time.perf_counter()
+    meta = export_onnx(model, args.onnx, tok, kv_cache=not args.no_kv_cache, embeddings=args.embeddings,
+                       overwrite=args.force, check=not args.no_check, sources=sources)
+    print(describe(meta))
+    _say(f"wrote {args.onnx} in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare,
-            "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench}
+            "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench, "export": cmd_export}
 
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -741,11 +780,12 @@ def main(argv: list[str] | None = None) -> int:
     from .cpu_fast import CpuFastError
     from .inspect import InspectError
     from .io import CheckpointError, OutputError
+    from .onnx_export import OnnxExportError
     from .preflight import PreflightError
 
     args = build_parser().parse_args(argv)
     expected = (DataError, RecipeError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError,
-                FileExistsError, PreflightError, OutputError, InspectError, BenchError, CpuFastError)
+                FileExistsError, PreflightError, OutputError, InspectError, BenchError, CpuFastError, OnnxExportError)
     quiet, _QUIET = _QUIET, bool(args.quiet)
     bars = _progress_bars(not args.quiet)
     try:
