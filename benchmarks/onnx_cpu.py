@@ -1,7 +1,7 @@
 """ONNX Runtime on this CPU (SmolLM2-135M): our SmoothQuant W8A8 export (sq.export_onnx) against ORT
 running the fp32 export, and against ORT's own quantization of that fp32 export.
 
-    python benchmarks/onnx_cpu.py --inc-python /tmp/inc-venv/bin/python     # everything (about 70 min, 2 cores)
+    python benchmarks/onnx_cpu.py --inc-python /tmp/inc-venv/bin/python     # everything (~80 min on 2 cores)
     python benchmarks/onnx_cpu.py --max-windows 2 --calib-samples 8 --ort-calib-samples 2 --name onnx-dev  # smoke
     python benchmarks/onnx_cpu.py --redo ort-fp32,ours-serve-w8a8     # recompute rows (they replace the old ones)
 
