@@ -301,6 +301,7 @@ def test_smollm2_w8a8_perplexity_through_onnx_runtime_matches_torch(smollm2, tmp
     meta = ox.export_onnx(q, tmp_path / "onnx", tok, embeddings="int8")
     assert meta["quantized_linears"] == 210 and ox.integer_kernels(tmp_path / "onnx", threads=2)["ok"]
     windows = sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=4)
-    torch_ppl = sq.perplexity(q, windows, progress=False)
+    with ox.ExportModules(q, "int8"):  # the same model in PyTorch: our linears and the same int8 embeddings
+        torch_ppl = sq.perplexity(q, windows, progress=False)
     ort_ppl = ox.onnx_perplexity(tmp_path / "onnx", windows, threads=2, progress=False)
     assert abs(ort_ppl / torch_ppl - 1) < 0.005, (ort_ppl, torch_ppl)
