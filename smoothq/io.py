@@ -375,8 +375,6 @@ def quantized_state(model: nn.Module, fmt: str, float_dtype: torch.dtype, int8_e
             t = tensor
         t = t.detach().contiguous()
         out[name] = t if t.is_meta else t.cpu()
-    if fmt == "compressed-tensors" and record(model).input_rotation:  # the rotation as a transform weight
-        out.update(_ct_transform(model, record(model).input_rotation, float_dtype)[1])
     return out
 
 
@@ -442,6 +440,7 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
     dtype = _float_dtype(float_dtype, model.dtype)
     config = checkpoint_config(model, format, dtype, embeddings, meta)
     state = quantized_state(model, format, dtype, embeddings == "int8")
+    state.update(ct_transform_state(model, format, dtype))
     with atomic_dir(output, overwrite, sources) as tmp:
         _write_shards(state, tmp, max_shard_bytes)
         write_metadata(tmp, config, getattr(model, "generation_config", None), tokenizer)
@@ -472,8 +471,8 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
         qc = compressed_tensors_config(scheme, ignore)
         if scheme.static:
             check_shared_input_scales(model)
-        if input_rotation:  # as a compressed-tensors transform that vLLM applies (online_rotation.ct_transform)
-            qc["transform_config"] = _ct_transform(model, input_rotation, dtype)[0]
+        if input_rotation:  # as a compressed-tensors transform that vLLM applies (online_rotation.py)
+            qc["transform_config"] = _ct_transform_config(model, input_rotation)
     else:
         qc = {"quant_method": "smoothq", **extra, "modules": qnames,
               "int8_embeddings": embeddings == "int8"}
@@ -503,14 +502,25 @@ def check_shared_input_scales(model: nn.Module) -> None:
                 "with this smoothq version (its clipping picks one ratio per input), or without clipping")
 
 
-def _ct_transform(model: nn.Module, spec: dict, dtype: torch.dtype):
+def _ct_transform_config(model: nn.Module, spec: dict) -> dict:
     from .archs import UnsupportedArchError
-    from .online_rotation import ct_transform
+    from .online_rotation import ct_transform_config
 
     try:
-        return ct_transform(model, spec, dtype)
+        return ct_transform_config(model, spec)
     except UnsupportedArchError as exc:
         raise CheckpointError(str(exc)) from None
+
+
+def ct_transform_state(model: nn.Module, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The compressed-tensors export's transform weights (the online rotation), beside quantized_state:
+    they depend on no weight, so the layered writer computes them once, not per layer."""
+    spec = record(model).input_rotation
+    if fmt != "compressed-tensors" or not spec:
+        return {}
+    from .online_rotation import ct_transform_weights
+
+    return ct_transform_weights(model, spec, dtype)
 
 
 def write_metadata(folder: Path, config, generation_config=None, tokenizer=None) -> None:

@@ -25,7 +25,7 @@ Float models carry the rotation as a forward pre-hook (registered first, so cali
 hooks see the rotated input) and `module.smoothq_input_rotation`; W8A8Linear applies it in forward.
 The model's record (`model.smoothq.input_rotation`) lists the rotated linears and the seed.
 Checkpoints in the smoothq format record it. The compressed-tensors export writes it as a
-`transform_config` (`ct_transform`): one `random-hadamard` scheme applied at the rotated linears'
+`transform_config` (`ct_transform_config`, `ct_transform_weights`): one `random-hadamard` scheme applied at the rotated linears'
 `input` (the inverse already folded into `weight_input`), with Q stored as the transform weight,
 which vLLM loads and multiplies in before quantizing, like we do.
 """
@@ -247,17 +247,14 @@ def ct_targets(model: nn.Module, linears: list[str]) -> list[str]:
     return list(linears)
 
 
-def ct_transform(model: nn.Module, spec: dict, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The `transform_config` (compressed-tensors TransformConfig as a dict) and transform weights of
-    the online rotation `spec` (model.smoothq.input_rotation), for the compressed-tensors export.
+def ct_transform_config(model: nn.Module, spec: dict) -> dict:
+    """The `transform_config` (compressed-tensors TransformConfig as a dict) of the online rotation
+    `spec` (model.smoothq.input_rotation), for the compressed-tensors export.
 
     The scheme is `random-hadamard` at `location: input` of the rotated linears, plus the inverse at
     `weight_input`, which is already in the stored int8 weights (W Q); engines skip offline locations.
-    Its weight is Q * sqrt(n): compressed-tensors and vLLM divide a Hadamard transform's weight by
-    sqrt(n) and compute x -> x (weight / sqrt(n)), i.e. x Q. Every rotated linear of one size shares
-    one Q (same seed), and so do the engines' transforms of one scheme and size, so the tensor is
-    stored once per size, under the first such linear (what compressed-tensors' own save writes for
-    tied transform weights).
+    Its weight (ct_transform_weights) is Q * sqrt(n): compressed-tensors and vLLM divide a Hadamard
+    transform's weight by sqrt(n) and compute x -> x (weight / sqrt(n)), i.e. x Q.
 
     MoE experts are refused: vLLM applies transforms to plain linear layers only, so a fused expert
     layer would load the rotated weights and compute without the rotation."""
@@ -268,17 +265,8 @@ def ct_transform(model: nn.Module, spec: dict, dtype: torch.dtype) -> tuple[dict
             f"the online input rotation of MoE expert linears ({experts[0]}, ...) cannot be exported to "
             "compressed-tensors: vLLM applies transforms to plain linear layers only, not to fused experts. "
             "Save with format='smoothq', or quantize without --rotate-inputs")
-    seed = int(spec.get("seed", 0))
-    tensors, sizes = {}, {}
-    for name in linears:
-        size = model.get_submodule(name).in_features
-        if size not in sizes:
-            sizes[size] = name
-            rot = InputRotation(size, seed)
-            q = rot(torch.eye(size, dtype=torch.float64 if dtype == torch.float64 else torch.float32))
-            tensors[ct_transform_weight_name(name)] = (q * math.sqrt(size)).to(dtype).contiguous()
     targets = ct_targets(model, linears)
-    config = {"config_groups": {CT_SCHEME: {
+    return {"config_groups": {CT_SCHEME: {
         "type": "random-hadamard",
         "apply": [
             {"targets": targets, "location": "input", "inverse": False, "ignore": []},
@@ -286,11 +274,24 @@ def ct_transform(model: nn.Module, spec: dict, dtype: torch.dtype) -> tuple[dict
         ],
         "randomize": False, "requires_grad": False, "head_dim": None, "precision": "torch.float32",
     }}}
-    return config, tensors
+
+
+def ct_transform_weights(model: nn.Module, spec: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The transform weights Q * sqrt(n) of the compressed-tensors export (see ct_transform_config).
+    Every rotated linear of one size shares one Q (same seed), and so do the engines' transforms of one
+    scheme and size, so the tensor is stored once per size, under the first such linear (what
+    compressed-tensors' own save writes for tied transform weights)."""
+    linears = list(spec["linears"])
+    seed = int(spec.get("seed", 0))
+    sizes = {n: model.get_submodule(n).in_features for n in linears}
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return {name: (InputRotation(size, seed)(torch.eye(size, dtype=work)) * math.sqrt(size)).to(dtype).contiguous()
+            for name, size in ct_expected_weights(linears, sizes).items()}
 
 
 def ct_expected_weights(linears: list[str], sizes: dict[str, int]) -> dict[str, int]:
-    """Transform weight name -> size that a compressed-tensors checkpoint must hold (see ct_transform)."""
+    """Transform weight name -> size that a compressed-tensors checkpoint holds: one per size, under
+    the first rotated linear of that size."""
     out, seen = {}, set()
     for name in linears:
         if sizes[name] not in seen:
@@ -306,7 +307,7 @@ def ct_check_weight(t: torch.Tensor, size: int, seed: int, rows: int = 8) -> str
         return f"expected a float [{size}, {size}] matrix (the online rotation's Q * sqrt({size}))"
     rot = InputRotation(size, seed)
     k = min(rows, size)
-    ref = rot(torch.eye(size, dtype=torch.float64)[:k]) * math.sqrt(size)
+    ref = rot(torch.eye(k, size, dtype=torch.float64)) * math.sqrt(size)
     if not torch.allclose(t[:k].double(), ref, rtol=1e-2, atol=1e-2):
         return f"does not hold the randomized Hadamard Q * sqrt({size}) of seed {seed} that config.json records"
     return None

@@ -59,10 +59,9 @@ from .archs import Arch, arch_for, check_options, resolve, weight_nk
 from .calibrate import ActStats, CalibrationError, _as_batches, update_absmax, _fill_unseen_experts, _forward_no_logits
 from .config import FORMAT_VERSION, QuantScheme, check_alpha, get_scheme
 from .io import (CheckpointError, OutputError, _float_dtype, check_output, check_save_options, checkpoint_config,
-                 compressed_tensors_config,
+                 compressed_tensors_config, ct_transform_state,
                  quantized_state, replace_dir, write_metadata)
 from .nn import W8A8Linear, quantize
-from .online_rotation import CT_SCHEME
 from .record import record
 from .smooth import smooth as smooth_model
 from .stream import ShardWriter, SourceCheckpoint, nbytes, write_file
@@ -609,11 +608,11 @@ class _Run:
         if self.error_propagation:
             self.meta["calibration_inputs"] = "outputs of the quantized layers before (sequential, error propagation)"
         self.ckpt_config = checkpoint_config(planned, self.format, self.float_dtype, out_cfg.embeddings, self.meta)
-        planned_state = quantized_state(planned, self.format, self.float_dtype, self.int8_embeddings)
-        self.layout = {k: (t.dtype, tuple(t.shape)) for k, t in planned_state.items()}
         # tensors that depend on no weight (the online rotation's compressed-tensors transform): ready now
-        self.ready = {k: t for k, t in planned_state.items() if k.endswith(f".{CT_SCHEME}_input.weight")}
-        del planned_state
+        self.ready = ct_transform_state(planned, self.format, self.float_dtype)
+        self.layout = {k: (t.dtype, tuple(t.shape)) for k, t in
+                       {**quantized_state(planned, self.format, self.float_dtype, self.int8_embeddings),
+                        **self.ready}.items()}
         del planned
         self.layer_names: list[list[str]] = [[] for _ in range(n)]
         outside = []

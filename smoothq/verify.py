@@ -196,7 +196,7 @@ def _input_rotation(holder: dict, where: str) -> dict | None:
 def _ct_input_rotation(qc: dict, extra: dict, where: str) -> dict | None:
     """A compressed-tensors transform_config loads only as the online rotation smoothq wrote: the
     transform's recipe (seed, rotated linears) is in config.smoothq.input_rotation, and the
-    transform_config must be the one that recipe gives (online_rotation.ct_transform)."""
+    transform_config must be the one that recipe gives (online_rotation.ct_transform_config)."""
     transform = qc.get("transform_config")
     spec = _input_rotation(extra, where.replace("quantization_config", "smoothq"))
     if transform is None and spec is None:
@@ -296,7 +296,7 @@ class CheckpointLayout:
     embedding: str = ""  # name of the input embedding module
     config_problems: list[str] = field(default_factory=list)  # config.json contradicting the architecture
     float_linears: set[str] = field(default_factory=set)  # decoder linears the config keeps in float
-    # compressed-tensors online rotation: transform weight name -> size (online_rotation.ct_transform)
+    # compressed-tensors online rotation: transform weight name -> size (online_rotation.ct_transform_config)
     transforms: dict[str, int] = field(default_factory=dict)
 
     def quantized_tensors(self, name: str) -> dict[str, str]:
