@@ -481,7 +481,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-speed", action="store_true", help="keep the rows' previous timings")
     ap.add_argument("--headline", default="ours-serve-w8a8-int8emb",
                     help="our row the summary figures are about (default: serve-w8a8 with int8 embeddings)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed prefills and decodes per row")
+    ap.add_argument("--repeats", type=int, default=10, help="timed prefills and decodes per row")
     ap.add_argument("--new-tokens", type=int, default=64, help="decode steps timed")
     ap.add_argument("--redo", type=lambda t: [r for r in t.split(",") if r], default=[],
                     help="comma-separated rows to recompute, or 'all'")
