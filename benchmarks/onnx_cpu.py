@@ -182,14 +182,13 @@ def measure_speed(paths: dict[str, Path], threads: int, repeats: int, new_tokens
 
 def measure_row(path: Path, windows, args) -> dict:
     """Everything but speed: size, the integer ops of the graph ORT runs, perplexity."""
-    from smoothq.onnx_export import integer_kernels, onnx_bytes, onnx_perplexity
+    from smoothq.onnx_export import INTEGER_MATMUL_OPS, integer_kernels, onnx_bytes, onnx_perplexity
 
     kernels = integer_kernels(path, threads=args.threads)
     row = {"path": str(path), "bytes": onnx_bytes(path),
            "integer_matmuls": kernels["integer_matmuls"], "float_matmuls": kernels["float_matmuls"],
            "integer_ops": {k: v for k, v in kernels["op_counts"].items() if k in
-                           ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul",
-                            "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear")},
+                           (*INTEGER_MATMUL_OPS, "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear")},
            "our_weights_on_integer_kernels": kernels["ok"] if kernels["quantized_weights"] else None}
     t0 = time.perf_counter()
     row["ppl"] = round(onnx_perplexity(path, windows, threads=args.threads, progress=not args.quiet), 4)

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,19 +39,13 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smoothq as sq  # noqa: E402
-from smoothq.archs import resolve  # noqa: E402
+from smoothq.bench import cpu_name  # noqa: E402
+from smoothq.io import unequal_shared_input_scales  # noqa: E402
 from smoothq.online_rotation import CT_SCHEME, InputRotation  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUT = RESULTS / "vllm-serving.json"
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def serve(python: str, folder: Path, windows_file: Path, dtype: str, fix: bool, work: Path, threads: int) -> dict:
@@ -84,21 +77,6 @@ def transform_applied(report: dict, model) -> bool:
             if (torch.tensor(t["first_rows"], dtype=torch.float64) - ours).abs().max() > 4e-3 / math.sqrt(n):
                 return False
     return True
-
-
-def fused_static_scales(model) -> dict:
-    """For static schemes: the linears that read one input (q/k/v, gate/up) and whether their static
-    input scales agree (vLLM fuses them with one scale, the max of the parts)."""
-    res = resolve(model)
-    groups = [g.linears for g in res.groups if len(g.linears) > 1]
-    unequal = []
-    for names in groups:
-        scales = [model.get_submodule(n).input_scale for n in names]
-        if any(s is None for s in scales):
-            return {"static": False}
-        if any(not torch.equal(scales[0], s) for s in scales[1:]):
-            unequal.append(names)
-    return {"static": True, "groups": len(groups), "unequal": unequal}
 
 
 def main() -> int:
@@ -133,8 +111,12 @@ def main() -> int:
             build_s = time.perf_counter() - t0
             ours = sq.perplexity(quantized, windows, desc=f"{name} (ours, real INT8)")
             rotated = bool(quantized.smoothq.input_rotation)
-            scales = fused_static_scales(quantized)
-            print(f"{name}: built in {build_s:.0f} s, ours {ours:.3f}, fused static scales {scales}", flush=True)
+            # for static schemes: do the linears that read one input (q/k/v, gate/up) hold one input scale?
+            # (vLLM fuses them with one scale, the max of the parts)
+            static = quantized.smoothq.scheme.static
+            scales_equal = not unequal_shared_input_scales(quantized) if static else None
+            print(f"{name}: built in {build_s:.0f} s, ours {ours:.3f}, fused static scales equal {scales_equal}",
+                  flush=True)
             for dtype in dtypes:
                 rep = serve(args.vllm_python, folder, wfile, dtype, rotated, work, args.threads)
                 vinfo = vinfo or rep.get("vllm")
@@ -145,7 +127,7 @@ def main() -> int:
                        "diff_pct": None if rep.get("ppl") is None else round(100 * (rep["ppl"] / ours - 1), 3),
                        "cpu_transform_fix": rep.get("cpu_transform_fix", False), "error": rep.get("error"),
                        "transforms_in_live_model": sum(t["location"] == "input" for t in rep.get("transforms", [])),
-                       "fused_static_scales_equal": (not scales["unequal"]) if scales["static"] else None,
+                       "fused_static_scales_equal": scales_equal,
                        "vllm_seconds": rep.get("seconds")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

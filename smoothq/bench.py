@@ -24,7 +24,6 @@ Ratios (`speedup_vs_bf16`) are taken within the run; the machine's noise shows i
 
 from __future__ import annotations
 
-import inspect
 import multiprocessing
 import platform
 import statistics
@@ -237,9 +236,9 @@ def time_prefill(model, batch: int, length: int) -> float:
 def time_decode(model, batch: int, prompt: int, steps: int) -> float:
     from transformers import DynamicCache
 
-    # newer transformers name the argument `cache` (past_key_values is deprecated)
-    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    kw = {arg: DynamicCache(), "use_cache": True, "logits_to_keep": 1}
+    from .models import cache_kwarg
+
+    kw = {cache_kwarg(model): DynamicCache(), "use_cache": True, "logits_to_keep": 1}
     out = model(_ids(model, batch, prompt), **kw)
     token = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()

@@ -483,23 +483,32 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     return config
 
 
+def unequal_shared_input_scales(model: nn.Module) -> list[list[str]]:
+    """The groups of linears that read one input (q/k/v, gate/up) whose static input scales differ
+    (groups with a linear lacking a static scale are skipped)."""
+    from .archs import resolve
+
+    unequal = []
+    for group in resolve(model).groups:
+        scales = [getattr(model.get_submodule(n), "input_scale", None) for n in group.linears]
+        if len(scales) < 2 or any(s is None or s.is_meta for s in scales):
+            continue
+        if any(not torch.equal(scales[0], s) for s in scales[1:]):
+            unequal.append(list(group.linears))
+    return unequal
+
+
 def check_shared_input_scales(model: nn.Module) -> None:
     """Static schemes: linears that read one input (q/k/v, gate/up) must hold one input scale. vLLM
     fuses them into one layer with one scale, the max of the parts, so different scales would load
     and serve a different model from the one smoothq evaluated."""
-    from .archs import resolve
-
-    for group in resolve(model).groups:
-        mods = [model.get_submodule(n) for n in group.linears]
-        scales = [getattr(m, "input_scale", None) for m in mods]
-        if len(mods) < 2 or any(s is None or s.is_meta for s in scales):
-            continue
-        if any(not torch.equal(scales[0], s) for s in scales[1:]):
-            listed = ", ".join(f"{n} {s.item():.6g}" for n, s in zip(group.linears, scales))
-            raise CheckpointError(
-                f"the linears that read one input have different static input scales ({listed}): vLLM runs them "
-                "as one fused layer with one scale (the max), so the export would serve another model. Quantize "
-                "with this smoothq version (its clipping picks one ratio per input), or without clipping")
+    unequal = unequal_shared_input_scales(model)
+    if unequal:
+        listed = ", ".join(f"{n} {model.get_submodule(n).input_scale.item():.6g}" for n in unequal[0])
+        raise CheckpointError(
+            f"the linears that read one input have different static input scales ({listed}): vLLM runs them "
+            "as one fused layer with one scale (the max), so the export would serve another model. Quantize "
+            "with this smoothq version (its clipping picks one ratio per input), or without clipping")
 
 
 def _ct_transform_config(model: nn.Module, spec: dict) -> dict:

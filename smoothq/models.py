@@ -85,6 +85,14 @@ def resolve_gguf(name: str) -> Path | None:
     return None
 
 
+def cache_kwarg(model) -> str:
+    """The name of forward's KV-cache argument: transformers 5.25 renamed `past_key_values` to `cache`
+    (the old name still works but warns)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def clear_gguf_marker(model) -> None:
     """The weights are plain float after loading; drop the quantizer so save_pretrained/.half() work."""
     model.hf_quantizer = None

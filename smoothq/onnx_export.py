@@ -58,6 +58,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from .models import cache_kwarg
 from .nn import W8A8Linear
 from .quant import QMAX, activation_scale, quantize, quantize_weight
 from .record import record
@@ -217,13 +218,6 @@ class _Prefill(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """transformers 5.25 renamed forward's `past_key_values` to `cache` (the old name warns)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _cache_of(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
@@ -242,7 +236,7 @@ class _WithPast(nn.Module):
         for i, (k, v) in enumerate(past_key_values):
             cache.update(k, v, i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{_cache_kwarg(self.model): cache})
+                         use_cache=True, **{cache_kwarg(self.model): cache})
         presents = []
         for layer in _cache_of(out).layers:
             presents += [layer.keys, layer.values]
