@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .archs import Arch, resolve
+from .archs.moe import all_experts, expert_token_counts
 from .record import record
 
 
@@ -195,10 +196,14 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
     model.eval()
     tokens = 0
     try:
-        for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress, unit="batch")):
-            current["batch"] = i
-            _forward_no_logits(model, batch.to(device))
-            tokens += batch.numel()
+        # every MoE expert sees every token (its statistics never come from a handful of tokens), while
+        # the model's output stays the routed one; the router's own choices are counted per expert
+        with all_experts(model):
+            for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress, unit="batch")):
+                current["batch"] = i
+                _forward_no_logits(model, batch.to(device))
+                tokens += batch.numel()
+            expert_tokens = expert_token_counts(model)
     finally:
         for h in handles:
             h.remove()
@@ -206,6 +211,8 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
 
     _fill_unseen_experts(absmax, observed, res)
     meta = {"arch": res.arch.name, "sequences": sum(len(b) for b in batches)}
+    if expert_tokens:  # routed tokens per expert, by expert module: what the router chose, for the report
+        meta["expert_tokens"] = expert_tokens
     fingerprint = config_fingerprint(model)
     if fingerprint is not None:
         meta["model"] = fingerprint
@@ -225,13 +232,17 @@ def _forward_no_logits(model: nn.Module, input_ids: torch.Tensor) -> None:
         model(input_ids=input_ids, use_cache=False)
 
 
+def _is_expert(name: str) -> bool:
+    return any(p.isdigit() for p in name.split(".")[-3:-1])
+
+
 def _fill_unseen_experts(absmax: dict, observed: dict, res) -> None:
     """An MoE expert that no calibration token was routed to gets its siblings' max; anything
     else that was never reached is an error (the model did not run through the decoder)."""
     missing = [n for n in observed if n not in absmax]
     if not missing:
         return
-    if not res.arch.fused_experts:
+    if not any(_is_expert(n) for n in missing):
         raise CalibrationError(f"calibration never reached {missing[:3]}{'...' if len(missing) > 3 else ''}")
     for name in missing:
         # the same projection of the other experts: <experts>.<e>.<proj> for every e

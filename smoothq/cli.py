@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_bench(sub)
     _add_export(sub)
+    _add_archs(sub)
     return parser
 
 
@@ -751,8 +752,81 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_archs(sub) -> None:
+    a = sub.add_parser("archs", help="which smoothing groups a model has, from the table or discovered, each with "
+                                     "its measured fold error, and the register() code that pins them")
+    a.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="bundled name, .gguf, model directory, or random:TYPE (a tiny random model of any "
+                        "transformers causal-LM model type, e.g. random:qwen3_moe)")
+    a.add_argument("--gguf-file", help="GGUF file name inside the model directory")
+    a.add_argument("--discover", action="store_true",
+                   help="discover the groups even where the table has an entry (to compare with it)")
+    a.add_argument("--json", help="also write the report (groups, errors, unsmoothed linears, register code) here")
+
+
+def _check_json_output(path: str) -> None:
+    """Before any work: a --json file must be writable where it is asked to go."""
+    import os
+
+    from .io import OutputError
+
+    target = Path(path).expanduser()
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise OutputError(f"--json {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise OutputError(f"--json {path}: the directory {parent} does not exist; create it or write elsewhere")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"--json {path}: {parent} is not writable; write elsewhere")
+
+
+def cmd_archs(args) -> int:
+    import json
+
+    from .archs.discover import describe
+
+    if args.json:
+        _check_json_output(args.json)
+    if args.model.startswith("random:"):
+        from .archs.tiny import causal_lm_types, tiny_model
+
+        kind = args.model[len("random:"):]
+        if kind not in causal_lm_types():
+            raise ModelNotFound(f"random:{kind}: not a causal-LM model type of this transformers; one of "
+                                f"{', '.join(causal_lm_types()[:8])}, ... (smoothq.archs.tiny.causal_lm_types())")
+        model = tiny_model(kind)
+    else:
+        model, _ = _load(args)
+    report = describe(model, rediscover=args.discover)
+    arch = report.arch
+    print(f"{args.model}: {type(model).__name__}, decoder blocks at {arch.layers} "
+          f"({sum(len(v) for v in report.structures.values())} blocks, {len(report.structures)} structure(s)), "
+          f"groups {'from the table' if report.source == 'table' else 'discovered'} in {report.seconds:.2f}s")
+    rows = [{"structure": r.structure, "producer": r.prev, "consumers": ", ".join(r.linears), "source": r.source,
+             "option": r.option or "-", "fold error": f"{r.error:.1e}", "used": "yes" if r.used else "no: not exact"}
+            for r in report.rows]
+    if rows:
+        _print_table(rows)
+    else:
+        print("no smoothing group")
+    plain = [{"structure": sig, "linear": name, "quantized unsmoothed because": why}
+             for sig, whys in report.unsmoothed.items() for name, why in whys.items()]
+    if plain:
+        print()
+        _print_table(plain)
+    if report.routers:
+        print(f"\nkept in float (routers): {', '.join(report.routers)}")
+    code = report.register_code()
+    print(f"\nto pin this description (smoothq then proves it on every run):\n\n{code}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**report.to_dict(), "register_code": code}, indent=2) + "\n")
+        _say(f"wrote {args.json}")
+    return 0
+
+
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "compare": cmd_compare,
-            "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench, "export": cmd_export}
+            "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench, "export": cmd_export,
+            "archs": cmd_archs}
 
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130

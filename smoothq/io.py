@@ -689,6 +689,12 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
     """Buffers that are not saved (rotary inv_freq, embedding scales) are computed at init time;
     after building on the meta device they must be recomputed. transformers' own _init_weights
     knows how for its modules; the loaded state dict overwrites any weights it touches."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     for module in model.modules():
         if any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)):
-            model._init_weights(module)
+            try:
+                model._init_weights(module)
+            except AttributeError:  # some _init_weights read attributes only the base model has (Gemma 3n)
+                if not isinstance(base, nn.Module) or not hasattr(base, "_init_weights"):
+                    raise
+                base._init_weights(module)

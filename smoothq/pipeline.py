@@ -150,9 +150,13 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
             check_output(output, overwrite, sources)  # before the model is loaded
         model, loaded_tok = load_model(str(model), dtype=dtype, device=device)
         tokenizer = tokenizer or loaded_tok
-    recipe = recipe.check(arch_for(model))
+    recipe = recipe.check(arch_for(model))  # a model the table does not list is discovered here
     scheme = get_scheme(recipe.scheme)
     result = RunResult(recipe=recipe, model=model)
+    if recipe.smooths or recipe.searches:  # a wrong group fails here, before calibration (smooth.prove_groups)
+        from .smooth import prove_groups
+
+        prove_groups(model)
     rec = record(model)
     note = lambda msg: (result.notes.append(msg), say(msg))  # noqa: E731
     if recipe.rotation.kind:

@@ -64,6 +64,11 @@ class QuantRecord:
     attention: AttnQuantConfig | None = None
     # cpu_fast.optimize_for_cpu: {dtype, int8_embeddings}; the model is packed for inference (cannot be saved)
     cpu_fast: dict | None = None
+    # archs.discover.discover_arch: the discovered architecture and its report (a model the table does not
+    # list); read by archs.arch_for, so discovery runs once per model
+    discovery: object | None = None
+    # smooth.smooth (archs.discover.prove_arch): the fold proof of the architecture's groups, once per model
+    proven: object | None = None
 
 
 def record(model: nn.Module) -> QuantRecord:

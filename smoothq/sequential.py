@@ -56,6 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .archs import Arch, arch_for, check_options, resolve, weight_nk
+from .archs.moe import all_experts, expert_token_counts
 from .calibrate import ActStats, CalibrationError, _as_batches, update_absmax, _fill_unseen_experts, _forward_no_logits
 from .config import FORMAT_VERSION, QuantScheme, check_alpha, get_scheme
 from .io import (CheckpointError, OutputError, _float_dtype, check_output, check_save_options, checkpoint_config,
@@ -308,6 +309,39 @@ def _call(block: nn.Module, hidden: torch.Tensor, call, device, memo: dict) -> t
     rest, kwargs = _move(rest, device, memo), _move(kwargs, device, memo)
     out = block(hidden, *rest, **kwargs) if positional else block(hidden_states=hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _first_sequence(block: nn.Module, hidden: torch.Tensor, call, device):
+    """Block i's call for the first sequence of a calibration batch only (a BlockCall): the
+    discovery and the fold proof need a few hundred tokens, not the batch."""
+    from .archs.folds import BlockCall
+
+    rest, kwargs, positional = call
+    rest, kwargs = _move(rest, device, {}), _move(kwargs, device, {})
+    batch = hidden.shape[0]
+
+    def first(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj[:1] if batch > 1 and obj.dim() > 0 and obj.shape[0] == batch else obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(first(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: first(v) for k, v in obj.items()}
+        return obj
+
+    def bind(h, r, k):
+        return BlockCall((h, *r), k) if positional else BlockCall((), {"hidden_states": h, **k})
+
+    whole = bind(hidden, rest, kwargs)
+    if batch == 1:
+        return whole
+    sliced = bind(hidden[:1], first(rest), first(kwargs))
+    try:  # a tensor laid out per (batch x head) (Bloom's alibi) is not sliced by its first dim: keep the batch
+        with torch.no_grad():
+            sliced.run(block)
+    except (RuntimeError, ValueError, IndexError):
+        return whole
+    return sliced
 
 
 class _LayerView(nn.Module):
@@ -819,18 +853,50 @@ class _Run:
 
         handles = [m.register_forward_hook(make_hook(nm)) for nm, m in observed.items()]
         try:
-            for b, call in enumerate(calls):
-                y = _call(block, hidden[b].to(dev), call[i], dev, memo)
-                if outputs is not None:
-                    outputs.append(y.to(self.act_device(i + 1)))
-                del y
+            with all_experts(block):  # every expert sees every token, as calibrate() does
+                for b, call in enumerate(calls):
+                    y = _call(block, hidden[b].to(dev), call[i], dev, memo)
+                    if outputs is not None:
+                        outputs.append(y.to(self.act_device(i + 1)))
+                    del y
+                expert_tokens = expert_token_counts(block)
         finally:
             for h in handles:
                 h.remove()
         meta = {"arch": self.arch.name}
+        if expert_tokens:
+            meta["expert_tokens"] = {f"{here}{k}": v for k, v in expert_tokens.items()}
         if sink_tokens:
             meta["sink_tokens"] = sink_tokens
         return ActStats({k: v.cpu() for k, v in absmax.items()}, sum(b.numel() for b in self.batches), meta)
+
+    def know_block(self, i: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[list], dev) -> Arch:
+        """The architecture, sure of block i: the first block of each structure is discovered on its
+        own streamed inputs (a model the table does not list) or has the table's groups proven on
+        them (archs.discover, archs.folds), before anything is folded into it."""
+        from dataclasses import replace
+
+        from .archs.discover import _collapse, block_signature, discover_block, prove_block
+        from .archs.moe import split_fused_experts
+
+        arch = self.arch
+        split_fused_experts(block, arch.fused_experts) if arch.fused_experts else split_fused_experts(block)
+        sig = block_signature(block)
+        known = self.__dict__.setdefault("known_structures", set())
+        if sig in known or not (self.recipe.smooths or self.recipe.searches):
+            return arch
+        known.add(sig)
+        call = _first_sequence(block, hidden[0].to(dev), calls[0][i], dev)
+        if not arch.discovered:
+            prove_block(block, call, resolve(_LayerView(arch, block, self.config), arch, ("all",)
+                                              if any(g.option for g in arch.all_groups()) else ()),
+                        f"{self.prefix}0.", arch.name)
+            return arch
+        found = discover_block(block, call)
+        groups = tuple(_collapse(found.groups, block, arch.norm_offset))
+        online = tuple(dict.fromkeys(arch.online_rotation + tuple(c for g in groups if g.option == "mlp_updown"
+                                                                     for c in g.linears)))
+        return replace(arch, block_groups=arch.block_groups + ((sig, groups),), online_rotation=online)
 
     def layer(self, i: int, hidden: list[torch.Tensor], calls: list[list], streams: dict) -> None:
         """Rotate, calibrate, search, smooth, rotate inputs, quantize and write decoder layer i, the
@@ -850,6 +916,7 @@ class _Run:
             for name, buf in list(module._buffers.items()):
                 if buf is not None and not buf.is_meta:
                     module._buffers[name] = buf.to(dev)
+        self.arch = arch = self.know_block(i, block, hidden, calls, dev)
         view = _LayerView(arch, block, self.config)
         if self.rot is not None:
             rotate_block(resolve(view, arch), there[:-1], block, self.rot)
@@ -877,7 +944,8 @@ class _Run:
             searched["clip"].update({k.replace(there, here, 1): v for k, v in result.clip.items()})
             if result.guard:
                 searched.setdefault("guard", {})[here[:-1]] = result.guard["picked"]
-            stats = smooth_model(view, stats, cfg.init_alpha, arch=arch, options=self.options, alphas=result.alphas)
+            stats = smooth_model(view, stats, cfg.init_alpha, arch=arch, options=self.options, alphas=result.alphas,
+                                 prove=False)
             if result.clip:
                 stats = result.clip_stats(stats)
         elif recipe.smooths:
@@ -885,7 +953,7 @@ class _Run:
             alphas = {k.replace(here, there, 1): v for k, v in self.alphas.items() if k.startswith(here)}
             if alphas:
                 kw["alphas"] = alphas
-            stats = smooth_model(view, stats, recipe.smoothing.alpha, arch=arch, **kw)
+            stats = smooth_model(view, stats, recipe.smoothing.alpha, arch=arch, prove=False, **kw)
         if recipe.rotate_inputs:
             rotate_inputs(view, seed=recipe.rotation.seed, arch=arch)
             if self.scheme.static:  # the rotated inputs' abs-max, measured on this layer's inputs again

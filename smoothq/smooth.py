@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .archs import LINEAR_TYPES, Arch, ResolvedGroup, resolve, weight_nk
+from .archs.folds import fold_into_prev, scale_inputs  # noqa: F401  (smoothq.smooth.fold_into_prev stays public)
 from .calibrate import ActStats, StatsError, check_stats
 from .config import check_alpha
 from .record import record
@@ -42,28 +43,6 @@ def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: 
     dead = (act < TINY) | (w < TINY)
     s = act.clamp_min(TINY).pow(alpha) / w.clamp_min(TINY).pow(1.0 - alpha)
     return torch.where(dead, torch.ones_like(s), s)
-
-
-@torch.no_grad()
-def fold_into_prev(prev: nn.Module, scales: torch.Tensor, norm_offset: float = 0.0) -> None:
-    """Divide prev's output channel j by s_j (norm weight/bias, or linear rows and bias)."""
-    scales = scales.to(prev.weight.device)
-    if isinstance(prev, LINEAR_TYPES):
-        w = weight_nk(prev)
-        w.copy_((w.float() / scales[:, None]).to(w.dtype))
-    else:  # norm: out = x_hat * (offset + w) + b
-        w = prev.weight
-        w.copy_(((norm_offset + w.float()) / scales - norm_offset).to(w.dtype))
-    bias = getattr(prev, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        bias.copy_((bias.float() / scales).to(bias.dtype))
-
-
-@torch.no_grad()
-def scale_inputs(linear: nn.Module, scales: torch.Tensor) -> None:
-    """Multiply a linear's input column j by s_j."""
-    w = weight_nk(linear)
-    w.copy_((w.float() * scales.to(w.device)[None, :]).to(w.dtype))
 
 
 def _to_prev(values: torch.Tensor, index: torch.Tensor | None, size: int) -> torch.Tensor:
@@ -94,7 +73,7 @@ def apply_group(res, group: ResolvedGroup, s: torch.Tensor, stats: ActStats | No
                 out: ActStats | None = None) -> None:
     """Fold s into the group's producer and consumers; divide the consumers' statistics in `out`."""
     cols = s if group.index is None else s[group.index]
-    fold_into_prev(res.modules[group.prev], s, res.arch.norm_offset)
+    fold_into_prev(res.modules[group.prev], s, group.norm_offset)
     for n in group.linears:
         scale_inputs(res.modules[n], cols)
         if out is not None:
@@ -109,16 +88,36 @@ def check_not_input_rotated(model: nn.Module) -> None:
                            "then rotate_inputs, then quantize. Reload the float model to start over")
 
 
+def prove_groups(model: nn.Module, arch: Arch | None = None):
+    """Prove, once per model, that every smoothing group of its architecture folds exactly
+    (archs.discover.prove_arch: random scales folded into a float64 copy of the first block of each
+    structure). A wrong table or registered entry raises UnsupportedArchError before anything is
+    folded; discovered groups were proven when they were found. Returns the report."""
+    from .archs import arch_for
+    from .archs.discover import discover_arch, prove_arch
+
+    arch = arch or arch_for(model)
+    rec = record(model)
+    if arch.discovered:
+        return discover_arch(model)
+    if rec.proven is None or rec.proven.arch != arch:
+        rec.proven = prove_arch(model, arch)
+    return rec.proven
+
+
 @torch.no_grad()
 def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | None = None, *,
-           options=(), alphas: dict[str, float] | None = None) -> ActStats:
+           options=(), alphas: dict[str, float] | None = None, prove: bool = True) -> ActStats:
     """Smooth every group of the model in place; return the statistics of the smoothed model
     (inputs of smoothed linears divided by s), which is what static activation scales need.
     The scales are kept in the model's record as `model.smoothq.scales` (producer name -> s).
 
     `options` opts in to the exact extra groups of archs.OPTIONS ("attn_vo", "mlp_updown", "opt_fc",
     or "all"); `alphas` maps a group's producer name to its own alpha (e.g. from search.search_alpha),
-    overriding `alpha` for that group. Defaults reproduce the paper's recipe."""
+    overriding `alpha` for that group. Defaults reproduce the paper's recipe.
+
+    prove: fold every group with random scales into a float64 copy of one block first (prove_groups,
+    once per model); the layered executor proves on each streamed block itself and passes False."""
     alpha = check_alpha(alpha)
     rec = record(model)
     if rec.scheme is not None:
@@ -132,6 +131,8 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
             "scales. Reload the float model to smooth it with another alpha."
         )
     check_not_input_rotated(model)
+    if prove:
+        prove_groups(model, arch)
     res = resolve(model, arch, options)
     # the statistics must be this model's; non-finite maxima would make NaN scales folded into the weights
     check_stats(stats, res, sorted({n for g in res.groups for n in g.linears}), static=False, use="smooth",

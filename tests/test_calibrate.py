@@ -9,11 +9,14 @@ from smoothq.archs import resolve
 
 
 def brute_force_absmax(model, ids):
-    """Collect every input of every observed module, then reduce: the O(tokens) reference."""
+    """Collect every input of every observed module, then reduce: the O(tokens) reference. MoE
+    experts run on every token, as calibration runs them (moe.all_experts; tests/test_moe.py)."""
+    from smoothq.archs.moe import all_experts
+
     seen = {}
     handles = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.setdefault(n, []).append(inp[0].detach()))
                for n, m in resolve(model).observed().items()]
-    with torch.no_grad():
+    with torch.no_grad(), all_experts(model):
         model(ids)
     for h in handles:
         h.remove()
@@ -72,14 +75,25 @@ def test_stats_save_load_round_trip(tmp_path):
     assert all(torch.equal(back[n], v) for n, v in stats.act_absmax.items())
 
 
-def test_unrouted_experts_borrow_their_siblings_max():
+def test_unrouted_experts_get_statistics_of_their_own_and_the_routing_is_counted():
+    """Experts the router never picks still see every calibration token (moe.all_experts), so their
+    statistics are their own, not borrowed; the stats say how many tokens the router sent each."""
+    import warnings
+
     model = tiny_model("mixtral")
     def route_to_experts_0_and_1(_router, _inputs, out):
         logits, scores, indices = out
         return logits, scores, torch.stack([torch.zeros_like(indices[:, 0]), torch.ones_like(indices[:, 1])], 1)
 
     model.model.layers[0].mlp.gate.register_forward_hook(route_to_experts_0_and_1)
-    with pytest.warns(UserWarning, match="saw no calibration tokens"):
-        stats = sq.calibrate(model, sample_ids(n=2, length=4), progress=False)
+    ids = sample_ids(n=2, length=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no expert is left without statistics
+        stats = sq.calibrate(model, ids, progress=False)
     pre = "model.layers.0.mlp.experts"
-    assert torch.equal(stats[f"{pre}.3.down_proj"], torch.maximum(stats[f"{pre}.0.down_proj"], stats[f"{pre}.1.down_proj"]))
+    ref = brute_force_absmax(model, ids)
+    for e in range(4):
+        assert torch.equal(stats[f"{pre}.{e}.down_proj"], ref[f"{pre}.{e}.down_proj"].float())
+    assert not torch.equal(stats[f"{pre}.3.down_proj"], stats[f"{pre}.0.down_proj"])
+    assert stats.meta["expert_tokens"][f"{pre}"] == [8, 8, 0, 0]  # 8 tokens, top-2: all to experts 0 and 1
+    assert sum(stats.meta["expert_tokens"]["model.layers.1.mlp.experts"]) == 8 * 2

@@ -39,12 +39,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-try:  # GPT-2 style Conv1D: weight stored [in, out]
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()
-
-LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+from .folds import LINEAR_TYPES, in_features, weight_nk
 
 
 # Opt-in smoothing groups beyond the paper's recipe (see the module docstring for why each is exact).
@@ -63,6 +58,11 @@ class Group:
     # Attention module whose heads map prev's output rows (KV heads) to the consumers' input
     # columns (query heads), for v_proj -> o_proj under grouped-query attention. "" = identity.
     heads: str = ""
+    # consumer input column c reads producer channel index[c] (a map discovery measured that no
+    # attention layout explains); None = identity, or `heads`
+    index: tuple[int, ...] | None = None
+    # the producer norm's gain convention (x_hat * (offset + w)) where it differs from Arch.norm_offset
+    norm_offset: float | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,30 @@ class Arch:
     # projection: its input is the one no weight before it can rotate); exact for any linear
     online_rotation: tuple[str, ...] = ()
     name: str = ""
+    # blocks of different structure (hybrid stacks): (discover.block_signature, groups) per structure;
+    # when set, a block's groups are those of its signature and `groups` is unused
+    block_groups: tuple[tuple[str, tuple[Group, ...]], ...] = ()
+    # found by discover.py rather than written in the table; without block_groups it is the
+    # structure only (decoder stack, routers), as read from a weightless skeleton
+    discovered: bool = False
+
+    def all_groups(self) -> tuple[Group, ...]:
+        """Every group of every block structure."""
+        return self.groups + tuple(g for _, groups in self.block_groups for g in groups)
+
+    def groups_for(self, block: nn.Module) -> tuple[Group, ...]:
+        """The smoothing groups of one decoder block."""
+        if not self.block_groups:
+            return self.groups
+        from .discover import block_signature
+
+        sig = block_signature(block)
+        for key, groups in self.block_groups:
+            if key == sig:
+                return groups
+        raise UnsupportedArchError(
+            f"{self.name or 'this architecture'}: a decoder block of a structure discovery has not seen "
+            f"(signature {sig}); run smoothq.archs.discover on a model that has it")
 
 
 # Optional groups come after the paper's groups in every entry: the paper groups' scales are then
@@ -232,34 +256,25 @@ def supported() -> list[str]:
 
 
 def arch_for(model: nn.Module) -> Arch:
-    """Look the model's config.model_type up in the table; unknown types fail with a template."""
+    """The model's architecture: the table's entry for its config.model_type, else the one
+    discovery found (discover.py; found once per model and kept in its record). A weightless
+    (meta) or already quantized model gets the structure only: decoder stack, experts, routers."""
+    arch = table_arch(model)
+    if arch is not None:
+        return arch
+    from .discover import discover_arch
+
+    return discover_arch(model).arch
+
+
+def table_arch(model: nn.Module) -> Arch | None:
+    """The table's entry for the model's config.model_type, or None."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    entry = ARCHS.get(model_type)
+    entry = ARCHS.get(getattr(config, "model_type", None))
     if entry is None:
-        raise UnsupportedArchError(
-            f"unsupported architecture {model_type!r} ({type(model).__name__}). Supported model types: "
-            f"{', '.join(supported())}. For another model, describe which norm feeds which linears:\n"
-            "    from smoothq.archs import Arch, Group\n"
-            "    arch = Arch(layers='model.layers', groups=(\n"
-            "        Group('input_layernorm', ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj')),\n"
-            "        Group('post_attention_layernorm', ('mlp.gate_proj', 'mlp.up_proj'))))\n"
-            "    smoothq.calibrate(model, samples, arch=arch)  # and pass arch= to smooth/quantize too,\n"
-            f"or smoothq.archs.register({model_type!r}, arch) once."
-        )
+        return None
     arch = entry(config) if callable(entry) else entry
-    return arch if arch.name else Arch(**{**arch.__dict__, "name": model_type})
-
-
-def weight_nk(module: nn.Module) -> torch.Tensor:
-    """A linear-like module's weight as an [out, in] view (Conv1D stores [in, out])."""
-    if Conv1D and isinstance(module, Conv1D):
-        return module.weight.t()
-    return module.weight
-
-
-def in_features(module: nn.Module) -> int:
-    return weight_nk(module).shape[1]
+    return arch if arch.name else Arch(**{**arch.__dict__, "name": config.model_type})
 
 
 def _expand(block: nn.Module, pattern: str) -> list[str]:
@@ -277,6 +292,7 @@ class ResolvedGroup:
     option: str = ""
     # index[c] = the prev output channel feeding consumer input column c (GQA v -> o); None = identity
     index: torch.Tensor | None = None
+    norm_offset: float = 0.0  # the producer norm's gain convention: x_hat * (norm_offset + w)
 
 
 @dataclass
@@ -312,12 +328,12 @@ def check_options(options, arch: Arch | None = None) -> tuple[str, ...]:
         options = tuple(o.strip() for o in options.split(",") if o.strip())
     options = tuple(options or ())
     if "all" in options:  # kept as is until an arch says what "all" means
-        return ("all",) if arch is None else tuple(dict.fromkeys(g.option for g in arch.groups if g.option))
+        return ("all",) if arch is None else tuple(dict.fromkeys(g.option for g in arch.all_groups() if g.option))
     unknown = [o for o in options if o not in OPTIONS]
     if unknown:
         raise ValueError(f"unknown smoothing option {unknown[0]!r}; choose from {', '.join(OPTIONS)} or 'all'")
-    if arch is not None:
-        have = {g.option for g in arch.groups if g.option}
+    if arch is not None and not (arch.discovered and not arch.block_groups):  # structure only: checked later
+        have = {g.option for g in arch.all_groups() if g.option}
         missing = [o for o in options if o not in have]
         if missing:
             raise UnsupportedArchError(
@@ -332,6 +348,8 @@ def resolve(model: nn.Module, arch: Arch | None = None, options=()) -> Resolved:
     Optional groups (Group.option) are included only when named in `options`."""
     arch = arch or arch_for(model)
     options = check_options(options, arch)
+    if arch.discovered and options and not arch.block_groups:
+        options = ()  # a structure-only description (weightless skeleton) has no groups to opt in to
     try:
         layers = model.get_submodule(arch.layers)
     except AttributeError:
@@ -340,15 +358,14 @@ def resolve(model: nn.Module, arch: Arch | None = None, options=()) -> Resolved:
         ) from None
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise UnsupportedArchError(f"{arch.layers!r} is not a non-empty ModuleList in {type(model).__name__}")
-    if arch.fused_experts:
-        from .moe import split_fused_experts
+    from .moe import split_fused_experts
 
-        for block in layers:
-            split_fused_experts(block, arch.fused_experts)
+    for block in layers:  # every fused 3-D expert module becomes one nn.Linear per expert projection
+        split_fused_experts(block, arch.fused_experts) if arch.fused_experts else split_fused_experts(block)
 
     res = Resolved(arch=arch, blocks=[(f"{arch.layers}.{i}", b) for i, b in enumerate(layers)])
     for prefix, block in res.blocks:
-        for group in arch.groups:
+        for group in arch.groups_for(block):
             if group.option and group.option not in options:
                 continue
             for prev_rel, linears in _bind(block, group):
@@ -362,7 +379,12 @@ def resolve(model: nn.Module, arch: Arch | None = None, options=()) -> Resolved:
                         raise UnsupportedArchError(f"{prefix}: no module matches {pattern!r}")
                     for rel in matches:
                         mod = _lookup(block, rel, prefix)
-                        if group.heads and in_features(mod) != size:
+                        if group.index is not None:
+                            index = torch.tensor(group.index, dtype=torch.long)
+                            if index.numel() != in_features(mod) or int(index.max()) >= size:
+                                raise UnsupportedArchError(f"{prefix}.{rel}: the group's index map does not fit its "
+                                                           f"{in_features(mod)} inputs from {size} channels")
+                        elif group.heads and in_features(mod) != size:
                             index = _head_index(block, group.heads, prefix, size, in_features(mod))
                         elif in_features(mod) != size:
                             raise UnsupportedArchError(
@@ -373,8 +395,9 @@ def resolve(model: nn.Module, arch: Arch | None = None, options=()) -> Resolved:
                 if len(set(names)) != len(names):
                     raise UnsupportedArchError(f"{prefix}: a linear is listed twice in the group of {prev_rel!r}")
                 res.modules[f"{prefix}.{prev_rel}"] = prev
+                offset = arch.norm_offset if group.norm_offset is None else group.norm_offset
                 res.groups.append(ResolvedGroup(prev=f"{prefix}.{prev_rel}", linears=names, option=group.option,
-                                                index=index))
+                                                index=index, norm_offset=offset))
     return res
 
 
