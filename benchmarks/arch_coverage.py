@@ -71,7 +71,7 @@ _ATTN = re.compile(r"attn|attention", re.I)
 _MLP = re.compile(r"mlp|moe|expert|feed_?forward|ffn|ffw", re.I)
 _ATTN_LEAF = {"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "query", "key", "value", "query_key_value",
               "c_attn", "wqkv", "qkv", "wq", "wk", "wv", "wo_attn", "q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj",
-              "q_b_proj", "out_proj"}
+              "q_b_proj"}
 _MLP_LEAF = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
              "dense_h_to_4h", "dense_4h_to_h", "wi", "wo", "fc_in", "fc_out", "router", "gate"}
 
@@ -81,7 +81,17 @@ def recipe(scheme: str) -> dict:
             "output": {"dtype": "float32"}}
 
 
+class Wrapped(Exception):
+    """An exception re-raised with context (its message already holds the original type and first line)."""
+
+
+def wrap(e: BaseException, prefix: str = "", suffix: str = "") -> Wrapped:
+    return Wrapped(f"{prefix}{first_line(e)}{suffix}").with_traceback(e.__traceback__)
+
+
 def first_line(e: BaseException) -> str:
+    if isinstance(e, Wrapped):
+        return str(e)[:600]
     lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
     msg = lines[0] if lines else ""
     if msg.endswith(":") and len(lines) > 1:
@@ -102,6 +112,24 @@ def where(e: BaseException) -> str:
             path = path[path.rindex(anchor) + 1:]
             break
     return f"{path}:{f.lineno} {f.name}"
+
+
+def source_hash() -> str:
+    """A short hash of smoothq/**/*.py as this process sees them (the library changes while the sweep runs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "smoothq").rglob("*.py")):
+        h.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -178,6 +206,8 @@ class Worker:
     def run(self) -> None:
         import torch
 
+        self.row["smoothq_sources"] = source_hash()
+
         torch.set_num_threads(1)
         from smoothq.archs import tiny
 
@@ -252,6 +282,7 @@ class Worker:
             for fmt in FORMATS:
                 key = f"{scheme}/{fmt}"
                 t0 = time.perf_counter()
+                loaded = None
                 try:
                     path = self.tmp / f"rt-{scheme}-{fmt}"
                     sq.save(model, path, format=fmt, float_dtype="float32")
@@ -259,17 +290,25 @@ class Worker:
                     q2 = self.logits(loaded)
                     eq = bool(torch.equal(q2, q))
                     out[key] = {"equal": eq, "max_abs": float((q2 - q).abs().max())}
+                    if not eq:
+                        out[key]["state_diff"] = state_diff(model, loaded)
                     ok &= eq
                 except Exception as e:  # noqa: BLE001
                     out[key] = {"error": first_line(e), "where": where(e)}
+                    if loaded is not None:  # it loaded, then computed garbage: which tensors came back different
+                        out[key]["state_diff"] = state_diff(model, loaded)
+                        if out[key]["state_diff"]:
+                            out[key]["error"] += "; loaded state differs: " + "; ".join(out[key]["state_diff"][:3])
                     ok = False
                 out[key]["seconds"] = round(time.perf_counter() - t0, 3)
         bad = [k for k, v in out.items() if not v.get("equal")]
         res = {"ok": ok, "results": out}
         if bad:
-            first = next((out[k] for k in bad if "error" in out[k]), None)
-            res["error"] = f"{bad[0]}: " + (first["error"] if first else f"logits differ by {out[bad[0]]['max_abs']:.3g}")
-            if first and first.get("where"):
+            k0 = next((k for k in bad if "error" in out[k]), bad[0])
+            first = out[k0]
+            res["error"] = f"{', '.join(bad)}: " + (first["error"] if "error" in first
+                                                    else f"logits differ by {first['max_abs']:.3g}")
+            if first.get("where"):
                 res["where"] = first["where"]
         return res
 
@@ -295,8 +334,7 @@ class Worker:
                         hf = T.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
                     except Exception as e:  # noqa: BLE001
                         if report.lines:  # transformers' load report says what did not fit
-                            raise type(e)(f"{first_line(e)}; load report: {'; '.join(report.lines[:3])}") \
-                                .with_traceback(e.__traceback__) from None
+                            raise wrap(e, suffix=f"; load report: {'; '.join(report.lines[:2])}") from None
                         raise
                 h = self.logits(hf)  # the first forward decompresses the weights
                 n_hf = sum(getattr(m, "quantization_scheme", None) is not None for m in hf.modules())
@@ -319,8 +357,10 @@ class Worker:
         bad = [k for k, v in out.items() if not v.get("ok")]
         if bad:
             v = out[bad[0]]
-            res["error"] = f"{bad[0]}: " + (v.get("error") or f"weights-only logits differ by {v['rel_diff_weights']:.3g} "
-                                                              f"(relative) > {HF_WEIGHT_RTOL:g}")
+            rep = "; load report: " + "; ".join(v["load_report"][:2]) if v.get("load_report") else ""
+            res["error"] = f"{', '.join(bad)}: " + (v.get("error") or f"weights-only logits differ by "
+                                                                      f"{v['rel_diff_weights']:.3g} (relative) > "
+                                                                      f"{HF_WEIGHT_RTOL:g}{rep}")
             if v.get("where"):
                 res["where"] = v["where"]
         return res
@@ -345,12 +385,12 @@ class Worker:
                 try:
                     sq.run(mem_model, recipe(scheme), calib=self.calib(), output=mem_dir, progress=False)
                 except Exception as e:  # noqa: BLE001
-                    raise type(e)(f"in-memory: {e}").with_traceback(e.__traceback__) from None
+                    raise wrap(e, "in-memory: ") from None
                 try:
                     sq.run(src, recipe(scheme), calib=self.calib(), output=lay_dir, executor="layered",
                            attn_implementation="eager", progress=False)
                 except Exception as e:  # noqa: BLE001
-                    raise type(e)(f"layered: {e}").with_traceback(e.__traceback__) from None
+                    raise wrap(e, "layered: ") from None
                 names_a = sorted(p.name for p in mem_dir.iterdir())
                 names_b = sorted(p.name for p in lay_dir.iterdir())
                 r["same_files"] = names_a == names_b
@@ -383,21 +423,26 @@ class Worker:
         if bad:
             v = out[bad[0]]
             if v.get("error"):
-                res["error"] = f"{bad[0]}: {v['error']}"
+                res["error"] = f"{', '.join(bad)}: {v['error']}"
                 res["where"] = v.get("where", "")
             else:
                 what = ("tensors differ: " + ", ".join(v.get("unequal_tensors", [])[:3]) if v.get("unequal_tensors")
                         else "tensor names differ" if not v.get("same_keys")
                         else "config.json differs" if not v.get("config_equal") else "file names differ")
                 extra = f" (max |logits diff| {v['max_abs_logits']:.3g})" if "max_abs_logits" in v else ""
-                res["error"] = f"{bad[0]}: {what}{extra}"
+                res["error"] = f"{', '.join(bad)}: {what}{extra}"
         return res
+
+
+def _status(line: str) -> str:
+    return next((w for w in line.split() if w in LoadReport.ORDER), "UNEXPECTED")
 
 
 class LoadReport(logging.Handler):
     """Collects the non-OK rows (MISSING / UNEXPECTED / MISMATCH keys) of transformers' load report."""
 
     _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    ORDER = ("CONVERSION", "MISMATCH", "MISSING", "UNEXPECTED")  # the most telling first
 
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -410,21 +455,22 @@ class LoadReport(logging.Handler):
             return
         for line in text.splitlines():
             cols = [c.strip() for c in line.split("|")]
-            if len(cols) >= 2 and cols[1] in ("MISSING", "UNEXPECTED", "MISMATCH", "CONVERSION"):
+            if len(cols) >= 2 and cols[1] in self.ORDER:
                 self.lines.append(" ".join(c for c in cols if c))
+                self.lines.sort(key=lambda x: self.ORDER.index(_status(x)))
 
     def __enter__(self):
         from transformers.utils import logging as tl
 
         self.logger = tl.get_logger("transformers")
-        self.level = self.logger.level
+        self.saved_level = self.logger.level
         self.logger.setLevel(logging.INFO)
         self.logger.addHandler(self)
         return self
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
+        self.logger.setLevel(self.saved_level)
 
 
 class float_activations:
@@ -451,6 +497,29 @@ class float_activations:
     def __exit__(self, *exc):
         for m in self.mods:
             del m.forward
+
+
+def state_diff(a, b, limit: int = 8) -> list[str]:
+    """Parameters and buffers (persistent or not) of `b` that differ from `a`'s: missing, extra, other
+    shape or dtype, other values (NaN counts as different), first `limit`."""
+    import torch
+
+    ta = {**dict(a.named_parameters()), **dict(a.named_buffers())}
+    tb = {**dict(b.named_parameters()), **dict(b.named_buffers())}
+    out = [f"{k}: missing after load" for k in ta if k not in tb]
+    out += [f"{k}: only after load" for k in tb if k not in ta]
+    for k in ta.keys() & tb.keys():
+        x, y = ta[k], tb[k]
+        if x is None or y is None or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            continue
+        if x.shape != y.shape:
+            out.append(f"{k}: shape {tuple(x.shape)} -> {tuple(y.shape)}")
+        elif x.dtype != y.dtype and not (x.is_floating_point() and y.is_floating_point()):
+            out.append(f"{k}: dtype {x.dtype} -> {y.dtype}")
+        elif not torch.equal(x.to(y.dtype), y):
+            nf = "" if torch.isfinite(y.float()).all() else " (non-finite after load)"
+            out.append(f"{k}: values differ{nf}")
+    return sorted(out)[:limit] if len(out) <= limit else sorted(out)[:limit] + [f"... {len(out) - limit} more"]
 
 
 def group_key(r) -> tuple:
@@ -582,7 +651,8 @@ def meta() -> dict:
             "transformers": transformers.__version__, "compressed_tensors": ct, "threads": 1,
             "timeout_s": None, "calib": {"batch": CALIB[0], "seq": CALIB[1], "seed": CALIB[2]},
             "eval": {"batch": EVAL[0], "seq": EVAL[1], "seed": EVAL[2]},
-            "recipes": {s: recipe(s) for s in SCHEMES}, "hf_weight_rtol": HF_WEIGHT_RTOL}
+            "recipes": {s: recipe(s) for s in SCHEMES}, "hf_weight_rtol": HF_WEIGHT_RTOL,
+            "git_head": git_head(), "smoothq_sources_at_start": source_hash()}
 
 
 def run_type(model_type: str, timeout: int, logdir: Path) -> dict:
@@ -856,7 +926,8 @@ def render_md(data: dict) -> str:
                 res = h.get("results", {})
                 diffs = "/".join(_fmt_err(res.get(s, {}).get("rel_diff")) for s in SCHEMES)
                 wmax = max((res.get(s, {}).get("rel_diff_weights") or 0.0 for s in SCHEMES), default=0.0)
-                hfc = f"{'ok' if _ok(h) else 'FAIL'} {diffs}, w {_fmt_err(wmax)}"
+                hfc = f"{'ok' if _ok(h) else 'FAIL'} {diffs}, w {_fmt_err(wmax)}" if diffs != "-/-" else \
+                    ("ok" if _ok(h) else "FAIL")
             else:
                 hfc = "-"
             ly = st(r, "layered")

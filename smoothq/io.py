@@ -454,6 +454,11 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     scheme, sink_tokens = rec.scheme, rec.sink_tokens
     qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
     extra = {"version": FORMAT_VERSION, "scheme": scheme.to_dict(), **(meta or {})}
+    arch = getattr(rec.discovery, "arch", None)
+    if arch is not None:  # a discovered model: load() finds the same decoder stack and keeps the same linears float
+        extra["layers"] = arch.layers
+        if arch.keep_float:
+            extra["keep_float"] = list(arch.keep_float)
     if rec.rotation:  # weights are in the rotated basis (rotate.py)
         extra["rotation"] = rec.rotation
     if sink_tokens and scheme.activations != "per_token":
@@ -477,6 +482,8 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
         qc = {"quant_method": "smoothq", **extra, "modules": qnames,
               "int8_embeddings": embeddings == "int8"}
     config = copy.deepcopy(model.config)
+    if not getattr(config, "architectures", None):  # as save_pretrained writes it: the class to rebuild
+        config.architectures = [type(model).__name__]
     config.quantization_config = qc
     config.smoothq = extra
     config.dtype = dtype
@@ -490,11 +497,18 @@ def unequal_shared_input_scales(model: nn.Module) -> list[list[str]]:
 
     unequal = []
     for group in resolve(model).groups:
-        scales = [getattr(model.get_submodule(n), "input_scale", None) for n in group.linears]
-        if len(scales) < 2 or any(s is None or s.is_meta for s in scales):
-            continue
-        if any(not torch.equal(scales[0], s) for s in scales[1:]):
-            unequal.append(list(group.linears))
+        # vLLM fuses siblings (q/k/v under one attention, gate/up under one MLP); a discovered group may
+        # also hold linears elsewhere that read the same channels through another path (Llama 4's experts
+        # read the normed input times the router scores): those run apart and keep their own scale
+        siblings: dict[str, list[str]] = {}
+        for n in group.linears:
+            siblings.setdefault(n.rpartition(".")[0], []).append(n)
+        for names in siblings.values():
+            scales = [getattr(model.get_submodule(n), "input_scale", None) for n in names]
+            if len(scales) < 2 or any(s is None or s.is_meta for s in scales):
+                continue
+            if any(not torch.equal(scales[0], s) for s in scales[1:]):
+                unequal.append(list(names))
     return unequal
 
 
@@ -677,10 +691,14 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
             raise CheckpointError(f"{folder}/config.json: bad input_rotation entry: {exc}") from None
     model.eval()
     tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError):
-        pass
+    from .models import TOKENIZER_FILES
+
+    if any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):  # a checkpoint saved without one has none
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, ImportError, TypeError) as exc:  # e.g. a tokenizer needing sacremoses
+            warnings.warn(f"{folder}: the tokenizer does not load ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "the model loads without it")
     return model, tokenizer
 
 
@@ -690,11 +708,16 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
     after building on the meta device they must be recomputed. transformers' own _init_weights
     knows how for its modules; the loaded state dict overwrites any weights it touches."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    for module in model.modules():
-        if any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)):
-            try:
-                model._init_weights(module)
-            except AttributeError:  # some _init_weights read attributes only the base model has (Gemma 3n)
-                if not isinstance(base, nn.Module) or not hasattr(base, "_init_weights"):
-                    raise
-                base._init_weights(module)
+    owners = [name for name, module in model.named_modules()
+              if any(b in module._non_persistent_buffers_set for b, _ in module.named_buffers(recurse=False))]
+    # the owners, then their ancestors (deepest first): some models compute a layer's buffer when the
+    # model around it is initialized (Falcon-H1's mup_vector, set from FalconH1Model)
+    ancestors = {".".join(n.split(".")[:k]) for n in owners for k in range(len(n.split(".")))} - set(owners)
+    for name in owners + sorted(ancestors, key=lambda n: -len(n.split("."))):
+        module = model.get_submodule(name)
+        try:
+            model._init_weights(module)
+        except AttributeError:  # some _init_weights read attributes only the base model has (Gemma 3n)
+            if not isinstance(base, nn.Module) or not hasattr(base, "_init_weights"):
+                raise
+            base._init_weights(module)

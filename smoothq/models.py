@@ -151,11 +151,39 @@ def load_model(name: str | None = None, dtype: torch.dtype | str = torch.float32
                                     "into it") from None
             raise ModelNotFound(f"{name!r} is not a local path, and the Hugging Face Hub has no such model or cannot be "
                                 f"reached ({type(exc).__name__}); pass a local directory or .gguf file") from None
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        cls = AutoModelForCausalLM
+        if local:
+            from transformers import AutoConfig
+
+            cls = causal_lm_class(AutoConfig.from_pretrained(name))
+        model = cls.from_pretrained(name, dtype=dtype)
     return model.to(device).eval(), tok
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def causal_lm_class(config):
+    """The causal-LM class for `config`: transformers' auto mapping, else the class the config names
+    in `architectures` (a text config saved from a model whose type the mapping lists under its
+    multimodal parent, e.g. Emu3's `emu3_text`)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None and isinstance(config, getattr(cls, "config_class", ()) or ()):
+            return cls
+    return AutoModelForCausalLM  # its own error names the problem
+
+
+def causal_lm_from_config(config, **kwargs):
+    """AutoModelForCausalLM.from_config, for configs the auto mapping does not list too (causal_lm_class)."""
+    cls = causal_lm_class(config)
+    return cls.from_config(config, **kwargs) if hasattr(cls, "from_config") else cls._from_config(config, **kwargs)
 
 
 def looks_local(name: str) -> bool:

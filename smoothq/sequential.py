@@ -124,10 +124,10 @@ def empty_weights():
 
 def skeleton(config, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """The causal LM of `config` with every parameter on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
+    from .models import causal_lm_from_config
 
     with empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = causal_lm_from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.tie_weights()  # re-registering parameters on meta unties them
     return model.eval()
 
@@ -270,9 +270,22 @@ class _Recorder(nn.Module):
     """Stands in for decoder layer `index` during the embeddings pass: records how the model calls
     it and hands its input on unchanged (only the arguments matter there, never the values)."""
 
-    def __init__(self, index: int, last: bool, calls: list, inputs: list, store: Callable):
+    def __init__(self, index: int, last: bool, calls: list, inputs: list, store: Callable,
+                 block: nn.Module | None = None):
         super().__init__()
         self.index, self.last, self.calls, self.inputs, self.store = index, last, calls, inputs, store
+        # the layer it stands in for, not a submodule: the model may read plain attributes of its layers
+        # (attention_type, layer_idx) while it calls them
+        self.__dict__["_block"] = block
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("_block")
+            if block is None:
+                raise
+            return getattr(block, name)
 
     def forward(self, *args, **kwargs):
         if args:
@@ -284,7 +297,23 @@ class _Recorder(nn.Module):
         self.calls.append((self.store(rest), self.store(kwargs), positional))
         if self.last:
             raise _Stop
-        return hidden
+        arity = self._arity(hidden, rest, kwargs, positional)
+        return hidden if arity is None else (hidden, *([None] * (arity - 1)))
+
+    def _arity(self, hidden, rest, kwargs, positional) -> int | None:
+        """How many values the real layer returns (None: one tensor): some models unpack a tuple from
+        each layer (`hidden, attn_weights = layer(...)`). Learned from one run of the weightless layer on
+        meta tensors; a layer that cannot run on meta is taken to return one tensor."""
+        block = self.__dict__.get("_block")
+        if block is None:
+            return None
+        try:
+            meta = _move((hidden, rest, kwargs), torch.device("meta"), {})
+            with torch.no_grad():
+                out = block(meta[0], *meta[1], **meta[2]) if positional else block(hidden_states=meta[0], **meta[2])
+        except Exception:  # noqa: BLE001 - only a hint: the plain-tensor answer is the usual one
+            return None
+        return len(out) if isinstance(out, (tuple, list)) and not isinstance(out, torch.Tensor) else None
 
 
 def _move(obj, device, memo: dict):
@@ -805,7 +834,7 @@ class _Run:
                 for ids in batches:
                     sink: list = []
                     for i in range(self.n):
-                        self.layers[i] = _Recorder(i, i == self.n - 1, sink, inputs, store)
+                        self.layers[i] = _Recorder(i, i == self.n - 1, sink, inputs, store, originals[i])
                     try:
                         _forward_no_logits(self.model, ids.to(self.embed_device))
                     except _Stop:
@@ -880,7 +909,7 @@ class _Run:
         from .archs.moe import split_fused_experts
 
         arch = self.arch
-        split_fused_experts(block, arch.fused_experts) if arch.fused_experts else split_fused_experts(block)
+        split_fused_experts(block, arch.fused_experts, keep_float=arch.keep_float)
         sig = block_signature(block)
         known = self.__dict__.setdefault("known_structures", set())
         if sig in known or not (self.recipe.smooths or self.recipe.searches):

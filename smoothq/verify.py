@@ -515,7 +515,7 @@ def _float_dtype(value, where: str) -> torch.dtype:
 def check_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
                      attn_implementation: str | None = None) -> CheckedCheckpoint:
     """Parse config.json, read every shard, build the skeleton and check every tensor against it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from .archs import UnsupportedArchError, resolve
     from .io import _read_tensors
@@ -533,10 +533,12 @@ def check_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
         dtype = _float_dtype(getattr(config, "dtype", None) or torch.float16, f"{folder}/config.json field 'dtype'")
     else:
         dtype = _float_dtype(dtype, "dtype")
+    from .models import causal_lm_from_config
+
     state = _read_tensors(folder)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+            model = causal_lm_from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as exc:  # noqa: BLE001 - as above: a field transformers cannot build a model from
         raise CheckpointError(f"{folder}/config.json describes no buildable model ({type(exc).__name__}: "
                               f"{str(exc)[:300]}); restore the checkpoint's config.json") from None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ from .folds import FOLD_TOLERANCE, LINEAR_TYPES, BlockCall, Fold, float64_copy, 
     relative_change, scale_inputs, weight_nk
 from .table import UnsupportedArchError
 
+# forwards that compute x @ W^T + b: any other nn.Linear subclass is checked on its traced input
+_PLAIN_FORWARDS = {nn.Linear.forward, *([LINEAR_TYPES[1].forward] if len(LINEAR_TYPES) > 1 else [])}
 # keyword arguments that only attention-like modules receive: a linear -> linear group whose producer
 # and consumer meet under such a module maps values through attention (option attn_vo)
 _ATTENTION_KWARGS = ("attention_mask", "position_embeddings", "position_ids", "cache_position")
@@ -57,23 +59,25 @@ def _weight_numel(module: nn.Module) -> int:
                and not isinstance(m, nn.Embedding))
 
 
+def candidate_stacks(model: nn.Module) -> list[str]:
+    """Dotted paths of the ModuleLists whose every element holds linear weights, most weights first:
+    the decoder stack is the first one the model's forward calls (a multimodal wrapper's vision tower
+    may hold more weights, but a text forward never calls it)."""
+    sizes = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and name and all(_weight_numel(b) > 0 for b in module):
+            sizes.append((_weight_numel(module), name))
+    return [name for _, name in sorted(sizes, key=lambda t: -t[0])]
+
+
 def find_layers(model: nn.Module) -> str:
     """Dotted path of the ModuleList of decoder blocks: the one holding most linear weights."""
-    best, best_size = None, 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0 or not name:
-            continue
-        if not all(_weight_numel(b) > 0 for b in module):
-            continue
-        size = _weight_numel(module)
-        # expert lists inside a block are smaller than the stack that holds them: the largest wins
-        if size > best_size:
-            best, best_size = name, size
-    if best is None:
+    stacks = candidate_stacks(model)
+    if not stacks:
         raise DiscoveryError(
             f"{type(model).__name__} has no recognisable decoder stack (no nn.ModuleList of blocks holding linear "
             "weights). Describe it with smoothq.archs.register(model_type, Arch(layers='path.to.blocks', groups=...))")
-    return best
+    return stacks[0]
 
 
 def block_signature(block: nn.Module) -> str:
@@ -201,6 +205,9 @@ class BlockFindings:
     groups: list[GroupFinding] = field(default_factory=list)
     rejected: list[GroupFinding] = field(default_factory=list)
     unsmoothed: dict[str, str] = field(default_factory=dict)
+    # linears whose forward the block never calls (Mamba's dt_proj: its weight is read directly): a
+    # W8A8Linear would break them, so they stay in float
+    not_called: list[str] = field(default_factory=list)
 
 
 class _Recorder:
@@ -212,8 +219,11 @@ class _Recorder:
         self.kwarg_names: dict[str, set] = {}
         self.order: list[str] = []
         self.handles = []
+        self.custom: dict[str, tuple] = {}  # linear subclasses with a forward of their own: (input, output)
         for name, module in consumers.items():
             self.handles.append(module.register_forward_pre_hook(self._input(name)))
+            if isinstance(module, LINEAR_TYPES) and type(module).forward not in _PLAIN_FORWARDS:
+                self.handles.append(module.register_forward_hook(self._custom(name)))
         for name, module in norms.items():
             self.handles.append(module.register_forward_hook(self._norm(name), with_kwargs=True))
         for name, module in block.named_modules():
@@ -228,6 +238,12 @@ class _Recorder:
                 self.inputs[name] = x.clone() if name not in self.inputs else torch.cat([self.inputs[name], x])
                 if name not in self.order:
                     self.order.append(name)
+        return hook
+
+    def _custom(self, name):
+        def hook(_m, args, out):
+            if name not in self.custom and args and isinstance(args[0], torch.Tensor):
+                self.custom[name] = (args[0].detach().clone(), out)
         return hook
 
     def _norm(self, name):
@@ -348,6 +364,7 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
             call64.run(work)
         base = dict(rec.inputs)
         order = list(rec.order)
+        custom = dict(rec.custom)
         norm_calls, kwarg_names = dict(rec.norm_calls), dict(rec.kwarg_names)
 
         # candidate producers: norms whose gain divides their output (offset probed), linears' rows
@@ -482,6 +499,16 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
         g.heads = _heads(block, g)
     grouped = {c for g in findings.groups for c in g.linears}
     rejected = {c: g for g in findings.rejected for c in g.linears}
+    findings.not_called = [n for n, m in consumers.items() if isinstance(m, LINEAR_TYPES) and n not in base]
+    for cname in findings.not_called:
+        findings.unsmoothed[cname] = "the block never calls it (its weight is read directly): kept in float"
+    for cname, (x, out) in custom.items():  # a linear subclass is swapped only if it computes x W^T + b
+        module = consumers[cname]
+        bias = getattr(module, "bias", None)
+        if not isinstance(out, torch.Tensor) or out.shape[:-1] != x.shape[:-1] or relative_change(
+                [out], [torch.nn.functional.linear(x, weight_nk(module), bias)]) > 1e-9:
+            findings.not_called.append(cname)
+            findings.unsmoothed[cname] = (f"its forward ({type(module).__name__}) is not x @ W^T + b: kept in float")
     for cname in order:
         if cname in grouped or not isinstance(consumers.get(cname), LINEAR_TYPES):
             continue
@@ -684,19 +711,32 @@ def _is_weightless(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def structure_arch(model: nn.Module, layers: str | None = None):
+def structure_arch(model: nn.Module, layers: str | None = None, split: bool = True):
     """The structure-only description of a model the table does not list: its decoder stack, its
-    experts split, its routers kept in float; no groups (those need the weights)."""
+    routers and the linears a saved checkpoint says stay in float (config `smoothq.keep_float`);
+    no groups (those need the weights). `split=False` leaves the model's fused experts as they are
+    (a weightless skeleton about to load fused checkpoint tensors) and looks at split copies."""
+    import copy
+
     from .moe import split_fused_experts
     from .table import Arch
 
-    layers = layers or find_layers(model)
+    config = getattr(model, "config", None)
+    saved = getattr(config, "smoothq", None) or {}  # what a saved checkpoint says of its discovered model
+    layers = layers or saved.get("layers") or find_layers(model)
     blocks = model.get_submodule(layers)
-    keep: list[str] = []
+    keep: list[str] = list(saved.get("keep_float", ()))
+    seen: set = set()
     for block in blocks:
+        if not split:
+            key = tuple(n for n, _ in block.named_modules())
+            if key in seen:
+                continue
+            seen.add(key)
+            block = copy.deepcopy(block)
         split_fused_experts(block)
         keep += routers(block)
-    model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    model_type = getattr(config, "model_type", None) or type(model).__name__
     return Arch(layers=layers, groups=(), keep_float=tuple(dict.fromkeys(keep)), name=model_type, discovered=True)
 
 
@@ -709,7 +749,7 @@ def discover_arch(model: nn.Module, *, refresh: bool = False) -> Discovery:
     if rec.discovery is not None and not refresh:
         return rec.discovery
     if _is_weightless(model) or rec.scheme is not None:
-        arch = structure_arch(model)
+        arch = structure_arch(model, split=False)
         return Discovery(arch=arch, source="discovered", structures=_structures(model.get_submodule(arch.layers)))
     found = discover(model)
     rec.discovery = found
@@ -724,10 +764,13 @@ def discover(model: nn.Module, layers: str | None = None, seed: int = 0) -> Disc
     from .table import Arch
 
     start = time.perf_counter()
-    base = structure_arch(model, layers)
-    blocks = model.get_submodule(base.layers)
-    structures = _structures(blocks)
-    calls = trace_block_calls(model, base.layers, seed=seed, needed=[v[0] for v in structures.values()])
+    for stack in [layers] if layers else candidate_stacks(model) or [None]:
+        base = structure_arch(model, stack)
+        blocks = model.get_submodule(base.layers)
+        structures = _structures(blocks)
+        calls = trace_block_calls(model, base.layers, seed=seed, needed=[v[0] for v in structures.values()])
+        if all(calls[v[0]] is not None for v in structures.values()):
+            break  # the stack the forward runs through
     block_groups, rows, unsmoothed, online = [], [], {}, []
     offsets: list[float] = []
     for sig, members in structures.items():
@@ -752,6 +795,7 @@ def discover(model: nn.Module, layers: str | None = None, seed: int = 0) -> Disc
         for f in found.rejected:
             rows.append(GroupRow(sig, f.prev, tuple(f.linears), "discovered", f.error, f.option, used=False))
         unsmoothed[sig] = found.unsmoothed
+        base = replace(base, keep_float=tuple(dict.fromkeys(base.keep_float + tuple(found.not_called))))
     arch = Arch(layers=base.layers, groups=(), norm_offset=norm_offset, keep_float=base.keep_float,
                 online_rotation=tuple(online), name=base.name, block_groups=tuple(arch_groups), discovered=True)
     return Discovery(arch=arch, source="discovered", structures=structures, rows=rows, unsmoothed=unsmoothed,

@@ -13,6 +13,7 @@ the block's output. In float64 an exact fold changes it by ~1e-15; a wrong one b
 from __future__ import annotations
 
 import copy
+from collections.abc import MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -84,6 +85,11 @@ def to_float64(obj, memo: dict | None = None):
         return [to_float64(o, memo) for o in obj]
     if isinstance(obj, dict):
         return {k: to_float64(v, memo) for k, v in obj.items()}
+    if isinstance(obj, MutableMapping):  # e.g. transformers' KVSharingDict (a UserDict) of shared K/V
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = to_float64(v, memo)
+        return out
     return obj
 
 

@@ -361,7 +361,7 @@ def resolve(model: nn.Module, arch: Arch | None = None, options=()) -> Resolved:
     from .moe import split_fused_experts
 
     for block in layers:  # every fused 3-D expert module becomes one nn.Linear per expert projection
-        split_fused_experts(block, arch.fused_experts) if arch.fused_experts else split_fused_experts(block)
+        split_fused_experts(block, arch.fused_experts, keep_float=arch.keep_float)
 
     res = Resolved(arch=arch, blocks=[(f"{arch.layers}.{i}", b) for i, b in enumerate(layers)])
     for prefix, block in res.blocks:
