@@ -454,7 +454,13 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     scheme, sink_tokens = rec.scheme, rec.sink_tokens
     qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
     extra = {"version": FORMAT_VERSION, "scheme": scheme.to_dict(), **(meta or {})}
-    arch = getattr(rec.discovery, "arch", None)
+    from .archs.table import table_arch
+
+    arch = None
+    if table_arch(model) is None:  # discovered (in memory), or the structure of the layered writer's skeleton
+        from .archs.discover import discover_arch
+
+        arch = discover_arch(model).arch
     if arch is not None:  # a discovered model: load() finds the same decoder stack and keeps the same linears float
         extra["layers"] = arch.layers
         if arch.keep_float:
@@ -472,7 +478,18 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     if input_rotation:  # online_rotation.py: those linears multiply their input by Q at run time
         extra["input_rotation"] = input_rotation
     if format == "compressed-tensors":
-        ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qnames]
+        # every float module with a 2-D weight, not only nn.Linear: engines match `targets: [Linear]` by class
+        # name, so a router of its own class (Qwen3-MoE's TopKRouter, vLLM's GateLinear) must be named here
+        # or vLLM builds it as an INT8 layer and loads our float weights into it as zeros
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        ignore = [n for n, m in model.named_modules() if n not in qnames and m is not embedding
+                  and not isinstance(m, (W8A8Linear, nn.Embedding))
+                  and (isinstance(m, nn.Linear) or (isinstance(getattr(m, "weight", None), torch.Tensor)
+                                                    and m.weight.dim() == 2 and m.weight.is_floating_point()))]
+        if scheme.static and any(_is_expert(n) for n in qnames):
+            warnings.warn("static (O3) activation scales on MoE expert linears: vLLM 0.32's fused MoE accepts only "
+                          "dynamic per-token INT8 (W8A8), so this compressed-tensors export loads in smoothq and "
+                          "transformers but not in vLLM (benchmarks/results/vllm-moe.md)")
         qc = compressed_tensors_config(scheme, ignore)
         if scheme.static:
             check_shared_input_scales(model)
@@ -488,6 +505,12 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
     config.smoothq = extra
     config.dtype = dtype
     return config
+
+
+def _is_expert(name: str) -> bool:
+    """An expert projection of a split MoE layer: `...experts.<e>.<proj>`."""
+    parts = name.split(".")
+    return len(parts) >= 3 and parts[-2].isdigit() and "expert" in parts[-3]
 
 
 def unequal_shared_input_scales(model: nn.Module) -> list[list[str]]:

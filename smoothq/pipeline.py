@@ -156,7 +156,7 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
     if recipe.smooths or recipe.searches:  # a wrong group fails here, before calibration (smooth.prove_groups)
         from .smooth import prove_groups
 
-        prove_groups(model)
+        prove_groups(model, options=recipe.smoothing.extra)
     rec = record(model)
     note = lambda msg: (result.notes.append(msg), say(msg))  # noqa: E731
     if recipe.rotation.kind:

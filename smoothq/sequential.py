@@ -917,8 +917,8 @@ class _Run:
         known.add(sig)
         call = _first_sequence(block, hidden[0].to(dev), calls[0][i], dev)
         if not arch.discovered:
-            prove_block(block, call, resolve(_LayerView(arch, block, self.config), arch, ("all",)
-                                              if any(g.option for g in arch.all_groups()) else ()),
+            options = self.search.options if self.search is not None else self.options  # the groups it will use
+            prove_block(block, call, resolve(_LayerView(arch, block, self.config), arch, options),
                         f"{self.prefix}0.", arch.name)
             return arch
         found = discover_block(block, call)

@@ -88,21 +88,26 @@ def check_not_input_rotated(model: nn.Module) -> None:
                            "then rotate_inputs, then quantize. Reload the float model to start over")
 
 
-def prove_groups(model: nn.Module, arch: Arch | None = None):
-    """Prove, once per model, that every smoothing group of its architecture folds exactly
-    (archs.discover.prove_arch: random scales folded into a float64 copy of the first block of each
-    structure). A wrong table or registered entry raises UnsupportedArchError before anything is
-    folded; discovered groups were proven when they were found. Returns the report."""
-    from .archs import arch_for
+def prove_groups(model: nn.Module, arch: Arch | None = None, options=()):
+    """Prove, once per model, that the smoothing groups it will use (the paper's groups and the
+    `options` asked for) fold exactly (archs.discover.prove_arch: random scales folded into a float64
+    copy of the first block of each structure). A wrong table or registered entry raises
+    UnsupportedArchError before anything is folded; discovered groups were proven when they were
+    found. Returns the report."""
+    from .archs import arch_for, check_options
     from .archs.discover import discover_arch, prove_arch
 
     arch = arch or arch_for(model)
-    rec = record(model)
     if arch.discovered:
         return discover_arch(model)
-    if rec.proven is None or rec.proven.arch != arch:
-        rec.proven = prove_arch(model, arch)
-    return rec.proven
+    options = check_options(options, arch)
+    rec = record(model)
+    proven = rec.proven if isinstance(rec.proven, dict) else {}
+    key = (arch, tuple(sorted(options)))
+    if key not in proven:
+        proven[key] = prove_arch(model, arch, options)
+        rec.proven = proven
+    return proven[key]
 
 
 @torch.no_grad()
@@ -132,7 +137,7 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
         )
     check_not_input_rotated(model)
     if prove:
-        prove_groups(model, arch)
+        prove_groups(model, arch, options)
     res = resolve(model, arch, options)
     # the statistics must be this model's; non-finite maxima would make NaN scales folded into the weights
     check_stats(stats, res, sorted({n for g in res.groups for n in g.linears}), static=False, use="smooth",

@@ -195,6 +195,7 @@ class GroupFinding:
     option: str  # "" (a norm's group: the paper's recipe) or archs.OPTIONS key
     heads: str = ""
     error: float = float("nan")  # measured fold error (relative, float64)
+    siblings: tuple[str, ...] = ()  # linears reading the same input as a linear producer (gate beside up)
 
 
 @dataclass
@@ -468,8 +469,8 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
                                           norm_offset=offsets.get(prev, 0.0), index=idx[0],
                                           option="" if is_norm else _option(prev, cons[0][0], kwarg_names)))
                 if not is_norm:  # which linears read the same input as this producer (a gate beside up)
-                    found[-1].heads = ",".join(n for n in order if n != prev and n in base
-                                               and base[n].shape == base[prev].shape and torch.equal(base[n], base[prev]))
+                    found[-1].siblings = tuple(n for n in order if n != prev and n in base and
+                                               base[n].shape == base[prev].shape and torch.equal(base[n], base[prev]))
             if found:
                 candidates.append((role, found))
 
@@ -487,10 +488,9 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
     # a linear -> linear group outside attention is "gated" (mlp_updown) when a linear reading the same
     # input as the producer (gate beside up) also reaches the consumer; else a plain activation (opt_fc)
     for g in findings.groups + findings.rejected:
-        siblings, g.heads = set(filter(None, g.heads.split(","))) if g.option else set(), ""
         if g.option == "mlp_updown":
             reached = {r for c in g.linears for r in affected_by.get(c, [])}
-            if not any(_role(sib) in reached for sib in siblings):
+            if not any(_role(sib) in reached for sib in g.siblings):
                 g.option = "opt_fc"
     # norm groups first (the paper's recipe), then the optional linear -> linear groups, in forward order
     rank = {n: i for i, n in enumerate(order)}
@@ -807,7 +807,7 @@ def discover(model: nn.Module, layers: str | None = None, seed: int = 0) -> Disc
 
 
 @torch.no_grad()
-def prove_arch(model: nn.Module, arch, options=("all",), seed: int = 0) -> Discovery:
+def prove_arch(model: nn.Module, arch, options=(), seed: int = 0) -> Discovery:
     """Fold every group of `arch` (a table entry, a registered or a discovered Arch) with random
     scales into a float64 copy of the first block of each structure; the measured errors as a
     Discovery report. Raises UnsupportedArchError naming the first group whose fold is not exact."""
@@ -816,7 +816,7 @@ def prove_arch(model: nn.Module, arch, options=("all",), seed: int = 0) -> Disco
     from .table import UnsupportedArchError, resolve
 
     start = time.perf_counter()
-    res = resolve(model, arch, options if any(g.option for g in arch.all_groups()) else ())
+    res = resolve(model, arch, options if any(g.option for g in arch.all_groups()) else ())  # paper groups + options
     blocks = model.get_submodule(arch.layers)
     structures = _structures(blocks)
     calls = trace_block_calls(model, arch.layers, seed=seed, needed=[v[0] for v in structures.values()])
@@ -875,7 +875,7 @@ def describe(model: nn.Module, rediscover: bool = False) -> Discovery:
     arch = table_arch(model)
     if arch is None or rediscover:
         return discover(model) if rediscover else discover_arch(model)
-    report = prove_arch(model, arch)
+    report = prove_arch(model, arch, ("all",))
     res = resolve(model, arch, ("all",) if any(g.option for g in arch.all_groups()) else ())
     grouped = {n for g in res.groups for n in g.linears}
     blocks = model.get_submodule(arch.layers)

@@ -108,17 +108,21 @@ def float_outputs(out) -> list[torch.Tensor]:
 def float64_inside():
     """Some blocks cast to float32 inside their forward (Gemma's norms compute x.float() * (1 +
     w.float())), which would cap a float64 check at float32 precision (~1e-7, too close to the
-    tolerance). While this is active, Tensor.float() leaves float64 tensors in float64."""
+    tolerance). While this is active, Tensor.float() leaves float64 tensors in float64, and new
+    floating tensors are float64 by default."""
     original = torch.Tensor.float
 
     def keep_float64(self, *args, **kwargs):
         return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
 
     torch.Tensor.float = keep_float64
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # tensors a forward creates (XGLM's finfo(dtype).min fill) match it
     try:
         yield
     finally:
         torch.Tensor.float = original
+        torch.set_default_dtype(default)
 
 
 @dataclass
