@@ -272,8 +272,9 @@ def _consumers(block: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for name, m in block.named_modules():
         w = getattr(m, "weight", None)
+        # (a router may hold helper modules of its own: Ernie 4.5's moe_statics)
         if isinstance(m, LINEAR_TYPES) or (isinstance(w, nn.Parameter) and w.dim() == 2 and w.is_floating_point()
-                                           and not isinstance(m, nn.Embedding) and not list(m.children())):
+                                           and not isinstance(m, nn.Embedding)):
             out[name] = m
     return out
 
