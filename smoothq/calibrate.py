@@ -243,12 +243,16 @@ def _fill_unseen_experts(absmax: dict, observed: dict, res) -> None:
     if not missing:
         return
     if not any(_is_expert(n) for n in missing):
-        raise CalibrationError(f"calibration never reached {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        raise CalibrationError(f"calibration never reached {missing[:3]}{'...' if len(missing) > 3 else ''}: the model "
+                               "never calls their forward (it may read their weights directly, as Mamba's dt_proj); "
+                               "keep them in float with an Arch(keep_float=...) (smoothq archs MODEL shows the rest)")
     for name in missing:
         # the same projection of the other experts: <experts>.<e>.<proj> for every e
         parent, proj = name.split(".")[:-2], name.split(".")[-1]
         siblings = [v for k, v in absmax.items() if k.split(".")[:-2] == parent and k.split(".")[-1] == proj]
         if not siblings:
-            raise CalibrationError(f"calibration never reached {name} nor any of its sibling experts; use more samples")
+            raise CalibrationError(f"calibration never reached {name} nor any of its sibling experts: the model never "
+                                   "calls them (it may read their weights directly, as Mamba's dt_proj); keep them in "
+                                   "float with an Arch(keep_float=...), or calibrate on more samples if they are routed")
         absmax[name] = torch.stack(siblings).amax(dim=0)
         warnings.warn(f"{name} saw no calibration tokens; using the max over its sibling experts (more samples fix this)")
