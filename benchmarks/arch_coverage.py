@@ -380,8 +380,13 @@ class Worker:
             r: dict = {}
             try:
                 mem_dir, lay_dir = self.tmp / f"mem-{scheme}", self.tmp / f"lay-{scheme}"
-                mem_model = T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
-                                                                   attn_implementation="eager").eval()
+                try:
+                    from smoothq.models import causal_lm_class  # text configs outside the auto mapping (Emu3)
+
+                    mem_model = causal_lm_class(T.AutoConfig.from_pretrained(src)).from_pretrained(src, dtype=torch.float32,
+                                                                       attn_implementation="eager").eval()
+                except Exception as e:  # noqa: BLE001
+                    raise wrap(e, "from_pretrained(the float copy): ") from None
                 try:
                     sq.run(mem_model, recipe(scheme), calib=self.calib(), output=mem_dir, progress=False)
                 except Exception as e:  # noqa: BLE001
@@ -403,14 +408,21 @@ class Worker:
                 ca = json.loads((mem_dir / "config.json").read_text())
                 cb = json.loads((lay_dir / "config.json").read_text())
                 r["config_equal"] = ca == cb
+                if not r["config_equal"]:
+                    r["config_diff"] = json_diff(ca, cb)
                 r["equal"] = r["tensors_identical"] and r["config_equal"] and r["same_files"]
                 if not r["tensors_identical"]:
                     if not r["same_keys"]:
                         r["only_in_memory"] = sorted(ta.keys() - tb.keys())[:10]
                         r["only_layered"] = sorted(tb.keys() - ta.keys())[:10]
-                    a, _ = sq.load(mem_dir, attn_implementation="eager")
-                    b, _ = sq.load(lay_dir, attn_implementation="eager")
-                    la, lb = self.logits(a), self.logits(b)
+                    try:
+                        a, _ = sq.load(mem_dir, attn_implementation="eager")
+                        b, _ = sq.load(lay_dir, attn_implementation="eager")
+                        la, lb = self.logits(a), self.logits(b)
+                    except Exception as e:  # noqa: BLE001
+                        what = ("tensors differ: " + ", ".join(r["unequal_tensors"][:3]) if r["unequal_tensors"]
+                                else "tensor names differ")
+                        raise wrap(e, f"{what}; then loading both checkpoints to compare logits: ") from None
                     r["max_abs_logits"] = float((la - lb).abs().max())
                     r["rel_logits"] = self.rel(lb, la)
             except Exception as e:  # noqa: BLE001
@@ -428,7 +440,8 @@ class Worker:
             else:
                 what = ("tensors differ: " + ", ".join(v.get("unequal_tensors", [])[:3]) if v.get("unequal_tensors")
                         else "tensor names differ" if not v.get("same_keys")
-                        else "config.json differs" if not v.get("config_equal") else "file names differ")
+                        else "config.json differs (in-memory vs layered): " + "; ".join(v.get("config_diff", [])[:3])
+                        if not v.get("config_equal") else "file names differ")
                 extra = f" (max |logits diff| {v['max_abs_logits']:.3g})" if "max_abs_logits" in v else ""
                 res["error"] = f"{', '.join(bad)}: {what}{extra}"
         return res
@@ -497,6 +510,28 @@ class float_activations:
     def __exit__(self, *exc):
         for m in self.mods:
             del m.forward
+
+
+def json_diff(a, b, path: str = "", out: list | None = None) -> list[str]:
+    """Dotted paths where two JSON values differ, with both values (short)."""
+    out = [] if out is None else out
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            p = f"{path}.{k}" if path else str(k)
+            if k not in a:
+                out.append(f"{p}: only layered = {_short(b[k])}")
+            elif k not in b:
+                out.append(f"{p}: only in-memory = {_short(a[k])}")
+            else:
+                json_diff(a[k], b[k], p, out)
+    elif a != b:
+        out.append(f"{path}: {_short(a)} vs {_short(b)}")
+    return out[:20]
+
+
+def _short(v) -> str:
+    t = json.dumps(v, default=str)
+    return t if len(t) <= 80 else t[:77] + "..."
 
 
 def state_diff(a, b, limit: int = 8) -> list[str]:
@@ -730,7 +765,11 @@ def sweep(args) -> int:
             ("ok" if not failed else "FAILED " + ",".join(failed))
         print(f"[{i}/{len(todo)}] {t}: {status} ({row['seconds']:.1f} s; {time.perf_counter() - start:.0f} s total)",
               flush=True)
-    data["meta"]["last_sweep_seconds"] = round(time.perf_counter() - start, 1)
+    seconds = round(time.perf_counter() - start, 1)
+    if args.types:
+        data["meta"]["last_subset"] = {"types": todo, "seconds": seconds, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    else:
+        data["meta"]["last_sweep_seconds"] = seconds
     save_all(data, json_path, md_path)
     return 0
 
@@ -800,6 +839,10 @@ def smollm2(args) -> int:
 # the md, from the JSON alone
 
 
+def _types(types: list[str]) -> str:
+    return ", ".join(types) if len(types) <= 10 else f"{len(types)} types ({types[0]} ... {types[-1]}; all in the JSON)"
+
+
 def _fmt_err(x) -> str:
     if x is None:
         return "-"
@@ -852,9 +895,17 @@ def render_md(data: dict) -> str:
     L.append("")
     L.append(f"CPU: {m.get('cpu', '?')}; torch {m.get('torch')}, transformers {m.get('transformers')}, "
              f"compressed-tensors {m.get('compressed_tensors')}; 1 thread per worker, one worker at a time, "
-             f"timeout {m.get('timeout_s')} s per type. Last sweep: {m.get('last_sweep_seconds', '?')} s; "
-             f"updated {m.get('updated', '?')}.")
+             f"timeout {m.get('timeout_s')} s per type. Last full sweep: {m.get('last_sweep_seconds', '?')} s"
+             + (f"; then rerun with --types: {_types(m['last_subset']['types'])} ({m['last_subset']['seconds']} s, "
+                f"{m['last_subset']['at']})" if m.get("last_subset") else "")
+             + f"; updated {m.get('updated', '?')}.")
     L.append("")
+    hashes = sorted({r.get("smoothq_sources") for r in rows.values() if r.get("smoothq_sources")})
+    if len(hashes) > 1:
+        L.append(f"The library changed while the sweep ran: the rows were measured with {len(hashes)} different states "
+                 "of smoothq/ (each row's `smoothq_sources` in the JSON is a hash of smoothq/**/*.py as its worker saw "
+                 "them); rerun types with `--types` to refresh them.")
+        L.append("")
     L.append("## How each column is measured")
     L.append("")
     L.append("- Model: `smoothq.archs.tiny.tiny_model(type)`: the type's default config (never the Hub) with its size "
@@ -909,7 +960,8 @@ def render_md(data: dict) -> str:
         for r in sel:
             d = st(r, "discover")
             if d.get("ok"):
-                structs = "; ".join(f"{s['class']} x{len(s['blocks'])} [{', '.join(k.replace('other:', '') for k in s['kinds'])}]"
+                structs = "; ".join(f"{s['class']} x{len(s['blocks'])} ({s['linears']} linears: "
+                                    f"{', '.join(k.replace('other:', '') for k in s['kinds'])})"
                                     for s in d.get("structures", []))
                 red = d.get("rediscovered")
                 disc_eq = "-" if red is None else ("error" if "error" in red else ("yes" if red.get("same_as_table")
