@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -357,9 +356,9 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
     rec = _Recorder(work, consumers, norms)
 
     def dense():  # every expert sees every token (moe.all_experts), the block's output unchanged
-        from . import moe
+        from .moe import all_experts
 
-        return moe.all_experts(work) if hasattr(moe, "all_experts") else nullcontext()
+        return all_experts(work)
     findings = BlockFindings()
     try:
         with dense():
@@ -581,10 +580,6 @@ def _heads(block: nn.Module, g: GroupFinding) -> str:
     return ""
 
 
-def log_error(err: float) -> str:
-    return "exact" if err == 0 else f"{err:.1e}" if math.isfinite(err) else "inf"
-
-
 # ---------------------------------------------------------------------------------------------
 # the whole model: an Arch, and the report `smoothq archs` prints
 
@@ -612,7 +607,6 @@ class Discovery:
     rows: list[GroupRow] = field(default_factory=list)
     unsmoothed: dict[str, dict[str, str]] = field(default_factory=dict)  # signature -> linear -> why
     routers: tuple[str, ...] = ()
-    fused_experts: dict[str, list[str]] = field(default_factory=dict)  # signature -> split expert modules
     seconds: float = 0.0
 
     @property
@@ -628,7 +622,7 @@ class Discovery:
                         "fold_error": r.error if r.error == r.error else None, "option": r.option, "used": r.used}
                        for r in self.rows],
             "unsmoothed": self.unsmoothed, "routers": list(self.routers),
-            "fused_experts": self.fused_experts, "max_fold_error": self.max_error, "seconds": round(self.seconds, 3),
+            "max_fold_error": self.max_error, "seconds": round(self.seconds, 3),
         }
 
     def register_code(self) -> str:
@@ -879,10 +873,8 @@ def describe(model: nn.Module, rediscover: bool = False) -> Discovery:
     report = prove_arch(model, arch, ("all",))
     res = resolve(model, arch, ("all",) if any(g.option for g in arch.all_groups()) else ())
     grouped = {n for g in res.groups for n in g.linears}
-    blocks = model.get_submodule(arch.layers)
     for sig, members in report.structures.items():
         prefix = f"{arch.layers}.{members[0]}."
         report.unsmoothed[sig] = {n[len(prefix):]: "no group of the table entry reads it"
                                   for n, _ in res.quantizable() if n.startswith(prefix) and n not in grouped}
-    del blocks
     return report
