@@ -636,6 +636,16 @@ def summarize_discovery(model, d) -> dict:
     }
 
 
+_REFUSALS = {"runs some more than once": "a layer runs more than once per forward",
+             "shared between decoder layers": "weights shared between layers"}
+
+
+def _refusal(stage: dict) -> str:
+    """Why the layered executor refused a type by design (one clear error before any work), or ''."""
+    text = " ".join(str(v.get("error", "")) for v in stage.get("results", {}).values())
+    return next((why for key, why in _REFUSALS.items() if key in text), "")
+
+
 def _has(block, name: str) -> bool:
     try:
         block.get_submodule(name)
@@ -881,6 +891,10 @@ def render_md(data: dict) -> str:
     hf = [r for r in scope if _ok(st(r, "hf"))]
     lay = [r for r in scope if _ok(st(r, "layered"))]
     both = [r for r in scope if st(r, "discover").get("norm_attention") == "yes" and st(r, "discover").get("norm_mlp") == "yes"]
+    # every attention / MLP the blocks have reads a smoothed norm, and a mixer-only block (Mamba) has its norm group
+    complete = [r for r in scope if {st(r, "discover").get("norm_attention"), st(r, "discover").get("norm_mlp")} <= {"yes", "n/a"}
+                and any(s.get("norm_groups") for s in st(r, "discover").get("structures", []))]
+    refused = {r["type"]: _refusal(st(r, "layered")) for r in scope if _refusal(st(r, "layered"))}
     maxerr = max((st(r, "discover").get("max_fold_error") or 0.0 for r in scope), default=0.0)
     failing = {}
     for s in STAGES[1:]:
@@ -889,8 +903,12 @@ def render_md(data: dict) -> str:
     L.append(f"**Summary** ({len(rows)}/{m.get('types', '?')} types run; {n} decoder-only text types build): "
              f"W8A8 {len(w8)}/{n}, O3 {len(o3)}/{n} quantize; {len(rt)}/{n} round-trip both formats "
              f"(W8A8 and O3, logits equal); {len(hf)}/{n} load in plain transformers; {len(lay)}/{n} run layered equal to "
-             f"in-memory (W8A8 and O3, tensors bit-identical); {len(both)}/{n} get both norm groups (norm -> attention "
-             f"inputs, norm -> MLP inputs) smoothed; max fold error used {_fmt_err(maxerr)}. "
+             f"in-memory (W8A8 and O3, tensors bit-identical)"
+             + (f", {len(refused)} refused before any work ({'; '.join(f'{t}: {w}' for t, w in refused.items())})"
+                if refused else "")
+             + f"; {len(both)}/{n} get both norm groups (norm -> attention inputs, norm -> MLP inputs) smoothed, "
+             f"{len(complete)}/{n} every norm group their blocks have (attention, MLP, or a mixer's input: Mamba); "
+             f"max fold error used {_fmt_err(maxerr)}. "
              f"Failing by stage: {fail_txt}.")
     L.append("")
     L.append(f"CPU: {m.get('cpu', '?')}; torch {m.get('torch')}, transformers {m.get('transformers')}, "

@@ -271,9 +271,11 @@ class _Recorder(nn.Module):
     it and hands its input on unchanged (only the arguments matter there, never the values)."""
 
     def __init__(self, index: int, last: bool, calls: list, inputs: list, store: Callable,
-                 block: nn.Module | None = None):
+                 block: nn.Module | None = None, templates: dict | None = None, probe: Callable | None = None):
         super().__init__()
         self.index, self.last, self.calls, self.inputs, self.store = index, last, calls, inputs, store
+        self.templates = {} if templates is None else templates  # layer class -> output template, shared
+        self.probe = probe
         # the layer it stands in for, not a submodule: the model may read plain attributes of its layers
         # (attention_type, layer_idx) while it calls them
         self.__dict__["_block"] = block
@@ -297,23 +299,105 @@ class _Recorder(nn.Module):
         self.calls.append((self.store(rest), self.store(kwargs), positional))
         if self.last:
             raise _Stop
-        arity = self._arity(hidden, rest, kwargs, positional)
-        return hidden if arity is None else (hidden, *([None] * (arity - 1)))
+        template = self._template(hidden, rest, kwargs, positional)
+        if template is None:
+            return hidden
+        # the extra outputs stand as markers: the next layer's recorded call holds them where the model
+        # passes them on (hy_v4's topk_indices, zaya's router states), and execution puts in the real ones
+        values = (hidden, *(FromLayer(self.index, k) for k in range(1, template[1])))
+        return template[0](*values) if template[0] is not tuple else values
 
-    def _arity(self, hidden, rest, kwargs, positional) -> int | None:
-        """How many values the real layer returns (None: one tensor): some models unpack a tuple from
-        each layer (`hidden, attn_weights = layer(...)`). Learned from one run of the weightless layer on
-        meta tensors; a layer that cannot run on meta is taken to return one tensor."""
+    def _template(self, hidden, rest, kwargs, positional) -> tuple | None:
+        """What the real layer returns: None for one tensor, else (tuple or namedtuple class, length).
+        Some models unpack a tuple from each layer (`hidden, topk = layer(...)`, Reformer's
+        `outputs.attn_output`). Learned from one run of the weightless layer on meta tensors, else from
+        one real run of a copy loaded from the checkpoint (`self.probe`), once per layer class."""
         block = self.__dict__.get("_block")
         if block is None:
             return None
+        key = type(block)
+        if key in self.templates:
+            return self.templates[key]
+        out = None
         try:
             meta = _move((hidden, rest, kwargs), torch.device("meta"), {})
             with torch.no_grad():
                 out = block(meta[0], *meta[1], **meta[2]) if positional else block(hidden_states=meta[0], **meta[2])
-        except Exception:  # noqa: BLE001 - only a hint: the plain-tensor answer is the usual one
-            return None
-        return len(out) if isinstance(out, (tuple, list)) and not isinstance(out, torch.Tensor) else None
+        except Exception:  # noqa: BLE001 - a layer that cannot run on meta runs for real below
+            if self.probe is not None:
+                real = self.probe(self.index)
+                rest, kwargs = _fill((rest, kwargs), _NONES)  # what an earlier layer passes on is unknown here
+                with torch.no_grad():
+                    out = real(hidden, *rest, **kwargs) if positional else real(hidden_states=hidden, **kwargs)
+                del real
+        template = None
+        if isinstance(out, (tuple, list)) and not isinstance(out, torch.Tensor):
+            template = (type(out) if hasattr(out, "_fields") else tuple, len(out))
+        self.templates[key] = template
+        return template
+
+
+class FromLayer:
+    """A placeholder, in a recorded call, for extra output `k` of layer `index` (filled at run time)."""
+
+    def __init__(self, index: int, k: int):
+        self.index, self.k = index, k
+
+    def __repr__(self) -> str:
+        return f"FromLayer({self.index}, {self.k})"
+
+
+class _Nones(tuple):
+    def __getitem__(self, k):
+        return None
+
+
+_NONES = _Nones()
+
+
+def _markers(obj) -> list[FromLayer]:
+    if isinstance(obj, FromLayer):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [m for o in obj for m in _markers(o)]
+    if isinstance(obj, dict):
+        return [m for o in obj.values() for m in _markers(o)]
+    return []
+
+
+def _fill(obj, extras: tuple):
+    """obj with every FromLayer marker replaced by the previous layer's real extra output."""
+    if isinstance(obj, FromLayer):
+        return extras[obj.k - 1]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_fill(o, extras) for o in obj)
+    if isinstance(obj, list):
+        return [_fill(o, extras) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _fill(v, extras) for k, v in obj.items()}
+    return obj
+
+
+def _pack_extras(saved: dict, b: int, extras: tuple) -> list[str]:
+    """Batch b's passed-on layer outputs into `saved` (tensors as x<b>.<k>); their kinds, for the record."""
+    kinds = []
+    for k, v in enumerate(extras):
+        if isinstance(v, torch.Tensor):
+            saved[f"x{b}.{k}"] = v
+            kinds.append("tensor")
+        elif v is None:
+            kinds.append("none")
+        else:
+            kinds.append(f"unsaved {type(v).__name__}")
+    return kinds
+
+
+def _unpack_extras(saved: dict, b: int, kinds: list[str], device) -> tuple:
+    unsaved = [k for k in kinds if k.startswith("unsaved")]
+    if unsaved:
+        raise ResumeError(f"the interrupted run's layers pass on a {unsaved[0][8:]} to the next layer, which is not "
+                          "saved between layers; it cannot be resumed. Start over with overwrite=True (--force)")
+    return tuple(saved.pop(f"x{b}.{k}").to(device) if kind == "tensor" else None for k, kind in enumerate(kinds))
 
 
 def _move(obj, device, memo: dict):
@@ -333,11 +417,15 @@ def _move(obj, device, memo: dict):
     return obj
 
 
-def _call(block: nn.Module, hidden: torch.Tensor, call, device, memo: dict) -> torch.Tensor:
+def _call(block: nn.Module, hidden: torch.Tensor, call, device, memo: dict, extras: list | None = None) -> torch.Tensor:
+    """The block's hidden-state output; its other outputs (passed on to the next layer) go to `extras`."""
     rest, kwargs, positional = call
     rest, kwargs = _move(rest, device, memo), _move(kwargs, device, memo)
     out = block(hidden, *rest, **kwargs) if positional else block(hidden_states=hidden, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    several = isinstance(out, (tuple, list))
+    if extras is not None:
+        extras.append(tuple(out[1:]) if several else ())
+    return out[0] if several else out
 
 
 def _first_sequence(block: nn.Module, hidden: torch.Tensor, call, device):
@@ -371,6 +459,20 @@ def _first_sequence(block: nn.Module, hidden: torch.Tensor, call, device):
     except (RuntimeError, ValueError, IndexError):
         return whole
     return sliced
+
+
+def _check_unshared(layers: nn.ModuleList, path: str) -> None:
+    """Each layer's weights are freed once it is written: a weight shared by two layers (Zamba's
+    shared transformer) would be quantized twice and freed under the other. Refused before any work."""
+    owner: dict[int, tuple[int, str]] = {}
+    for i, block in enumerate(layers):
+        for name, param in block.named_parameters(remove_duplicate=False):
+            first = owner.setdefault(id(param), (i, name))
+            if first[0] != i:
+                raise CalibrationError(
+                    f"{path}.{i}.{name} is the same weight as {path}.{first[0]}.{first[1]} (shared between decoder "
+                    "layers); the layered executor cannot run it layer by layer. Quantize it in memory "
+                    "(executor='in-memory'; without --sequential)")
 
 
 class _LayerView(nn.Module):
@@ -572,7 +674,7 @@ def quantize_sequential(
         done = run.state["layers_done"]
         if not done:  # nothing worth resuming: leave no trace
             shutil.rmtree(run.work_dir, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError) and exc.errno == errno.ENOSPC:
             kept = (f"The {done} finished layer(s) are kept in {run.work_dir}: free some space and rerun with "
                     "resume=True (--resume)" if done else "Free some space and retry")
             raise OutputError(exc.errno, f"disk full while writing; {run.out} was not written. {kept}") from exc
@@ -589,9 +691,7 @@ class _Run:
                  attn_implementation, meta, max_shard_bytes, overwrite):
         from transformers import AutoConfig
 
-        from .online_rotation import _spec as input_rotation_spec
-        from .online_rotation import targets as input_rotation_targets
-        from .rotate import rotation_matrix, rotation_record, untie_head
+        from .rotate import rotation_matrix, untie_head
 
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if activations not in ("device", "cpu"):
@@ -631,6 +731,7 @@ class _Run:
             self.search_batches = []
         self.layers = self.model.get_submodule(arch.layers)
         self.n = n = len(self.layers)
+        _check_unshared(self.layers, arch.layers)
         self.prefix = prefix = f"{arch.layers}."
         self.alphas = dict(recipe.smoothing.alphas)
         bad = [k for k in self.alphas if not k.startswith(prefix)]
@@ -645,45 +746,13 @@ class _Run:
             self.model.get_output_embeddings().weight = nn.Parameter(
                 torch.empty_like(self.model.get_output_embeddings().weight, device="meta"), requires_grad=False)
 
-        # the layout and config save() would write, from a meta skeleton quantized as quantize() does
-        planned = skeleton(self.config, self.dtype, attn_implementation)
-        plan = record(planned)  # what checkpoint_config reads, as the stages would have recorded it
-        if self.rot is not None:
-            untie_head(planned)
-            planned.get_output_embeddings().weight = nn.Parameter(
-                torch.empty_like(planned.get_output_embeddings().weight, device="meta"), requires_grad=False)
-            plan.rotation = rotation_record(recipe.rotation.kind, recipe.rotation.seed, hidden_size)
-        if recipe.rotate_inputs:
-            plan.input_rotation = input_rotation_spec(
-                recipe.rotation.seed, [nm for nm, _ in input_rotation_targets(planned, arch)])
-        for name, module in list(resolve(planned, arch).quantizable()):
-            parent, _, attr = name.rpartition(".")
-            w = weight_nk(module)
-            bias = getattr(module, "bias", None)
-            setattr(planned.get_submodule(parent), attr,
-                    W8A8Linear(w.shape[1], w.shape[0], bias is not None, self.scheme, backend,
-                               bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta"))
-        plan.scheme = self.scheme
-        plan.sink_tokens = self.sink_tokens
         self.meta = dict(meta or {})
         if "recipe" in self.meta:  # as run: an optional rotation is dropped where the architecture has none
             self.meta["recipe"] = recipe.to_dict()
         if self.error_propagation:
             self.meta["calibration_inputs"] = "outputs of the quantized layers before (sequential, error propagation)"
-        self.ckpt_config = checkpoint_config(planned, self.format, self.float_dtype, out_cfg.embeddings, self.meta)
-        # tensors that depend on no weight (the online rotation's compressed-tensors transform): ready now
-        self.ready = ct_transform_state(planned, self.format, self.float_dtype)
-        self.layout = {k: (t.dtype, tuple(t.shape)) for k, t in
-                       {**quantized_state(planned, self.format, self.float_dtype, self.int8_embeddings),
-                        **self.ready}.items()}
-        del planned
-        self.layer_names: list[list[str]] = [[] for _ in range(n)]
-        outside = []
-        for name in self.layout:
-            if name.startswith(prefix):
-                self.layer_names[int(name[len(prefix):].split(".", 1)[0])].append(name)
-            else:
-                outside.append(name)
+        self.attn_implementation = attn_implementation
+        self.plan(arch)
 
         # which checkpoint tensors feed which part of the model
         model = self.model
@@ -692,8 +761,7 @@ class _Run:
         self.embed_name = names[id(embed)]
         tied = head is not None and getattr(head, "weight", None) is embed.weight
         self.head_params = {f"{names[id(head)]}.{p}" for p, _ in head.named_parameters()} if head is not None else set()
-        self.head_out = [] if tied else [k for k in outside if k in self.head_params]
-        self.embed_out = [k for k in outside if k not in self.head_out]
+        self.tied = tied
         targets = target_names(model, self.source.keys())
         model_keys = set(model.state_dict())
         self.src_layer: list[list[str]] = [[] for _ in range(n)]
@@ -706,6 +774,8 @@ class _Run:
             elif t in self.head_params:
                 if not tied:
                     self.src_head.append(k)
+                elif t != f"{names[id(head)]}.weight":  # a tied head's own bias comes with the embedding
+                    self.src_embed.append(k)
             else:
                 self.src_embed.append(k)
 
@@ -717,6 +787,60 @@ class _Run:
             "meta": json.loads(json.dumps(self.meta, default=str)),
         }
         self.max_shard_bytes = max_shard_bytes
+
+    def plan(self, arch: Arch) -> None:
+        """The layout and config.json save() would write, from a meta skeleton quantized as
+        quantize() does under `arch`; redone once discovery knows every structure (settle)."""
+        from .online_rotation import _spec as input_rotation_spec
+        from .online_rotation import targets as input_rotation_targets
+        from .rotate import rotation_record, untie_head
+
+        recipe, prefix = self.recipe, self.prefix
+        planned = skeleton(self.config, self.dtype, self.attn_implementation)
+        plan = record(planned)  # what checkpoint_config reads, as the stages would have recorded it
+        if arch.discovered:  # checkpoint_config reads the discovered description (layers, keep_float) from here
+            from .archs.discover import Discovery
+
+            plan.discovery = Discovery(arch=arch, source="discovered")
+        if self.rot is not None:
+            untie_head(planned)
+            planned.get_output_embeddings().weight = nn.Parameter(
+                torch.empty_like(planned.get_output_embeddings().weight, device="meta"), requires_grad=False)
+            plan.rotation = rotation_record(recipe.rotation.kind, recipe.rotation.seed, self.rot.shape[0])
+        if recipe.rotate_inputs:
+            plan.input_rotation = input_rotation_spec(
+                recipe.rotation.seed, [nm for nm, _ in input_rotation_targets(planned, arch)])
+        for name, module in list(resolve(planned, arch).quantizable()):
+            parent, _, attr = name.rpartition(".")
+            w = weight_nk(module)
+            bias = getattr(module, "bias", None)
+            setattr(planned.get_submodule(parent), attr,
+                    W8A8Linear(w.shape[1], w.shape[0], bias is not None, self.scheme, self.backend,
+                               bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta"))
+        plan.scheme = self.scheme
+        plan.sink_tokens = self.sink_tokens
+        self.ckpt_config = checkpoint_config(planned, self.format, self.float_dtype, recipe.output.embeddings, self.meta)
+        # tensors that depend on no weight (the online rotation's compressed-tensors transform): ready now
+        self.ready = ct_transform_state(planned, self.format, self.float_dtype)
+        self.layout = {k: (t.dtype, tuple(t.shape)) for k, t in
+                       {**quantized_state(planned, self.format, self.float_dtype, self.int8_embeddings),
+                        **self.ready}.items()}
+        del planned
+        self.layer_names: list[list[str]] = [[] for _ in range(self.n)]
+        self.outside: list[str] = []
+        for name in self.layout:
+            if name.startswith(prefix):
+                self.layer_names[int(name[len(prefix):].split(".", 1)[0])].append(name)
+            else:
+                self.outside.append(name)
+
+    @property
+    def head_out(self) -> list[str]:
+        return [] if self.tied else [k for k in self.outside if k in self.head_params]
+
+    @property
+    def embed_out(self) -> list[str]:
+        return [k for k in self.outside if k not in self.head_out]
 
     # -- working directory ------------------------------------------------------------------
 
@@ -746,19 +870,24 @@ class _Run:
             state = {"fingerprint": self.fingerprint, "layers": self.n, "embeddings_done": False, "layers_done": 0,
                      "activations": None}
             work_dir.mkdir(parents=True)
-        try:
-            self.writer = ShardWriter(work_dir, self.layout, self.max_shard_bytes, create=fresh)
-            if fresh:
+            try:
                 _atomic_json(work_dir / PROGRESS, state)
-        except OSError as exc:
-            if fresh:
+            except OSError:
                 shutil.rmtree(work_dir, ignore_errors=True)
+                raise
+        self.fresh, self.state = fresh, state
+
+    def start_writer(self) -> None:
+        """Lay the shard files out at their final size (or reopen an interrupted run's), once the
+        layout is final (after settle)."""
+        try:
+            self.writer = ShardWriter(self.work_dir, self.layout, self.max_shard_bytes, create=self.fresh)
+        except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 size = sum(nbytes(*v) for v in self.layout.values())
                 raise OutputError(exc.errno, f"not enough disk space for the {size / 1e9:.2f} GB checkpoint next to "
                                          f"{self.out}; nothing was written. Free some space and retry") from exc
             raise
-        self.state = state
 
     def commit(self) -> None:
         _atomic_json(self.work_dir / PROGRESS, self.state)
@@ -830,18 +959,29 @@ class _Run:
             store = lambda obj, memo=memo: _move(obj, self.act_device(0), memo)  # noqa: E731
             inputs, calls = [], []
             originals = list(self.layers)
+            templates: dict = {}
             try:
-                for ids in batches:
+                for b, ids in enumerate(batches):
                     sink: list = []
+                    # the first batch runs on past the last layer: a model that calls a layer again
+                    # (recurrent, looped) is found here, before any work
+                    whole = b == 0
                     for i in range(self.n):
-                        self.layers[i] = _Recorder(i, i == self.n - 1, sink, inputs, store, originals[i])
+                        self.layers[i] = _Recorder(i, i == self.n - 1 and not whole, sink, inputs, store, originals[i],
+                                                   templates, lambda j, originals=originals: self.probe(j, originals[j]))
                     try:
                         _forward_no_logits(self.model, ids.to(self.embed_device))
                     except _Stop:
                         pass
+                    except Exception:  # noqa: BLE001 - past the last layer the head is not loaded
+                        if not whole or len(sink) < self.n:
+                            raise
                     if len(sink) != self.n:
-                        raise CalibrationError(f"the model called {len(sink)} of its {self.n} decoder layers in one "
-                                               "forward; cannot run it layer by layer")
+                        raise CalibrationError(
+                            f"the model called its {self.n} decoder layers {len(sink)} times in one forward (it runs "
+                            "some more than once, or skips some); the layered executor cannot run it layer by layer. "
+                            "Quantize it in memory (executor='in-memory'; without --sequential)")
+                    del sink[self.n:]
                     calls.append(sink)
             finally:
                 for i, block in enumerate(originals):
@@ -863,7 +1003,7 @@ class _Run:
             self.release_outside()
 
     def observe(self, block: nn.Module, observed: dict[str, nn.Module], here: str, there: str, hidden, calls, i: int,
-                dev, memo: dict, outputs: list | None = None) -> ActStats:
+                dev, memo: dict, outputs: list | None = None, extras: list | None = None) -> ActStats:
         """Run every batch through `block` with hooks reducing the inputs of `observed` to their
         per-channel abs-max (calibrate()'s reduction, sink positions left out); the block's
         outputs go to `outputs` if given."""
@@ -884,7 +1024,7 @@ class _Run:
         try:
             with all_experts(block):  # every expert sees every token, as calibrate() does
                 for b, call in enumerate(calls):
-                    y = _call(block, hidden[b].to(dev), call[i], dev, memo)
+                    y = _call(block, hidden[b].to(dev), call[i], dev, memo, extras)
                     if outputs is not None:
                         outputs.append(y.to(self.act_device(i + 1)))
                     del y
@@ -899,33 +1039,110 @@ class _Run:
             meta["sink_tokens"] = sink_tokens
         return ActStats({k: v.cpu() for k, v in absmax.items()}, sum(b.numel() for b in self.batches), meta)
 
-    def know_block(self, i: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[list], dev) -> Arch:
-        """The architecture, sure of block i: the first block of each structure is discovered on its
-        own streamed inputs (a model the table does not list) or has the table's groups proven on
-        them (archs.discover, archs.folds), before anything is folded into it."""
+    def probe(self, i: int, block: nn.Module) -> nn.Module:
+        """A copy of (meta) decoder layer i with its weights read from the checkpoint; the model's own
+        layer i stays on meta."""
+        import copy
+
+        current, copied = self.layers[i], copy.deepcopy(block)
+        self.layers[i] = copied
+        dev = self.devices[i]
+        try:
+            self.load(self.src_layer[i], dev)
+            for module in copied.modules():
+                for name, buf in list(module._buffers.items()):
+                    if buf is not None and not buf.is_meta:
+                        module._buffers[name] = buf.to(dev)
+        finally:
+            self.layers[i] = current
+        return copied
+
+    def inputs_of(self, i: int, hidden: torch.Tensor, calls: list) -> tuple[torch.Tensor, tuple]:
+        """Inputs and call of layer i for one batch, for a look at its structure: the first layer's
+        inputs will do, unless the model passes layer outputs on to the next layer (then the float
+        layers before i are run, each loaded and freed in turn)."""
+        dev = self.devices[i]
+        if not _markers(calls[i]):
+            return hidden.to(dev), calls[i]
+        extras: tuple = ()
+        x = hidden
+        for j in range(i):
+            block = self.probe(j, self.layers[j])
+            got: list = []
+            with torch.no_grad():
+                x = _call(block, x.to(self.devices[j]), _fill(calls[j], extras), self.devices[j], {}, got)
+            extras = got[0]
+            del block
+        return x.to(dev), _fill(calls[i], extras)
+
+    def settle(self, hidden: list[torch.Tensor], calls: list[list]) -> None:
+        """A model the table does not list: discover the first block of each structure (on a copy
+        loaded from the checkpoint, fed the first layer's calibration inputs) before anything is
+        written, so the layout knows which linears stay float (Mamba's dt_proj, a router never
+        called) and which get an online rotation; then plan again under the full description."""
+        from .archs.discover import block_signature
+        from .archs.moe import split_fused_experts
+
+        arch = self.arch
+        if not arch.discovered:
+            return
+        seen: set = set()
+        for i, block in enumerate(self.layers):
+            structure = block_signature(block)  # of the skeleton, before any fused experts are split
+            if structure in seen:
+                continue
+            seen.add(structure)
+            probe = self.probe(i, block)
+            split_fused_experts(probe, arch.fused_experts, keep_float=arch.keep_float)
+            if block_signature(probe) not in dict(arch.block_groups):
+                x, call = self.inputs_of(i, hidden[0], calls[0])
+                arch = self._discovered(arch, probe, _first_sequence(probe, x, call, self.devices[i]))
+            del probe
+            _return_freed_memory()
+        if arch != self.arch:
+            self.arch = arch
+            self.plan(arch)
+
+    @staticmethod
+    def _discovered(arch: Arch, block: nn.Module, call) -> Arch:
+        """`arch` with the groups discovery finds in `block` (its structure), the linears it keeps
+        float, and the up -> down groups' consumers as online-rotation targets."""
         from dataclasses import replace
 
-        from .archs.discover import _collapse, block_signature, discover_block, prove_block
+        from .archs.discover import _collapse, block_signature, discover_block
+
+        found = discover_block(block, call)
+        groups = tuple(_collapse(found.groups, block, arch.norm_offset))
+        online = tuple(dict.fromkeys(arch.online_rotation + tuple(c for g in groups if g.option == "mlp_updown"
+                                                                     for c in g.linears)))
+        keep = tuple(dict.fromkeys(arch.keep_float + tuple(found.not_called)))
+        return replace(arch, block_groups=arch.block_groups + ((block_signature(block), groups),),
+                       online_rotation=online, keep_float=keep)
+
+    def know_block(self, i: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[list], dev) -> Arch:
+        """The architecture, sure of block i: a table entry has its groups proven on the first
+        block of each structure, on its own streamed inputs (archs.discover, archs.folds), before
+        anything is folded into it; a discovered model was described block by block in settle()."""
+        from .archs.discover import block_signature, prove_block
         from .archs.moe import split_fused_experts
 
         arch = self.arch
         split_fused_experts(block, arch.fused_experts, keep_float=arch.keep_float)
         sig = block_signature(block)
+        if arch.discovered:
+            if sig not in dict(arch.block_groups):  # settle() saw every structure of the skeleton
+                raise CheckpointError(f"{self.prefix}{i} has a structure the first pass did not see; cannot plan its "
+                                      "layout. Register the architecture (smoothq archs MODEL prints the code)")
+            return arch
         known = self.__dict__.setdefault("known_structures", set())
         if sig in known or not (self.recipe.smooths or self.recipe.searches):
             return arch
         known.add(sig)
         call = _first_sequence(block, hidden[0].to(dev), calls[0][i], dev)
-        if not arch.discovered:
-            options = self.search.options if self.search is not None else self.options  # the groups it will use
-            prove_block(block, call, resolve(_LayerView(arch, block, self.config), arch, options),
-                        f"{self.prefix}0.", arch.name)
-            return arch
-        found = discover_block(block, call)
-        groups = tuple(_collapse(found.groups, block, arch.norm_offset))
-        online = tuple(dict.fromkeys(arch.online_rotation + tuple(c for g in groups if g.option == "mlp_updown"
-                                                                     for c in g.linears)))
-        return replace(arch, block_groups=arch.block_groups + ((sig, groups),), online_rotation=online)
+        options = self.search.options if self.search is not None else self.options  # the groups it will use
+        prove_block(block, call, resolve(_LayerView(arch, block, self.config), arch, options),
+                    f"{self.prefix}0.", arch.name)
+        return arch
 
     def layer(self, i: int, hidden: list[torch.Tensor], calls: list[list], streams: dict) -> None:
         """Rotate, calibrate, search, smooth, rotate inputs, quantize and write decoder layer i, the
@@ -945,6 +1162,9 @@ class _Run:
             for name, buf in list(module._buffers.items()):
                 if buf is not None and not buf.is_meta:
                     module._buffers[name] = buf.to(dev)
+        for b, call in enumerate(calls):  # what layer i-1 passes on (FromLayer markers) by its real values
+            if _markers(call[i]):
+                call[i] = _fill(call[i], self.extras[b])
         self.arch = arch = self.know_block(i, block, hidden, calls, dev)
         view = _LayerView(arch, block, self.config)
         if self.rot is not None:
@@ -953,7 +1173,8 @@ class _Run:
         observed = res.observed()
         memo: dict = {}
         floats: list | None = None if self.error_propagation else []
-        stats = self.observe(block, observed, here, there, hidden, calls, i, dev, memo, floats)
+        float_extras: list | None = None if self.error_propagation else []
+        stats = self.observe(block, observed, here, there, hidden, calls, i, dev, memo, floats, float_extras)
         _fill_unseen_experts(stats.act_absmax, observed, res)
         del observed
         if self.search is not None:  # alpha search / clipping on this block (search.search_block)
@@ -1002,9 +1223,12 @@ class _Run:
         del stats, view
         if floats is not None:  # float propagation: the float layer's outputs feed the next layer
             hidden[:] = floats
+            self.extras = float_extras
         else:  # the smoothed and quantized layer's outputs feed the next layer
+            extras: list = []
             for b, call in enumerate(calls):
-                hidden[b] = _call(block, hidden[b].to(dev), call[i], dev, memo).to(self.act_device(i + 1))
+                hidden[b] = _call(block, hidden[b].to(dev), call[i], dev, memo, extras).to(self.act_device(i + 1))
+            self.extras = extras
         del memo
         self.write(self.layer_names[i])
         block.to("meta")
@@ -1018,6 +1242,13 @@ class _Run:
 
         state, work_dir = self.state, self.work_dir
         hidden, calls, s_inputs, s_calls = self.embeddings_pass()
+        if self.search_batches and any(_markers(c) for c in s_calls):
+            raise CalibrationError("this model passes outputs of one decoder layer on to the next besides the hidden "
+                                   "states; the layer-by-layer alpha search cannot follow them. Search in memory "
+                                   "(executor='in-memory') or use a fixed alpha")
+        self.extras: list[tuple] = [() for _ in hidden]  # what each batch's last layer passed on
+        self.settle(hidden, calls)
+        self.start_writer()
         streams = {"fp": s_inputs, "q": list(s_inputs), "calls": s_calls}
         if self.recipe.rotate_inputs and self.scheme.static and not self.error_propagation:
             streams["sm"] = list(hidden)
@@ -1031,13 +1262,16 @@ class _Run:
         start = state["layers_done"]
         if start:  # resumed: the saved inputs of the first layer still to do
             saved = load_file(str(work_dir / state["activations"]))
-            if len(saved) != len(self.batches) * (2 if "sm" in streams else 1) + 2 * len(self.search_batches):
+            if len([k for k in saved if not k.startswith("x")]) != (
+                    len(self.batches) * (2 if "sm" in streams else 1) + 2 * len(self.search_batches)):
                 raise ResumeError(f"{work_dir / state['activations']} does not match the calibration batches")
             hidden = [saved.pop(str(b)).to(self.act_device(start)) for b in range(len(self.batches))]
             for key in ("fp", "q"):
                 streams[key] = [saved.pop(f"{key}{b}").to(self.act_device(start)) for b in range(len(s_inputs))]
             if "sm" in streams:
                 streams["sm"] = [saved.pop(f"sm{b}").to(self.act_device(start)) for b in range(len(hidden))]
+            self.extras = [_unpack_extras(saved, b, state.get("extras", [[]] * len(hidden))[b],
+                                          self.act_device(start)) for b in range(len(hidden))]
             del saved
 
         bar = tqdm(total=self.n, initial=start, desc="quantizing layers", unit="layer", disable=not progress)
@@ -1051,6 +1285,7 @@ class _Run:
                 state["activations"] = f"activations-{i + 1:05d}.safetensors"
                 saved = {str(b): h for b, h in enumerate(hidden)}
                 saved.update({f"{key}{b}": h for key in ("fp", "q", "sm") for b, h in enumerate(streams.get(key, ()))})
+                state["extras"] = [_pack_extras(saved, b, ex) for b, ex in enumerate(self.extras)]
                 write_file(work_dir / state["activations"], saved)
                 del saved
             state["layers_done"] = i + 1
