@@ -636,14 +636,12 @@ def summarize_discovery(model, d) -> dict:
     }
 
 
-_REFUSALS = {"runs some more than once": "a layer runs more than once per forward",
-             "shared between decoder layers": "weights shared between layers"}
-
-
 def _refusal(stage: dict) -> str:
     """Why the layered executor refused a type by design (one clear error before any work), or ''."""
+    from arch_matrix import REFUSALS  # benchmarks/arch_matrix.py: one list for the md and the README
+
     text = " ".join(str(v.get("error", "")) for v in stage.get("results", {}).values())
-    return next((why for key, why in _REFUSALS.items() if key in text), "")
+    return next((why.removeprefix("refused: ") for key, why in REFUSALS.items() if key in text), "")
 
 
 def _has(block, name: str) -> bool:

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-CONFIGS = ("fp32", "bf16", "w8a8", "o3")
+from .defaults import BENCH_CONFIGS as CONFIGS
+
 SHAPES = {  # Llama-architecture dimensions of public models (random weights: speed only)
     "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,

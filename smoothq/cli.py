@@ -1,23 +1,29 @@
 """Command line: `smoothq quantize | eval | generate | compare | verify | inspect | bench | export`, each a thin
-layer over the Python API."""
+layer over the Python API.
+
+Nothing here imports torch or transformers before argparse has parsed (they take seconds, and
+`smoothq --help` should not): the parser reads its defaults and choices from smoothq.defaults,
+smoothq.config and smoothq.recipe, and each subcommand imports what it uses."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import backends
 from .config import SCHEMES, check_alpha, get_scheme
-from .data import BOS_PROTOCOLS, DEFAULT_CALIB, DEFAULT_EVAL, DataError, Windows, calib_samples, eval_windows
-from .models import DEFAULT_MODEL, ModelNotFound
+from .defaults import BACKENDS, BENCH_CONFIGS, BOS_PROTOCOLS, DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MODEL
+from .defaults import INSPECT_HEAT_TOKENS, INSPECT_TOKENS
 from .recipe import PRESETS, Recipe, RecipeError
+
+if TYPE_CHECKING:
+    from .data import Windows
 
 
 def _floats(text: str) -> list[float | str]:
@@ -129,7 +135,7 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=128, help="number of calibration sequences (default: 128)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=backends.names())
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="calibrate, smooth and quantize a model; optionally save and evaluate it")
     _add_model(q)
-    r = q.add_argument_group("recipe (smoothq/recipe.py): everything the run does, in one file; the flags below "
-                                "that differ from their defaults override it")
+    r = q.add_argument_group("recipe (smoothq/recipe.py): everything the run does, in one file; every flag below "
+                                "that is typed overrides it (the recipe's name then says so, e.g. best-w8a8+alpha=0.8)")
     r.add_argument("--preset", choices=list(PRESETS), help="a measured recipe: " + "; ".join(
         f"{k} = {Recipe.preset(k).describe().split(': ', 1)[1]}" for k in PRESETS))
     r.add_argument("--recipe", metavar="FILE", help="a recipe .yaml/.json, or a checkpoint directory whose recipe to reuse")
@@ -205,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=_positive_int, default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--backend", default="auto", choices=backends.names())
+    g.add_argument("--backend", default="auto", choices=BACKENDS)
     g.add_argument("--cpu-fast", action="store_true",
                    help="run a quantized checkpoint on the CPU fast path (sq.optimize_for_cpu: oneDNN int8 on "
                         "prepacked weights, the rest in bf16)")
@@ -226,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="where the forward pass runs (default: cpu)")
     v.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="float tensors are cast to this for the forward pass (default: float32)")
-    v.add_argument("--backend", default="auto", choices=backends.names())
+    v.add_argument("--backend", default="auto", choices=BACKENDS)
     v.add_argument("--tokens", type=_positive_int, default=8, help="tokens of the forward pass (default: 8)")
     _add_inspect(sub)
     _add_bench(sub)
@@ -237,10 +243,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 _QUIET = False  # -q: no info lines (set by main)
 
+# Everything each subcommand writes: {argument: kind}, kind "file" or a directory kind
+# (preflight.DIRECTORY_KINDS: whose existing directory --force may replace). main checks them all
+# (preflight.check_outputs) before the subcommand starts; an option that writes is declared here.
+OUTPUTS = {
+    "quantize": {"output": "checkpoint", "save_recipe": "file"},
+    "eval": {"json": "file"},
+    "generate": {},
+    "compare": {"json": "file"},
+    "verify": {},
+    "inspect": {"output": "report", "json": "file"},
+    "bench": {"json": "file"},
+    "export": {"onnx": "onnx"},
+    "archs": {"json": "file"},
+}
+
+
+def _check_outputs(args) -> None:
+    """Every declared output of this subcommand, before any work (a refusal is one error line)."""
+    from .preflight import check_outputs
+
+    flags = {a.dest: max(a.option_strings, key=len, default=a.dest)
+             for a in subparser(build_parser(), args.command)._actions}
+    outputs = [(flags[dest], getattr(args, dest), kind) for dest, kind in OUTPUTS[args.command].items()
+               if getattr(args, dest, None) is not None]
+    model = getattr(args, "model", None)  # a local input model is never written over
+    sources = [Path(model).expanduser()] if model and Path(model).expanduser().exists() else []
+    check_outputs(outputs, force=getattr(args, "force", False), sources=sources)
+
+
+def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return subparsers(parser)[command]
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser of each subcommand (argparse keeps them in its private action list)."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
 
 def _add_inspect(sub) -> None:
-    from .inspect import DEFAULT_HEAT_TOKENS, DEFAULT_TOKENS
-
     i = sub.add_parser("inspect", help="an HTML report of what smoothing does to each linear's activations, weights "
                                        "and INT8 errors, from one calibration pass (needs matplotlib)")
     _add_model(i)
@@ -261,10 +302,10 @@ def _add_inspect(sub) -> None:
     i.add_argument("--recipe", metavar="FILE", help="the same from a recipe file or checkpoint directory")
     _add_calib(i)
     i.add_argument("--bos", default="auto", choices=BOS_PROTOCOLS, help="start of each calibration sample (see eval)")
-    i.add_argument("--tokens", type=_positive_int, default=DEFAULT_TOKENS,
-                   help=f"calibration rows kept per linear to measure the errors on (default: {DEFAULT_TOKENS})")
-    i.add_argument("--heat-tokens", type=_positive_int, default=DEFAULT_HEAT_TOKENS,
-                   help=f"tokens of calibration sample 0 in the token x channel maps (default: {DEFAULT_HEAT_TOKENS})")
+    i.add_argument("--tokens", type=_positive_int, default=INSPECT_TOKENS,
+                   help=f"calibration rows kept per linear to measure the errors on (default: {INSPECT_TOKENS})")
+    i.add_argument("--heat-tokens", type=_positive_int, default=INSPECT_HEAT_TOKENS,
+                   help=f"tokens of calibration sample 0 in the token x channel maps (default: {INSPECT_HEAT_TOKENS})")
     i.add_argument("--json", help="also write every number (one row per linear) as JSON here")
 
 
@@ -289,6 +330,8 @@ def _preflight(args, recipe=None, **kw) -> None:
 
 
 def _load(args):
+    import torch
+
     from .io import is_quantized_checkpoint, load
     from .models import load_model
 
@@ -307,6 +350,8 @@ def _load(args):
 
 def _calibration(args, tok, evaluated: Windows | None) -> Windows:
     """Calibration windows as the recipe (or the calibration flags of eval/compare) say."""
+    from .data import DataError, calib_samples
+
     c = args.calibration if isinstance(args, Recipe) else None
     if c is not None:
         calib = calib_samples(tok, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=evaluated, chat=c.chat,
@@ -325,6 +370,8 @@ def _calibration(args, tok, evaluated: Windows | None) -> Windows:
 
 
 def _evaluation(args, tok, source: str | None = None) -> Windows:
+    from .data import eval_windows
+
     windows = eval_windows(tok, source or args.data, seqlen=args.seqlen, max_windows=args.max_windows, bos=args.bos)
     _say(f"evaluation: {windows.describe()}")
     return windows
@@ -362,27 +409,66 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# the recipe fields each quantize flag sets (_flags_recipe): typed with --preset / --recipe, it overrides them
+FLAG_FIELDS = {
+    "scheme": ["scheme"], "alpha": ["smoothing.alpha"], "no_smooth": ["smoothing.alpha"],
+    "smooth_extra": ["smoothing.extra"], "search_samples": ["smoothing.search.samples"],
+    "search_strategy": ["smoothing.search.strategy"], "blockwise": ["smoothing.search.blockwise"],
+    "no_guard": ["smoothing.search.guard"], "guard_samples": ["smoothing.search.guard_samples"],
+    "clip": ["clip.method"], "clip_percentile": ["clip.percentile"], "rotate": ["rotation.kind"],
+    "seed": ["rotation.seed", "calibration.seed"], "rotate_inputs": ["rotate_inputs"], "sink_tokens": ["sink_tokens"],
+    "calib": ["calibration.source"], "samples": ["calibration.samples"], "calib_seqlen": ["calibration.seqlen"],
+    "chat_calib": ["calibration.chat"], "bos": ["calibration.bos"], "propagate": ["propagation"],
+    "format": ["output.format"], "save_dtype": ["output.dtype"], "embeddings": ["output.embeddings"],
+}
+
+
 def _recipe(args) -> Recipe:
-    """--preset / --recipe, with every flag that differs from its default applied on top; the flags
-    alone without either."""
+    """--preset / --recipe with every flag typed on the command line applied on top, even one equal
+    to its default (its name then says so: best-w8a8+alpha=0.8); a combination the recipe cannot
+    run is a RecipeError naming it. The flags alone without either."""
     if args.preset and args.recipe:
         raise RecipeError("pass --preset or --recipe, not both")
-    flags = _flat(Recipe.from_dict(_flags_recipe(args)).to_dict())
     if not (args.preset or args.recipe):
-        recipe = Recipe.from_dict(_flags_recipe(args))
-    else:
-        defaults = _flat(Recipe.from_dict(_flags_recipe(build_parser().parse_args(["quantize"]))).to_dict())
-        changed = {k: v for k, v in flags.items() if v != defaults.get(k) and k != "propagation"}
-        if args.propagate:
-            changed["propagation"] = args.propagate
-        base = Recipe.preset(args.preset) if args.preset else Recipe.from_file(args.recipe)
-        recipe = base.override(changed)
-    if args.save_recipe:
-        recipe.to_file(args.save_recipe)
-    return recipe
+        return Recipe.from_dict(_flags_recipe(args))
+    base = Recipe.preset(args.preset) if args.preset else Recipe.from_file(args.recipe)
+    flags = _flat(_flags_recipe(args))
+    typed = [dest for dest in FLAG_FIELDS if dest in args.typed]
+    try:
+        recipe = base.override({field: flags[field] for dest in typed for field in FLAG_FIELDS[dest]})
+    except RecipeError as exc:
+        given = f"--preset {args.preset}" if args.preset else f"--recipe {args.recipe}"
+        raise RecipeError(f"{given} with {', '.join('--' + d.replace('_', '-') for d in typed)}: {exc}") from None
+    before, after = _flat(base.to_dict()), _flat(recipe.to_dict())
+    changed = [dest for dest in typed if any(before[f] != after[f] for f in FLAG_FIELDS[dest])]
+    if not changed:
+        return recipe
+    labels = [dest.replace("_", "-") + ("" if getattr(args, dest) is True else f"={getattr(args, dest)}")
+              for dest in changed]  # as typed: alpha=0.8, rotate-inputs
+    return dataclasses.replace(recipe, name="+".join([base.name or Path(args.recipe).name, *labels]))
+
+
+def typed_options(argv: list[str] | None) -> set[str]:
+    """The dests of the options typed on the command line (argparse alone cannot tell a default from
+    a typed value equal to it): `argv` parsed again with every default suppressed."""
+    bare = build_parser()
+    for parser in [bare, *subparsers(bare).values()]:
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, and in `typed` which options were typed (typed_options)."""
+    args = build_parser().parse_args(argv)
+    args.typed = typed_options(argv)
+    return args
 
 
 def _device_map(args):
+    from .data import DataError
+
     device_map = args.device_map
     if device_map and device_map not in ("auto", "balanced"):
         try:
@@ -405,6 +491,13 @@ def cmd_quantize(args) -> int:
     _preflight(args, recipe, output=args.output, force=args.force, sequential=args.sequential, resume=args.resume,
                device_map=_device_map(args), int8_attention=args.int8_attention, samples=recipe.calibration.samples,
                eval_sources=[args.data] if args.eval else (), seqlen=args.seqlen if args.eval else None, bos=args.bos)
+    if not (args.output or args.eval):  # after the refusals that name a wrong option, before any work
+        from .preflight import PreflightError
+
+        raise PreflightError("quantize without -o or --eval would calibrate, smooth and quantize, then throw the "
+                             "result away: add -o OUT to save the checkpoint, or --eval to report its perplexity")
+    if args.save_recipe:
+        recipe.to_file(args.save_recipe)
     t0 = time.perf_counter()
     if args.sequential:
         from transformers import AutoTokenizer
@@ -457,15 +550,23 @@ def _print_row(**columns) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
-    """A markdown table, one row per dict (all with the same keys); the last column is the result,
-    so `line.split("|")[-2]` reads it."""
-    print("| " + " | ".join(rows[0]) + " |\n" + "|---" * len(rows[0]) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(v) for v in row.values()) + " |")
+    print(markdown_table(rows))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A markdown table, one row per dict. The columns are every key of any row, in the order first
+    seen (rows may differ: bench's "vs bf16" is absent from the bf16 row); a missing cell is "-".
+    In the subcommands' tables the last column is the result, so `line.split("|")[-2]` reads it."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731 - one cell, one line
+    lines = ["| " + " | ".join(map(cell, columns)) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c, "-")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
     from .calibrate import calibrate
+    from .data import DataError
     from .evaluate import perplexity
     from .nn import quantize
     from .record import record
@@ -549,13 +650,21 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import torch
+
+    from .data import DataError
+
     if not args.prompt.strip():
         raise DataError("the prompt is empty: pass the text to complete, e.g. smoothq generate OUT \"The capital of "
                         "France is\"")
-    _preflight(args)
+    _preflight(args, chat=args.chat)
     model, tok = _load(args)
     if tok is None:
         raise DataError(f"{args.model} has no tokenizer files; save the checkpoint with its tokenizer")
+    if args.chat and not getattr(tok, "chat_template", None):  # a Hub id: known only now
+        from .preflight import no_chat_template
+
+        raise DataError(no_chat_template(args.model))
     if args.cpu_fast:
         from .cpu_fast import optimize_for_cpu
 
@@ -615,15 +724,14 @@ _INSPECT_CALIB = {"calib": "source", "samples": "samples", "calib_seqlen": "seql
 
 
 def _inspect_recipe(args) -> Recipe | None:
-    """The --preset / --recipe, with the calibration flags that differ from their defaults applied."""
+    """The --preset / --recipe, with the calibration flags typed on the command line applied."""
     if args.preset and args.recipe:
         raise RecipeError("pass --preset or --recipe, not both")
     if not (args.preset or args.recipe):
         return None
     recipe = Recipe.preset(args.preset) if args.preset else Recipe.from_file(args.recipe)
-    defaults = build_parser().parse_args(["inspect", "-o", "x"])
     changed = {f"calibration.{field}": getattr(args, flag) for flag, field in _INSPECT_CALIB.items()
-               if getattr(args, flag) != getattr(defaults, flag)}
+               if flag in args.typed}
     ignored = [what for what, on in (("rotation", recipe.rotation.kind), ("clipping", recipe.clip.method),
                                      ("online input rotation", recipe.rotate_inputs),
                                      ("sink tokens", recipe.sink_tokens)) if on]
@@ -636,11 +744,8 @@ def cmd_inspect(args) -> int:
     from .inspect import inspect_model
     from .report import require_matplotlib, write_report
 
-    from .io import check_output
-    from .report import not_a_report
-
-    require_matplotlib()  # before any work: the plots are the point
-    out = check_output(args.output, args.force, replaceable=not_a_report)  # --force replaces only a report
+    require_matplotlib()  # before any work: the plots are the point (main checked the outputs)
+    out = Path(args.output).expanduser()
     recipe = _inspect_recipe(args)
     smoothing = recipe.smoothing if recipe else None
     alpha = args.alpha if args.alpha is not None else (smoothing.alpha if smoothing else 0.5)
@@ -673,14 +778,12 @@ def cmd_inspect(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    from .bench import CONFIGS
-
     b = sub.add_parser("bench", help="inference speed and memory on this CPU: fp32, bf16 and W8A8/O3 (oneDNN int8, "
                                      "weights prepacked) in one run")
     b.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="bundled name, .gguf, directory, a checkpoint saved by smoothq, or random:SHAPE "
                         "(random weights; SHAPE: llama3.2-1b, llama2-7b, tiny)")
-    b.add_argument("--configs", default="fp32,bf16,w8a8", help=f"comma-separated, from {', '.join(CONFIGS)} "
+    b.add_argument("--configs", default="fp32,bf16,w8a8", help=f"comma-separated, from {', '.join(BENCH_CONFIGS)} "
                                                                 "(default: fp32,bf16,w8a8)")
     b.add_argument("--prefill", default="1x512,8x512", help="prefill shapes BATCHxTOKENS (default: 1x512,8x512)")
     b.add_argument("--decode", default="1,8", help="decode batch sizes (default: 1,8)")
@@ -735,13 +838,11 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .io import check_output
-    from .onnx_export import _not_an_export, describe, export_onnx, require_onnx
+    from .onnx_export import describe, export_onnx, require_onnx
 
-    require_onnx()  # before any work: the packages, then the output, then the model
+    require_onnx()  # before any work (main checked the output): the packages, then the model
     source = Path(args.model).expanduser()
     sources = (args.model,) if source.is_dir() else ()
-    check_output(args.onnx, args.force, sources, replaceable=_not_an_export)
     args.dtype, args.device, args.backend = "float32", "cpu", "auto"  # the graph is float32, on the CPU
     model, tok = _load(args)
     t0 = time.perf_counter()
@@ -764,29 +865,12 @@ def _add_archs(sub) -> None:
     a.add_argument("--json", help="also write the report (groups, errors, unsmoothed linears, register code) here")
 
 
-def _check_json_output(path: str) -> None:
-    """Before any work: a --json file must be writable where it is asked to go."""
-    import os
-
-    from .io import OutputError
-
-    target = Path(path).expanduser()
-    parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise OutputError(f"--json {path} is a directory; give a file name")
-    if not parent.is_dir():
-        raise OutputError(f"--json {path}: the directory {parent} does not exist; create it or write elsewhere")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"--json {path}: {parent} is not writable; write elsewhere")
-
-
 def cmd_archs(args) -> int:
     import json
 
     from .archs.discover import describe
+    from .models import ModelNotFound
 
-    if args.json:
-        _check_json_output(args.json)
     if args.model.startswith("random:"):
         from .archs.tiny import causal_lm_types, tiny_model
 
@@ -848,16 +932,18 @@ def main(argv: list[str] | None = None) -> int:
     model/checkpoint/data, refused options, output not writable or disk full: one 'error:' line
     saying what and how to fix it); 1 a bug (traceback, and a request to report it); 130 interrupted."""
     global _QUIET
+    args = parse_args(argv)  # first: --help and usage errors import nothing heavy
     from .archs import UnsupportedArchError
-    from .calibrate import CalibrationError
     from .bench import BenchError
+    from .calibrate import CalibrationError
     from .cpu_fast import CpuFastError
+    from .data import DataError
     from .inspect import InspectError
     from .io import CheckpointError, OutputError
+    from .models import ModelNotFound
     from .onnx_export import OnnxExportError
     from .preflight import PreflightError
 
-    args = build_parser().parse_args(argv)
     expected = (DataError, RecipeError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError,
                 FileExistsError, PreflightError, OutputError, InspectError, BenchError, CpuFastError, OnnxExportError)
     quiet, _QUIET = _QUIET, bool(args.quiet)
@@ -865,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            _check_outputs(args)
             return COMMANDS[args.command](args)
     except expected as exc:
         _error(f"error: {exc}")

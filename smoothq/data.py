@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from .defaults import BOS_PROTOCOLS, DEFAULT_CALIB, DEFAULT_EVAL
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,15 +55,10 @@ SOURCES = {
     "ptb": Source("ptb-test.txt", "test"),
     "lambada": Source("lambada_openai_test.jsonl", "test"),
 }
-DEFAULT_CALIB = "wikitext2-train"
-DEFAULT_EVAL = "wikitext2"
 
 
 class DataError(ValueError):
     pass
-
-
-BOS_PROTOCOLS = ("auto", "window", "stream", "none")
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:

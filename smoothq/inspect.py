@@ -47,15 +47,12 @@ from tqdm.auto import tqdm
 from .archs import Arch, resolve, weight_nk
 from .calibrate import ActStats, calibrate
 from .config import QuantScheme, check_alpha, get_scheme
+from .defaults import INSPECT_HEAT_TOKENS as DEFAULT_HEAT_TOKENS, INSPECT_TOKENS as DEFAULT_TOKENS
 from .quant import QMAX, absmax_to_scale, quantize_weight
 from .record import record
 from .search import GRID
 from .smooth import TINY, group_scales
 
-# Rows of the kept input sample per linear: enough for stable SQNRs, bounded memory
-# (tokens x the sum of the distinct input widths x 4 bytes; SmolLM2-135M at 256: ~100 MB).
-DEFAULT_TOKENS = 256
-DEFAULT_HEAT_TOKENS = 128  # tokens of calibration sample 0 in each token x channel map
 LIMITING = 10  # linears listed in each "limiting" ranking
 
 

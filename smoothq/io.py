@@ -191,8 +191,20 @@ def clean_stale(out: Path) -> list[Path]:
     return removed
 
 
+def chmod_by_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir / open would (0755 / 0644 under
+    umask 022), so a server running as another user can read the checkpoint: tempfile.mkdtemp
+    makes 0700 directories, and safetensors writes its files 0600."""
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def replace_dir(src: Path, out: Path) -> None:
     """Move a finished directory into place; an existing `out` is swapped out first, never merged."""
+    chmod_by_umask(src)  # both writers (atomic_dir, the layered executor) come through here
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
@@ -467,6 +479,9 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
             extra["keep_float"] = list(arch.keep_float)
     if rec.rotation:  # weights are in the rotated basis (rotate.py)
         extra["rotation"] = rec.rotation
+    module_state = forward_state(model)
+    if module_state:
+        extra["module_state"] = module_state
     if sink_tokens and scheme.activations != "per_token":
         if format == "compressed-tensors":
             raise CheckpointError(
@@ -689,6 +704,10 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
     # the validator checked every name, dtype kind and shape: nothing can be missing or unexpected here
     model.load_state_dict(state, strict=False)
     model.tie_weights()
+    _untie_differing(model, state)
+    for name, value in quant.module_state.items():  # what the model's own forward had set (forward_state)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, value)
     rec = record(model)
     rec.scheme = scheme
     rec.rotation = quant.rotation
@@ -723,6 +742,54 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
             warnings.warn(f"{folder}: the tokenizer does not load ({type(exc).__name__}: {str(exc)[:200]}); "
                           "the model loads without it")
     return model, tokenizer
+
+
+@torch.no_grad()
+def _untie_differing(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """tie_weights() makes tied names one tensor; where the checkpoint holds different values under
+    them (Zamba's shared transformer: one weight, but each layer's own O3 input scale), each name
+    gets its own tensor back, as the quantized model had."""
+    for name, saved in state.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        current = getattr(module, leaf, None)
+        if not isinstance(current, torch.Tensor) or current.shape != saved.shape or torch.equal(current, saved.to(current)):
+            continue
+        value = saved.to(device=current.device, dtype=current.dtype)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[leaf] = value
+
+
+def forward_state(model: nn.Module) -> dict:
+    """Plain attributes (bool, int, float) of the model's own modules whose value differs from a
+    freshly built model's: state its forward changed, that the saved weights depend on (RWKV divides
+    its weights in place at the first eval forward and sets `layers_are_rescaled`). Recorded in
+    config.json so load() sets them again."""
+    from .models import causal_lm_from_config
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    try:
+        with torch.device("meta"):
+            fresh = causal_lm_from_config(config)
+    except Exception:  # noqa: BLE001 - a model not built from its config: nothing to compare with
+        return {}
+    fresh_modules = dict(fresh.named_modules())
+    out = {}
+    for name, module in model.named_modules():
+        other = fresh_modules.get(name)
+        if other is None or type(other) is not type(module):
+            continue
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or attr == "training" or type(value) not in (bool, int, float):
+                continue
+            before = vars(other).get(attr)
+            if type(before) is type(value) and before != value:
+                out[f"{name}.{attr}" if name else attr] = value
+    return out
 
 
 @torch.no_grad()

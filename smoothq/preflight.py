@@ -16,7 +16,11 @@ One function, called by `smoothq quantize` (both executors), `eval`, `compare` a
 - the output (io.check_output): not the input model, a parent of it or inside it, not `.`, not a
   file, not an existing directory unless `--force` and then only a checkpoint smoothq wrote,
   writable; and enough free disk space for the planned checkpoint (its size computed from the
-  skeleton's parameters, the scheme's int8 weights and the recipe's output dtype).
+  skeleton's parameters, the scheme's int8 weights and the recipe's output dtype);
+- what the tokenizer must offer for the options: a chat template for `--chat`.
+
+`check_outputs` checks every output a subcommand declares (cli.OUTPUTS: checkpoints, reports,
+ONNX directories, --json and --save-recipe files) before the subcommand starts.
 
 Refusals are PreflightError (or the library's own errors: ModelNotFound, RecipeError, OutputError,
 FileExistsError, UnsupportedArchError, DataError); the return value lists warnings.
@@ -24,7 +28,9 @@ FileExistsError, UnsupportedArchError, DataError); the return value lists warnin
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -38,6 +44,100 @@ class PreflightError(ValueError):
 
 
 MARGIN_BYTES = 1 << 20  # tokenizer, config and index files on top of the tensors
+
+# the directory kinds an output can be: whose existing directory --force may replace
+DIRECTORY_KINDS = ("checkpoint", "report", "onnx")
+
+
+def _replaceable(kind: str):
+    """io.check_output's `replaceable` rule of a directory kind (None: a smoothq checkpoint)."""
+    if kind == "report":
+        from .report import not_a_report
+
+        return not_a_report
+    if kind == "onnx":
+        from .onnx_export import _not_an_export
+
+        return _not_an_export
+    return None
+
+
+def check_outputs(outputs: list[tuple[str, str, str]], force: bool = False, sources=()) -> None:
+    """Refuse, before any work, every output that could not be written: `outputs` lists (flag, path,
+    kind), kind "file" or one of DIRECTORY_KINDS. A directory follows io.check_output (not the input,
+    replace rules, writable); a file must be a file name in an existing, writable directory, not a
+    file of the input model, not inside a directory output (replaced as a whole), not another
+    output's path."""
+    from .io import check_output
+
+    dirs = [(flag, Path(path).expanduser().resolve()) for flag, path, kind in outputs if kind != "file"]
+    seen: dict[Path, str] = {}
+    for flag, path, kind in outputs:
+        where = Path(path).expanduser().resolve()
+        if where in seen:
+            raise PreflightError(f"{flag} {path} is also {seen[where]}'s path: give each output its own")
+        seen[where] = flag
+        if kind == "file":
+            check_file_output(path, flag, sources, [(f, d) for f, d in dirs])
+        else:
+            check_output(path, force, sources, replaceable=_replaceable(kind))
+
+
+def check_file_output(path: str | Path, flag: str, sources=(), dirs=()) -> Path:
+    """A single file a command writes (--json, --save-recipe): see check_outputs."""
+    from .io import OutputError, _read_only
+
+    target = Path(path).expanduser()
+    where = target.resolve()
+    if target.is_dir():
+        raise OutputError(errno.EISDIR, f"{flag} {path} is a directory; give a file name")
+    for dir_flag, folder in dirs:
+        if where.is_relative_to(folder):
+            raise OutputError(errno.EINVAL, f"{flag} {path} is inside {dir_flag} {folder}, which is written as a "
+                                            "whole (and replaced with --force); write it elsewhere")
+    for src in sources:
+        src = Path(src).expanduser().resolve() if src is not None else None
+        if src is not None and where.exists() and (where == src or src.is_dir() and where.is_relative_to(src)):
+            raise OutputError(errno.EINVAL, f"{flag} {path} would overwrite a file of the input model {src}; "
+                                            "write elsewhere")
+    parent = where.parent
+    if not parent.is_dir():
+        raise OutputError(errno.ENOENT, f"{flag} {path}: the directory {target.parent} does not exist; create it "
+                                        "or write elsewhere")
+    if _read_only(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "on a read-only file system" if _read_only(parent) else "not writable"
+        raise OutputError(errno.EACCES, f"{flag} {path}: {parent} is {why}; write elsewhere")
+    return target
+
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "additional_chat_templates")  # transformers 5
+
+
+def chat_template(local: Path | None) -> bool | None:
+    """Whether the tokenizer of a local model (directory or .gguf) has a chat template, read from
+    its small files (tokenizer_config.json, chat_template.jinja/.json) or GGUF metadata; None when
+    that cannot be told before loading (a Hub id)."""
+    if local is None:
+        return None
+    local = Path(local)
+    if local.is_file():
+        from gguf import GGUFReader
+
+        try:
+            return "tokenizer.chat_template" in GGUFReader(local).fields
+        except Exception:  # noqa: BLE001 - an unreadable GGUF is reported by the loader
+            return None
+    if any((local / name).exists() for name in CHAT_TEMPLATE_FILES):
+        return True
+    try:
+        return bool(json.loads((local / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def no_chat_template(model: str) -> str:
+    return (f"--chat: the tokenizer of {model} has no chat template (a base model, or a checkpoint saved without "
+            "it); drop --chat to complete the prompt as plain text")
 
 
 def _gib(n: float) -> str:
@@ -70,7 +170,7 @@ def read_config(name: str, gguf_file: str | None = None):
     converted copy in the cache when there is one). A Hub id gives (None, None, None)."""
     from transformers import AutoConfig
 
-    from .models import _cache_root, check_model_path, resolve_gguf
+    from .models import check_model_path, converted_dir, resolve_gguf
 
     if gguf_file:
         path = Path(name) / gguf_file
@@ -80,8 +180,7 @@ def read_config(name: str, gguf_file: str | None = None):
     else:
         gguf = resolve_gguf(name)
     if gguf is not None:
-        stat, root = gguf.stat(), _cache_root()
-        cached = root / "converted" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}" if root else None
+        cached = converted_dir(gguf)
         try:
             if cached is not None and (cached / "config.json").is_file():
                 config = AutoConfig.from_pretrained(cached)
@@ -201,14 +300,15 @@ def preflight(model: str, recipe=None, output: str | Path | None = None, *, forc
               gguf_file: str | None = None, sequential: bool = False, resume: bool = False, device: str = "cpu",
               device_map=None, dtype: str = "float32", need_tokenizer: bool = True,
               calib: tuple[str, int] | None = None, eval_sources=(), seqlen: int | None = None, bos: str = "auto",
-              int8_attention: str | None = None, samples: int | None = None, check_calib: bool = True) -> list[str]:
+              int8_attention: str | None = None, samples: int | None = None, check_calib: bool = True,
+              chat: bool = False) -> list[str]:
     """Every check possible before the model is loaded (module docstring); the warnings, as lines.
 
     model: a bundled name, .gguf, directory or Hub id. recipe: the Recipe a quantize run will run
     (None for eval/generate). calib: (source, seqlen) of the calibration text (default: the
     recipe's; check_calib=False: the caller brings its own token ids). eval_sources / seqlen: texts
     evaluated and their window length. samples: calibration samples (for the sequential executor's
-    saved activations)."""
+    saved activations). chat: the prompt goes through the tokenizer's chat template (generate --chat)."""
     warnings: list[str] = []
     if resume and not sequential:
         raise PreflightError("--resume continues an interrupted --sequential run; add --sequential")
@@ -235,6 +335,8 @@ def preflight(model: str, recipe=None, output: str | Path | None = None, *, forc
                                  "original model's tokenizer into it (smoothq quantize -o saves it with the checkpoint)")
     if recipe is not None and checkpoint:
         raise PreflightError(f"{model} is already a quantized checkpoint; quantize the float model it came from")
+    if chat and chat_template(local) is False:
+        raise PreflightError(no_chat_template(model))
 
     limit = max_positions(config) if config is not None else None
     if calib is None and recipe is not None and check_calib:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import check_alpha, get_scheme
+from .defaults import BOS_PROTOCOLS, ROTATIONS, SMOOTHING_OPTIONS
 
 
 class RecipeError(ValueError):
@@ -228,10 +229,11 @@ class Recipe:
                 check_alpha(s.alpha)
             except (ValueError, TypeError) as exc:
                 raise RecipeError(f"smoothing.alpha: {exc} (or 'auto' to search it, null for no smoothing)") from None
-        from .archs import check_options
-
         try:
-            check_options(s.extra)
+            if not set(s.extra) <= {"all", *SMOOTHING_OPTIONS}:  # archs.check_options words the refusal
+                from .archs import check_options
+
+                check_options(s.extra)
             for _, a in s.alphas:
                 check_alpha(a)
         except (ValueError, TypeError) as exc:
@@ -245,16 +247,13 @@ class Recipe:
             raise RecipeError(f"clip.method must be null, 'mse' or 'percentile', got {self.clip.method!r}")
         if not 0 < self.clip.percentile <= 100:
             raise RecipeError(f"clip.percentile must be in (0, 100], got {self.clip.percentile}")
-        from .rotate import KINDS
-
-        if self.rotation.kind not in (None, *KINDS):
-            raise RecipeError(f"rotation.kind must be null or one of {', '.join(KINDS)}, got {self.rotation.kind!r}")
+        if self.rotation.kind not in (None, *ROTATIONS):
+            raise RecipeError(f"rotation.kind must be null or one of {', '.join(ROTATIONS)}, "
+                              f"got {self.rotation.kind!r}")
         c = self.calibration
         for k in ("samples", "seqlen", "batch_size"):
             if _int(getattr(c, k)) < 1:
                 raise RecipeError(f"calibration.{k} must be a positive integer, got {getattr(c, k)!r}")
-        from .data import BOS_PROTOCOLS
-
         if c.bos not in BOS_PROTOCOLS:
             raise RecipeError(f"calibration.bos must be one of {', '.join(BOS_PROTOCOLS)}, got {c.bos!r} ('auto': a "
                               "BOS in front of every sample if the tokenizer adds one, else the paper's 'stream')")

@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from .archs import Arch, UnsupportedArchError, _expand, resolve, weight_nk
+from .defaults import ROTATIONS
 from .record import record
 
-KINDS = ("hadamard", "orthogonal")
+KINDS = ROTATIONS
 
 
 def _is_prime(q: int) -> bool:

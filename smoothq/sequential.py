@@ -9,13 +9,18 @@ thing without accelerate), so it holds no weights. Then:
 1. Plan. A second meta skeleton goes through `resolve` and `W8A8Linear` swaps exactly as
    `quantize()` would; `io.quantized_state` and `io.checkpoint_config` on it give the complete
    output layout (names, dtypes, shapes, shard split) and config.json, identical to what
-   `smoothq.io.save` writes for the in-memory pipeline. The shard files are created at their final
-   size (a full disk fails here, not hours later).
+   `smoothq.io.save` writes for the in-memory pipeline. Weights shared between layers are refused.
 2. Embeddings. The non-layer input-side weights are read, and every calibration batch runs
    through the model with each decoder layer replaced by a recorder: the first records the hidden
    states entering layer 0, every one records the arguments its layer is called with (attention
    masks, rotary position embeddings, ALiBi, position ids; these differ per layer in sliding-window
-   models), the last stops the forward. The non-layer tensors are written out and freed.
+   models), the last stops the forward (on the first batch the forward runs on, so that a layer
+   called twice is refused). Outputs a layer passes on to the next besides the hidden states are
+   FromLayer markers in the recorded calls, filled with the real values as the layers run.
+   A model the table does not list then has the first block of each structure read and
+   discovered (`settle`), and the plan redone with what discovery found (linears kept float).
+   The shard files are created at their final size (a full disk fails here, before any layer);
+   the non-layer tensors are written out and freed.
 3. Layers, in order: read layer i's weights onto its device; run every batch through it with
    hooks collecting the per-channel input abs-max of its linears (the same reduction as
    `calibrate`); `smooth()` and `quantize()` it through a one-layer view of the model (so every
@@ -271,11 +276,15 @@ class _Recorder(nn.Module):
     it and hands its input on unchanged (only the arguments matter there, never the values)."""
 
     def __init__(self, index: int, last: bool, calls: list, inputs: list, store: Callable,
-                 block: nn.Module | None = None, templates: dict | None = None, probe: Callable | None = None):
+                 block: nn.Module | None = None, templates: dict | None = None, probe: Callable | None = None,
+                 handed: list | None = None, changed: list | None = None):
         super().__init__()
         self.index, self.last, self.calls, self.inputs, self.store = index, last, calls, inputs, store
         self.templates = {} if templates is None else templates  # layer class -> output template, shared
         self.probe = probe
+        # the hidden states the last recorder handed on (shared by the recorders of one forward), and
+        # the layers whose input was not exactly that: the layered executor cannot replay such a step
+        self.handed, self.changed = handed if handed is not None else [None], changed if changed is not None else []
         # the layer it stands in for, not a submodule: the model may read plain attributes of its layers
         # (attention_type, layer_idx) while it calls them
         self.__dict__["_block"] = block
@@ -296,6 +305,9 @@ class _Recorder(nn.Module):
             hidden, rest, positional = kwargs.pop("hidden_states"), (), False
         if self.index == 0:
             self.inputs.append(self.store(hidden))
+        elif self.handed[-1] is not hidden:  # the model computed on the hidden states between two layers
+            self.changed.append(self.index)
+        self.handed[-1] = hidden
         self.calls.append((self.store(rest), self.store(kwargs), positional))
         if self.last:
             raise _Stop
@@ -966,9 +978,11 @@ class _Run:
                     # the first batch runs on past the last layer: a model that calls a layer again
                     # (recurrent, looped) is found here, before any work
                     whole = b == 0
+                    handed, changed = [None], []
                     for i in range(self.n):
                         self.layers[i] = _Recorder(i, i == self.n - 1 and not whole, sink, inputs, store, originals[i],
-                                                   templates, lambda j, originals=originals: self.probe(j, originals[j]))
+                                                   templates, lambda j, originals=originals: self.probe(j, originals[j]),
+                                                   handed, changed)
                     try:
                         _forward_no_logits(self.model, ids.to(self.embed_device))
                     except _Stop:
@@ -980,6 +994,11 @@ class _Run:
                         raise CalibrationError(
                             f"the model called its {self.n} decoder layers {len(sink)} times in one forward (it runs "
                             "some more than once, or skips some); the layered executor cannot run it layer by layer. "
+                            "Quantize it in memory (executor='in-memory'; without --sequential)")
+                    if changed:
+                        raise CalibrationError(
+                            f"the model changes the hidden states between decoder layers {changed[0] - 1} and "
+                            f"{changed[0]} (outside the layers); the layered executor cannot replay that step. "
                             "Quantize it in memory (executor='in-memory'; without --sequential)")
                     del sink[self.n:]
                     calls.append(sink)

@@ -67,6 +67,8 @@ class QuantConfig:
     rotation: dict | None = None  # the residual rotation (rotate.py) the weights were saved in
     # the recipe smoothq.run stored, unparsed: io.load warns (and loads the weights) if it does not read
     recipe: object = None
+    # module attributes the model's forward had set when it was saved (io.forward_state): load sets them
+    module_state: dict = field(default_factory=dict)
 
     @property
     def weights(self) -> str:
@@ -178,7 +180,16 @@ def _parse_smoothq(qc: dict, extra: dict, where: str) -> QuantConfig:
     return QuantConfig(
         format="smoothq", scheme=scheme, listed_modules=None if modules is None else tuple(modules),
         int8_embeddings=int8_embeddings, sink_tokens=sink_tokens, input_rotation=input_rotation,
-        rotation=_optional_dict(qc, "rotation", where), recipe=extra.get("recipe"))
+        rotation=_optional_dict(qc, "rotation", where), recipe=extra.get("recipe"),
+        module_state=_module_state(extra, where.replace("quantization_config", "smoothq")))
+
+
+def _module_state(extra: dict, where: str) -> dict:
+    state = extra.get("module_state") or {}
+    if not (isinstance(state, dict) and all(isinstance(k, str) and type(v) in (bool, int, float)
+                                            for k, v in state.items())):
+        raise _field(where, "module_state", state, "a mapping of module attribute names to booleans or numbers")
+    return dict(state)
 
 
 def _input_rotation(holder: dict, where: str) -> dict | None:
@@ -266,7 +277,8 @@ def _parse_compressed_tensors(qc: dict, extra: dict, where: str) -> QuantConfig:
     return QuantConfig(format="compressed-tensors", scheme=QuantScheme(weights, acts), ignore=tuple(ignore),
                        input_rotation=_ct_input_rotation(qc, extra, where),
                        rotation=_optional_dict(extra, "rotation", where.replace("quantization_config", "smoothq")),
-                       recipe=extra.get("recipe"))
+                       recipe=extra.get("recipe"),
+                       module_state=_module_state(extra, where.replace("quantization_config", "smoothq")))
 
 
 def _ignored(name: str, ignore: tuple[str, ...]) -> bool:

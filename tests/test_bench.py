@@ -69,6 +69,8 @@ def test_cli_runs_each_config_in_a_child_and_writes_json(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| config |" in printed and "| w8a8 |" in printed and "1 threads" in printed
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, printed  # the w8a8 row's "vs bf16" has a header
     doc = json.loads(out.read_text())
     assert set(doc["configs"]) == {"bf16", "w8a8"} and doc["threads"] == 1
     assert doc["speedup_vs_bf16"]["w8a8"]["weight memory"] < 1

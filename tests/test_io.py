@@ -198,3 +198,23 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     io.save(model, tmp_path / "ours")
     io.save(model, tmp_path / "ours", overwrite=True)
     assert (tmp_path / "ours" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("model_type, scheme", [("zamba", "O3"), ("rwkv", "W8A8")])
+def test_state_the_float_model_does_not_rebuild_round_trips(model_type, scheme, tmp_path):
+    """Zamba ties its shared transformer's weights across layers, but each layer keeps its own O3
+    input scale: load() unties what the checkpoint holds differently. RWKV divides its weights in
+    place at the first eval forward (layers_are_rescaled): the flag is saved and set again, so the
+    loaded model does not divide the int8 weights a second time."""
+    from smoothq.archs.tiny import random_ids, tiny_model
+
+    model = sq.run(tiny_model(model_type), {"scheme": scheme}, calib=random_ids(4, 16, seed=0), progress=False).model
+    ids = random_ids(2, 16, seed=5)
+    with torch.no_grad():
+        want = model(ids).logits
+    sq.save(model, tmp_path / "q", float_dtype="float32")
+    back, _ = sq.load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, want)
+    state = json.loads((tmp_path / "q" / "config.json").read_text())["smoothq"].get("module_state", {})
+    assert state == ({"rwkv.layers_are_rescaled": True} if model_type == "rwkv" else {})

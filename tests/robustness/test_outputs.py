@@ -217,3 +217,32 @@ def test_safetensors_errors_are_recognized_by_their_os_error():
     ro = io.write_error(SafetensorError("I/O error: Read-only file system (os error 30)"), Path("out"))
     assert ro.errno == errno.EROFS and "read-only file system" in str(ro)
     assert io.write_error(ValueError("not an I/O error"), Path("out")) is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_modes_follow_the_umask(tmp_path, umask):
+    """Readable like any model directory (a server running as another user loads it): the mode a
+    plain mkdir / open would give, not mkdtemp's 0700."""
+    before = os.umask(umask)
+    try:
+        out = io.save(_quantized(), tmp_path / "ckpt")
+        with io.atomic_dir(tmp_path / "other") as tmp:  # the ONNX export and the inspect report write through it
+            (tmp / "index.html").write_text("ok")
+    finally:
+        os.umask(before)
+    for folder in (out, tmp_path / "other"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, folder
+        for f in folder.rglob("*"):
+            want = (0o777 if f.is_dir() else 0o666) & ~umask
+            assert f.stat().st_mode & 0o777 == want, f
+
+
+def test_layered_checkpoint_modes_follow_the_umask(model_src, tmp_path, capsys):
+    before = os.umask(0o022)
+    try:
+        rc, err = run(capsys, "quantize", str(model_src), "--sequential", "-o", str(tmp_path / "ckpt"), *QUICK)
+    finally:
+        os.umask(before)
+    assert rc == 0, err
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "ckpt").rglob("*")} == {0o644}

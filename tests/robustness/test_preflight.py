@@ -3,6 +3,7 @@ failure exits 2 with one 'error:' line saying what is wrong and how to fix it, b
 loaded (the `no_load` fixture fails the test if anything loads); a bug exits 1 with a traceback and
 a request to report it; an interrupt exits 130."""
 
+import errno
 import json
 
 import pytest
@@ -143,7 +144,7 @@ def test_short_calibration_text_warns_how_often_it_repeats(capsys, model_src, tm
     short = tmp_path / "short.txt"
     short.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     rc, _, err = run(capsys, "-q", "quantize", str(model_src), "--calib", str(short), "--samples", "16",
-                     "--calib-seqlen", "64", "--scheme", "W8A8")
+                     "--calib-seqlen", "64", "--scheme", "W8A8", "-o", str(tmp_path / "q"))
     assert rc == 0, err
     warning = [line for line in err.splitlines() if line.startswith("warning: calibration")]
     assert len(warning) == 1 and "the text repeats about" in warning[0] and "times" in warning[0]
@@ -308,7 +309,10 @@ def test_quiet_silences_info_lines_and_bars_but_keeps_results_and_errors(capsys,
     assert rc == 0 and "model: " in err and "evaluation: " in err
 
 
-def test_os_errors_of_the_users_making_exit_2(capsys, model_src, tmp_path, small_text):
-    rc, _, err = run(capsys, "-q", "eval", str(model_src), "--data", small_text, "--seqlen", "32", "--max-windows", "1",
-                     "--json", str(tmp_path / "missing-dir" / "rows.json"))
+def test_os_errors_of_the_users_making_exit_2(capsys, monkeypatch, model_src):
+    def vanished(args):  # e.g. the --json directory removed while the command ran (preflight saw it there)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "gone/rows.json")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", vanished)
+    rc, _, err = run(capsys, "-q", "eval", str(model_src))
     assert rc == 2 and "No such file or directory" in error_line(err) and "rows.json" in err
