@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .archs import Arch, resolve
 from .archs.moe import all_experts, expert_token_counts
 from .record import record
+from .validate import check_int, check_model, check_token_rows, vocab_size
 
 
 class CalibrationError(RuntimeError):
@@ -73,6 +74,10 @@ def config_fingerprint(model: nn.Module) -> str | None:
         return None
     fields = {k: getattr(config, k, None) for k in _FINGERPRINT_KEYS}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class EmptySamplesError(CalibrationError, ValueError):
+    """No calibration tokens: a wrong argument (ValueError) and a failed calibration at once."""
 
 
 class StatsError(CalibrationError):
@@ -131,7 +136,7 @@ def _as_batches(samples, batch_size: int) -> list[torch.Tensor]:
         rows = [torch.as_tensor(r) for r in ids]
     rows = [r for r in rows if r.numel() > 0]
     if not rows:
-        raise CalibrationError(
+        raise EmptySamplesError(
             "no calibration tokens: the calibration samples are empty. Pass at least one sequence "
             "(e.g. smoothq.data.calib_samples(tokenizer, 'wikitext2-train', n=128, seqlen=512))"
         )
@@ -164,6 +169,9 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
     only: observe just these modules (online_rotation.recalibrate)."""
     from .sink import check_sink_tokens
 
+    check_model("model", model)
+    check_token_rows("samples", samples, vocab_size(model))
+    check_int("batch_size", batch_size)
     sink_tokens = check_sink_tokens(sink_tokens)
     res = resolve(model, arch)
     observed = res.observed()

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import math
 import sys
 import time
 import warnings
@@ -19,17 +20,43 @@ from typing import TYPE_CHECKING
 
 from .config import SCHEMES, check_alpha, get_scheme
 from .defaults import BACKENDS, BENCH_CONFIGS, BOS_PROTOCOLS, DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_MODEL
-from .defaults import INSPECT_HEAT_TOKENS, INSPECT_TOKENS
+from .defaults import INSPECT_HEAT_TOKENS, INSPECT_TOKENS, SMOOTHING_OPTIONS
 from .recipe import PRESETS, Recipe, RecipeError
 
 if TYPE_CHECKING:
     from .data import Windows
 
 
+# Every option's value is parsed by a strict `type=` callable (or `choices`), so argparse itself
+# refuses a bad value with exit 2 and one error line, before anything is imported or loaded. Each
+# callable is tagged with the kind of value it takes (and its bounds): the option walker
+# (tests/robustness/test_options.py) derives the bad values of every option from these tags, so a
+# new option is covered without a new test, and an untagged one fails it.
+
+
+def _kind(kind: str, **bounds):
+    """Tag an argparse type callable with its kind of value and bounds (see above)."""
+    def tag(parse):
+        parse.kind = kind
+        parse.__dict__.update(bounds)
+        return parse
+    return tag
+
+
+def _split(text: str, what: str, example: str) -> list[str]:
+    """A comma-separated list with at least one item."""
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, e.g. {example}; got {text!r}")
+    return items
+
+
+@_kind("alphas")
 def _floats(text: str) -> list[float | str]:
-    return [_alpha(v.strip()) for v in text.split(",") if v.strip()]
+    return [_alpha(v) for v in _split(text, "alphas", "0.5,0.8")]
 
 
+@_kind("alpha")
 def _alpha(text: str) -> float | str:
     if text.strip().lower() == "auto":  # per-group search (smoothq.search)
         return "auto"
@@ -48,46 +75,141 @@ def _add_plus(p: argparse.ArgumentParser, clip: bool = True) -> None:
     g.add_argument("--rotate-inputs", action="store_true",
                    help="after smoothing, rotate each MLP down projection's input online (exact fast Hadamard at "
                         "run time, QuaRot's R4): its outlier channels spread over all channels (O2/O3; smoothq format)")
-    g.add_argument("--sink-tokens", type=int, default=0, metavar="N",
+    g.add_argument("--sink-tokens", type=_nonnegative_int, default=0, metavar="N",
                    help="quantize the first N tokens of each sequence per token and calibrate per-tensor scales "
                         "without them (O2/O3; the attention sink of Llama-family models). Default 0")
-    g.add_argument("--smooth-extra", default="", metavar="OPTS",
+    g.add_argument("--smooth-extra", default="", type=_groups, metavar="OPTS",
                    help="also smooth exact extra groups: comma list of attn_vo, mlp_updown, opt_fc, or 'all'")
-    g.add_argument("--search-samples", type=int, default=4, help="calibration sequences the alpha search uses")
+    g.add_argument("--search-samples", type=_positive_int, default=4, help="calibration sequences the alpha search uses")
     g.add_argument("--search-strategy", default="coarse", choices=["grid", "coarse"],
                    help="alpha grid 0..1 step 0.05: every point, or every other point then refine (default)")
     g.add_argument("--blockwise", action="store_true", help="--alpha auto: one alpha per decoder block")
-    g.add_argument("--guard-samples", type=int, default=16,
+    g.add_argument("--guard-samples", type=_positive_int, default=16,
                    help="--alpha auto: calibration sequences the end-to-end guard scores on (default: 16)")
     g.add_argument("--no-guard", action="store_true",
                    help="--alpha auto: skip the end-to-end comparison with the global alphas")
     if clip:
         g.add_argument("--clip", choices=["mse", "percentile"], help="clip static activation scales (O3), per linear")
-        g.add_argument("--clip-percentile", type=float, default=99.9)
+        g.add_argument("--clip-percentile", type=_percentile, default=99.9)
         g.add_argument("--int8-attention", choices=["per-head", "per-tensor"],
                        help="also quantize Q, K, V and the attention probabilities (static scales; for --eval)")
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= minimum ("a positive integer" for 1)."""
+    @_kind("int", minimum=minimum)
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, "a non-negative integer")
+_window_length = _int_at_least(2, "a window length of at least 2 tokens")
+
+
+@_kind("float", low=0.0, high=100.0)
+def _percentile(text: str) -> float:
+    """A percentile in (0, 100]."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = math.nan
+    if not 0.0 < value <= 100.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {text!r}")
     return value
 
 
-def _nonnegative_int(text: str) -> int:
+def _text(kind: str, what: str):
+    """An argparse type: a non-empty string (a path, a name); whether it exists is preflight's."""
+    @_kind(kind)
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty string")
+        return text
+    return parse
+
+
+_model = _text("model", "a model name, .gguf file or directory")
+_output_path = _text("output", "a path to write to")
+_input_file = _text("input file", "a file (or checkpoint directory) to read")
+_directory = _text("input directory", "a directory")
+_file_name = _text("file name", "a file name")
+_device = _text("device", "a device such as cpu, cuda or cuda:0")
+_source = _text("text source", "a named source (wikitext2, c4, ...) or a .txt/.jsonl file")
+_prompt = _text("prompt", "the text to complete")
+
+
+@_kind("names")
+def _names(text: str) -> list[str]:
+    return _split(text, "module names", "model.layers.0.self_attn.q_proj")
+
+
+@_kind("groups", allowed=("all", *SMOOTHING_OPTIONS))
+def _groups(text: str) -> str:
+    """Extra smoothing groups: "" (none), or a comma list of SMOOTHING_OPTIONS / all."""
+    unknown = [g for g in (v.strip() for v in text.split(",")) if g and g not in _groups.allowed]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown smoothing group {unknown[0]!r}; choose from "
+                                         f"{', '.join(_groups.allowed)} (comma-separated)")
+    return text
+
+
+@_kind("groups", allowed=("all", "none", *SMOOTHING_OPTIONS))
+def _groups_or_none(text: str) -> str:
+    """inspect's --smooth-extra: the same, or 'none'."""
+    if text.strip().lower() == "none":
+        return text
+    return _groups(text)
+
+
+@_kind("device map")
+def _device_map_arg(text: str):
+    """'auto', 'balanced' or a JSON object {module name: device}."""
+    if text in ("auto", "balanced"):
+        return text
     try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a JSON object {{module: device}}, got {text!r} "
+                                         f"({exc.msg})") from None
+    if not isinstance(value, dict) or not value:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a JSON object {{module: device}}, got {text!r}")
     return value
 
 
+@_kind("configs", allowed=BENCH_CONFIGS)
+def _configs(text: str) -> str:
+    bad = [c for c in _split(text, "configurations", "fp32,w8a8") if c not in BENCH_CONFIGS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown configuration {bad[0]!r}; choose from {', '.join(BENCH_CONFIGS)}")
+    return text
+
+
+@_kind("prefill")
+def _prefill(text: str) -> str:
+    for part in _split(text, "prefill shapes", "1x512,8x512"):
+        b, _, s = part.lower().partition("x")
+        if not (b.isdigit() and s.isdigit() and int(b) >= 1 and int(s) >= 1):
+            raise argparse.ArgumentTypeError(f"expected prefill shapes BATCHxTOKENS (both >= 1), comma-separated, "
+                                             f"e.g. 1x512,8x512; got {part!r}")
+    return text
+
+
+@_kind("batch sizes")
+def _batch_sizes(text: str) -> str:
+    for part in _split(text, "batch sizes", "1,8"):
+        _positive_int(part)
+    return text
+
+
+@_kind("scheme")
 def _scheme(text: str) -> str:
     try:
         return get_scheme(text.strip()).name
@@ -95,10 +217,12 @@ def _scheme(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+@_kind("schemes")
 def _schemes(text: str) -> list[str]:
-    return [_scheme(s) for s in text.split(",") if s.strip()]
+    return [_scheme(s) for s in _split(text, "schemes", "W8A8,O3")]
 
 
+@_kind("tasks")
 def _tasks(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     if not tasks:
@@ -109,17 +233,17 @@ def _tasks(text: str) -> list[str]:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, type=_model,
                    help=f"bundled name, .gguf file, directory or Hugging Face id (default: {DEFAULT_MODEL})")
-    p.add_argument("--gguf-file", help="GGUF file name inside the MODEL directory")
+    p.add_argument("--gguf-file", type=_file_name, help="GGUF file name inside the MODEL directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=_device)
 
 
 def _add_eval(p: argparse.ArgumentParser, seqlen: int, max_windows: int | None) -> None:
-    p.add_argument("--data", default=DEFAULT_EVAL, help=f"evaluation text: named source or .txt/.jsonl (default: {DEFAULT_EVAL})")
-    p.add_argument("--seqlen", type=int, default=seqlen, help=f"evaluation window length (default: {seqlen})")
-    p.add_argument("--max-windows", type=int, default=max_windows, help="evaluate only the first N windows")
+    p.add_argument("--data", default=DEFAULT_EVAL, type=_source, help=f"evaluation text: named source or .txt/.jsonl (default: {DEFAULT_EVAL})")
+    p.add_argument("--seqlen", type=_window_length, default=seqlen, help=f"evaluation window length (default: {seqlen})")
+    p.add_argument("--max-windows", type=_positive_int, default=max_windows, help="evaluate only the first N windows")
     p.add_argument("--bos", default="auto", choices=BOS_PROTOCOLS,
                    help="start of each evaluation window and calibration sample: 'window' = BOS + seqlen text tokens "
                         "(the BOS is never scored), 'stream' = one BOS at the start of the tokenized text (the "
@@ -128,13 +252,13 @@ def _add_eval(p: argparse.ArgumentParser, seqlen: int, max_windows: int | None) 
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default=DEFAULT_CALIB,
+    p.add_argument("--calib", default=DEFAULT_CALIB, type=_source,
                    help=f"calibration text; mix sources with '+', e.g. wikitext2-train+c4 (default: {DEFAULT_CALIB})")
     p.add_argument("--chat-calib", action="store_true",
                    help="format calibration samples with the tokenizer's chat template (instruct models)")
-    p.add_argument("--samples", type=int, default=128, help="number of calibration sequences (default: 128)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence (default: 512)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=_positive_int, default=128, help="number of calibration sequences (default: 128)")
+    p.add_argument("--calib-seqlen", type=_positive_int, default=512, help="tokens per calibration sequence (default: 512)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--backend", default="auto", choices=BACKENDS)
 
 
@@ -150,15 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "that is typed overrides it (the recipe's name then says so, e.g. best-w8a8+alpha=0.8)")
     r.add_argument("--preset", choices=list(PRESETS), help="a measured recipe: " + "; ".join(
         f"{k} = {Recipe.preset(k).describe().split(': ', 1)[1]}" for k in PRESETS))
-    r.add_argument("--recipe", metavar="FILE", help="a recipe .yaml/.json, or a checkpoint directory whose recipe to reuse")
-    r.add_argument("--save-recipe", metavar="FILE", help="write the recipe this run uses to FILE (.yaml/.json)")
+    r.add_argument("--recipe", type=_input_file, metavar="FILE", help="a recipe .yaml/.json, or a checkpoint directory whose recipe to reuse")
+    r.add_argument("--save-recipe", type=_output_path, metavar="FILE", help="write the recipe this run uses to FILE (.yaml/.json)")
     _add_calib(q)
     q.add_argument("--alpha", type=_alpha, default=0.8,
                    help="migration strength in [0, 1], or 'auto' to search it per group (default: 0.8)")
     q.add_argument("--scheme", default="W8A8", type=_scheme,
                    help=f"{', '.join(SCHEMES)} (default: W8A8)")
     q.add_argument("--no-smooth", action="store_true", help="skip smoothing (naive INT8 baseline)")
-    q.add_argument("-o", "--output", help="directory to save the quantized checkpoint to")
+    q.add_argument("-o", "--output", type=_output_path, help="directory to save the quantized checkpoint to")
     q.add_argument("--format", default="smoothq", choices=["smoothq", "compressed-tensors"],
                    help="smoothq (any scheme, smoothq.load) or compressed-tensors (vLLM/SGLang; not O2)")
     q.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32", "auto"],
@@ -179,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the presets' default)")
     big.add_argument("--activations", default="device", choices=["device", "cpu"],
                      help="keep calibration hidden states on the compute device (default) or in CPU memory")
-    big.add_argument("--device-map", help="spread layers over GPUs: 'auto', or JSON {module name: device}")
+    big.add_argument("--device-map", type=_device_map_arg, help="spread layers over GPUs: 'auto', or JSON {module name: device}")
     big.add_argument("--resume", action="store_true", help="continue an interrupted --sequential run into OUTPUT")
 
     e = sub.add_parser("eval", help="perplexity of a quantized checkpoint (real INT8), or of a float model "
@@ -190,14 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: perplexity on wikitext2, ptb, c4 (or any --data source), and/or lambada "
                         "(last-word accuracy, greedy); one table. Default: --data (wikitext2)")
     e.add_argument("--limit", type=_positive_int, help="evaluate only the first N LAMBADA examples (of 5153)")
-    e.add_argument("--json", help="also write the table's rows as JSON here")
+    e.add_argument("--json", type=_output_path, help="also write the table's rows as JSON here")
     e.add_argument("--scheme", type=_scheme, help="quantize (naive, no smoothing) first")
     h = e.add_argument_group("lm-evaluation-harness (smoothq.harness; pip install 'smoothq[lm-eval]')")
     h.add_argument("--lm-eval", type=_tasks, metavar="TASKS",
                    help="comma-separated lm-eval tasks (e.g. hellaswag,arc_easy; lambada_openai_local = its "
                         "lambada_openai on the local data) run on this model as loaded or quantized; a second table. "
                         "lm-eval downloads task datasets from the Hugging Face Hub: offline, use --lm-eval-include")
-    h.add_argument("--lm-eval-include", action="append", metavar="DIR",
+    h.add_argument("--lm-eval-include", action="append", type=_directory, metavar="DIR",
                    help="a directory of lm-eval task YAMLs (e.g. dataset_path: json with local data_files); repeatable")
     h.add_argument("--lm-eval-limit", type=_positive_int, metavar="N", help="the first N examples of each lm-eval task")
     h.add_argument("--lm-eval-fewshot", type=_nonnegative_int, metavar="K",
@@ -224,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alphas", type=_floats, default=[0.5, 0.8],
                    help="comma-separated; 'auto' searches per group (default: 0.5,0.8)")
     _add_plus(c, clip=False)
-    c.add_argument("--json", help="also write the rows as JSON here")
+    c.add_argument("--json", type=_output_path, help="also write the rows as JSON here")
 
     v = sub.add_parser("verify", help="check a saved checkpoint: every tensor against config.json, then a short "
                                       "forward pass with finite logits; exit code 2 if anything is wrong")
     v.add_argument("model", metavar="CHECKPOINT", help="directory written by smoothq quantize -o (either format)")
-    v.add_argument("--device", default="cpu", help="where the forward pass runs (default: cpu)")
+    v.add_argument("--device", default="cpu", type=_device, help="where the forward pass runs (default: cpu)")
     v.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="float tensors are cast to this for the forward pass (default: float32)")
     v.add_argument("--backend", default="auto", choices=BACKENDS)
@@ -285,28 +409,28 @@ def _add_inspect(sub) -> None:
     i = sub.add_parser("inspect", help="an HTML report of what smoothing does to each linear's activations, weights "
                                        "and INT8 errors, from one calibration pass (needs matplotlib)")
     _add_model(i)
-    i.add_argument("-o", "--output", required=True, help="directory to write index.html, the PNGs and report.json to")
+    i.add_argument("-o", "--output", required=True, type=_output_path, help="directory to write index.html, the PNGs and report.json to")
     i.add_argument("--force", action="store_true", help="replace OUTPUT if it exists and is not empty")
-    i.add_argument("--linears", type=lambda t: [n.strip() for n in t.split(",") if n.strip()], metavar="NAME,...",
+    i.add_argument("--linears", type=_names, metavar="NAME,...",
                    help="full names of the linears to plot (default: q_proj and the down projection of the first, "
                         "middle and last block, and the two largest input outlier ratios)")
     i.add_argument("--alpha", type=_alpha, help="migration strength to smooth with, or 'auto' (each group at its local "
                                                 "grid optimum). Default: the recipe's, else 0.5")
     i.add_argument("--scheme", type=_scheme, help="scheme of the output SQNR columns and the alpha grid "
                                                   "(default: the recipe's, else O3, per-tensor)")
-    i.add_argument("--smooth-extra", metavar="OPTS",
+    i.add_argument("--smooth-extra", type=_groups_or_none, metavar="OPTS",
                    help="extra exact groups (attn_vo, mlp_updown, opt_fc, all, or 'none'); default: the recipe's, "
                         "else all, so the o and down projections' inputs are smoothed too")
     i.add_argument("--preset", choices=list(PRESETS), help="take alpha, scheme, extra groups and calibration from a "
                                                            "preset (its rotation and clipping are not applied)")
-    i.add_argument("--recipe", metavar="FILE", help="the same from a recipe file or checkpoint directory")
+    i.add_argument("--recipe", type=_input_file, metavar="FILE", help="the same from a recipe file or checkpoint directory")
     _add_calib(i)
     i.add_argument("--bos", default="auto", choices=BOS_PROTOCOLS, help="start of each calibration sample (see eval)")
     i.add_argument("--tokens", type=_positive_int, default=INSPECT_TOKENS,
                    help=f"calibration rows kept per linear to measure the errors on (default: {INSPECT_TOKENS})")
     i.add_argument("--heat-tokens", type=_positive_int, default=INSPECT_HEAT_TOKENS,
                    help=f"tokens of calibration sample 0 in the token x channel maps (default: {INSPECT_HEAT_TOKENS})")
-    i.add_argument("--json", help="also write every number (one row per linear) as JSON here")
+    i.add_argument("--json", type=_output_path, help="also write every number (one row per linear) as JSON here")
 
 
 def _say(msg: str) -> None:
@@ -327,6 +451,14 @@ def _preflight(args, recipe=None, **kw) -> None:
     for line in preflight(args.model, recipe, gguf_file=getattr(args, "gguf_file", None),
                           device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"), **kw):
         _error(f"warning: {line}")
+
+
+def _check_model(args) -> None:
+    """The model argument of a subcommand without a full preflight: a missing path, a GGUF file
+    that is not there or a config that does not read is refused before loading."""
+    from .preflight import read_config
+
+    read_config(args.model, getattr(args, "gguf_file", None))
 
 
 def _load(args):
@@ -467,15 +599,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _device_map(args):
-    from .data import DataError
-
-    device_map = args.device_map
-    if device_map and device_map not in ("auto", "balanced"):
-        try:
-            device_map = json.loads(device_map)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"--device-map is neither 'auto' nor JSON ({exc})") from None
-    return device_map
+    """--device-map as parsed ('auto', 'balanced', a dict: _device_map_arg), or None."""
+    return args.device_map
 
 
 def cmd_quantize(args) -> int:
@@ -490,7 +615,8 @@ def cmd_quantize(args) -> int:
     # every refusal the arguments, the config and the output path allow, before the model is loaded
     _preflight(args, recipe, output=args.output, force=args.force, sequential=args.sequential, resume=args.resume,
                device_map=_device_map(args), int8_attention=args.int8_attention, samples=recipe.calibration.samples,
-               eval_sources=[args.data] if args.eval else (), seqlen=args.seqlen if args.eval else None, bos=args.bos)
+               eval_sources=[args.data] if args.eval or "data" in args.typed else (),
+               seqlen=args.seqlen if args.eval else None, bos=args.bos)
     if not (args.output or args.eval):  # after the refusals that name a wrong option, before any work
         from .preflight import PreflightError
 
@@ -589,7 +715,8 @@ def cmd_eval(args) -> int:
     if args.scheme and LAMBADA in tasks and LAMBADA in args.calib.split("+"):
         raise DataError("calibrating on LAMBADA while evaluating it would show the model the test passages: "
                         f"choose another --calib (default {DEFAULT_CALIB})")
-    _preflight(args, calib=(args.calib, args.calib_seqlen) if args.scheme and get_scheme(args.scheme).static else None,
+    static = args.scheme and get_scheme(args.scheme).static
+    _preflight(args, calib=(args.calib, args.calib_seqlen) if static or "calib" in args.typed else None,
                eval_sources=tasks, seqlen=args.seqlen if any(t != LAMBADA for t in tasks) else None, bos=args.bos)
     model, tok = _load(args)
     windows = {task: _evaluation(args, tok, task) for task in tasks if task != LAMBADA}
@@ -754,6 +881,8 @@ def cmd_inspect(args) -> int:
     scheme = args.scheme or (recipe.scheme if recipe else "O3")
     extra = args.smooth_extra if args.smooth_extra is not None else (",".join(smoothing.extra) if smoothing else "all")
     extra = "" if extra.strip().lower() == "none" else extra
+    c = recipe.calibration if recipe else None
+    _preflight(args, calib=(c.source, c.seqlen) if c else (args.calib, args.calib_seqlen), bos=c.bos if c else args.bos)
     model, tok = _load(args)
     calib = _calibration(recipe or args, tok, None)
     report = inspect_model(model, calib.input_ids, alpha=alpha, linears=args.linears, scheme=scheme, options=extra,
@@ -783,17 +912,17 @@ def _add_bench(sub) -> None:
     b.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="bundled name, .gguf, directory, a checkpoint saved by smoothq, or random:SHAPE "
                         "(random weights; SHAPE: llama3.2-1b, llama2-7b, tiny)")
-    b.add_argument("--configs", default="fp32,bf16,w8a8", help=f"comma-separated, from {', '.join(BENCH_CONFIGS)} "
+    b.add_argument("--configs", default="fp32,bf16,w8a8", type=_configs, help=f"comma-separated, from {', '.join(BENCH_CONFIGS)} "
                                                                 "(default: fp32,bf16,w8a8)")
-    b.add_argument("--prefill", default="1x512,8x512", help="prefill shapes BATCHxTOKENS (default: 1x512,8x512)")
-    b.add_argument("--decode", default="1,8", help="decode batch sizes (default: 1,8)")
+    b.add_argument("--prefill", default="1x512,8x512", type=_prefill, help="prefill shapes BATCHxTOKENS (default: 1x512,8x512)")
+    b.add_argument("--decode", default="1,8", type=_batch_sizes, help="decode batch sizes (default: 1,8)")
     b.add_argument("--prompt", type=_positive_int, default=128, help="prompt tokens before decoding (default: 128)")
     b.add_argument("--new-tokens", type=_positive_int, default=128, help="decode steps timed (default: 128)")
     b.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats; min and median reported (default: 3)")
     b.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's, one per core)")
     b.add_argument("--int8-embeddings", action="store_true",
                    help="W8A8/O3 also store the embedding and LM head as int8 rows (weight-only LM head)")
-    b.add_argument("--json", help="also write every number here")
+    b.add_argument("--json", type=_output_path, help="also write every number here")
 
 
 def cmd_bench(args) -> int:
@@ -823,8 +952,8 @@ def _add_export(sub) -> None:
                                       "weights and scales, MatMulInteger kernels (needs smoothq[onnx])")
     x.add_argument("model", metavar="OUT", help="a checkpoint saved by smoothq quantize -o (either format), or a "
                                                 "float model (bundled name, .gguf, directory) for a float32 export")
-    x.add_argument("--gguf-file", help="GGUF file name inside the model directory")
-    x.add_argument("--onnx", required=True, metavar="DIR", help="directory to write model.onnx (+ model.onnx.data "
+    x.add_argument("--gguf-file", type=_file_name, help="GGUF file name inside the model directory")
+    x.add_argument("--onnx", required=True, type=_output_path, metavar="DIR", help="directory to write model.onnx (+ model.onnx.data "
                                                                 "past 2 GB), config and tokenizer files to")
     x.add_argument("--embeddings", default="float", choices=["float", "int8"],
                    help="int8: also the embedding rows and the LM head as int8 with per-row scales (weight-only "
@@ -844,6 +973,7 @@ def cmd_export(args) -> int:
     source = Path(args.model).expanduser()
     sources = (args.model,) if source.is_dir() else ()
     args.dtype, args.device, args.backend = "float32", "cpu", "auto"  # the graph is float32, on the CPU
+    _check_model(args)
     model, tok = _load(args)
     t0 = time.perf_counter()
     meta = export_onnx(model, args.onnx, tok, kv_cache=not args.no_kv_cache, embeddings=args.embeddings,
@@ -859,10 +989,10 @@ def _add_archs(sub) -> None:
     a.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="bundled name, .gguf, model directory, or random:TYPE (a tiny random model of any "
                         "transformers causal-LM model type, e.g. random:qwen3_moe)")
-    a.add_argument("--gguf-file", help="GGUF file name inside the model directory")
+    a.add_argument("--gguf-file", type=_file_name, help="GGUF file name inside the model directory")
     a.add_argument("--discover", action="store_true",
                    help="discover the groups even where the table has an entry (to compare with it)")
-    a.add_argument("--json", help="also write the report (groups, errors, unsmoothed linears, register code) here")
+    a.add_argument("--json", type=_output_path, help="also write the report (groups, errors, unsmoothed linears, register code) here")
 
 
 def cmd_archs(args) -> int:
@@ -880,6 +1010,8 @@ def cmd_archs(args) -> int:
                                 f"{', '.join(causal_lm_types()[:8])}, ... (smoothq.archs.tiny.causal_lm_types())")
         model = tiny_model(kind)
     else:
+        args.dtype, args.device = "float32", "cpu"  # archs has no such flags: the fold errors are measured in fp32
+        _check_model(args)
         model, _ = _load(args)
     report = describe(model, rediscover=args.discover)
     arch = report.arch
@@ -943,9 +1075,11 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelNotFound
     from .onnx_export import OnnxExportError
     from .preflight import PreflightError
+    from .validate import ArgumentTypeError, ArgumentValueError
 
     expected = (DataError, RecipeError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError,
-                FileExistsError, PreflightError, OutputError, InspectError, BenchError, CpuFastError, OnnxExportError)
+                FileExistsError, PreflightError, OutputError, InspectError, BenchError, CpuFastError, OnnxExportError,
+                ArgumentValueError, ArgumentTypeError)
     quiet, _QUIET = _QUIET, bool(args.quiet)
     bars = _progress_bars(not args.quiet)
     try:

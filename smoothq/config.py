@@ -64,6 +64,9 @@ def get_scheme(scheme: str | QuantScheme) -> QuantScheme:
     """A preset by name (case-insensitive) or a QuantScheme as is."""
     if isinstance(scheme, QuantScheme):
         return scheme
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme must be a name ({', '.join(SCHEMES)}) or a QuantScheme, got {type(scheme).__name__} "
+                        f"{scheme!r:.60}")
     for name, s in SCHEMES.items():
         if name.lower() == str(scheme).lower():
             return s

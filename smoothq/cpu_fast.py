@@ -62,7 +62,28 @@ def available() -> str | None:
     if not backends.cpu_int8_accelerated():
         return ("this CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX): oneDNN's int8 GEMM "
                 "would be slower than float here; keep the model on backend 'emulated' or run it in bf16")
+    if not onednn_sums_exact():
+        return ("oneDNN's int8 GEMM gives wrong sums on this CPU (without int8 dot-product instructions it adds "
+                "u8 x s8 products in saturating 16-bit pairs); keep the model on backend 'emulated' or run it in bf16")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_sums_exact() -> bool:
+    """Whether oneDNN's u8 x s8 GEMM, called as PackedW8A8Linear calls it, returns the exact integer
+    sums on this CPU, checked on the worst case (every product 127 x +-127, so 16-bit pair sums
+    would overflow). Forcing the fast path (SMOOTHQ_CPU_INT8=1) on an AVX2-only EPYC gave sums off
+    by up to 127x: measured, not assumed."""
+    k, n = 64, 8
+    x_q = torch.full((4, k), 127, dtype=torch.int8)
+    x_q[1] = -127
+    weight = torch.full((n, k), 127, dtype=torch.int8)
+    weight[1::2] = -127
+    weight[2, ::3] = 5
+    ones, zeros = _unit_scales(n)
+    acc = torch.ops.onednn.qlinear_pointwise(int8_to_u8(x_q), 1.0, ZERO_POINT, _prepack(weight), ones, zeros, None,
+                                             1.0, 0, torch.float32, "none", [], "")
+    return torch.equal(acc, (x_q.long() @ weight.long().T).float())
 
 
 def quantize_u8(x: torch.Tensor, granularity: str, static_scale: torch.Tensor | None):
@@ -317,12 +338,12 @@ def optimize_for_cpu(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16
     """Prepare a quantized model for fast CPU inference, in place (see the module docstring).
     compile: fuse activation quantization and the epilogue with torch.compile (same results).
     share_inputs: one GEMM for the linears that read one input (q/k/v, gate/up; same results)."""
+    from .validate import check_model
+
+    check_model("model", model)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
-    why = available()
-    if why is not None:
-        raise CpuFastError(f"optimize_for_cpu: {why}")
     rec = record(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
     if rec.scheme is None or not layers:
@@ -333,6 +354,9 @@ def optimize_for_cpu(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16
     devices = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
     if devices - {"cpu"}:
         raise ValueError(f"optimize_for_cpu() needs the model on the CPU; it is on {', '.join(sorted(devices))}")
+    why = available()  # after the argument checks: a wrong argument is named on any CPU
+    if why is not None:
+        raise CpuFastError(f"optimize_for_cpu: {why}")
     # group lookup needs the quantized layers in place (resolve checks the table against the model)
     weights = {name: layer.weight for name, layer in layers}
     packed = {name: PackedW8A8Linear(layer, compile) for name, layer in layers}

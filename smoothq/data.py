@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .defaults import BOS_PROTOCOLS, DEFAULT_CALIB, DEFAULT_EVAL
+from .validate import check_int, check_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,6 +269,9 @@ def eval_windows(tokenizer, source: str = DEFAULT_EVAL, seqlen: int = 2048, max_
                  bos: str = "auto") -> Windows:
     """Non-overlapping windows of `seqlen` text tokens from the start of the source (standard
     protocol), each started as `bos` says (module docstring); `.bos` records the protocol used."""
+    check_tokenizer("tokenizer", tokenizer)
+    check_int("seqlen", seqlen, minimum=None)  # the ranges: DataError below
+    check_int("max_windows", max_windows, minimum=None, optional=True)
     if seqlen < 2:
         raise DataError(f"seqlen must be >= 2, got {seqlen}")
     protocol = resolve_bos(tokenizer, bos)
@@ -296,15 +300,18 @@ def calib_samples(tokenizer, source: str = DEFAULT_CALIB, n: int = 128, seqlen: 
     drawn with its own seed, each avoiding `avoid` on its own). `chat=True` formats each window as a
     user/assistant exchange with the tokenizer's chat template, so instruct models are calibrated on
     the special tokens and layout they serve with (the template then decides the BOS, not `bos`)."""
+    check_tokenizer("tokenizer", tokenizer)
+    check_int("n", n, minimum=None)  # the ranges: DataError below
+    check_int("seqlen", seqlen, minimum=None)
     protocol = resolve_bos(tokenizer, bos)
     if "+" in source and not Path(source).is_file():
         return _mixed_samples(tokenizer, source, n, seqlen, seed, avoid, chat, protocol)
     if chat:
         return _chat_samples(tokenizer, source, n, seqlen, seed, avoid)
     if n < 1:
-        raise DataError(f"need at least 1 calibration sample, got {n}")
+        raise DataError(f"n must be at least 1 calibration sample, got {n}")
     if seqlen < 1:
-        raise DataError(f"calibration seqlen must be >= 1, got {seqlen}")
+        raise DataError(f"seqlen (of a calibration sample) must be >= 1, got {seqlen}")
     ids, desc = token_stream(tokenizer, source)
     first = _text_start(tokenizer, ids, protocol)
     start = max(first, avoid.end) if avoid is not None and avoid.source == source else first

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .validate import check_int, check_model, check_token_ids, vocab_size
+
 
 @torch.no_grad()
 def window_nll(model: nn.Module, windows, batch_size: int = 1, progress: bool = True,
@@ -18,7 +20,9 @@ def window_nll(model: nn.Module, windows, batch_size: int = 1, progress: bool = 
     (input [BOS] + seqlen text tokens) that is every text token and never the BOS; under 'stream'
     and 'none' the seqlen - 1 tokens after the first. Per-window values let two models be compared
     window by window (a paired test), not only by their perplexities."""
-    ids = getattr(windows, "input_ids", windows)
+    check_model("model", model)
+    ids = check_token_ids("windows", windows, vocab_size(model), dims=(2,))
+    check_int("batch_size", batch_size)
     if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError(f"need windows of shape [N >= 1, L >= 2], got {tuple(ids.shape)}")
     device = next(model.parameters()).device
@@ -45,12 +49,25 @@ def perplexity(model: nn.Module, windows, batch_size: int = 1, progress: bool = 
     return math.exp(window_nll(model, windows, batch_size, progress, desc).mean().item())
 
 
+def _nll_vector(name: str, values) -> torch.Tensor:
+    """Per-window NLLs as float64 (what window_nll returns); finite, or the comparison means nothing."""
+    try:
+        t = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be per-window NLLs (a float tensor or list from smoothq.window_nll), got "
+                        f"{type(values).__name__}") from None
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} holds NaN/Inf NLLs; compare only windows both models scored finitely")
+    return t
+
+
 def paired_nll_difference(nll_a, nll_b, resamples: int = 10000, seed: int = 0) -> dict:
     """Window-paired comparison of two models on the same windows: mean NLL difference a - b (nats
     per token), a percentile-bootstrap 95% interval over windows (deterministic for `seed`), and the
     perplexity ratio exp(mean difference). An interval that contains 0 means the windows cannot tell
     the two apart."""
-    a, b = torch.as_tensor(nll_a, dtype=torch.float64), torch.as_tensor(nll_b, dtype=torch.float64)
+    a, b = _nll_vector("nll_a", nll_a), _nll_vector("nll_b", nll_b)
+    check_int("resamples", resamples)
     if a.shape != b.shape or a.dim() != 1 or a.numel() < 2:
         raise ValueError(f"need two equal-length per-window NLL vectors (>= 2 windows), got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")

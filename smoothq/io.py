@@ -42,6 +42,7 @@ from torch import nn
 from .config import FORMAT_VERSION, QuantScheme
 from .nn import W8A8Linear
 from .record import record
+from .validate import check_model, check_path
 
 FORMATS = ("smoothq", "compressed-tensors")
 SINGLE_FILE = "model.safetensors"
@@ -441,6 +442,8 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
     embeddings: 'float', or 'int8' (smoothq format only): the input embedding stored as int8 rows.
     overwrite: replace an existing `output`, only if it is a checkpoint smoothq wrote (io.check_output).
     sources: directories the output must not be, contain or be inside (the input model)."""
+    check_model("model", model)
+    check_path("output", output)
     check_save_options(format, embeddings)
     check_output(output, overwrite, sources)
     qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
@@ -676,6 +679,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
 
     from .verify import check_checkpoint
 
+    check_path("path", path)
     checked = check_checkpoint(path, dtype, attn_implementation)
     folder, quant, model, state, dtype = checked.folder, checked.quant, checked.model, checked.state, checked.dtype
     scheme, res = quant.scheme, checked.resolved

@@ -200,6 +200,10 @@ def load_model(name: str | None = None, dtype: torch.dtype | str = torch.float32
     a directory (with `gguf_file=` for a GGUF inside it), or a Hugging Face model id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .validate import check_path
+
+    check_path("name", name, optional=True)  # None: the default model
+    check_path("gguf_file", gguf_file, optional=True)
     name = name or DEFAULT_MODEL
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     path = Path(name) / gguf_file if gguf_file else resolve_gguf(name)

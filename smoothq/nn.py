@@ -19,6 +19,7 @@ from .calibrate import ActStats
 from .config import QuantScheme, get_scheme
 from .quant import absmax_to_scale, quantize_activation, quantize_weight
 from .record import record
+from .validate import check_model, check_stats as check_stats_type
 from .online_rotation import check_stats as check_input_rotation
 from .online_rotation import input_rotation
 from .sink import TokenPositions, check_sink_tokens, quantize_with_sinks, track_positions
@@ -105,6 +106,8 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActSta
 
     sink_tokens (sink.py): the first n tokens of each sequence get per-token activation scales;
     default = what the stats were calibrated with (`calibrate(..., sink_tokens=n)`)."""
+    check_model("model", model)
+    check_stats_type("stats", stats, optional=True)
     scheme = get_scheme(scheme)
     sink_tokens = resolve_sink_tokens(stats, sink_tokens, scheme)
     if backend != "auto" and backend not in backends.names():

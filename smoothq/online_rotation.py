@@ -42,6 +42,7 @@ from torch import nn
 
 from .archs import Arch, UnsupportedArchError, _expand, resolve, weight_nk
 from .record import record
+from .validate import check_model, check_stats as check_stats_type, check_token_rows, vocab_size
 from .rotate import _hadamard
 
 MAX_FACTOR = 256  # Sylvester factors are split into Kronecker factors of at most this size
@@ -161,6 +162,10 @@ def rotate_inputs(model: nn.Module, stats=None, samples=None, seed: int = 0, arc
     returned) and `samples` (the calibration set) and the rotated linears are recalibrated; the
     returned statistics are `stats` with those entries replaced. Without samples it returns `stats`
     as they are (enough for per-token schemes, which use no static scale)."""
+    check_model("model", model)
+    check_stats_type("stats", stats, optional=True)
+    if samples is not None:
+        check_token_rows("samples", samples, vocab_size(model))
     rec = record(model)
     if rec.scheme is not None:
         raise RuntimeError("model is already quantized: rotate its inputs on the float model (after smooth(), "

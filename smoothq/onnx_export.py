@@ -373,7 +373,11 @@ def export_onnx(model: nn.Module, output_dir: str | Path, tokenizer=None, kv_cac
     The directory is written to a temporary directory and renamed into place when complete.
     Returns the metadata written to smoothq_onnx.json."""
     from .io import atomic_dir, check_output
+    from .validate import check_model as check_model_argument
+    from .validate import check_path
 
+    check_model_argument("model", model)
+    check_path("output_dir", output_dir)
     require_onnx()
     if embeddings not in ("float", "int8"):
         raise OnnxExportError(f"embeddings must be 'float' or 'int8', got {embeddings!r}")
@@ -575,6 +579,37 @@ class OnnxModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, **_ignored):
         logits, _ = self.step(input_ids, None if attention_mask is None else attention_mask.cpu())
         return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+@functools.lru_cache(maxsize=None)
+def integer_sums_exact() -> bool:
+    """Whether this machine's ONNX Runtime returns exact sums from MatMulInteger with uint8
+    activations (zero point 128) and int8 weights, as the export runs it, on the worst case (every
+    product 127 x +-127). On x86 CPUs without VNNI its kernel adds products in saturating 16-bit
+    pairs (measured on an AVX2-only EPYC): the export's outputs differ slightly from smoothq's there."""
+    require_onnx()
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k, n = 64, 8
+    weight = np.full((k, n), 127, dtype=np.int8)
+    weight[:, 1::2] = -127
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w", "zp"], ["acc"])], "sums",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, k])],
+        [helper.make_tensor_value_info("acc", TensorProto.INT32, [None, n])],
+        [helper.make_tensor("w", TensorProto.INT8, [k, n], weight.flatten().tolist()),
+         helper.make_tensor("zp", TensorProto.UINT8, [], [ZERO_POINT])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x_q = np.full((4, k), 127, dtype=np.int64)
+    x_q[1] = -127
+    got = sess.run(None, {"x": (x_q + ZERO_POINT).astype(np.uint8)})[0]
+    return bool(np.array_equal(got, x_q @ weight.astype(np.int64)))
 
 
 def onnx_perplexity(path: str | Path, windows, threads: int | None = None, progress: bool = True) -> float:

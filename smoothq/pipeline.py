@@ -36,6 +36,8 @@ from torch import nn
 from .config import get_scheme
 from .recipe import Recipe
 from .record import record
+from .validate import (ArgumentTypeError, check_path, check_stats, check_token_rows, config_vocab_size, short,
+                       vocab_size)
 
 EXECUTORS = ("in-memory", "layered")
 
@@ -87,6 +89,7 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
     "layered" (needs a directory of safetensors shards and `output`). `stats`: calibration statistics
     of this very float model on `calib`, to reuse one calibration across runs (compare does; in-memory,
     recipes without rotation only)."""
+    _check_run_arguments(model, calib, stats)
     recipe = as_recipe(recipe)
     say = log or (lambda _msg: None)
     t0 = time.perf_counter()
@@ -117,6 +120,27 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
     result.notes[:0] = [f"warning: {w}" for w in checks]
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_run_arguments(model, calib, stats) -> None:
+    """The model is a module or a path; calibration ids fit the model's vocabulary (a module's
+    embedding, or the config.json of a model directory: read before anything loads)."""
+    if isinstance(model, nn.Module):
+        vocab = vocab_size(model)
+    else:
+        try:
+            check_path("model", model)
+        except TypeError:
+            raise ArgumentTypeError(f"model must be a torch nn.Module causal LM or a model name/directory, got "
+                                    f"{type(model).__name__} {short(model)}") from None
+        vocab = None
+    if calib is not None:
+        if vocab is None and not isinstance(model, nn.Module) and Path(model, "config.json").is_file():
+            from .preflight import read_config
+
+            vocab = config_vocab_size(read_config(str(model))[1])
+        check_token_rows("calib", calib, vocab)
+    check_stats("stats", stats, optional=True)
 
 
 def _describe(calib) -> str:

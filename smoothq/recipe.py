@@ -116,6 +116,9 @@ class Recipe:
         p = Path(path)
         if p.is_dir():
             cfg = p / "config.json"
+            if not cfg.is_file():
+                raise RecipeError(f"{p} is a directory but not a checkpoint (no config.json): pass a recipe "
+                                  ".yaml/.json file, or a checkpoint directory smoothq wrote")
             try:
                 stored = json.loads(cfg.read_text()).get("smoothq", {}).get("recipe")
             except (OSError, json.JSONDecodeError) as exc:

@@ -42,6 +42,7 @@ from torch import nn
 from .archs import Arch, UnsupportedArchError, _expand, resolve, weight_nk
 from .defaults import ROTATIONS
 from .record import record
+from .validate import check_choice, check_model
 
 KINDS = ROTATIONS
 
@@ -227,6 +228,8 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0, arch: Arch |
     """Rotate the residual stream of `model` in place (see the module docstring); returns R.
     Call it on the float model, before calibrate(). The rotation is recorded as
     `model.smoothq.rotation` and in saved checkpoints."""
+    check_model("model", model)
+    check_choice("kind", kind, KINDS)
     rec = record(model)
     for fact, what in ((rec.scheme, "quantized"), (rec.alpha, "smoothed"), (rec.rotation, "rotated"),
                        (rec.input_rotation, "input-rotated")):

@@ -670,6 +670,11 @@ def quantize_sequential(
         skips it), `quantize` (scheme) and `smoothq.io.save` (format, float_dtype, embeddings).
     The other arguments: `quantize` (backend), `smoothq.io.save` (meta, max_shard_bytes, tokenizer,
     overwrite). Returns the output directory."""
+    from .validate import check_path, check_token_rows
+
+    check_path("model_dir", model_dir)
+    check_path("output", output)
+    check_token_rows("samples", samples)  # the vocabulary is checked once the config is read (_Run)
     if recipe is None:
         recipe = recipe_of(scheme=scheme, alpha=alpha, smooth=smooth, options=options, alphas=alphas,
                            error_propagation=error_propagation, format=format, float_dtype=float_dtype,
@@ -718,6 +723,11 @@ class _Run:
         self.model_dir = Path(model_dir)
         self.source = SourceCheckpoint(model_dir)
         self.config = AutoConfig.from_pretrained(model_dir)
+        vocab = getattr(self.config.get_text_config(), "vocab_size", None)
+        if vocab is not None:
+            from .validate import check_token_rows
+
+            check_token_rows("samples", samples, vocab)
         self.model = skeleton(self.config, self.dtype, attn_implementation)
         self.arch = arch = arch or arch_for(self.model)
         self.recipe = recipe = recipe.check(arch)  # refuses what the architecture cannot do
@@ -1076,12 +1086,12 @@ class _Run:
             self.layers[i] = current
         return copied
 
-    def inputs_of(self, i: int, hidden: torch.Tensor, calls: list) -> tuple[torch.Tensor, tuple]:
+    def inputs_of(self, i: int, hidden: torch.Tensor, calls: list, chain: bool = False) -> tuple[torch.Tensor, tuple]:
         """Inputs and call of layer i for one batch, for a look at its structure: the first layer's
-        inputs will do, unless the model passes layer outputs on to the next layer (then the float
-        layers before i are run, each loaded and freed in turn)."""
+        inputs will do, unless the model passes layer outputs on to the next layer or `chain` (then
+        the float layers before i are run, each loaded and freed in turn)."""
         dev = self.devices[i]
-        if not _markers(calls[i]):
+        if not chain and not _markers(calls[i]):
             return hidden.to(dev), calls[i]
         extras: tuple = ()
         x = hidden
@@ -1114,8 +1124,14 @@ class _Run:
             probe = self.probe(i, block)
             split_fused_experts(probe, arch.fused_experts, keep_float=arch.keep_float)
             if block_signature(probe) not in dict(arch.block_groups):
-                x, call = self.inputs_of(i, hidden[0], calls[0])
-                arch = self._discovered(arch, probe, _first_sequence(probe, x, call, self.devices[i]))
+                try:
+                    x, call = self.inputs_of(i, hidden[0], calls[0])
+                    arch = self._discovered(arch, probe, _first_sequence(probe, x, call, self.devices[i]))
+                except (RuntimeError, ValueError, TypeError, IndexError):
+                    # the block reads what earlier layers left in a shared store (Gemma 3n's shared keys
+                    # and values): run them first
+                    x, call = self.inputs_of(i, hidden[0], calls[0], chain=True)
+                    arch = self._discovered(arch, probe, _first_sequence(probe, x, call, self.devices[i]))
             del probe
             _return_freed_memory()
         if arch != self.arch:

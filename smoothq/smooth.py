@@ -25,6 +25,7 @@ from .archs.folds import fold_into_prev, scale_inputs  # noqa: F401  (smoothq.sm
 from .calibrate import ActStats, StatsError, check_stats
 from .config import check_alpha
 from .record import record
+from .validate import check_model, check_stats as check_stats_type, check_tensor
 
 # Magnitudes below this are treated as "this channel carries nothing" (s = 1); it also keeps
 # x^alpha / w^(1-alpha) far from overflow for tiny but nonzero maxima.
@@ -34,6 +35,8 @@ TINY = 1e-5
 def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """s = act^alpha / weight^(1-alpha) in fp32; channels where either max is ~0 get s = 1."""
     alpha = check_alpha(alpha)
+    check_tensor("act_absmax", act_absmax, dims=1)
+    check_tensor("weight_absmax", weight_absmax, dims=1)
     act = act_absmax.float()
     w = weight_absmax.float().to(act.device)
     if act.shape != w.shape:
@@ -123,6 +126,8 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
 
     prove: fold every group with random scales into a float64 copy of one block first (prove_groups,
     once per model); the layered executor proves on each streamed block itself and passes False."""
+    check_model("model", model)
+    check_stats_type("stats", stats)
     alpha = check_alpha(alpha)
     rec = record(model)
     if rec.scheme is not None:

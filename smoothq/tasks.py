@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import DataError, read_documents, resolve_bos, tokenizer_adds_bos
+from .validate import check_int, check_model, check_tokenizer
 
 LAMBADA = "lambada"
 
@@ -130,6 +131,10 @@ def _argmax_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, position
 def lambada_accuracy(model: nn.Module, tokenizer, limit: int | None = None, batch_size: int = 8,
                      progress: bool = True, bos: str = "auto", source: str = LAMBADA) -> TaskResult:
     """LAMBADA (OpenAI) last-word accuracy, greedy, on the first `limit` examples (default all)."""
+    check_model("model", model)
+    check_tokenizer("tokenizer", tokenizer)
+    check_int("limit", limit, optional=True)
+    check_int("batch_size", batch_size)
     examples, protocol = lambada_examples(tokenizer, limit, bos, source)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
     matches = greedy_matches(model, examples, batch_size, pad_id, progress)

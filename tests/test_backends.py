@@ -101,3 +101,22 @@ def test_torch_backend_on_cuda_pads_small_m_and_falls_back_on_odd_shapes(m, k, n
     out = backends.get_backend("torch", "cuda").linear(x_q.cuda(), x_scale.cuda(), w_q.cuda(), w_scale.cuda(), None,
                                                        torch.float32)
     assert torch.allclose(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fast_path_refuses_a_cpu_whose_int8_sums_are_wrong(monkeypatch):
+    """Checked, not assumed: where oneDNN's u8 x s8 GEMM does not return the exact sums (AVX2 without
+    VNNI saturates 16-bit pair sums), optimize_for_cpu refuses even when SMOOTHQ_CPU_INT8=1 forces it."""
+    import smoothq as sq
+    from smoothq import backends, cpu_fast
+    from tiny import tiny_model
+
+    if not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        pytest.skip("this torch build has no oneDNN int8 linear ops")
+    monkeypatch.setenv("SMOOTHQ_CPU_INT8", "1")
+    backends.cpu_int8_accelerated.cache_clear()
+    monkeypatch.setattr(cpu_fast, "onednn_sums_exact", lambda: False)
+    model = tiny_model("llama")
+    sq.quantize(model, "W8A8", backend="emulated")
+    with pytest.raises(cpu_fast.CpuFastError, match="wrong sums on this CPU"):
+        cpu_fast.optimize_for_cpu(model)
+    backends.cpu_int8_accelerated.cache_clear()

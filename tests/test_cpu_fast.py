@@ -1,7 +1,7 @@
 """The CPU fast path (cpu_fast.optimize_for_cpu) against its oracle, the emulated backend: the same
 integers, the same epilogue, so the same bits; plus generate() with a KV cache, the int8 embeddings,
-and the refusals. SMOOTHQ_CPU_INT8=1 runs the oneDNN path on any x86 CPU (on one without VNNI it is
-slow, not wrong), so these tests run everywhere torch has its oneDNN ops."""
+and the refusals. SMOOTHQ_CPU_INT8=1 runs the oneDNN path on x86 CPUs without VNNI too, where its
+integer sums check exact (cpu_fast.onednn_sums_exact; the int8_cpu fixture skips elsewhere)."""
 
 from __future__ import annotations
 
