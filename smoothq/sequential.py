@@ -1078,10 +1078,7 @@ class _Run:
         dev = self.devices[i]
         try:
             self.load(self.src_layer[i], dev)
-            for module in copied.modules():
-                for name, buf in list(module._buffers.items()):
-                    if buf is not None and not buf.is_meta:
-                        module._buffers[name] = buf.to(dev)
+            _move_buffers(copied, dev)
         finally:
             self.layers[i] = current
         return copied
@@ -1193,10 +1190,7 @@ class _Run:
         missing = _still_meta(block, here)
         if missing:
             raise CheckpointError(f"the checkpoint in {self.model_dir} has no weights for {missing[:3]}")
-        for module in block.modules():
-            for name, buf in list(module._buffers.items()):
-                if buf is not None and not buf.is_meta:
-                    module._buffers[name] = buf.to(dev)
+        _move_buffers(block, dev)
         for b, call in enumerate(calls):  # what layer i-1 passes on (FromLayer markers) by its real values
             if _markers(call[i]):
                 call[i] = _fill(call[i], self.extras[b])
