@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smoothq as sq  # noqa: E402
-import smoothq.backends  # noqa: E402,F401
-from smoothq.compare import Row, best, compare, format_table  # noqa: E402
+import smoothq.runtime.backends  # noqa: E402,F401
+from smoothq.evaluation.compare import Row, best, compare, format_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

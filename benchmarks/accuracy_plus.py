@@ -28,17 +28,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smoothq as sq  # noqa: E402
-from smoothq.attention import AttnQuantConfig, enable_int8_attention  # noqa: E402
-from smoothq.compare import linear_sqnr  # noqa: E402
-from smoothq.online_rotation import rotate_inputs  # noqa: E402
-from smoothq.search import SearchConfig, SearchResult, auto_smooth  # noqa: E402
+from smoothq.runtime.attention import AttnQuantConfig, enable_int8_attention  # noqa: E402
+from smoothq.evaluation.compare import linear_sqnr  # noqa: E402
+from smoothq.transforms.online_rotation import rotate_inputs  # noqa: E402
+from smoothq.transforms.search import SearchConfig, SearchResult, auto_smooth  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMES = ("W8A8", "O1", "O2", "O3")
 FIXED_ALPHAS = (0.3, 0.5, 0.65, 0.8, 0.9)
 SECTIONS = ("fixed", "coverage", "clip", "auto", "paired", "rotate", "sink", "online", "attention", "breakdown", "calib",
             "full")
-ONLINE = "+rotate inputs"  # config label of smoothq.online_rotation (after smoothing)
+ONLINE = "+rotate inputs"  # config label of smoothq.transforms.online_rotation (after smoothing)
 OPTION_SETS = {"+v->o": ("attn_vo",), "+up->down": ("mlp_updown",), "+v->o +up->down": ("attn_vo", "mlp_updown")}
 
 
@@ -65,7 +65,7 @@ class Bench:
         return sq.calib_samples(self.tok, source, n=n, seqlen=seqlen, seed=0, avoid=self.windows, chat=chat)
 
     def base(self, rotated=False):
-        """The float model, or the same model with its residual stream rotated (smoothq.rotate)."""
+        """The float model, or the same model with its residual stream rotated (smoothq.transforms.rotate)."""
         if rotated and self._rotated is None:
             self._rotated = copy.deepcopy(self.model)
             sq.rotate(self._rotated)
@@ -282,7 +282,7 @@ def section_paired(b: Bench):
 
 
 def section_rotate(b: Bench):
-    print("rotated residual stream (smoothq.rotate: randomized Hadamard, exact), then SmoothQuant", flush=True)
+    print("rotated residual stream (smoothq.transforms.rotate: randomized Hadamard, exact), then SmoothQuant", flush=True)
     allopts = ("attn_vo", "mlp_updown")
     for scheme in SCHEMES:
         for a in b.args.fixed_alphas:
@@ -302,7 +302,7 @@ def section_rotate(b: Bench):
 
 
 def section_sink(b: Bench):
-    print("sink tokens (smoothq.sink): the first token of each sequence quantized per token, per-tensor scales "
+    print("sink tokens (smoothq.runtime.sink): the first token of each sequence quantized per token, per-tensor scales "
           "calibrated without it", flush=True)
     allopts = ("attn_vo", "mlp_updown")
     n = b.args.sink_calib
@@ -329,7 +329,7 @@ def section_sink(b: Bench):
 
 
 def section_online(b: Bench):
-    print("online rotation of the MLP down projections' inputs (smoothq.online_rotation: fast Hadamard at run time, "
+    print("online rotation of the MLP down projections' inputs (smoothq.transforms.online_rotation: fast Hadamard at run time, "
           "exact), after smoothing", flush=True)
     allopts = ("attn_vo", "mlp_updown")
     for scheme in b.args.online_schemes:
@@ -448,10 +448,10 @@ def report(b: Bench, wall: float) -> str:
              "on the quantized trajectory; then an end-to-end guard compares it with every global alpha of the grid "
              f"(next-token loss on the first {b.args.guard_samples} calibration sequences) and keeps the better. Cost per row "
              "in `prep_seconds`.",
-             "- Rotated: the residual stream rotated first (smoothq.rotate, randomized Hadamard, exact). `+sink 1`: the "
-             "first token of each sequence quantized per token, static scales calibrated without it (smoothq.sink). "
+             "- Rotated: the residual stream rotated first (smoothq.transforms.rotate, randomized Hadamard, exact). `+sink 1`: the "
+             "first token of each sequence quantized per token, static scales calibrated without it (smoothq.runtime.sink). "
              "`[calib 32 x 512]`: those rows (and their baseline) calibrated on the first 32 sequences only.",
-             f"- `{ONLINE}`: after smoothing, the input of every MLP down projection is rotated online (smoothq.online_rotation, "
+             f"- `{ONLINE}`: after smoothing, the input of every MLP down projection is rotated online (smoothq.transforms.online_rotation, "
              "a randomized fast Hadamard transform at run time, exact: W stored as W Q, input x Q); static schemes "
              "recalibrate those inputs on the same calibration set.",
              "- INT8 rows use the emulated backend (the integers of the real INT8 path, float arithmetic).", "",

@@ -255,7 +255,7 @@ class Worker:
 
     def _quantize(self, scheme: str) -> dict:
         import smoothq as sq
-        from smoothq.nn import W8A8Linear
+        from smoothq.runtime.linear import W8A8Linear
 
         if self.ref is None:
             raise RuntimeError(f"float reference logits: {self.ref_error}")
@@ -370,8 +370,7 @@ class Worker:
         import transformers as T
 
         import smoothq as sq
-        from smoothq import io
-
+        from smoothq.formats import io
         src = self.tmp / "src"
         self.model().save_pretrained(src)
         out, ok = {}, True
@@ -381,7 +380,7 @@ class Worker:
             try:
                 mem_dir, lay_dir = self.tmp / f"mem-{scheme}", self.tmp / f"lay-{scheme}"
                 try:
-                    from smoothq.models import causal_lm_class  # text configs outside the auto mapping (Emu3)
+                    from smoothq.core.models import causal_lm_class  # text configs outside the auto mapping (Emu3)
 
                     mem_model = causal_lm_class(T.AutoConfig.from_pretrained(src)).from_pretrained(src, dtype=torch.float32,
                                                                        attn_implementation="eager").eval()
@@ -491,7 +490,7 @@ class float_activations:
     dequantized weights transformers' compressed-tensors path holds after decompressing."""
 
     def __init__(self, model):
-        from smoothq.nn import W8A8Linear
+        from smoothq.runtime.linear import W8A8Linear
 
         self.mods = [m for m in model.modules() if isinstance(m, W8A8Linear)]
 
@@ -683,7 +682,7 @@ def meta() -> dict:
     import transformers
 
     sys.path.insert(0, str(ROOT))
-    from smoothq.bench import cpu_name
+    from smoothq.evaluation.bench import cpu_name
 
     try:
         import compressed_tensors
@@ -796,7 +795,7 @@ def smollm2(args) -> int:
     import smoothq as sq
     from smoothq.archs import arch_for
     from smoothq.archs.discover import discover, prove_arch
-    from smoothq.bench import cpu_name
+    from smoothq.evaluation.bench import cpu_name
 
     model, tok = sq.load_model("smollm2")
     fresh = copy.deepcopy(model)  # before anything is cached in the model's record
@@ -816,7 +815,7 @@ def smollm2(args) -> int:
     t0 = time.perf_counter()
     res = sq.run(fresh, preset, tokenizer=tok, progress=False)
     run_s = time.perf_counter() - t0
-    from smoothq.record import record
+    from smoothq.core.record import record
 
     proven = record(fresh).proven
     used = [r for r in d.rows if r.used]

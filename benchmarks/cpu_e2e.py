@@ -6,9 +6,9 @@ F.linear; and the fast path's perplexity against the emulated backend's.
         [--vllm-python /tmp/vllm-venv/bin/python] [--skip-linear] [--skip-accuracy]
 
 Models (MODELS below): SmolLM2-135M with its real weights, and Llama-shaped models with random
-weights built from their configs (smoothq.bench.SHAPES): Llama-3.2-1B and Llama-2-7B (bf16 vs W8A8
+weights built from their configs (smoothq.evaluation.bench.SHAPES): Llama-3.2-1B and Llama-2-7B (bf16 vs W8A8
 only, shorter runs: fp32 7B does not fit in 24 GB and bf16 prefill alone takes seconds). Every
-model goes through `smoothq bench` (smoothq.bench.bench: each configuration in a child process,
+model goes through `smoothq bench` (smoothq.evaluation.bench.bench: each configuration in a child process,
 min/median of repeats). The quantized configurations run with int8 embeddings (the embedding and
 the LM head as int8 rows; weight-only LM head): that is what brings a Llama-3 model with its 128k
 vocabulary near half of bf16's weight memory.
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import smoothq as sq  # noqa: E402
-from smoothq.bench import BenchSpec, bench, cpu_name, table  # noqa: E402
+from smoothq.evaluation.bench import BenchSpec, bench, cpu_name, table  # noqa: E402
 
 from cpu_linear import cpu_slug, measure  # noqa: E402
 
@@ -64,7 +64,7 @@ LINEAR_TOKENS = (1, 16, 128, 512)
 
 def export_for_vllm(name: str, model_ref: str, folder: Path) -> tuple[Path, Path]:
     """(bf16 HF folder, compressed-tensors W8A8 folder) with the same weights as the bench's."""
-    from smoothq.bench import _random_model
+    from smoothq.evaluation.bench import _random_model
 
     if model_ref.startswith("random:"):
         model, tok = _random_model(model_ref[7:], torch.bfloat16)
@@ -113,7 +113,7 @@ def summary(name: str, report: dict, vllm: dict | None, spec: dict) -> dict:
 @torch.no_grad()
 def accuracy(threads: int) -> dict:
     """SmolLM2 WikiText-2 perplexity: emulated (oracle) vs the fast path in fp32, bf16, bf16 + int8 embeddings."""
-    from smoothq.cpu_fast import optimize_for_cpu
+    from smoothq.runtime.cpu_fast import optimize_for_cpu
 
     torch.set_num_threads(threads)
     rows = []

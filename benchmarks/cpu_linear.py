@@ -29,8 +29,8 @@ from torch.utils.benchmark import Timer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smoothq as sq  # noqa: E402
-from smoothq.bench import cpu_name  # noqa: E402
-from smoothq.cpu_fast import PackedW8A8Linear  # noqa: E402
+from smoothq.evaluation.bench import cpu_name  # noqa: E402
+from smoothq.runtime.cpu_fast import PackedW8A8Linear  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {  # layer -> (K, N)

@@ -141,10 +141,9 @@ def measure(model, args) -> dict:
 
 def quantize_w8a8(model):
     import smoothq
-    from smoothq import backends
-
+    from smoothq.runtime import backends
     if "triton" not in backends.names():
-        sys.exit("smoothq has no 'triton' backend registered (smoothq/backends.py); cannot run W8A8 with our kernels")
+        sys.exit("smoothq has no 'triton' backend registered (smoothq/runtime/backends.py); cannot run W8A8 with our kernels")
     return smoothq.quantize(model, "W8A8", backend="triton")
 
 
@@ -158,10 +157,10 @@ def main() -> int:
     args.prefill = tuple(int(v) for v in args.prefill.lower().split("x"))
     if not torch.cuda.is_available():
         sys.exit("benchmarks/e2e.py needs a CUDA GPU (FP16 vs W8A8 Triton kernels on a 7B-shaped model); none found.")
-    import smoothq.kernels as kernels
+    import smoothq.runtime.kernels as kernels
 
     if not kernels.AVAILABLE or kernels.INTERPRET:
-        sys.exit(f"smoothq.kernels cannot run compiled here: {kernels._UNAVAILABLE or 'TRITON_INTERPRET is set'}")
+        sys.exit(f"smoothq.runtime.kernels cannot run compiled here: {kernels._UNAVAILABLE or 'TRITON_INTERPRET is set'}")
 
     torch.manual_seed(0)
     with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""W8A8 GEMM (smoothq.kernels) vs FP16, torch._int_mm and FP8 at Llama-2-7B linear shapes, on a GPU.
+"""W8A8 GEMM (smoothq.runtime.kernels) vs FP16, torch._int_mm and FP8 at Llama-2-7B linear shapes, on a GPU.
 
     python benchmarks/gemm.py [--timer cudagraph|eager] [--m 1,16,64,512,2048,8192]
 
@@ -62,9 +62,9 @@ def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def make_methods(x: torch.Tensor, k: int, n: int):
     """{name: (callable running one linear per weight copy, number of copies)}; a method whose
     library refuses this shape or device is left out (reported as n/a)."""
-    from smoothq import backends
-    from smoothq.kernels import prepack_weight, triton_int8_linear, triton_quantize_activation
-    from smoothq.quant import quantize_weight
+    from smoothq.runtime import backends
+    from smoothq.runtime.kernels import prepack_weight, triton_int8_linear, triton_quantize_activation
+    from smoothq.core.quant import quantize_weight
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     w = torch.randn(n, k, device=DEVICE, dtype=torch.float16, generator=gen) / math.sqrt(k)
@@ -111,7 +111,7 @@ def make_methods(x: torch.Tensor, k: int, n: int):
 
 def _gemm_only(x, int8_ws, w_s):
     """Our GEMM alone (activation already quantized), to separate it from the quantization kernel."""
-    from smoothq.kernels import triton_int8_linear, triton_quantize_activation
+    from smoothq.runtime.kernels import triton_int8_linear, triton_quantize_activation
 
     x_q, x_s = triton_quantize_activation(x, "per_token")
     return (lambda: [triton_int8_linear(x_q, x_s, wi, w_s, None, x.dtype) for wi in int8_ws], len(int8_ws))
@@ -119,13 +119,13 @@ def _gemm_only(x, int8_ws, w_s):
 
 def check(x, w_q, w_s) -> None:
     """Refuse to time a kernel that computes the wrong thing."""
-    from smoothq import backends
-    from smoothq.kernels import triton_int8_linear, triton_quantize_activation
-    from smoothq.quant import quantize_activation
+    from smoothq.runtime import backends
+    from smoothq.runtime.kernels import triton_int8_linear, triton_quantize_activation
+    from smoothq.core.quant import quantize_activation
 
     x_q, x_s = triton_quantize_activation(x, "per_token")
     ref_q, ref_s = quantize_activation(x, "per_token")
-    assert torch.equal(x_q, ref_q) and torch.equal(x_s, ref_s), "activation quantization differs from smoothq.quant"
+    assert torch.equal(x_q, ref_q) and torch.equal(x_s, ref_s), "activation quantization differs from smoothq.core.quant"
     out = triton_int8_linear(x_q, x_s, w_q, w_s, None, torch.float32)
     ref = backends.emulated_linear(x_q, x_s, w_q, w_s, None, torch.float32)  # fp32 matmul: within rounding
     err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
@@ -202,10 +202,10 @@ def main() -> int:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gemm.py needs a CUDA GPU (it times Triton kernels against cuBLAS); none found.")
-    import smoothq.kernels as kernels
+    import smoothq.runtime.kernels as kernels
 
     if not kernels.AVAILABLE or kernels.INTERPRET:
-        sys.exit(f"smoothq.kernels cannot run compiled here: {kernels._UNAVAILABLE or 'TRITON_INTERPRET is set'}")
+        sys.exit(f"smoothq.runtime.kernels cannot run compiled here: {kernels._UNAVAILABLE or 'TRITON_INTERPRET is set'}")
     from torch import _dynamo
 
     _dynamo.config.recompile_limit = 64  # the FP8 quantizer compiles once per (M, K)

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smoothq as sq  # noqa: E402
-from smoothq import io  # noqa: E402
+from smoothq.formats import io  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent

@@ -3,7 +3,7 @@
     python benchmarks/lm_eval_lambada.py                  # SmolLM2-135M, first 500 passages
     python benchmarks/lm_eval_lambada.py --limit 5153 --model gemma3-270m
 
-Both score the local lambada_openai_test.jsonl: smoothq.tasks (`smoothq eval --task lambada`) and
+Both score the local lambada_openai_test.jsonl: smoothq.evaluation.tasks (`smoothq eval --task lambada`) and
 lm-eval's own `lambada_openai` task pointed at that file (`lambada_openai_local`, `smoothq eval
 --lm-eval lambada_openai_local`), on the float model and on its naive W8A8 quantization (no
 smoothing, backend auto), in one process on the same module. Also counts the passages that the two
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import smoothq as sq
-from smoothq.data import read_documents
-from smoothq.harness import run_harness, wrap
-from smoothq.tasks import greedy_matches, lambada_examples, split_last_word
+from smoothq.core.data import read_documents
+from smoothq.evaluation.harness import run_harness, wrap
+from smoothq.evaluation.tasks import greedy_matches, lambada_examples, split_last_word
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

@@ -9,7 +9,7 @@ Rows (each an ONNX model run by onnxruntime's CPU execution provider, `--threads
 
     ort-fp32                 the float model, sq.export_onnx (float32; same graph layout as ours)
     ours-<recipe>            sq.run(model, <recipe>) -> sq.export_onnx: our integers and scales,
-                             MatMulInteger (smoothq/onnx_export.py); float embedding and LM head
+                             MatMulInteger (smoothq/formats/onnx.py); float embedding and LM head
     ours-<recipe>-int8emb    the same with embeddings="int8" (int8 embedding rows, weight-only int8
                              LM head): the size row
     ort-dynamic              onnxruntime.quantization.quantize_dynamic of ort-fp32 (int8 per-channel
@@ -147,7 +147,7 @@ def measure_speed(paths: dict[str, Path], threads: int, repeats: int, new_tokens
     repeat r + 1 of any), so that a slower stretch of a shared machine hits all rows alike."""
     import numpy as np
 
-    from smoothq.onnx_export import OnnxModel
+    from smoothq.formats.onnx import OnnxModel
 
     models = {name: OnnxModel(path, threads) for name, path in paths.items()}
     ids = np.random.default_rng(0).integers(0, 49152, (1, 512))
@@ -182,7 +182,7 @@ def measure_speed(paths: dict[str, Path], threads: int, repeats: int, new_tokens
 
 def measure_row(path: Path, windows, args) -> dict:
     """Everything but speed: size, the integer ops of the graph ORT runs, perplexity."""
-    from smoothq.onnx_export import INTEGER_MATMUL_OPS, integer_kernels, onnx_bytes, onnx_perplexity
+    from smoothq.formats.onnx import INTEGER_MATMUL_OPS, integer_kernels, onnx_bytes, onnx_perplexity
 
     kernels = integer_kernels(path, threads=args.threads)
     row = {"path": str(path), "bytes": onnx_bytes(path),
@@ -201,7 +201,7 @@ class Bench:
         import torch
 
         import smoothq as sq
-        from smoothq.bench import cpu_name
+        from smoothq.evaluation.bench import cpu_name
 
         torch.set_num_threads(args.threads)
         self.args, self.sq = args, sq
@@ -266,8 +266,8 @@ class Bench:
 
         import torch
 
-        from smoothq.cpu_fast import available, optimize_for_cpu
-        from smoothq.onnx_export import ExportModules
+        from smoothq.runtime.cpu_fast import available, optimize_for_cpu
+        from smoothq.formats.onnx import ExportModules
 
         model = q if available() else optimize_for_cpu(copy.deepcopy(q), dtype=torch.float32, compile=False)
         ppl = self.sq.perplexity(model, self.windows, progress=not self.args.quiet)
@@ -323,7 +323,7 @@ class Bench:
         if kind != "dynamic" and not calib.is_file():
             import numpy as np
 
-            from smoothq.pipeline import calibration_samples
+            from smoothq.pipeline.run import calibration_samples
 
             ids = calibration_samples(self.recipe("serve-w8a8"), self.tok).input_ids[:self.args.ort_calib_samples]
             np.save(calib, ids.numpy())

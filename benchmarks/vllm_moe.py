@@ -55,7 +55,7 @@ import smoothq as sq  # noqa: E402
 from smoothq.archs import arch_for  # noqa: E402
 from smoothq.archs import tiny  # noqa: E402
 from smoothq.archs.tiny import random_ids, tiny_model  # noqa: E402
-from smoothq.bench import cpu_name  # noqa: E402
+from smoothq.evaluation.bench import cpu_name  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

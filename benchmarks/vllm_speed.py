@@ -1,5 +1,5 @@
 """Prefill latency and decode tokens/s of a checkpoint served by vLLM (offline LLM engine), timed
-the way smoothq.bench times our models. Runs inside a vLLM environment (it does not import smoothq):
+the way smoothq.evaluation.bench times our models. Runs inside a vLLM environment (it does not import smoothq):
 
     VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 /tmp/vllm-venv/bin/python benchmarks/vllm_speed.py \\
         MODEL_DIR out.json --dtype bfloat16 --prefill 1x512,8x512 --decode 1,8 --prompt 128 --new-tokens 128

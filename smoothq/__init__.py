@@ -5,41 +5,39 @@
     model = sq.run(model, "best-w8a8", tokenizer=tok).model   # a preset, a recipe file/dict or sq.Recipe
     print(sq.perplexity(model, sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=40)))
 
-`sq.run` orders the stages (pipeline.py); they stay public for custom pipelines: sq.rotate,
+`sq.run` orders the stages (pipeline/run.py); they stay public for custom pipelines: sq.rotate,
 sq.calibrate, sq.smooth, sq.rotate_inputs, sq.quantize, sq.save. Each records what it did in
-`model.smoothq`, a QuantRecord (record.py).
+`model.smoothq`, a QuantRecord (core/record.py).
 
 The public names are imported on first use (PEP 562): importing torch and transformers takes
-seconds, and `smoothq --help` (smoothq.cli, inside this package) must not pay for them.
+seconds, and `smoothq --help` (smoothq.cli.main, inside this package) must not pay for them.
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
 _PUBLIC = {
     "Arch": "archs", "Group": "archs", "UnsupportedArchError": "archs",
-    "ActStats": "calibrate", "CalibrationError": "calibrate", "calibrate": "calibrate",
-    "optimize_for_cpu": "cpu_fast",
-    "O1": "config", "O2": "config", "O3": "config", "SCHEMES": "config", "W8A8": "config", "QuantScheme": "config",
-    "get_scheme": "config",
-    "calib_samples": "data", "eval_windows": "data",
-    "paired_nll_difference": "evaluate", "perplexity": "evaluate", "window_nll": "evaluate",
-    "CheckpointError": "io", "load": "io", "save": "io",
-    "load_model": "models",
-    "W8A8Linear": "nn", "quantize": "nn",
-    "export_onnx": "onnx_export",
-    "rotate_inputs": "online_rotation",
-    "RunResult": "pipeline", "run": "pipeline",
-    "PRESETS": "recipe", "Recipe": "recipe", "RecipeError": "recipe",
-    "QuantRecord": "record",
-    "rotate": "rotate",
-    "quantize_sequential": "sequential",
-    "smooth": "smooth", "smooth_scales": "smooth",
-    "lambada_accuracy": "tasks",
+    "ActStats": "transforms.calibrate", "CalibrationError": "transforms.calibrate", "calibrate": "transforms.calibrate",
+    "optimize_for_cpu": "runtime.cpu_fast",
+    "O1": "core.schemes", "O2": "core.schemes", "O3": "core.schemes", "SCHEMES": "core.schemes", "W8A8": "core.schemes", "QuantScheme": "core.schemes",
+    "get_scheme": "core.schemes",
+    "calib_samples": "core.data", "eval_windows": "core.data",
+    "paired_nll_difference": "core.perplexity", "perplexity": "core.perplexity", "window_nll": "core.perplexity",
+    "CheckpointError": "formats.io", "load": "formats.io", "save": "formats.io",
+    "load_model": "core.models",
+    "W8A8Linear": "runtime.linear", "quantize": "runtime.linear",
+    "export_onnx": "formats.onnx",
+    "rotate_inputs": "transforms.online_rotation",
+    "RunResult": "pipeline.run", "run": "pipeline.run",
+    "PRESETS": "core.recipe", "Recipe": "core.recipe", "RecipeError": "core.recipe",
+    "QuantRecord": "core.record",
+    "rotate": "transforms.rotate",
+    "quantize_sequential": "pipeline.layered",
+    "smooth": "transforms.smooth", "smooth_scales": "transforms.smooth",
+    "lambada_accuracy": "evaluation.tasks",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -55,17 +53,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_PUBLIC))
-
-
-class _Package(types.ModuleType):
-    """sq.calibrate, sq.rotate and sq.smooth are functions that share their names with submodules:
-    importing such a submodule must not replace the function on the package (the eager imports
-    this replaced left the function there too)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
-            return  # the submodule stays reachable as sys.modules["smoothq.<name>"]
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

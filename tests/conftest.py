@@ -40,12 +40,11 @@ def int8_cpu(monkeypatch):
     saturating 16-bit pair sums), the fast path refuses to run and these tests are skipped."""
     import torch
 
-    from smoothq import backends
-
+    from smoothq.runtime import backends
     monkeypatch.setenv("SMOOTHQ_CPU_INT8", "1")
     backends.cpu_int8_accelerated.cache_clear()
     if hasattr(torch.ops.onednn, "qlinear_pointwise"):
-        from smoothq.cpu_fast import onednn_sums_exact
+        from smoothq.runtime.cpu_fast import onednn_sums_exact
 
         if not onednn_sums_exact():
             pytest.skip("oneDNN's int8 GEMM gives wrong sums on this CPU (no int8 dot-product instructions): "

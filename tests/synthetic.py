@@ -57,8 +57,8 @@ def write_checkpoint(folder: str | Path, config, dtype=torch.float16, max_shard_
     Norm weights get a few large channels, so activations have the outliers SmoothQuant is for."""
     from transformers import AutoModelForCausalLM
 
-    from smoothq.sequential import empty_weights
-    from smoothq.stream import ShardWriter
+    from smoothq.pipeline.layered import empty_weights
+    from smoothq.formats.stream import ShardWriter
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

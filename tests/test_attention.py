@@ -1,4 +1,4 @@
-"""INT8 attention (smoothq.attention): Q, K (after RoPE), V and the softmax probabilities in INT8."""
+"""INT8 attention (smoothq.runtime.attention): Q, K (after RoPE), V and the softmax probabilities in INT8."""
 
 import copy
 
@@ -7,7 +7,7 @@ import torch
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq import attention as A
+from smoothq.runtime import attention as A
 from smoothq.archs import UnsupportedArchError
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import smoothq as sq
-from smoothq import backends
-from smoothq.quant import quantize_activation
+from smoothq.runtime import backends
+from smoothq.core.quant import quantize_activation
 
 CPU_INT8 = [b.name for b in backends._BACKENDS.values() if b.real_int8 and b.runs_on("cpu")]
 SHAPES = [(1, 8, 5), (3, 13, 16), (17, 64, 33), (64, 40, 8)]  # M=1, odd M, K/N not multiples of 8
@@ -107,7 +107,7 @@ def test_the_fast_path_refuses_a_cpu_whose_int8_sums_are_wrong(monkeypatch):
     """Checked, not assumed: where oneDNN's u8 x s8 GEMM does not return the exact sums (AVX2 without
     VNNI saturates 16-bit pair sums), optimize_for_cpu refuses even when SMOOTHQ_CPU_INT8=1 forces it."""
     import smoothq as sq
-    from smoothq import backends, cpu_fast
+    from smoothq.runtime import backends, cpu_fast
     from tiny import tiny_model
 
     if not hasattr(torch.ops.onednn, "qlinear_pointwise"):

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from smoothq.bench import BenchError, BenchSpec, bench, parse_prefill, run_config, speedups, weight_bytes
-from smoothq.cli import main
+from smoothq.evaluation.bench import BenchError, BenchSpec, bench, parse_prefill, run_config, speedups, weight_bytes
+from smoothq.cli.main import main
 
 pytestmark = pytest.mark.usefixtures("int8_cpu")
 TINY = dict(prefill=((1, 16), (2, 8)), decode=(1, 2), prompt=8, new_tokens=3, repeats=2)
@@ -101,7 +101,7 @@ def test_a_quantized_checkpoint_benches_its_own_scheme(tmp_path):
 
 def test_weight_bytes_of_the_fast_path_count_every_int8_weight_once():
     import smoothq as sq
-    from smoothq.cpu_fast import optimize_for_cpu
+    from smoothq.runtime.cpu_fast import optimize_for_cpu
     from tiny import tiny_model
 
     model = tiny_model("llama")

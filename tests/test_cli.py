@@ -7,7 +7,7 @@ import sys
 import pytest
 from tiny import tiny_model, tiny_tokenizer
 
-from smoothq.cli import main
+from smoothq.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from smoothq.cli import main
+from smoothq.cli.main import main
 
 QUICK = ["--seqlen", "64", "--max-windows", "2", "--samples", "4", "--calib-seqlen", "64", "--search-samples", "2"]
 
@@ -75,7 +75,7 @@ def test_quantize_rotated_saves_a_checkpoint_that_reloads_with_the_same_perplexi
 
 
 def _assert_same_tensors(a, b):
-    from smoothq.io import _read_tensors
+    from smoothq.formats.io import _read_tensors
 
     ta, tb = _read_tensors(a), _read_tensors(b)
     assert ta.keys() == tb.keys()

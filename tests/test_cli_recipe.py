@@ -3,8 +3,8 @@ with the reason), even when its value equals the flag's default; the recipe's na
 
 import pytest
 
-from smoothq import cli
-from smoothq.cli import FLAG_FIELDS, build_parser, main, parse_args, subparser
+from smoothq.cli import main as cli
+from smoothq.cli.main import FLAG_FIELDS, build_parser, main, parse_args, subparser
 
 # quantize options that are not recipe fields: what to load, where to write, how to evaluate and run
 NOT_RECIPE = {"help", "model", "gguf_file", "dtype", "device", "preset", "recipe", "save_recipe", "output", "force",

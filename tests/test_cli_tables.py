@@ -4,9 +4,9 @@ as many cells as the header, whatever keys its rows have (bench's bf16 row has n
 import re
 from pathlib import Path
 
-from smoothq.bench import table as bench_table
-from smoothq.cli import markdown_table
-from smoothq.compare import Row, format_table
+from smoothq.evaluation.bench import table as bench_table
+from smoothq.cli.main import markdown_table
+from smoothq.evaluation.compare import Row, format_table
 
 
 def cells(line: str) -> list[str]:

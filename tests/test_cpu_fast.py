@@ -12,8 +12,8 @@ import torch
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq import backends, cpu_fast
-from smoothq.cpu_fast import Int8Embedding, Int8LMHead, PackedW8A8Linear, optimize_for_cpu
+from smoothq.runtime import backends, cpu_fast
+from smoothq.runtime.cpu_fast import Int8Embedding, Int8LMHead, PackedW8A8Linear, optimize_for_cpu
 
 pytestmark = [pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_pointwise"),
                                  reason="this torch build has no oneDNN int8 linear ops"),
@@ -131,7 +131,7 @@ def test_int8_embeddings_are_close_smaller_and_shared_when_tied(name):
     model.tie_weights()
     sq.quantize(model, "W8A8", backend="emulated")
     ids = sample_ids(2, 12)
-    from smoothq.bench import weight_bytes
+    from smoothq.evaluation.bench import weight_bytes
 
     with torch.no_grad():
         plain = optimize_for_cpu(copy.deepcopy(model), dtype=torch.float32, compile=False)

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq.io import CheckpointError
-from smoothq.online_rotation import CT_SCHEME, InputRotation, ct_transform_weight_name, rotate_inputs
+from smoothq.formats.io import CheckpointError
+from smoothq.transforms.online_rotation import CT_SCHEME, InputRotation, ct_transform_weight_name, rotate_inputs
 
 ct = pytest.importorskip("compressed_tensors")
 

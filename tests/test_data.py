@@ -5,8 +5,8 @@ import json
 import pytest
 from tiny import tiny_tokenizer
 
-from smoothq import data
-from smoothq.data import DataError, calib_samples, eval_windows, load_text
+from smoothq.core import data
+from smoothq.core.data import DataError, calib_samples, eval_windows, load_text
 
 
 @pytest.fixture(scope="module")

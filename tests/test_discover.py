@@ -73,7 +73,7 @@ def test_a_wrong_table_entry_is_caught_before_calibration(monkeypatch):
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran before the proof")
 
-    monkeypatch.setattr(sys.modules["smoothq.calibrate"], "calibrate", no_calibration)
+    monkeypatch.setattr(sys.modules["smoothq.transforms.calibrate"], "calibrate", no_calibration)
     try:
         with pytest.raises(UnsupportedArchError, match="not exact"):
             sq.run(model, {"scheme": "W8A8"}, calib=random_ids(2, 16), progress=False)

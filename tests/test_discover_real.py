@@ -9,7 +9,7 @@ import smoothq as sq
 from smoothq.archs import ARCHS, arch_for, resolve
 from smoothq.archs.discover import discover
 from smoothq.archs.folds import FOLD_TOLERANCE
-from smoothq.data import calib_samples
+from smoothq.core.data import calib_samples
 
 
 def _bound(model, arch) -> set:

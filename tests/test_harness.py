@@ -1,4 +1,4 @@
-"""lm-evaluation-harness bridge (smoothq.harness), offline: tasks built from local files, run on a
+"""lm-evaluation-harness bridge (smoothq.evaluation.harness), offline: tasks built from local files, run on a
 tiny random model through our adapter, checked against log-likelihoods computed here by hand, on
 the float model and on its naive W8A8 quantization; the CLI; the missing-dataset error."""
 
@@ -14,10 +14,10 @@ from tiny import tiny_model, tiny_tokenizer
 pytest.importorskip("lm_eval")
 
 import smoothq as sq  # noqa: E402
-from smoothq.cli import main  # noqa: E402
-from smoothq.data import DataError  # noqa: E402
-from smoothq.harness import evaluate_harness, load_tasks, local_task_config, run_harness  # noqa: E402
-from smoothq.tasks import lambada_examples  # noqa: E402
+from smoothq.cli.main import main  # noqa: E402
+from smoothq.core.data import DataError  # noqa: E402
+from smoothq.evaluation.harness import evaluate_harness, load_tasks, local_task_config, run_harness  # noqa: E402
+from smoothq.evaluation.tasks import lambada_examples  # noqa: E402
 
 # labels: half point at a one-word choice (a random model favours few tokens), half at a longer one
 QUESTIONS = [
@@ -150,7 +150,7 @@ def test_shipped_lambada_task_is_the_stock_one_on_local_data(model, tok, data_di
         assert cfg[key] == stock[key], key
     assert cfg["dataset_path"] == "json"
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str(data_dir / "lambada_openai_test.jsonl")
-    # its last-word perplexity and accuracy on 6 passages = ours, computed from smoothq.tasks' examples
+    # its last-word perplexity and accuracy on 6 passages = ours, computed from smoothq.evaluation.tasks' examples
     rows = {r["metric"]: r for r in evaluate_harness(model, tok, ["lambada_openai_local"], limit=6, batch_size=4)}
     examples, _ = lambada_examples(tok, limit=6)
     lls, greedy = [], []

@@ -11,8 +11,8 @@ from tiny import plant_outliers, sample_ids, tiny_model, tiny_tokenizer
 
 import smoothq as sq
 from smoothq.archs import resolve
-from smoothq.cli import main
-from smoothq.inspect import InspectError, inspect_model, outlier_ratio, sqnr_db
+from smoothq.cli.main import main
+from smoothq.evaluation.inspect import InspectError, inspect_model, outlier_ratio, sqnr_db
 
 
 def planted_model(name: str = "llama", factor: float = 20.0):
@@ -137,7 +137,7 @@ def test_report_files(report, tmp_path):
 
     from PIL import Image
 
-    from smoothq.report import write_report
+    from smoothq.evaluation.report import write_report
 
     out = write_report(report, tmp_path / "rep")
     pngs = sorted(p.name for p in out.glob("*.png"))

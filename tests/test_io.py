@@ -8,8 +8,8 @@ import torch
 from tiny import CONFIGS, sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq import io
-from smoothq.io import CheckpointError
+from smoothq.formats import io
+from smoothq.formats.io import CheckpointError
 
 GOLDEN = __import__("pathlib").Path(__file__).parent / "golden"
 

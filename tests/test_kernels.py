@@ -1,8 +1,8 @@
-"""Triton kernels (smoothq.kernels) against smoothq.quant and the emulated backend, bit for bit.
+"""Triton kernels (smoothq.runtime.kernels) against smoothq.core.quant and the emulated backend, bit for bit.
 
 Without a GPU, every kernel runs under the Triton interpreter on CPU tensors: tests/conftest.py
 sets TRITON_INTERPRET=1 before anything can import Triton in compiled mode (Triton decides at its
-first import; see smoothq/kernels/__init__.py). With a GPU the same tests run the compiled
+first import; see smoothq/runtime/kernels/__init__.py). With a GPU the same tests run the compiled
 kernels on CUDA, and the `gpu`-marked ones add Llama-sized shapes. Shapes are small: the
 interpreter is slow.
 """
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import smoothq as sq  # noqa: E402
-import smoothq.kernels as K  # noqa: E402
-from smoothq import backends  # noqa: E402
-from smoothq.quant import MIN_SCALE, quantize_activation  # noqa: E402
+import smoothq.runtime.kernels as K  # noqa: E402
+from smoothq.runtime import backends  # noqa: E402
+from smoothq.core.quant import MIN_SCALE, quantize_activation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if not K.AVAILABLE:
@@ -78,7 +78,7 @@ def test_decode_split_k_is_exact(m, split_k):
 
 
 def test_autotuning_prunes_tiles_by_token_bucket():
-    from smoothq.kernels.gemm import GPU_CONFIGS, _prune
+    from smoothq.runtime.kernels.gemm import GPU_CONFIGS, _prune
 
     def heights(m_bucket):
         return {c.kwargs["BLOCK_M"] for c in _prune(GPU_CONFIGS, {"M_BUCKET": m_bucket})}
@@ -87,7 +87,7 @@ def test_autotuning_prunes_tiles_by_token_bucket():
 
 
 def test_split_k_choice_is_shape_based():
-    from smoothq.kernels.skinny_gemm import pick_split_k
+    from smoothq.runtime.kernels.skinny_gemm import pick_split_k
 
     cpu = torch.device("cpu")  # the interpreter assumes an H100's 132 SMs
     assert pick_split_k(4096, 4096, cpu) == 4 and pick_split_k(4096, 11008, cpu) == 4
@@ -313,7 +313,7 @@ def test_kernels_compile_for_hopper_as_intended():
     quantizers, no FMA in the epilogues. Runs in a subprocess: this process interprets."""
     pytest.importorskip("triton.compiler")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "smoothq.kernels.aot", "--target", "cuda:90"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "smoothq.runtime.kernels.aot", "--target", "cuda:90"], capture_output=True,
                           text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "wgmma_s8" in proc.stdout
@@ -324,7 +324,7 @@ def test_kernels_compile_for_hopper_as_intended():
 
 def test_import_without_triton_fails_only_when_called():
     code = ("import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-            "import smoothq.kernels as K\n"
+            "import smoothq.runtime.kernels as K\n"
             "assert not K.HAVE_TRITON and not K.AVAILABLE\n"
             "try:\n    K.quantize_per_token(None)\nexcept RuntimeError as e:\n    assert 'needs Triton' in str(e)\n"
             "else:\n    raise SystemExit('no error')\n")

@@ -1,4 +1,4 @@
-"""The layered executor (smoothq/sequential.py) on block structures beyond the plain decoder layer:
+"""The layered executor (smoothq/pipeline/layered.py) on block structures beyond the plain decoder layer:
 linears a discovered model keeps in float, layers that pass outputs on to the next layer, a tied
 head with its own bias, and the models it must refuse (recurrent layers, weights shared between
 layers) before any work. Each one writes the in-memory pipeline's checkpoint tensor for tensor."""
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import smoothq as sq
-from smoothq import io
+from smoothq.formats import io
 from smoothq.archs.tiny import random_ids, tiny_model
-from smoothq.calibrate import CalibrationError
+from smoothq.transforms.calibrate import CalibrationError
 
 RECIPE = {"scheme": "O3", "propagation": "float", "calibration": {"samples": 4, "seqlen": 16},
           "output": {"dtype": "float32"}}
@@ -61,7 +61,7 @@ def test_a_tied_head_keeps_its_own_bias(tmp_path):
     ("rwkv", "changes the hidden states between decoder layers 0 and 1"),  # halved every rescale_every layers
 ])
 def test_what_cannot_run_layer_by_layer_is_refused_before_any_work(model_type, message, tmp_path, monkeypatch):
-    import smoothq.sequential as seq
+    import smoothq.pipeline.layered as seq
 
     src = tmp_path / "src"
     model = tiny_model(model_type)
@@ -81,7 +81,7 @@ def test_passed_on_outputs_survive_a_resume(tmp_path):
     """The values a layer passes on are saved with the next layer's inputs: a run of hy_v4 stopped
     after layer 1 resumes at layer 2, whose shared sparse attention needs layer 1's top-k indices
     (without them it raises), to the uninterrupted checkpoint."""
-    from smoothq.sequential import interrupted_run
+    from smoothq.pipeline.layered import interrupted_run
 
     model = tiny_model("hy_v4")
     src = tmp_path / "src"

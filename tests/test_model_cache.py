@@ -9,9 +9,7 @@ import pytest
 import transformers
 from tiny import tiny_model, tiny_tokenizer
 
-from smoothq import models
-
-
+from smoothq.core import models
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch, data_dir):
     """A .gguf file of random bytes whose 'conversion' builds a tiny llama; counts conversions."""
@@ -84,7 +82,7 @@ def test_unwritable_cache_falls_back_to_a_temporary_directory_with_one_warning(f
 
 
 def test_unwritable_cache_in_the_cli_is_one_warning_line(fake_gguf, tmp_path, monkeypatch, capsys):
-    from smoothq.cli import main
+    from smoothq.cli.main import main
 
     path, _ = fake_gguf
     blocker = tmp_path / "a-file"

@@ -11,10 +11,10 @@ from tiny import CONFIGS, sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq.archs import UnsupportedArchError
-from smoothq.compare import linear_sqnr
-from smoothq.io import CheckpointError
-from smoothq.online_rotation import InputRotation, rotate_inputs, targets
-from smoothq.quant import absmax_to_scale, quantize_activation, quantize_weight
+from smoothq.evaluation.compare import linear_sqnr
+from smoothq.formats.io import CheckpointError
+from smoothq.transforms.online_rotation import InputRotation, rotate_inputs, targets
+from smoothq.core.quant import absmax_to_scale, quantize_activation, quantize_weight
 
 
 def logits(model, ids):

@@ -1,4 +1,4 @@
-"""ONNX export (smoothq.onnx_export) on tiny random Llama models: the graph ONNX Runtime runs carries
+"""ONNX export (smoothq.formats.onnx) on tiny random Llama models: the graph ONNX Runtime runs carries
 our integers (MatMulInteger on the int8 weights, no float matmul for a quantized linear), its logits
 match the PyTorch model's, prefill and decode with a KV cache, the refusals, atomic output and the CLI.
 
@@ -22,8 +22,8 @@ import torch
 from tiny import sample_ids, tiny_model, tiny_tokenizer
 
 import smoothq as sq
-from smoothq import onnx_export as ox
-from smoothq.online_rotation import rotate_inputs
+from smoothq.formats import onnx as ox
+from smoothq.transforms.online_rotation import rotate_inputs
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -195,7 +195,7 @@ def test_static_scheme_online_rotation_and_int8_embeddings(o3):
 
 
 def test_int8_embedding_rows_are_cpu_fasts():
-    from smoothq.cpu_fast import Int8Embedding
+    from smoothq.runtime.cpu_fast import Int8Embedding
 
     model = tiny_model("llama")
     with ox.ExportModules(model, "int8"):
@@ -278,7 +278,7 @@ def test_output_is_atomic_and_only_our_exports_are_replaced(tmp_path, monkeypatc
 
 @exact_sums
 def test_cli_export_end_to_end(tmp_path, data_dir, capsys):
-    from smoothq.cli import main
+    from smoothq.cli.main import main
 
     model = tiny_model("llama")
     tok = tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:50_000])

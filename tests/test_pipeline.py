@@ -13,10 +13,10 @@ from test_sequential import assert_same_checkpoint, save_source
 from tiny import CONFIGS, plant_outliers, sample_ids, tiny_model, tiny_tokenizer
 
 import smoothq as sq
-from smoothq import io
+from smoothq.formats import io
 from smoothq.archs import UnsupportedArchError, arch_for, resolve
-from smoothq.recipe import PRESETS, Recipe, RecipeError
-from smoothq.sequential import ResumeError, interrupted_run, quantize_sequential
+from smoothq.core.recipe import PRESETS, Recipe, RecipeError
+from smoothq.pipeline.layered import ResumeError, interrupted_run, quantize_sequential
 
 ARCHS = list(CONFIGS)
 
@@ -184,7 +184,7 @@ def test_every_preset_round_trips_through_dicts_yaml_and_json(tmp_path, preset):
     for suffix in (".yaml", ".json"):
         recipe.to_file(tmp_path / f"r{suffix}")
         assert Recipe.from_file(tmp_path / f"r{suffix}") == recipe
-    assert sq.run.__module__ == "smoothq.pipeline"
+    assert sq.run.__module__ == "smoothq.pipeline.run"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -215,7 +215,7 @@ def test_a_checkpoint_directory_without_a_recipe_is_refused(tmp_path):
 
 
 def test_cli_preset_saves_a_recipe_that_reproduces_the_checkpoint(tmp_path, data_dir, capsys):
-    from smoothq.cli import main
+    from smoothq.cli.main import main
 
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src)

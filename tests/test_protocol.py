@@ -13,10 +13,10 @@ from test_sequential import assert_same_checkpoint, save_source
 from tiny import tiny_model, tiny_tokenizer
 
 import smoothq as sq
-from smoothq import data
-from smoothq.compare import compare
-from smoothq.data import DataError, calib_samples, eval_windows, resolve_bos, tokenizer_adds_bos
-from smoothq.recipe import Recipe, RecipeError
+from smoothq.core import data
+from smoothq.evaluation.compare import compare
+from smoothq.core.data import DataError, calib_samples, eval_windows, resolve_bos, tokenizer_adds_bos
+from smoothq.core.recipe import Recipe, RecipeError
 
 SEQLEN = 32
 

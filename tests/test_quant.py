@@ -5,8 +5,8 @@ import torch
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq import quant
-from smoothq.backends import get_backend
+from smoothq.core import quant
+from smoothq.runtime.backends import get_backend
 
 
 def test_round_half_to_even_and_symmetric_clamp():
@@ -118,7 +118,7 @@ def test_quantizing_twice_is_refused():
 def test_scale_is_the_correctly_rounded_quotient_on_every_device(device):
     """absmax / 127 rounded once (what the Triton kernels' div_rn computes): torch's CUDA division by
     a Python number multiplies by the reciprocal instead, one ulp off for some abs-maxes."""
-    from smoothq.quant import absmax_to_scale
+    from smoothq.core.quant import absmax_to_scale
 
     absmax = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 50
     exact = (absmax.double() / 127).float()

@@ -61,8 +61,7 @@ def test_real_int8_smollm2_matches_fake_quant_and_survives_save_load(smollm2, sc
     real = sq.perplexity(real_model, windows, progress=False)
     assert abs(real / fake - 1) < 0.005, f"real INT8 {real:.4f} vs fake quant {fake:.4f}"
 
-    from smoothq import io
-
+    from smoothq.formats import io
     io.save(real_model, tmp_path / "ckpt", tok, float_dtype="auto")
     back, back_tok = io.load(tmp_path / "ckpt")
     assert back_tok is not None and back.dtype == torch.float32

@@ -1,4 +1,4 @@
-"""The model's record (smoothq/record.py): after sq.run it holds the recipe and every stage's facts,
+"""The model's record (smoothq/core/record.py): after sq.run it holds the recipe and every stage's facts,
 the checkpoint gives them back on load, a deepcopy gets a record (and sink-position tracker) of its
 own, and no other smoothq_* attribute is left on the model."""
 
@@ -8,10 +8,10 @@ import torch
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq.attention import AttnQuantConfig, disable_int8_attention, enable_int8_attention
-from smoothq.record import QuantRecord, record
-from smoothq.search import SearchResult
-from smoothq.sink import TokenPositions
+from smoothq.runtime.attention import AttnQuantConfig, disable_int8_attention, enable_int8_attention
+from smoothq.core.record import QuantRecord, record
+from smoothq.transforms.search import SearchResult
+from smoothq.runtime.sink import TokenPositions
 
 # every stage that records something: rotation, calibration, alpha search with clipping, online
 # input rotation, O3 with a sink token

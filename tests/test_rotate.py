@@ -9,9 +9,9 @@ import torch
 from tiny import CONFIGS, sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq import io
+from smoothq.formats import io
 from smoothq.archs import UnsupportedArchError, arch_for, resolve
-from smoothq.rotate import hadamard_matrix, rotate, rotation_matrix
+from smoothq.transforms.rotate import hadamard_matrix, rotate, rotation_matrix
 
 ROTATABLE = [n for n in CONFIGS if arch_for(tiny_model(n)).rotation is not None]
 

@@ -1,4 +1,4 @@
-"""Automatic alpha (smoothq.search): per-group search of the quantized block's output error."""
+"""Automatic alpha (smoothq.transforms.search): per-group search of the quantized block's output error."""
 
 import copy
 import math
@@ -9,7 +9,7 @@ from tiny import plant_outliers, sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq.archs import resolve
-from smoothq.search import SearchConfig, auto_smooth, search_alpha
+from smoothq.transforms.search import SearchConfig, auto_smooth, search_alpha
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 

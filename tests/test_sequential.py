@@ -16,10 +16,10 @@ import transformers as T
 from tiny import CONFIGS, sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq import io, stream
-from smoothq.io import CheckpointError
-from smoothq.recipe import RecipeError
-from smoothq.sequential import ResumeError, interrupted_run, partial_dir, quantize_sequential
+from smoothq.formats import io, stream
+from smoothq.formats.io import CheckpointError
+from smoothq.core.recipe import RecipeError
+from smoothq.pipeline.layered import ResumeError, interrupted_run, partial_dir, quantize_sequential
 
 HERE = Path(__file__).resolve().parent
 
@@ -204,7 +204,7 @@ KILL = """
 import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
 from tiny import sample_ids
-from smoothq.sequential import quantize_sequential
+from smoothq.pipeline.layered import quantize_sequential
 
 def die(i, n):
     if i == {k}:
@@ -392,7 +392,7 @@ def test_shard_writer_matches_save_file_layout_in_any_write_order(tmp_path):
 def test_cli_quantizes_sequentially_and_resumes(tmp_path, data_dir, capsys):
     from tiny import tiny_tokenizer
 
-    from smoothq.cli import main
+    from smoothq.cli.main import main
 
     src = four_layer_llama(tmp_path)
     tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000]).save_pretrained(src)

@@ -1,4 +1,4 @@
-"""Sink tokens (smoothq/sink.py): the first tokens of each sequence quantized per token."""
+"""Sink tokens (smoothq/runtime/sink.py): the first tokens of each sequence quantized per token."""
 
 import copy
 
@@ -7,9 +7,9 @@ import torch
 from tiny import CONFIGS, sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq.io import CheckpointError
-from smoothq.quant import absmax_to_scale, quantize
-from smoothq.sink import quantize_with_sinks
+from smoothq.formats.io import CheckpointError
+from smoothq.core.quant import absmax_to_scale, quantize
+from smoothq.runtime.sink import quantize_with_sinks
 
 
 def _o3(arch="llama", sink_tokens=1, alpha=0.5, scheme="O3", seed=0):

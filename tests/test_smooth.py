@@ -8,7 +8,7 @@ from tiny import sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq.archs import resolve, weight_nk
-from smoothq.smooth import smooth_scales
+from smoothq.transforms.smooth import smooth_scales
 
 
 def test_scales_follow_the_formula():

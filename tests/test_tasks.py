@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny import VOCAB, tiny_model, tiny_tokenizer
 
-from smoothq import data
-from smoothq.data import DataError
-from smoothq.tasks import (LambadaExample, encode_example, greedy_matches, lambada_accuracy, lambada_examples,
+from smoothq.core import data
+from smoothq.core.data import DataError
+from smoothq.evaluation.tasks import (LambadaExample, encode_example, greedy_matches, lambada_accuracy, lambada_examples,
                            split_last_word)
 
 

@@ -1,4 +1,4 @@
-"""smoothq's vLLM plugin (smoothq/vllm_plugin.py): declared where vLLM looks for it, a no-op
+"""smoothq's vLLM plugin (smoothq/formats/vllm_plugin.py): declared where vLLM looks for it, a no-op
 without vLLM or off the CPU, and on vLLM-CPU it gives the transform modules the `cpu_linear` their
 forward needs (checked here against a stand-in of vLLM's module layout; the real vLLM-CPU run is
 benchmarks/vllm_serving.py)."""
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_plugin_is_declared_as_a_vllm_general_plugin():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"]["vllm.general_plugins"] == {"smoothq_cpu_transforms": "smoothq.vllm_plugin:register"}
+    assert project["entry-points"]["vllm.general_plugins"] == {"smoothq_cpu_transforms": "smoothq.formats.vllm_plugin:register"}
 
 
 def _fake_vllm(monkeypatch, is_cpu: bool):
@@ -46,8 +46,7 @@ def _fake_vllm(monkeypatch, is_cpu: bool):
 
 
 def test_on_vllm_cpu_transform_modules_get_a_cpu_linear_and_compute_x_times_the_matrix(monkeypatch):
-    from smoothq import vllm_plugin
-
+    from smoothq.formats import vllm_plugin
     cls = _fake_vllm(monkeypatch, is_cpu=True)
     vllm_plugin.register()
     vllm_plugin.register()  # loaded by several processes / twice: patched once
@@ -61,8 +60,7 @@ def test_on_vllm_cpu_transform_modules_get_a_cpu_linear_and_compute_x_times_the_
 
 
 def test_off_the_cpu_or_without_vllm_nothing_changes(monkeypatch):
-    from smoothq import vllm_plugin
-
+    from smoothq.formats import vllm_plugin
     cls = _fake_vllm(monkeypatch, is_cpu=False)
     vllm_plugin.register()
     t = cls(torch.randn(4, 4))

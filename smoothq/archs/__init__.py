@@ -8,7 +8,7 @@
                into a float64 copy of one block and the block's output compared before it is used
   moe.py       fused 3-D mixture-of-experts parameters split into one nn.Linear per expert projection
 
-May import: torch, transformers, smoothq.record. Nothing above it (transforms, runtime, formats, ...).
+May import: torch, transformers, smoothq.core.record. Nothing above it (transforms, runtime, formats, ...).
 """
 
 from .table import (ARCHS, LINEAR_TYPES, OPTIONS, Arch, Group, Resolved, ResolvedGroup, Rotation,

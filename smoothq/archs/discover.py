@@ -738,7 +738,7 @@ def structure_arch(model: nn.Module, layers: str | None = None, split: bool = Tr
 def discover_arch(model: nn.Module, *, refresh: bool = False) -> Discovery:
     """Discover (once per model, kept in its record) the smoothing groups of a model the table
     does not list. Weightless or quantized models get the structure only (structure_arch)."""
-    from ..record import record
+    from ..core.record import record
 
     rec = record(model)
     if rec.discovery is not None and not refresh:

@@ -48,14 +48,14 @@ def no_load(monkeypatch):
     error, so the CLI would exit 1 and the test's exit-code assertion names it)."""
     import transformers
 
-    import smoothq.io
-    import smoothq.models
+    import smoothq.formats.io
+    import smoothq.core.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(smoothq.models, "load_model", refuse)
-    monkeypatch.setattr(smoothq.io, "load", refuse)
+    monkeypatch.setattr(smoothq.core.models, "load_model", refuse)
+    monkeypatch.setattr(smoothq.formats.io, "load", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
 

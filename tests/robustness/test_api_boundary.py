@@ -1,4 +1,4 @@
-"""The public API checks its arguments at the boundary (smoothq/validate.py): a wrong argument to
+"""The public API checks its arguments at the boundary (smoothq/core/validate.py): a wrong argument to
 any name `smoothq` exports is a TypeError or ValueError whose one-line message names the argument,
 raised before any work; never a RuntimeError or IndexError from inside torch. One case per
 exported function or class (the table), and a property-based test of token ids (hypothesis)."""
@@ -14,7 +14,7 @@ from tiny import VOCAB, sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq import _PUBLIC
-from smoothq.validate import ID_DTYPES
+from smoothq.core.validate import ID_DTYPES
 
 
 @pytest.fixture(scope="module")

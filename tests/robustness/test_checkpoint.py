@@ -1,5 +1,5 @@
 """Damaged checkpoints: every corruption is a CheckpointError naming what is wrong, before any
-weight reaches the model, and never another exception (smoothq/verify.py)."""
+weight reaches the model, and never another exception (smoothq/formats/verify.py)."""
 
 import json
 import random
@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq import io
-from smoothq.cli import main
-from smoothq.io import CheckpointError
-from smoothq.verify import verify
+from smoothq.formats import io
+from smoothq.cli.main import main
+from smoothq.formats.io import CheckpointError
+from smoothq.formats.verify import verify
 
 Q = "model.layers.0.self_attn.q_proj"  # tiny llama: hidden 64, q_proj [64, 64]
 

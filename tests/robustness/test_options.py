@@ -21,8 +21,8 @@ from conftest import QUICK
 from tiny import tiny_model
 
 import smoothq as sq
-from smoothq import cli
-from smoothq.cli import OUTPUTS, build_parser, subparsers
+from smoothq.cli import main as cli
+from smoothq.cli.main import OUTPUTS, build_parser, subparsers
 
 ARGPARSE_ERROR = re.compile(r"^smoothq \S+: error: ")
 
@@ -156,7 +156,7 @@ def no_work(monkeypatch):
     def loaded(*args, **kwargs):
         raise Loaded("a model was loaded (or calibrated) before the refusal")
 
-    # the modules themselves (smoothq.calibrate is also the function of that name on the package)
+    # the modules themselves (smoothq.transforms.calibrate is also the function of that name on the package)
     import pkgutil
 
     import smoothq

@@ -1,4 +1,4 @@
-"""Safe outputs (smoothq/io.py): a save is all or nothing, --force replaces only our own checkpoint,
+"""Safe outputs (smoothq/formats/io.py): a save is all or nothing, --force replaces only our own checkpoint,
 stale temp directories of killed saves are cleaned, files and directory are fsynced before the
 rename, full and read-only disks are one clear error (real tmpfs mounts, no mocks of the disk),
 and two runs with the same seed and thread count write identical bytes."""
@@ -16,9 +16,9 @@ from conftest import QUICK
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq import io
-from smoothq.cli import main
-from smoothq.io import OutputError
+from smoothq.formats import io
+from smoothq.cli.main import main
+from smoothq.formats.io import OutputError
 
 
 def _quantized(dtype=torch.float32):
@@ -56,8 +56,7 @@ def test_real_full_disk_on_save_is_one_clear_error_and_leaves_nothing(tmpfs):
 
 def test_real_full_disk_through_the_cli_exits_2_and_leaves_nothing(capsys, model_src, tmpfs, monkeypatch, small_text):
     """The same with the preflight's space check switched off, so the write itself hits the full disk."""
-    from smoothq import preflight
-
+    from smoothq.pipeline.run import preflight
     disk = tmpfs(128)
     monkeypatch.setattr(preflight, "check_disk", lambda *a, **k: None)
     rc, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "--save-dtype", "float32",

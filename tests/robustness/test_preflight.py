@@ -1,4 +1,4 @@
-"""Refusals before any work (smoothq/preflight.py) and the CLI's one error boundary: every expected
+"""Refusals before any work (smoothq/pipeline/preflight.py) and the CLI's one error boundary: every expected
 failure exits 2 with one 'error:' line saying what is wrong and how to fix it, before the model is
 loaded (the `no_load` fixture fails the test if anything loads); a bug exits 1 with a traceback and
 a request to report it; an interrupt exits 130."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import QUICK
 
-from smoothq import cli
-from smoothq.cli import main
+from smoothq.cli import main as cli
+from smoothq.cli.main import main
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -252,9 +252,9 @@ def test_planned_checkpoint_size_matches_what_is_written(model_src, tmp_path):
 
     import smoothq as sq
     from smoothq.archs import arch_for
-    from smoothq.io import dir_bytes
-    from smoothq.preflight import planned_bytes
-    from smoothq.sequential import skeleton
+    from smoothq.formats.io import dir_bytes
+    from smoothq.pipeline.preflight import planned_bytes
+    from smoothq.pipeline.layered import skeleton
 
     for scheme, fmt in [("W8A8", "smoothq"), ("O3", "compressed-tensors")]:
         recipe = sq.Recipe.from_dict({"scheme": scheme, "calibration": {"samples": 2, "seqlen": 16},

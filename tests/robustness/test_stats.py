@@ -1,13 +1,13 @@
 """Calibration statistics are checked against the model before smooth() or quantize() use them:
 another model's statistics (channel counts, module set) and, for static scales, zero or
-non-finite maxima are refused with the linear named (smoothq.calibrate.check_stats)."""
+non-finite maxima are refused with the linear named (smoothq.transforms.calibrate.check_stats)."""
 
 import pytest
 import torch
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq.calibrate import StatsError
+from smoothq.transforms.calibrate import StatsError
 
 Q = "model.layers.0.self_attn.q_proj"  # tiny llama: input 64 channels
 DOWN = "model.layers.1.mlp.down_proj"  # input 96 channels

@@ -1,0 +1,708 @@
+"""Export a causal LM, quantized by smoothq or float, to ONNX for ONNX Runtime on the CPU.
+
+    model = sq.run(model, "serve-w8a8", tokenizer=tok).model     # or sq.load(OUT)[0], or a float model
+    sq.export_onnx(model, "onnx/", tok)                           # smoothq export OUT --onnx onnx/
+    lm = sq.onnx_export.OnnxModel("onnx/")                        # ONNX Runtime behind model(input_ids=...).logits
+    sq.perplexity(lm, sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=40))
+
+The graph carries our integers and scales, not a re-quantization by another tool. Each W8A8Linear
+becomes, per token of its input x (after its online rotation x Q, if it has one):
+
+    scale = max(ReduceMax(|x|, last axis) / 127, 1e-12)     per token (W8A8, O1); over the whole
+                                                             tensor (O2); the calibrated input_scale (O3)
+    q     = QuantizeLinear(x / scale, 1, 128)                = uint8(round_half_even(x / scale) + 128);
+                                                             O3 clamps x / scale to [-127, 127] first
+    acc   = MatMulInteger(q, W^T int8 [K, N], a_zero_point=128)   int32 sum((q - 128) w): our sum, exactly
+    y     = Cast<float>(acc) * scale * weight_scale (+ bias)    our epilogue, in our order
+
+which is quant.quantize_activation and backends._scale_epilogue op for op, so ONNX Runtime computes
+the same integers as backend="emulated" and the same fp32 products (one linear on the same input:
+bit for bit, tested). Why uint8 + 128 rather than int8 activations: u8 x s8 is the form VNNI
+multiplies natively (vpdpbusd) and ONNX Runtime's MLAS runs it fast, while its s8 x s8 path was
+slower than fp32 here (512 x 1536 x 576 on 2 EPYC Zen 4 cores, AVX512-VNNI, no AMX: 1.1 ms u8 x s8,
+13 ms s8 x s8, 4.0 ms fp32 MatMul; one-off); the zero point makes the shift exact in int32, as
+cpu_fast does with oneDNN. QuantizeLinear gets x / scale and a scale of 1: given our scale itself it
+rounds some ties differently from a true division (343 of 786k elements near ties, one-off check);
+given 1 it is round-half-even + 128 + cast in one pass (0.14 ms against 0.37 ms for Round, Add and
+Cast at 512 x 1536; exact). DynamicQuantizeLinear is asymmetric uint8 with its own scale: not ours.
+The clamp is only emitted for static scales: a dynamic scale is absmax / 127, so |x / scale| <= 127
+(1 + 2^-23) and the rounding never reaches 128.
+
+Everything else (norms, rotary, attention, softmax) is transformers' own forward exported by
+torch.onnx (dynamo, onnxscript) in float32. `embeddings="int8"` also stores the token embedding as
+int8 rows with one fp32 scale each (Gather + Cast + Mul) and the LM head as the same int8 table
+(shared when tied) run as a weight-only matmul: x (Wq)^T * row_scale. On SmolLM2 the 49152 x 576
+table is a fifth of the model; without it the file cannot shrink below ~40% of fp32. It changes the
+numbers slightly (as cpu_fast's int8_embeddings does); the quantized linears stay exact.
+
+Layout (`kv_cache=True`, the default; Optimum's `text-generation-with-past`): inputs input_ids,
+attention_mask [batch, past + seq], position_ids, past_key_values.N.key / .value [batch, kv_heads,
+past, head_dim]; outputs logits [batch, seq, vocab] and present.N.key / .value. Prefill is the same
+graph with an empty past (length 0). `kv_cache=False`: input_ids, attention_mask -> logits only.
+Batch, sequence and past lengths are dynamic. Weights past 2 GB go to external data (model.onnx.data).
+
+Not exported (refused with the reason): sink tokens (sink.py: which rows are sinks depends on
+positions tracked by hooks), INT8 attention (attention.py), a model packed by optimize_for_cpu,
+models not held in float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ..core.models import cache_kwarg
+from ..runtime.linear import W8A8Linear
+from ..core.quant import QMAX, activation_scale, quantize, quantize_weight
+from ..core.record import record
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+META_FILE = "smoothq_onnx.json"
+OPSET = 18  # torch.onnx's own opset (onnxscript torch_lib): no version conversion step
+ZERO_POINT = 128  # activations enter MatMulInteger as uint8 = int8 + 128 (see the module docstring)
+# ops of ONNX Runtime that multiply integers (MatMulInteger and its fusions)
+INTEGER_MATMUL_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul",
+                      "QGemm", "MatMulNBits")
+FLOAT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
+# what an export directory holds (--force replaces only such a directory)
+_OWN_FILES = {MODEL_FILE, DATA_FILE, META_FILE, "config.json", "generation_config.json", "special_tokens_map.json",
+              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json"}
+INSTALL_HINT = "pip install 'smoothq[onnx]'"
+
+
+class OnnxExportError(ValueError):
+    """The model cannot be exported (or checked) as asked; the message says why and what to do."""
+
+
+def require_onnx() -> None:
+    """The ONNX stack (onnx, onnxruntime, onnxscript), or one clear error naming the extra."""
+    missing = []
+    for mod in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise OnnxExportError(f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the quantized linear as one custom op, and its ONNX translation
+
+
+@functools.cache
+def _int8_linear_op():
+    """torch.ops.smoothq.onnx_int8_linear: what an exported W8A8Linear computes, as one opaque op so
+    that torch.export keeps it whole and the translation below decides every ONNX op. Its eager
+    implementation is the emulated backend (tests compare the swapped model to the original)."""
+    from ..runtime.backends import _scale_epilogue
+
+    @torch.library.custom_op("smoothq::onnx_int8_linear", mutates_args=())
+    def onnx_int8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+                         input_scale: torch.Tensor | None, bias: torch.Tensor | None, granularity: str) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        scale = activation_scale(x2, granularity, None if input_scale is None else input_scale.reshape(1))
+        acc = quantize(x2, scale).float() @ weight_t.float()
+        return _scale_epilogue(acc, scale, weight_scale, bias, x.dtype).reshape(*x.shape[:-1], weight_t.shape[1])
+
+    @onnx_int8_linear.register_fake
+    def _(x, weight_t, weight_scale, input_scale, bias, granularity):
+        return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+    return torch.ops.smoothq.onnx_int8_linear.default
+
+
+def _onnx_int8_linear(x, weight_t, weight_scale, input_scale, bias, granularity: str):
+    """The ONNX ops of one quantized linear (onnxscript, traced by torch.onnx): see the module docstring."""
+    import onnx
+    from onnxscript import opset18 as op
+
+    f32 = lambda v: op.Constant(value_float=float(v))  # noqa: E731 - a scalar fp32 constant
+    if granularity == "per_tensor_static":
+        scale = input_scale  # a scalar
+        # x may exceed the calibrated range: clamp to +-127 as quant.quantize does (QuantizeLinear
+        # would saturate at -128). Clamping before rounding to integer bounds is the same clamp.
+        y = op.Clip(op.Div(x, scale), f32(-QMAX), f32(QMAX))
+    else:
+        if granularity == "per_token":
+            absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+        elif granularity == "per_tensor_dynamic":
+            absmax = op.ReduceMax(op.Abs(x), keepdims=0)  # over every row of the batch, as torch's x.reshape(-1, K)
+        else:
+            raise OnnxExportError(f"unknown activation granularity {granularity!r}")
+        # quant.absmax_to_scale: a true fp32 division, then the floor for all-zero rows
+        scale = op.Max(op.Div(absmax, f32(QMAX)), f32(1e-12))
+        y = op.Div(x, scale)  # |y| <= 127 by construction: no clamp needed
+    # round half to even, + 128, cast to uint8 in one op: QuantizeLinear with a scale of 1 (it divides by
+    # 1 exactly; given our scale it would multiply by the reciprocal and round some ties differently)
+    zero_point = op.Constant(value=onnx.helper.make_tensor("zp", onnx.TensorProto.UINT8, [], [ZERO_POINT]))
+    q = op.QuantizeLinear(y, f32(1.0), zero_point)
+    acc = op.MatMulInteger(q, weight_t, zero_point)
+    # backends._scale_epilogue: acc.float() * x_scale * w_scale (+ bias), in that order
+    out = op.Mul(op.Mul(op.Cast(acc, to=onnx.TensorProto.FLOAT), scale), weight_scale)
+    return out if bias is None else op.Add(out, bias)
+
+
+class OnnxInt8Linear(nn.Module):
+    """Export-only stand-in for a W8A8Linear: the same integers and scales, laid out for ONNX
+    (weight transposed to MatMulInteger's [K, N]; scales flattened), forward = the custom op."""
+
+    def __init__(self, layer: W8A8Linear):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.granularity = layer.scheme.activations
+        self.register_buffer("weight_t", layer.weight.t().contiguous())
+        self.register_buffer("weight_scale", layer.weight_scale.float().reshape(-1).clone())
+        static = layer.input_scale if self.granularity == "per_tensor_static" else None
+        self.register_buffer("input_scale", None if static is None else static.float().reshape(()).clone())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.float().clone())
+        self.input_rotation = layer.input_rotation
+        if self.input_rotation is not None:
+            # its factor matrices are built lazily from a seeded generator; build them now, so that
+            # torch.export sees real tensors (exported as initializers), not fake ones
+            self.input_rotation._tensors(layer.weight.device, torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)  # x Q, factor by factor (online_rotation.py): small MatMuls in the graph
+        return _int8_linear_op()(x, self.weight_t, self.weight_scale, self.input_scale, self.bias, self.granularity)
+
+
+class OnnxInt8Embedding(nn.Module):
+    """Token embedding as int8 rows + one fp32 scale per row (Gather, Cast, Mul); cpu_fast.Int8Embedding's numbers."""
+
+    def __init__(self, weight_q: torch.Tensor, row_scale: torch.Tensor, embed_scale=None):
+        super().__init__()
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("row_scale", row_scale)
+        self.num_embeddings, self.embedding_dim = weight_q.shape
+        self.embed_scale = None if embed_scale is None else float(embed_scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_q[ids].float() * self.row_scale[ids]
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+
+class OnnxInt8LMHead(nn.Module):
+    """LM head as a weight-only int8 matmul on the (shared) int8 rows: (x @ Wq^T) * row_scale."""
+
+    def __init__(self, weight_q: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("row_scale", row_scale.reshape(-1).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(x, self.weight_q.t().float()) * self.row_scale
+        return out if self.bias is None else out + self.bias
+
+
+# ---------------------------------------------------------------------------------------------
+# the export wrappers: fixed input / output names, the KV cache as flat tensors
+
+
+class _Prefill(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+class _WithPast(nn.Module):
+    """text-generation-with-past: the past as one (key, value) pair per layer in, the presents out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(past_key_values):
+            cache.update(k, v, i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{cache_kwarg(self.model): cache})
+        presents = []
+        for layer in _cache_of(out).layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+def _check_exportable(model: nn.Module) -> None:
+    rec = record(model)
+    if rec.cpu_fast is not None:
+        raise OnnxExportError("optimize_for_cpu() packed this model's int8 weights for oneDNN: export the quantized "
+                              "model before optimizing it, or reload it (smoothq.load)")
+    if rec.sink_tokens:
+        raise OnnxExportError(f"the model quantizes its first {rec.sink_tokens} token(s) per token (sink tokens), "
+                              "which depends on positions tracked at run time: the ONNX export does not support it. "
+                              "Quantize without --sink-tokens")
+    if rec.attention is not None or any(hasattr(m, "smoothq_attn") for m in model.modules()):
+        raise OnnxExportError("INT8 attention (enable_int8_attention) is not exported: disable it "
+                              "(smoothq.runtime.attention.disable_int8_attention) to export float attention")
+    params = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    if any(p.device.type != "cpu" for p in params):
+        raise OnnxExportError("export a model on the CPU: model.to('cpu') first")
+    other = sorted({str(p.dtype).replace("torch.", "") for p in params
+                    if p.is_floating_point() and p.dtype != torch.float32})
+    if other:
+        raise OnnxExportError(f"the ONNX graph is float32, but the model holds {', '.join(other)} tensors: export "
+                              "model.float() (exact), or load the checkpoint with dtype='float32' (--dtype float32)")
+    for name, m in model.named_modules():
+        if isinstance(m, W8A8Linear) and m.sink_tokens:
+            raise OnnxExportError(f"{name} quantizes sink tokens per token: not supported by the ONNX export")
+        kind = type(m).__name__
+        if "Experts" in kind or "Moe" in kind:  # transformers' MoE blocks, smoothq.moe.SplitExperts
+            # the routing gathers each expert's tokens by a data-dependent count: torch.export cannot trace it
+            raise OnnxExportError(f"{name} is a mixture of experts ({kind}): MoE models are not exported to "
+                                  "ONNX (their token routing is data-dependent)")
+
+
+class ExportModules:
+    """Context manager: the model's W8A8Linears (and with embeddings="int8", the embedding and LM head)
+    replaced by the export's stand-ins; the originals are put back on exit, so the caller's model is
+    unchanged (no deep copy: the model may be large). In PyTorch the stand-ins compute what the graph
+    does (the linears: the emulated backend, bit for bit), e.g. the int8 embeddings' perplexity."""
+
+    def __init__(self, model: nn.Module, embeddings: str):
+        self.model, self.embeddings, self.undo = model, embeddings, []
+
+    def _set(self, name: str, module: nn.Module) -> None:
+        parent, _, attr = name.rpartition(".")
+        owner = self.model.get_submodule(parent) if parent else self.model
+        self.undo.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, module)
+
+    def __enter__(self) -> int:
+        targets = [(n, m) for n, m in self.model.named_modules() if isinstance(m, W8A8Linear)]
+        try:
+            for name, m in targets:
+                self._set(name, OnnxInt8Linear(m))
+            if self.embeddings == "int8":
+                self._int8_embeddings()
+        except BaseException:
+            self.__exit__()  # a refusal halfway: put back what was swapped
+            raise
+        return len(targets)
+
+    def _int8_embeddings(self) -> None:
+        emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if not isinstance(emb, nn.Embedding):
+            raise OnnxExportError(f"embeddings='int8' needs an nn.Embedding input embedding, got {type(emb).__name__}")
+        names = {id(m): n for n, m in self.model.named_modules()}
+        wq, scale = quantize_weight(emb.weight.detach().float(), "per_channel")  # cpu_fast.Int8Embedding's rows
+        self._set(names[id(emb)], OnnxInt8Embedding(wq, scale, getattr(emb, "embed_scale", None)))
+        if head is None:
+            return
+        if not isinstance(head, nn.Linear):
+            raise OnnxExportError(f"embeddings='int8' needs an nn.Linear LM head, got {type(head).__name__}")
+        if head.weight is not emb.weight:  # untied: a table of its own
+            wq, scale = quantize_weight(head.weight.detach().float(), "per_channel")
+        self._set(names[id(head)], OnnxInt8LMHead(wq, scale, head.bias))
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, module in reversed(self.undo):
+            setattr(owner, attr, module)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _example_inputs(model: nn.Module, kv_cache: bool, batch: int = 2, seq: int = 3, past: int = 4):
+    """Example inputs (lengths >= 2: torch.export specializes 0 and 1) and the past tensors' shape."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (batch, past + seq), generator=gen)
+    if not kv_cache:
+        return (ids[:, -seq:], torch.ones(batch, seq, dtype=torch.long)), None
+    with torch.no_grad():
+        cache = _cache_of(model(input_ids=ids[:, :past], use_cache=True))
+    pasts = [(layer.keys.detach().clone(), layer.values.detach().clone()) for layer in cache.layers]
+    position_ids = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    args = (ids[:, past:].contiguous(), torch.ones(batch, past + seq, dtype=torch.long), position_ids, pasts)
+    return args, tuple(pasts[0][0].shape[1:2]) + tuple(pasts[0][0].shape[3:])
+
+
+def _io_names(n_layers: int, kv_cache: bool) -> tuple[list[str], list[str]]:
+    if not kv_cache:
+        return ["input_ids", "attention_mask"], ["logits"]
+    kv = [f"{i}.{t}" for i in range(n_layers) for t in ("key", "value")]
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
+            ["logits"] + [f"present.{n}" for n in kv])
+
+
+def _not_an_export(path: Path) -> str | None:
+    """Why --force may not replace `path` (None: it is an ONNX export written by smoothq)."""
+    if not (path / META_FILE).is_file():
+        return f"has no {META_FILE} (not an ONNX export written by smoothq)"
+    for entry in path.iterdir():
+        if entry.is_dir() or not (entry.name in _OWN_FILES or entry.name.startswith("tokenizer")):
+            return f"holds {entry.name}, which is not part of an ONNX export"
+    return None
+
+
+def export_onnx(model: nn.Module, output_dir: str | Path, tokenizer=None, kv_cache: bool = True,
+                embeddings: str = "float", overwrite: bool = False, check: bool = True,
+                external_data: bool | None = None, sources=(), progress: bool = False) -> dict:
+    """Write `model` (quantized by smoothq, or float) as an ONNX directory for ONNX Runtime:
+    model.onnx (+ model.onnx.data past 2 GB), config.json, generation_config.json, the tokenizer
+    files and smoothq_onnx.json (what was exported, and the checks below). See the module docstring
+    for the graph; the model itself is left unchanged.
+
+    kv_cache: the text-generation-with-past layout (prefill = an empty past), else prefill only.
+    embeddings: 'float', or 'int8' (embedding rows and LM head as int8 with per-row scales).
+    overwrite: replace `output_dir` if it is an export smoothq wrote. external_data: None = past 2 GB.
+    check: onnx.checker on the written file, and ONNX Runtime's logits against the model's on a few
+    tokens (tokenizer text, else random ids); the figures go into smoothq_onnx.json.
+    The directory is written to a temporary directory and renamed into place when complete.
+    Returns the metadata written to smoothq_onnx.json."""
+    from .io import atomic_dir, check_output
+    from ..core.validate import check_model as check_model_argument
+    from ..core.validate import check_path
+
+    check_model_argument("model", model)
+    check_path("output_dir", output_dir)
+    require_onnx()
+    if embeddings not in ("float", "int8"):
+        raise OnnxExportError(f"embeddings must be 'float' or 'int8', got {embeddings!r}")
+    _check_exportable(model)
+    check_output(output_dir, overwrite, sources, replaceable=_not_an_export)  # before the (slow) export
+    rec = record(model)
+    n_layers = model.config.num_hidden_layers
+    was_training = model.training
+    model.eval()
+    # eager attention for the export: torch's SDPA decomposes into extra Where / IsNaN passes over the
+    # scores (8% of SmolLM2's fp32 prefill in ORT, one-off profile); eager is matmul, add mask, softmax
+    attn = getattr(model.config, "_attn_implementation", None)
+    switch = attn not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    t0 = time.perf_counter()
+    try:
+        if switch:
+            model.set_attn_implementation("eager")
+        with ExportModules(model, embeddings) as n_quantized:
+            program, kv_shape = _export(model, kv_cache, n_layers, progress)
+    finally:
+        if switch:
+            model.set_attn_implementation(attn)
+        model.train(was_training)
+    export_s = time.perf_counter() - t0
+    weight_bytes = sum(t.nbytes for t in program.exported_program.state_dict.values()) + \
+        sum(t.nbytes for t in program.exported_program.constants.values() if isinstance(t, torch.Tensor))
+    meta = {
+        "format": "smoothq-onnx", "version": 1, "opset": OPSET,
+        "layout": "text-generation-with-past" if kv_cache else "prefill",
+        "num_layers": n_layers,
+        "kv_shape": None if kv_shape is None else {"kv_heads": kv_shape[0], "head_dim": kv_shape[1]},
+        "scheme": None if rec.scheme is None else rec.scheme.to_dict(), "quantized_linears": n_quantized,
+        "input_rotation": rec.input_rotation, "rotation": rec.rotation,
+        "recipe": None if rec.recipe is None else rec.recipe.to_dict(),
+        "embeddings": embeddings, "activation_zero_point": ZERO_POINT,
+        "export_seconds": round(export_s, 1), "versions": _versions(),
+    }
+    with atomic_dir(output_dir, overwrite, sources, replaceable=_not_an_export) as tmp:
+        big = weight_bytes > 1.8 * 1024**3 if external_data is None else external_data  # protobuf's limit is 2 GB
+        program.save(str(tmp / MODEL_FILE), external_data=big)
+        if big and not (tmp / DATA_FILE).exists():
+            found = [p.name for p in tmp.iterdir() if p.name != MODEL_FILE]
+            raise OnnxExportError(f"expected the external data in {DATA_FILE}, found {found}")
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        meta["onnx_bytes"] = sum(v for k, v in meta["files"].items() if k in (MODEL_FILE, DATA_FILE))
+        meta["external_data"] = (tmp / DATA_FILE).exists()
+        if check:
+            check_model(tmp / MODEL_FILE)
+            meta["check"] = compare_logits(model, tmp / MODEL_FILE, _check_ids(model, tokenizer))
+            if not meta["check"]["finite"]:
+                raise OnnxExportError("ONNX Runtime produced non-finite logits for the exported model")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _export(model: nn.Module, kv_cache: bool, n_layers: int, progress: bool):
+    """torch.onnx.export (dynamo) of the swapped model; (ONNXProgram, (kv_heads, head_dim) or None)."""
+    import contextlib
+    import io
+    import warnings
+
+    args, kv_shape = _example_inputs(model, kv_cache)
+    names_in, names_out = _io_names(n_layers, kv_cache)
+    dyn = torch.export.Dim.DYNAMIC
+    shapes = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
+    if kv_cache:
+        shapes["position_ids"] = {0: dyn, 1: dyn}
+        shapes["past_key_values"] = [({0: dyn, 2: dyn}, {0: dyn, 2: dyn}) for _ in range(n_layers)]
+    wrapper = (_WithPast if kv_cache else _Prefill)(model).eval()
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO())
+    try:
+        with quiet, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's own chatter (axis renames, deprecations)
+            program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=shapes, input_names=names_in,
+                                        output_names=names_out, opset_version=OPSET, optimize=True,
+                                        custom_translation_table={_int8_linear_op(): _onnx_int8_linear})
+    except OnnxExportError:
+        raise
+    except Exception as exc:  # torch.export / the exporter failing on this architecture
+        import re
+
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise OnnxExportError(f"torch.onnx.export failed for {type(model).__name__} ({type(exc).__name__}: "
+                              f"{first[:300]}); exported and checked here: Llama, Mistral, Qwen2, Qwen3, Gemma, "
+                              "Gemma 3, Phi-3, OPT, GPT-2, Falcon") from exc
+    return program, kv_shape
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# running and checking an export
+
+
+def check_model(path: str | Path) -> None:
+    """onnx.checker on the file path (so models with external data past 2 GB are checked too)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise OnnxExportError(f"{path} does not pass onnx.checker: {str(exc).splitlines()[0]}") from exc
+
+
+def model_file(path: str | Path) -> Path:
+    """An export directory's model.onnx, or the file itself."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def session(path: str | Path, threads: int | None = None, optimized_model: str | Path | None = None,
+            level: str = "all"):
+    """An ONNX Runtime CPU session on an export (directory or .onnx file). threads: intra-op threads (None:
+    ORT's default, one per core). optimized_model: write the graph as ORT runs it (after its optimizations) there."""
+    require_onnx()
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only (the optimized-model dump warns about hardware-specific fusions)
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_model is not None:
+        so.optimized_model_filepath = str(optimized_model)
+        # big initializers to a side file, so the dump works past 2 GB too
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    Path(optimized_model).name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return ort.InferenceSession(str(model_file(path)), so, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel(nn.Module):
+    """An ONNX export run by ONNX Runtime behind the interface smoothq's evaluation uses:
+    model(input_ids=..., attention_mask=None).logits (a float32 torch tensor), so that
+    sq.perplexity / sq.window_nll score it with exactly the code that scores the PyTorch model.
+    `step()` runs one step with a KV cache (text-generation-with-past exports)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, sess=None):
+        super().__init__()
+        self.path = model_file(path)
+        # evaluate.window_nll reads the device from the model's first parameter
+        self._device_anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
+        self.session = sess if sess is not None else session(self.path, threads)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = list(inputs)
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.kv_cache = bool(self.past_names)
+        if self.kv_cache:
+            shape = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
+            self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+
+    def empty_past(self, batch: int) -> dict:
+        import numpy as np
+
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        return {n: z for n in self.past_names}
+
+    def step(self, input_ids, attention_mask=None, past: dict | None = None):
+        """(logits [B, S, V] numpy, presents as the next step's past feed). past None = a new sequence;
+        attention_mask covers past + new tokens (default all ones); position_ids follow it as
+        transformers' generate() derives them (cumsum of the mask - 1)."""
+        import numpy as np
+
+        ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
+        b, s = ids.shape
+        feed = {"input_ids": ids}
+        if not self.kv_cache:
+            mask = np.ones((b, s), np.int64) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+            feed["attention_mask"] = mask
+            return self.session.run(None, feed)[0], None
+        past = self.empty_past(b) if past is None else past
+        p = past[self.past_names[0]].shape[2]
+        mask = np.ones((b, p + s), np.int64) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        pos = np.cumsum(mask, axis=1) - 1
+        pos[mask == 0] = 1
+        feed.update(attention_mask=mask, position_ids=pos[:, -s:].astype(np.int64), **past)
+        outs = self.session.run(None, feed)
+        presents = dict(zip([n.replace("present.", "past_key_values.") for n in self.present_names], outs[1:]))
+        return outs[0], presents
+
+    def forward(self, input_ids, attention_mask=None, **_ignored):
+        logits, _ = self.step(input_ids, None if attention_mask is None else attention_mask.cpu())
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+@functools.lru_cache(maxsize=None)
+def integer_sums_exact() -> bool:
+    """Whether this machine's ONNX Runtime returns exact sums from MatMulInteger with uint8
+    activations (zero point 128) and int8 weights, as the export runs it, on the worst case (every
+    product 127 x +-127). On x86 CPUs without VNNI its kernel adds products in saturating 16-bit
+    pairs (measured on an AVX2-only EPYC): the export's outputs differ slightly from smoothq's there."""
+    require_onnx()
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k, n = 64, 8
+    weight = np.full((k, n), 127, dtype=np.int8)
+    weight[:, 1::2] = -127
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w", "zp"], ["acc"])], "sums",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, k])],
+        [helper.make_tensor_value_info("acc", TensorProto.INT32, [None, n])],
+        [helper.make_tensor("w", TensorProto.INT8, [k, n], weight.flatten().tolist()),
+         helper.make_tensor("zp", TensorProto.UINT8, [], [ZERO_POINT])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x_q = np.full((4, k), 127, dtype=np.int64)
+    x_q[1] = -127
+    got = sess.run(None, {"x": (x_q + ZERO_POINT).astype(np.uint8)})[0]
+    return bool(np.array_equal(got, x_q @ weight.astype(np.int64)))
+
+
+def onnx_perplexity(path: str | Path, windows, threads: int | None = None, progress: bool = True) -> float:
+    """WikiText-style perplexity of an export through ONNX Runtime: evaluate.perplexity itself (the
+    same windows, the same next-token NLL accounting) on OnnxModel's logits."""
+    from ..core.perplexity import perplexity
+
+    return perplexity(OnnxModel(path, threads), windows, progress=progress, desc="perplexity (onnxruntime)")
+
+
+@torch.no_grad()
+def compare_logits(model: nn.Module, path: str | Path, input_ids: torch.Tensor, threads: int | None = None) -> dict:
+    """ONNX Runtime's logits against the PyTorch model's on `input_ids` [B, S]: max |diff|, the
+    logit scale (max |logit|), their ratio, and how often the argmax agrees."""
+    was_training = model.training
+    try:
+        want = model.eval()(input_ids=input_ids, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    got = OnnxModel(path, threads)(input_ids=input_ids).logits
+    diff = (got - want).abs()
+    scale = want.abs().max().item()
+    return {"tokens": int(input_ids.numel()), "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+            "logit_scale": scale, "max_rel_diff": diff.max().item() / max(scale, 1e-12),
+            "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
+            "finite": bool(torch.isfinite(got).all())}
+
+
+CHECK_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+              "structure in Paris. Its base is square, measuring 125 metres on each side.")
+
+
+def _check_ids(model: nn.Module, tokenizer, length: int = 32) -> torch.Tensor:
+    if tokenizer is not None:
+        ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids[:, :length]
+        if ids.shape[1] >= 2:
+            return ids
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.get_input_embeddings().num_embeddings, (1, length), generator=gen)
+
+
+def integer_kernels(path: str | Path, threads: int = 1) -> dict:
+    """What ONNX Runtime's CPU execution provider runs for the quantized linears, read from the graph
+    it runs (after its optimizations, SessionOptions.optimized_model_filepath): op counts, and for
+    every int8 weight [K, N] of the export the op that consumes it. `ok`: every one is an integer
+    matmul (MatMulInteger or one of its fusions) and no float matmul reads one."""
+    require_onnx()
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="smoothq-ort-opt-") as tmp:
+        opt = Path(tmp) / "optimized.onnx"
+        session(path, threads, optimized_model=opt)
+        graph = onnx.load(str(opt), load_external_data=False).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    # our quantized linears' weights: the int8 initializers named *.weight_t (OnnxInt8Linear)
+    weights = [t.name for t in graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("weight_t")]
+    by_op: dict[str, int] = {}
+    bad = []
+    for name in weights:
+        ops = consumers.get(name, [])
+        for o in ops:
+            by_op[o] = by_op.get(o, 0) + 1
+        if not ops or any(o not in INTEGER_MATMUL_OPS for o in ops):
+            bad.append((name, ops))
+    return {"op_counts": dict(sorted(counts.items())), "quantized_weights": len(weights), "weight_consumers": by_op,
+            "not_integer": bad[:10], "ok": bool(weights) and not bad,
+            "float_matmuls": sum(counts.get(o, 0) for o in FLOAT_MATMUL_OPS),
+            "integer_matmuls": sum(counts.get(o, 0) for o in INTEGER_MATMUL_OPS)}
+
+
+def onnx_bytes(path: str | Path) -> int:
+    """Bytes of an ONNX model file (or an export directory's model.onnx) plus its external data (FILE.data)."""
+    path = model_file(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def describe(meta: dict) -> str:
+    """One line about an export (the CLI prints it)."""
+    scheme = (meta.get("scheme") or {}).get("name") or "float32"
+    chk = meta.get("check")
+    checked = (f"; ORT vs torch logits: max |diff| {chk['max_abs_diff']:.2e} of scale {chk['logit_scale']:.1f}, "
+               f"argmax agreement {100 * chk['argmax_agreement']:.1f}%") if chk else ""
+    return (f"{scheme}, {meta['quantized_linears']} int8 linears, {meta['layout']}, embeddings {meta['embeddings']}, "
+            f"{meta['onnx_bytes'] / 1e6:.1f} MB{' (external data)' if meta['external_data'] else ''}{checked}")
+
+
+__all__ = ["export_onnx", "ExportModules", "OnnxModel", "OnnxExportError", "onnx_perplexity", "compare_logits",
+           "integer_kernels", "check_model", "session", "model_file", "onnx_bytes", "require_onnx"]

@@ -1,0 +1,170 @@
+"""`W8A8Linear` and `quantize(model, scheme)`, which swaps every decoder linear for one.
+
+A W8A8Linear stores the weight as int8 [N, K] with fp32 scales ([N, 1] per channel or [1] per
+tensor), an optional float bias, and how to quantize its input: per-token dynamic, per-tensor
+dynamic, or per-tensor static with a calibrated `input_scale`. Its forward quantizes the input,
+then hands int8 operands to a backend (see backends.py). With backend="emulated" it is the
+fake-quant linear used for accuracy work: same numbers, float arithmetic, any device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import backends
+from ..archs import Arch, resolve, weight_nk
+from ..transforms.calibrate import ActStats
+from ..core.schemes import QuantScheme, get_scheme
+from ..core.quant import absmax_to_scale, quantize_activation, quantize_weight
+from ..core.record import record
+from ..core.validate import check_model, check_stats as check_stats_type
+from ..transforms.online_rotation import check_stats as check_input_rotation
+from ..transforms.online_rotation import input_rotation
+from .sink import TokenPositions, check_sink_tokens, quantize_with_sinks, track_positions
+
+
+class W8A8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
+                 backend: str = "auto", bias_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = scheme
+        self.backend = backend  # per instance, never global, never saved in the checkpoint
+        per_channel = scheme.weights == "per_channel"
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        scale_shape = (out_features, 1) if per_channel else (1,)
+        self.register_buffer("weight_scale", torch.ones(scale_shape, device=device))
+        self.register_buffer("input_scale", torch.ones(1, device=device) if scheme.static else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        # sink.py: the first `sink_tokens` positions of each sequence get per-token scales (per-tensor
+        # schemes only); `positions` is the decoder block's shared position tracker
+        self.sink_tokens = 0
+        self.positions: TokenPositions | None = None
+        # online_rotation.py: the input is multiplied by this orthogonal Q before it is quantized
+        # (the weight is stored as W Q); None = no rotation
+        self.input_rotation = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, module: nn.Module, scheme: QuantScheme, input_absmax: torch.Tensor | None = None,
+                   backend: str = "auto") -> "W8A8Linear":
+        """Quantize an nn.Linear (or GPT-2 Conv1D). Static schemes need the input's calibrated abs-max."""
+        w = weight_nk(module)
+        out_f, in_f = w.shape
+        bias = getattr(module, "bias", None)
+        q = cls(in_f, out_f, bias is not None, scheme, backend,
+                bias_dtype=bias.dtype if bias is not None else torch.float32, device=w.device)
+        q.weight, q.weight_scale = quantize_weight(w.float(), scheme.weights)
+        if bias is not None:
+            q.bias = bias.detach().clone()
+        q.input_rotation = input_rotation(module)
+        if scheme.static:
+            if input_absmax is None:
+                raise ValueError(f"{scheme.label} uses a static activation scale: pass the input's calibrated abs-max")
+            q.input_scale = absmax_to_scale(input_absmax.detach().float().amax().reshape(1)).to(w.device)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        impl = backends.get_backend(self.backend, x.device.type)
+        x_q, x_scale = self.quantize_input(x, x2, impl.quantize or quantize_activation)
+        out = impl.linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def quantize_input(self, x: torch.Tensor, x2: torch.Tensor, quantize_fn=quantize_activation):
+        """(int8 [M, K], fp32 scale) for the flattened input x2 (x: the same input, unflattened, which
+        the sink tracker reads): the scheme's granularity, sink rows per token where set."""
+        sinks = None
+        if self.sink_tokens and self.positions is not None and self.scheme.activations != "per_token":
+            sinks = self.positions.sink_rows(x, self.sink_tokens)
+        if sinks is not None and bool(sinks.any()):
+            return quantize_with_sinks(x2, sinks, self.scheme.activations, self.input_scale)
+        return quantize_fn(x2, self.scheme.activations, self.input_scale)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale
+
+    def extra_repr(self) -> str:
+        sinks = f", sink_tokens={self.sink_tokens}" if self.sink_tokens else ""
+        sinks += ", input_rotation=hadamard" if self.input_rotation is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scheme={self.scheme.label}, backend={self.backend}{sinks}")
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActStats | None = None,
+             backend: str = "auto", arch: Arch | None = None, progress: bool = False,
+             sink_tokens: int | None = None) -> nn.Module:
+    """Swap every linear in the decoder blocks for a W8A8Linear, in place. Embeddings, the LM head
+    and modules the architecture keeps in float (MoE routers) stay float. Static schemes (O3) need
+    `stats` from calibrate() -- the ones smooth() returned, if the model was smoothed.
+
+    sink_tokens (sink.py): the first n tokens of each sequence get per-token activation scales;
+    default = what the stats were calibrated with (`calibrate(..., sink_tokens=n)`)."""
+    check_model("model", model)
+    check_stats_type("stats", stats, optional=True)
+    scheme = get_scheme(scheme)
+    sink_tokens = resolve_sink_tokens(stats, sink_tokens, scheme)
+    if backend != "auto" and backend not in backends.names():
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.names())}")
+    if scheme.static and stats is None:
+        raise ValueError(
+            f"{scheme.label} uses static per-tensor activation scales, which need calibration statistics: "
+            "stats = smoothq.calibrate(model, samples) (or the stats smooth() returned)"
+        )
+    rec = record(model)
+    if rec.scheme is not None:
+        raise RuntimeError(f"model is already quantized ({rec.scheme.label}); reload the float model "
+                           "to quantize it with another scheme")
+    if scheme.static:
+        check_input_rotation(model, stats)
+    res = resolve(model, arch)
+    targets = list(res.quantizable())
+    if not targets:
+        raise ValueError("no linear layers found in the decoder blocks; nothing to quantize")
+    if scheme.static:
+        from ..transforms.calibrate import check_stats
+
+        check_stats(stats, res, [n for n, _ in targets], static=True, use=f"quantize {scheme.label}", model=model)
+    for name, module in tqdm(targets, desc=f"quantizing {scheme.label}", disable=not progress):
+        absmax = None
+        if scheme.static:
+            if name not in stats:
+                raise ValueError(f"no calibration statistics for {name}; calibrate this model first")
+            absmax = stats[name]
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, W8A8Linear.from_float(module, scheme, absmax, backend))
+    rec.scheme = scheme
+    if sink_tokens:
+        set_sink_tokens(model, res.blocks, sink_tokens)
+    return model
+
+
+def resolve_sink_tokens(stats: ActStats | None, sink_tokens: int | None, scheme: QuantScheme) -> int:
+    """The sink-token count to quantize with: explicit, else the one the statistics were calibrated with.
+    A static scale calibrated with the sinks excluded must not be applied to them, and vice versa."""
+    calibrated = int((stats.meta if stats is not None else {}).get("sink_tokens", 0))
+    if sink_tokens is None:
+        return calibrated
+    check_sink_tokens(sink_tokens)
+    if scheme.static and sink_tokens != calibrated:
+        raise ValueError(
+            f"sink_tokens={sink_tokens} but the statistics were calibrated with sink_tokens={calibrated}: the static "
+            f"scales would be sized for the wrong tokens. Calibrate with smoothq.calibrate(..., sink_tokens={sink_tokens})"
+        )
+    return sink_tokens
+
+
+def set_sink_tokens(model: nn.Module, blocks, sink_tokens: int) -> None:
+    """Give every W8A8Linear of the decoder blocks the sink-token count and the shared position tracker."""
+    tracker = track_positions(model, blocks)
+    for _, block in blocks:
+        for m in block.modules():
+            if isinstance(m, W8A8Linear):
+                m.sink_tokens, m.positions = sink_tokens, tracker
+    record(model).sink_tokens = sink_tokens
