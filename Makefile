@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q
 STAMP := $(VENV)/.smoothq-setup
 
-.PHONY: setup compare test test-fast clean
+.PHONY: setup compare test test-fast lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test: $(STAMP)  ## the whole suite, slow real-model tests included
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)  ## ruff (lint + format check) and the import contract: layers import only downward
+	$(VENV)/bin/ruff check smoothq tests benchmarks
+	$(VENV)/bin/ruff format --check smoothq tests benchmarks
+	$(VENV)/bin/lint-imports
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix smoothq tests benchmarks
+	$(VENV)/bin/ruff format smoothq tests benchmarks
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

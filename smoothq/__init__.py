@@ -10,7 +10,7 @@ sq.calibrate, sq.smooth, sq.rotate_inputs, sq.quantize, sq.save. Each records wh
 `model.smoothq`, a QuantRecord (core/record.py).
 
 The public names are imported on first use (PEP 562): importing torch and transformers takes
-seconds, and `smoothq --help` (smoothq.cli.main, inside this package) must not pay for them.
+seconds, and `smoothq --help` (smoothq.cli.app, inside this package) must not pay for them.
 """
 
 import importlib
@@ -20,15 +20,15 @@ __version__ = "0.1.0"
 # public name -> the submodule that defines it
 _PUBLIC = {
     "Arch": "archs", "Group": "archs", "UnsupportedArchError": "archs",
-    "ActStats": "transforms.calibrate", "CalibrationError": "transforms.calibrate", "calibrate": "transforms.calibrate",
+    "ActStats": "transforms.calibrate", "CalibrationError": "core.forward", "calibrate": "transforms.calibrate",
     "optimize_for_cpu": "runtime.cpu_fast",
     "O1": "core.schemes", "O2": "core.schemes", "O3": "core.schemes", "SCHEMES": "core.schemes", "W8A8": "core.schemes", "QuantScheme": "core.schemes",
     "get_scheme": "core.schemes",
     "calib_samples": "core.data", "eval_windows": "core.data",
     "paired_nll_difference": "core.perplexity", "perplexity": "core.perplexity", "window_nll": "core.perplexity",
-    "CheckpointError": "formats.io", "load": "formats.io", "save": "formats.io",
+    "CheckpointError": "formats.tensors", "load": "formats.load", "save": "formats.io",
     "load_model": "core.models",
-    "W8A8Linear": "runtime.linear", "quantize": "runtime.linear",
+    "W8A8Linear": "runtime.linear", "quantize": "transforms.quantize",
     "export_onnx": "formats.onnx",
     "rotate_inputs": "transforms.online_rotation",
     "RunResult": "pipeline.run", "run": "pipeline.run",

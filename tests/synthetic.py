@@ -1,6 +1,6 @@
 """Synthetic Llama-style checkpoints of any size, written shard by shard without ever holding the
 model in memory, and a child-process runner that reports peak RSS (tests/test_sequential.py and
-benchmarks/memory.py).
+benchmarks/scale/memory.py).
 
     python tests/synthetic.py sequential SRC OUT [--layers-only]   # prints {"peak_rss": bytes, "seconds": s}
     python tests/synthetic.py in-memory SRC OUT

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smoothq.evaluation.bench import BenchError, BenchSpec, bench, parse_prefill, run_config, speedups, weight_bytes
-from smoothq.cli.main import main
+from smoothq.cli.app import main
 
 pytestmark = pytest.mark.usefixtures("int8_cpu")
 TINY = dict(prefill=((1, 16), (2, 8)), decode=(1, 2), prompt=8, new_tokens=3, repeats=2)

@@ -7,7 +7,7 @@ import sys
 import pytest
 from tiny import tiny_model, tiny_tokenizer
 
-from smoothq.cli.main import main
+from smoothq.cli.app import main
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ QUICK = ["--seqlen", "64", "--max-windows", "2", "--samples", "4", "--calib-seql
 
 def test_compare_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    rc = main(["compare", str(model_dir), *QUICK, "--schemes", "W8A8,O3", "--alphas", "0.5", "--json", str(out)])
+    rc = main(["compare", str(model_dir), *QUICK, "--schemes", "W8A8,O3", "--alphas", "0.5", "--presets", "serve-w8a8",
+               "--lambada", "0", "--json", str(out)])
     assert rc == 0
     captured = capsys.readouterr()
     table = captured.out
@@ -34,12 +35,23 @@ def test_compare_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["scheme"], r["alpha"]) for r in rows] == [
         ("fp32", "none", None), ("naive", "W8A8", None), ("naive", "O3", None),
-        ("smoothquant", "W8A8", 0.5), ("smoothquant", "O3", 0.5)]
-    assert all(r["ppl"] > 1 for r in rows)
+        ("smoothquant", "W8A8", 0.5), ("smoothquant", "O3", 0.5), ("preset", "W8A8", 0.65)]
+    assert rows[-1]["preset"] == "serve-w8a8" and "| serve-w8a8 | W8A8 | 0.65 |" in table
+    assert all(r["ppl"] > 1 and r["lambada"] is None for r in rows)
+
+
+def test_compare_refuses_a_tokenizer_beyond_the_models_vocabulary(model_dir, capsys):
+    """The tiny model embeds 256 ids; its byte-level tokenizer has 259 (3 specials on top of the 256
+    bytes), and LAMBADA's text holds bytes the evaluation windows do not: one error line, exit 2."""
+    rc = main(["compare", str(model_dir), *QUICK, "--schemes", "W8A8", "--alphas", "0.5", "--presets", "none",
+               "--lambada", "500"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "but the model's vocabulary has 256 entries: pass the tokenizer that belongs to this model" in err
 
 
 def test_compare_says_when_calibration_shares_the_evaluated_text(model_dir, capsys):
-    assert main(["compare", str(model_dir), *QUICK, "--calib", "wikitext2", "--schemes", "W8A8", "--alphas", "0.5"]) == 0
+    assert main(["compare", str(model_dir), *QUICK, "--calib", "wikitext2", "--schemes", "W8A8", "--alphas", "0.5",
+                 "--presets", "none", "--lambada", "0"]) == 0
     assert "after the evaluated tokens, disjoint from them" in capsys.readouterr().err
 
 
@@ -155,7 +167,8 @@ def test_bos_protocol_reaches_eval_quantize_and_the_checkpoint(bos_model_dir, tm
     assert smoothq_cfg["calibration_bos"] == "stream" and smoothq_cfg["recipe"]["calibration"]["bos"] == "stream"
     json_out = tmp_path / "rows.json"
     assert main(["-q", "compare", str(bos_model_dir), *quick, "--samples", "4", "--calib-seqlen", "64",
-                 "--schemes", "W8A8", "--alphas", "0.5", "--json", str(json_out)]) == 0
+                 "--schemes", "W8A8", "--alphas", "0.5", "--presets", "none", "--lambada", "0",
+                 "--json", str(json_out)]) == 0
     assert "bos=window (calibration bos=window)" in capsys.readouterr().out
     saved = json.loads(json_out.read_text())
     assert saved["bos"] == saved["calibration_bos"] == "window"

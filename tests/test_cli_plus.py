@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from smoothq.cli.main import main
+from smoothq.cli.app import main
 
 QUICK = ["--seqlen", "64", "--max-windows", "2", "--samples", "4", "--calib-seqlen", "64", "--search-samples", "2"]
+GRID = ["--presets", "none", "--lambada", "0"]  # compare: the paper's grid only
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_int8_attention_is_refused_with_a_checkpoint(model_dir, tmp_path, capsys
 
 def test_compare_accepts_auto_and_extra_groups(model_dir, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert main(["-q", "compare", str(model_dir), *QUICK, "--schemes", "W8A8", "--alphas", "0.5,auto",
+    assert main(["-q", "compare", str(model_dir), *QUICK, *GRID, "--schemes", "W8A8", "--alphas", "0.5,auto",
                  "--smooth-extra", "attn_vo,mlp_updown", "--no-guard", "--json", str(out)]) == 0
     assert "| smoothquant | W8A8 | auto |" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
@@ -140,6 +141,6 @@ def test_quantize_with_rotated_inputs_saves_them_in_both_formats(model_dir, tmp_
 
 
 def test_compare_with_rotated_inputs(model_dir, capsys):
-    assert main(["-q", "compare", str(model_dir), "--rotate-inputs", "--schemes", "O3", "--alphas", "0.5",
+    assert main(["-q", "compare", str(model_dir), *GRID, "--rotate-inputs", "--schemes", "O3", "--alphas", "0.5",
                  *QUICK]) == 0
     assert "| smoothquant | O3 | 0.5 |" in capsys.readouterr().out

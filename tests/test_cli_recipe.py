@@ -3,8 +3,9 @@ with the reason), even when its value equals the flag's default; the recipe's na
 
 import pytest
 
-from smoothq.cli import main as cli
-from smoothq.cli.main import FLAG_FIELDS, build_parser, main, parse_args, subparser
+from smoothq.cli import quantize as cli
+from smoothq.cli.app import build_parser, main, parse_args, subparser
+from smoothq.cli.quantize import FLAG_FIELDS
 
 # quantize options that are not recipe fields: what to load, where to write, how to evaluate and run
 NOT_RECIPE = {"help", "model", "gguf_file", "dtype", "device", "preset", "recipe", "save_recipe", "output", "force",

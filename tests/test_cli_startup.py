@@ -12,7 +12,7 @@ SUBCOMMANDS = ["quantize", "eval", "generate", "compare", "verify", "inspect", "
 # a fresh interpreter: this one has torch already (conftest)
 PROBE = """
 import contextlib, io, sys
-from smoothq.cli.main import build_parser
+from smoothq.cli.app import build_parser
 for argv in [["--help"]] + [[c, "--help"] for c in {subcommands!r}]:
     with contextlib.redirect_stdout(io.StringIO()):
         try:
@@ -31,7 +31,7 @@ def test_help_of_every_subcommand_imports_no_torch():
 
 
 def test_usage_error_exits_2_without_torch():
-    code = "import sys\nfrom smoothq.cli.main import main\ntry:\n    main(['quantize', '--scheme', 'W9'])\n" \
+    code = "import sys\nfrom smoothq.cli.app import main\ntry:\n    main(['quantize', '--scheme', 'W9'])\n" \
            "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False"], out.stderr

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from smoothq.evaluation.bench import table as bench_table
-from smoothq.cli.main import markdown_table
+from smoothq.core.tables import markdown_table
 from smoothq.evaluation.compare import Row, format_table
 
 
@@ -47,11 +47,10 @@ def test_compare_table_is_well_formed():
                                      Row("smoothquant", "O3", "auto", 20.5, 3.0)]))
 
 
-def test_every_table_goes_through_the_two_renderers():
-    """A new table printed by hand would not be covered here: tables are rendered by markdown_table
-    (eval, quantize --eval, inspect, bench, archs) or compare.format_table, nowhere else."""
+def test_every_table_goes_through_the_one_renderer():
+    """A new table printed by hand would not be covered here: every table (eval, quantize --eval,
+    inspect, bench, archs, compare) is rendered by core.tables.markdown_table, nowhere else."""
     package = Path(__file__).resolve().parents[1] / "smoothq"
-    writers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if '"|---' in p.read_text())
-    assert writers == ["cli.py", "compare.py"]
-    cli = (package / "cli.py").read_text()
-    assert cli.count('"|---"') == 1 and "print(markdown_table(rows))" in cli
+    writers = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py") if '"|---' in p.read_text())
+    assert writers == ["core/tables.py"]
+    assert "markdown_table(" in (package / "evaluation" / "compare.py").read_text()

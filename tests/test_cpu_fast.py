@@ -12,6 +12,7 @@ import torch
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
+from smoothq.core import quant
 from smoothq.runtime import backends, cpu_fast
 from smoothq.runtime.cpu_fast import Int8Embedding, Int8LMHead, PackedW8A8Linear, optimize_for_cpu
 
@@ -48,7 +49,7 @@ def test_uint8_shift_is_the_int8_value_plus_128():
     assert torch.equal(cpu_fast.int8_to_u8(q).int(), q.int() + 128)
     x = torch.randn(5, 33)
     u8, scale = cpu_fast.quantize_u8(x, "per_token", None)
-    q8, scale8 = sq.quant.quantize_activation(x, "per_token")
+    q8, scale8 = quant.quantize_activation(x, "per_token")
     assert torch.equal(scale, scale8) and torch.equal(u8.int() - 128, q8.int())
 
 
@@ -192,7 +193,7 @@ def test_compiled_quantization_and_epilogue_give_the_same_bits():
 def test_int8_lm_head_is_right_for_any_hidden_size(k):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, k, generator=g)
-    w_q, scale = sq.quant.quantize_weight(w, "per_channel")
+    w_q, scale = quant.quantize_weight(w, "per_channel")
     head = Int8LMHead(w_q, scale, None, torch.bfloat16)
     x = torch.randn(2, 5, k, generator=g)
     want = x.bfloat16().float() @ (w_q.float() * scale.bfloat16().float()).t()

@@ -13,7 +13,9 @@ from tiny import sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq.formats.io import CheckpointError
-from smoothq.transforms.online_rotation import CT_SCHEME, InputRotation, ct_transform_weight_name, rotate_inputs
+from smoothq.runtime.input_rotation import InputRotation
+from smoothq.formats.ct_transforms import CT_SCHEME, ct_transform_weight_name
+from smoothq.transforms.online_rotation import rotate_inputs
 
 ct = pytest.importorskip("compressed_tensors")
 

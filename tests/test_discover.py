@@ -12,8 +12,9 @@ from tiny import tiny_model as table_tiny_model
 
 import smoothq as sq
 from smoothq.archs import ARCHS, Arch, Group, UnsupportedArchError, arch_for, register, resolve
-from smoothq.archs.discover import DiscoveryError, describe, discover, find_layers, prove_arch
+from smoothq.archs.discover import DiscoveryError, discover, find_layers
 from smoothq.archs.folds import FOLD_TOLERANCE, Fold, fold_error, float64_copy
+from smoothq.archs.prove import describe, prove_arch
 from smoothq.archs.tiny import random_ids, tiny_model
 
 
@@ -104,7 +105,7 @@ NAMED = ["qwen3_moe", "qwen3_5_text", "qwen3_next", "gpt_oss", "deepseek_v3", "l
 @pytest.mark.parametrize("model_type", NAMED)
 def test_todays_families_quantize_and_round_trip(model_type, tmp_path):
     """W8A8 and O3 on families the table does not list; every fold used is exact; both formats load
-    back to the same logits (the layered executor and vLLM are in benchmarks/arch_coverage.py)."""
+    back to the same logits (the layered executor and vLLM are in benchmarks/scale/arch_coverage.py)."""
     model = tiny_model(model_type)
     ids = random_ids(2, 16)
     with torch.no_grad():

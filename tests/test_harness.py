@@ -14,7 +14,7 @@ from tiny import tiny_model, tiny_tokenizer
 pytest.importorskip("lm_eval")
 
 import smoothq as sq  # noqa: E402
-from smoothq.cli.main import main  # noqa: E402
+from smoothq.cli.app import main  # noqa: E402
 from smoothq.core.data import DataError  # noqa: E402
 from smoothq.evaluation.harness import evaluate_harness, load_tasks, local_task_config, run_harness  # noqa: E402
 from smoothq.evaluation.tasks import lambada_examples  # noqa: E402

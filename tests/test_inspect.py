@@ -11,7 +11,7 @@ from tiny import plant_outliers, sample_ids, tiny_model, tiny_tokenizer
 
 import smoothq as sq
 from smoothq.archs import resolve
-from smoothq.cli.main import main
+from smoothq.cli.app import main
 from smoothq.evaluation.inspect import InspectError, inspect_model, outlier_ratio, sqnr_db
 
 

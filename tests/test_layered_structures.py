@@ -1,4 +1,4 @@
-"""The layered executor (smoothq/pipeline/layered.py) on block structures beyond the plain decoder layer:
+"""The layered executor (smoothq/pipeline/layered/) on block structures beyond the plain decoder layer:
 linears a discovered model keeps in float, layers that pass outputs on to the next layer, a tied
 head with its own bias, and the models it must refuse (recurrent layers, weights shared between
 layers) before any work. Each one writes the in-memory pipeline's checkpoint tensor for tensor."""
@@ -9,7 +9,7 @@ import torch
 import smoothq as sq
 from smoothq.formats import io
 from smoothq.archs.tiny import random_ids, tiny_model
-from smoothq.transforms.calibrate import CalibrationError
+from smoothq.core.forward import CalibrationError
 
 RECIPE = {"scheme": "O3", "propagation": "float", "calibration": {"samples": 4, "seqlen": 16},
           "output": {"dtype": "float32"}}
@@ -69,7 +69,7 @@ def test_what_cannot_run_layer_by_layer_is_refused_before_any_work(model_type, m
         model.config.rescale_every = 1
     model.save_pretrained(src)
     started = []
-    monkeypatch.setattr(seq._Run, "layer", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(seq.driver, "layer", lambda *a, **k: started.append(a))
     with pytest.raises(CalibrationError, match=message) as err:
         sq.run(src, RECIPE, calib=random_ids(4, 16, seed=3), output=tmp_path / "out", executor="layered",
                attn_implementation="eager", progress=False)

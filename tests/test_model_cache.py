@@ -82,7 +82,7 @@ def test_unwritable_cache_falls_back_to_a_temporary_directory_with_one_warning(f
 
 
 def test_unwritable_cache_in_the_cli_is_one_warning_line(fake_gguf, tmp_path, monkeypatch, capsys):
-    from smoothq.cli.main import main
+    from smoothq.cli.app import main
 
     path, _ = fake_gguf
     blocker = tmp_path / "a-file"

@@ -13,7 +13,8 @@ import smoothq as sq
 from smoothq.archs import UnsupportedArchError
 from smoothq.evaluation.compare import linear_sqnr
 from smoothq.formats.io import CheckpointError
-from smoothq.transforms.online_rotation import InputRotation, rotate_inputs, targets
+from smoothq.runtime.input_rotation import InputRotation
+from smoothq.transforms.online_rotation import rotate_inputs, targets
 from smoothq.core.quant import absmax_to_scale, quantize_activation, quantize_weight
 
 

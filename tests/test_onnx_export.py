@@ -22,6 +22,7 @@ import torch
 from tiny import sample_ids, tiny_model, tiny_tokenizer
 
 import smoothq as sq
+from smoothq.core.outputs import OutputError
 from smoothq.formats import onnx as ox
 from smoothq.transforms.online_rotation import rotate_inputs
 
@@ -262,7 +263,7 @@ def test_output_is_atomic_and_only_our_exports_are_replaced(tmp_path, monkeypatc
         ox.export_onnx(model, w8a8[1])  # exists, no overwrite
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    with pytest.raises(sq.io.OutputError, match="smoothq_onnx.json"):
+    with pytest.raises(OutputError, match="smoothq_onnx.json"):
         ox.export_onnx(model, tmp_path / "foreign", overwrite=True)
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
 
@@ -278,7 +279,7 @@ def test_output_is_atomic_and_only_our_exports_are_replaced(tmp_path, monkeypatc
 
 @exact_sums
 def test_cli_export_end_to_end(tmp_path, data_dir, capsys):
-    from smoothq.cli.main import main
+    from smoothq.cli.app import main
 
     model = tiny_model("llama")
     tok = tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:50_000])

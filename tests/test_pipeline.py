@@ -215,7 +215,7 @@ def test_a_checkpoint_directory_without_a_recipe_is_refused(tmp_path):
 
 
 def test_cli_preset_saves_a_recipe_that_reproduces_the_checkpoint(tmp_path, data_dir, capsys):
-    from smoothq.cli.main import main
+    from smoothq.cli.app import main
 
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src)

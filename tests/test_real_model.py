@@ -72,7 +72,7 @@ def test_rotation_keeps_smollm2_exact_and_rescues_per_tensor_o3(smollm2):
     """The Hadamard rotation of SmolLM2's 576-wide residual stream (Paley 12 x 12 x 4) keeps its fp32
     logits, and under O3 (per-tensor weights and static activations) it beats the same recipe
     without rotation by a wide margin; rotating the down projections' inputs online as well
-    (rotate_inputs) keeps the logits and lowers it further (benchmarks/accuracy_plus.py measures by
+    (rotate_inputs) keeps the logits and lowers it further (benchmarks/accuracy/accuracy_plus.py measures by
     how much)."""
     model, tok = smollm2
     windows = sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=4)

@@ -11,7 +11,8 @@ from tiny import CONFIGS, sample_ids, tiny_model
 import smoothq as sq
 from smoothq.formats import io
 from smoothq.archs import UnsupportedArchError, arch_for, resolve
-from smoothq.transforms.rotate import hadamard_matrix, rotate, rotation_matrix
+from smoothq.runtime.hadamard import hadamard_matrix
+from smoothq.transforms.rotate import rotate, rotation_matrix
 
 ROTATABLE = [n for n in CONFIGS if arch_for(tiny_model(n)).rotation is not None]
 

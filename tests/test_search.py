@@ -9,7 +9,8 @@ from tiny import plant_outliers, sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq.archs import resolve
-from smoothq.transforms.search import SearchConfig, auto_smooth, search_alpha
+from smoothq.core.recipe import SearchConfig
+from smoothq.transforms.search import auto_smooth, search_alpha
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 

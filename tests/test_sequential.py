@@ -392,7 +392,7 @@ def test_shard_writer_matches_save_file_layout_in_any_write_order(tmp_path):
 def test_cli_quantizes_sequentially_and_resumes(tmp_path, data_dir, capsys):
     from tiny import tiny_tokenizer
 
-    from smoothq.cli.main import main
+    from smoothq.cli.app import main
 
     src = four_layer_llama(tmp_path)
     tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000]).save_pretrained(src)

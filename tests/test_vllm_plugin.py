@@ -1,7 +1,7 @@
 """smoothq's vLLM plugin (smoothq/formats/vllm_plugin.py): declared where vLLM looks for it, a no-op
 without vLLM or off the CPU, and on vLLM-CPU it gives the transform modules the `cpu_linear` their
 forward needs (checked here against a stand-in of vLLM's module layout; the real vLLM-CPU run is
-benchmarks/vllm_serving.py)."""
+benchmarks/serving/vllm_serving.py)."""
 
 import sys
 import types

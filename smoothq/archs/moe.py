@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .table import UnsupportedArchError
+from .arch import UnsupportedArchError
 
 try:
     from transformers.integrations.moe import _default_apply_gate, use_experts_implementation

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .defaults import BOS_PROTOCOLS, DEFAULT_CALIB, DEFAULT_EVAL
+from .defaults import BOS_PROTOCOLS, CALIB_SAMPLES, CALIB_SEQLEN, DEFAULT_CALIB, DEFAULT_EVAL, EVAL_SEQLEN
 from .validate import check_int, check_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -265,7 +265,7 @@ class Windows:
                 f"{self.total_tokens}, bos={self.bos}")
 
 
-def eval_windows(tokenizer, source: str = DEFAULT_EVAL, seqlen: int = 2048, max_windows: int | None = None,
+def eval_windows(tokenizer, source: str = DEFAULT_EVAL, seqlen: int = EVAL_SEQLEN, max_windows: int | None = None,
                  bos: str = "auto") -> Windows:
     """Non-overlapping windows of `seqlen` text tokens from the start of the source (standard
     protocol), each started as `bos` says (module docstring); `.bos` records the protocol used."""
@@ -289,7 +289,7 @@ def eval_windows(tokenizer, source: str = DEFAULT_EVAL, seqlen: int = 2048, max_
     return Windows(rows, source, desc, first, end, ids.numel(), list(range(first, end, seqlen)), protocol)
 
 
-def calib_samples(tokenizer, source: str = DEFAULT_CALIB, n: int = 128, seqlen: int = 512, seed: int = 0,
+def calib_samples(tokenizer, source: str = DEFAULT_CALIB, n: int = CALIB_SAMPLES, seqlen: int = CALIB_SEQLEN, seed: int = 0,
                   avoid: Windows | None = None, chat: bool = False, bos: str = "auto") -> Windows:
     """`n` random windows of `seqlen` text tokens (seeded), each started as `bos` says (as the
     evaluated windows are: under 'window' each sample is [BOS] + seqlen tokens, so the activation

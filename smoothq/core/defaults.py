@@ -16,3 +16,28 @@ BENCH_CONFIGS = ("fp32", "bf16", "w8a8", "o3")
 # memory (tokens x the sum of the distinct input widths x 4 bytes; SmolLM2-135M at 256: ~100 MB)
 INSPECT_TOKENS = 256
 INSPECT_HEAT_TOKENS = 128  # tokens of calibration sample 0 in each token x channel map
+
+# One set of defaults for every subcommand (and the library functions that take the same values):
+# `smoothq eval OUT` measures what `smoothq quantize --eval` and `smoothq compare` print, and what
+# the README's figures are (WikiText-2 test, 40 windows of 512 tokens).
+EVAL_SEQLEN = 512  # tokens per evaluation window (eval, quantize --eval, compare; data.eval_windows)
+EVAL_WINDOWS = 40  # evaluation windows: the first N of the text (a large N evaluates all of them)
+DEFAULT_ALPHA = 0.8  # migration strength (recipe.Smoothing.alpha; quantize --alpha)
+DEFAULT_SCHEME = "W8A8"  # recipe.Recipe.scheme; quantize --scheme
+CALIB_SAMPLES = 128  # calibration sequences (recipe.Calibration.samples; data.calib_samples n)
+CALIB_SEQLEN = 512  # tokens per calibration sequence (recipe.Calibration.seqlen; data.calib_samples)
+SEARCH_SAMPLES = 4  # --alpha auto: calibration sequences the block search runs on (recipe.Search.samples)
+GUARD_SAMPLES = 16  # --alpha auto: calibration sequences the end-to-end guard scores on (recipe.Search)
+CLIP_PERCENTILE = 99.9  # recipe.Clip.percentile
+DTYPES = ("float32", "float16", "bfloat16")  # --dtype: what a model is loaded and run in
+DEFAULT_DTYPE = "float32"
+SAVE_DTYPE = "float16"  # float tensors of a saved checkpoint (recipe.Output.dtype; quantize --save-dtype)
+# smoothq compare (`make compare`, the first thing a newcomer runs): the paper's grid at its alpha,
+# then the presets a user would pick, each row with LAMBADA on the first passages
+COMPARE_ALPHAS = (0.5,)
+COMPARE_PRESETS = ("best-w8a8", "best-o3", "serve-w8a8")
+COMPARE_LAMBADA = 500
+# smoothq inspect measures the paper's alpha on a per-tensor scheme with every exact group, unless
+# a recipe says otherwise (evaluation.inspect.inspect_model's defaults)
+INSPECT_ALPHA = 0.5
+INSPECT_SCHEME = "O3"

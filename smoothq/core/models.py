@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from .defaults import DEFAULT_MODEL
+from .outputs import chmod_by_umask
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,6 @@ def _save_converted(model, tok, cached: Path) -> None:
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        from ..formats.io import chmod_by_umask
-
         chmod_by_umask(tmp)  # a cache shared by several users reads like any model directory
         os.replace(tmp, cached)
         _prune_converted(cached)

@@ -8,10 +8,14 @@ Sections (each a frozen dataclass): scheme; `smoothing` (alpha: a float, "auto" 
 None for the naive baseline; extra exact groups; per-group alpha overrides; the search settings);
 `clip`; `rotation` (residual stream, before calibration); `rotate_inputs` (online, after
 smoothing); `sink_tokens`; `calibration`; `propagation` (what the layered executor feeds the next
-layer); `output` (checkpoint format and dtype). `check(arch)` validates every combination in one
-place: what a checkpoint format cannot express, what an architecture cannot do. A saved checkpoint
-stores its recipe in config.json (`smoothq.recipe`), so `Recipe.from_file(checkpoint_dir)`
-reproduces it.
+layer); `output` (checkpoint format and dtype). Every field and every combination of fields is
+checked at construction: what a checkpoint format cannot express, what a scheme cannot do. What
+an architecture cannot do is the architecture's to say: `check(arch)` asks it
+(archs.Arch.check_recipe). A saved checkpoint stores its recipe in config.json (`smoothq.recipe`),
+so `Recipe.from_file(checkpoint_dir)` reproduces it.
+
+`search_config()` is what search.py runs with for `alpha: auto` or clipping (`SearchConfig`, at
+the end with the alpha grid: the search takes them from here).
 
 Presets are the measured recipes (benchmarks/results/recipes-smollm2.json, accuracy-plus-smollm2.md).
 """
@@ -24,27 +28,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .schemes import check_alpha, get_scheme
-from .defaults import BOS_PROTOCOLS, ROTATIONS, SMOOTHING_OPTIONS
+from .defaults import (BOS_PROTOCOLS, CALIB_SAMPLES, CALIB_SEQLEN, CLIP_PERCENTILE, DEFAULT_ALPHA, DEFAULT_SCHEME, GUARD_SAMPLES, ROTATIONS, SAVE_DTYPE, SEARCH_SAMPLES, SMOOTHING_OPTIONS)
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run: the message names the field and the fix."""
 
 
+def check_option_names(options) -> tuple[str, ...]:
+    """Optional smoothing-group names (SMOOTHING_OPTIONS, = archs.OPTIONS) as a tuple; "all" (every
+    option of an architecture) is kept as is until an architecture says what it means."""
+    if isinstance(options, str):
+        options = tuple(o.strip() for o in options.split(",") if o.strip())
+    options = tuple(options or ())
+    if "all" in options:
+        return ("all",)
+    unknown = [o for o in options if o not in SMOOTHING_OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown smoothing option {unknown[0]!r}; choose from {', '.join(SMOOTHING_OPTIONS)} or 'all'")
+    return options
+
+
 @dataclass(frozen=True)
 class Search:
-    """How `alpha: auto` searches (search.SearchConfig)."""
+    """How `alpha: auto` searches (SearchConfig, below)."""
 
-    samples: int = 4  # calibration sequences the block search runs on (the first ones)
+    samples: int = SEARCH_SAMPLES  # calibration sequences the block search runs on (the first ones)
     strategy: str = "coarse"  # "grid": every alpha of 0..1 step 0.05; "coarse": every other one, then refine
     blockwise: bool = False  # one alpha per decoder block instead of one per group
     guard: bool = True  # end-to-end comparison with every global alpha; the better one is kept
-    guard_samples: int = 16
+    guard_samples: int = GUARD_SAMPLES
 
 
 @dataclass(frozen=True)
 class Smoothing:
-    alpha: float | str | None = 0.8  # float in [0, 1], "auto", or None (no smoothing: naive INT8)
+    alpha: float | str | None = DEFAULT_ALPHA  # float in [0, 1], "auto", or None (no smoothing: naive INT8)
     extra: tuple[str, ...] = ()  # archs.OPTIONS: attn_vo, mlp_updown, opt_fc
     alphas: tuple[tuple[str, float], ...] = ()  # (producer module name, alpha) overrides
     search: Search = field(default_factory=Search)
@@ -53,7 +71,7 @@ class Smoothing:
 @dataclass(frozen=True)
 class Clip:
     method: str | None = None  # None | "mse" | "percentile" (static schemes)
-    percentile: float = 99.9
+    percentile: float = CLIP_PERCENTILE
 
 
 @dataclass(frozen=True)
@@ -66,8 +84,8 @@ class Rotation:
 @dataclass(frozen=True)
 class Calibration:
     source: str = "wikitext2-train"  # named source(s) joined with '+', or a .txt/.jsonl file
-    samples: int = 128
-    seqlen: int = 512
+    samples: int = CALIB_SAMPLES
+    seqlen: int = CALIB_SEQLEN
     seed: int = 0
     chat: bool = False
     batch_size: int = 4
@@ -78,7 +96,7 @@ class Calibration:
 @dataclass(frozen=True)
 class Output:
     format: str = "smoothq"  # "smoothq" | "compressed-tensors"
-    dtype: str = "float16"  # float tensors of the checkpoint
+    dtype: str = SAVE_DTYPE  # float tensors of the checkpoint
     embeddings: str = "float"  # "float" | "int8" (smoothq format)
 
 
@@ -88,7 +106,7 @@ _SECTIONS = {"smoothing": Smoothing, "clip": Clip, "rotation": Rotation, "calibr
 
 @dataclass(frozen=True)
 class Recipe:
-    scheme: str = "W8A8"
+    scheme: str = DEFAULT_SCHEME
     smoothing: Smoothing = field(default_factory=Smoothing)
     clip: Clip = field(default_factory=Clip)
     rotation: Rotation = field(default_factory=Rotation)
@@ -113,37 +131,7 @@ class Recipe:
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
         """A recipe from .yaml/.yml/.json, or the recipe stored in a smoothq checkpoint directory."""
-        p = Path(path)
-        if p.is_dir():
-            cfg = p / "config.json"
-            if not cfg.is_file():
-                raise RecipeError(f"{p} is a directory but not a checkpoint (no config.json): pass a recipe "
-                                  ".yaml/.json file, or a checkpoint directory smoothq wrote")
-            try:
-                stored = json.loads(cfg.read_text()).get("smoothq", {}).get("recipe")
-            except (OSError, json.JSONDecodeError) as exc:
-                raise RecipeError(f"cannot read {cfg}: {exc}") from None
-            if stored is None:
-                raise RecipeError(f"{p} stores no recipe (config.json has no smoothq.recipe): it was not written by "
-                                  "smoothq.run / smoothq quantize")
-            if isinstance(stored, dict) and isinstance(stored.get("calibration"), dict):
-                # checkpoints from before calibration.bos existed were calibrated on the stream protocol
-                stored["calibration"].setdefault("bos", "stream")
-            return cls.from_dict(stored)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise RecipeError(f"cannot read recipe file {p}: {exc.strerror or exc}") from None
-        try:
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-            raise RecipeError(f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}") from None
-        return cls.from_dict(data or {})
+        return cls.from_dict(_read(Path(path)))
 
     @classmethod
     def preset(cls, name: str) -> "Recipe":
@@ -173,13 +161,7 @@ class Recipe:
         return out
 
     def to_file(self, path: str | Path) -> None:
-        p = Path(path)
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            p.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        else:
-            p.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        _write(self.to_dict(), Path(path))
 
     # -- derived ------------------------------------------------------------------------------
 
@@ -192,9 +174,7 @@ class Recipe:
         """Whether the run goes through search.py: alpha auto, or clipping (searched per linear)."""
         return self.smooths and (self.smoothing.alpha == "auto" or self.clip.method is not None)
 
-    def search_config(self):
-        from ..transforms.search import GRID, SearchConfig
-
+    def search_config(self) -> "SearchConfig":
         s = self.smoothing.search
         alpha = self.smoothing.alpha
         return SearchConfig(grid=GRID if alpha == "auto" else (alpha,), blockwise=s.blockwise,
@@ -233,10 +213,8 @@ class Recipe:
             except (ValueError, TypeError) as exc:
                 raise RecipeError(f"smoothing.alpha: {exc} (or 'auto' to search it, null for no smoothing)") from None
         try:
-            if not set(s.extra) <= {"all", *SMOOTHING_OPTIONS}:  # archs.check_options words the refusal
-                from ..archs import check_options
-
-                check_options(s.extra)
+            if not set(s.extra) <= {"all", *SMOOTHING_OPTIONS}:  # check_option_names words the refusal
+                check_option_names(s.extra)
             for _, a in s.alphas:
                 check_alpha(a)
         except (ValueError, TypeError) as exc:
@@ -299,32 +277,10 @@ class Recipe:
                                   "output.format: smoothq (--format smoothq), or sink_tokens: 0")
 
     def check(self, arch=None) -> "Recipe":
-        """Validate against an architecture (archs.Arch); returns the recipe to run, with an optional
-        rotation dropped where the architecture cannot be rotated."""
-        if arch is None:
-            return self
-        from ..archs import UnsupportedArchError, check_options
-
-        name = arch.name or "this architecture"
-        recipe = self
-        if self.rotation.kind and arch.rotation is None:
-            if not self.rotation.optional:
-                raise UnsupportedArchError(
-                    f"rotation.kind={self.rotation.kind} (--rotate): {name} cannot be rotated exactly (rotation needs pre-norm "
-                    "RMSNorm blocks whose norms feed only the linears of the table). Set rotation.kind: null, or "
-                    "rotation.optional: true to skip it where it does not apply")
-            recipe = dataclasses.replace(self, rotation=dataclasses.replace(self.rotation, kind=None))
-        if self.rotate_inputs and not arch.online_rotation:
-            raise UnsupportedArchError(f"rotate_inputs (--rotate-inputs): {name} names no linear whose input can be rotated online "
-                                       "(Arch.online_rotation); set rotate_inputs: false")
-        if self.rotate_inputs and self.output.format == "compressed-tensors" \
-                and any("experts" in p for p in arch.online_rotation):
-            raise UnsupportedArchError(
-                f"rotate_inputs (--rotate-inputs) with output.format compressed-tensors: {name} rotates the inputs of "
-                "MoE expert linears, and vLLM applies compressed-tensors transforms to plain linear layers only, so "
-                "the export would load and compute wrong. Use output.format: smoothq, or rotate_inputs: false")
-        check_options(self.smoothing.extra, arch)  # raises UnsupportedArchError naming what the arch offers
-        return recipe
+        """Validate against an architecture (archs.Arch: Arch.check_recipe says what it cannot run);
+        returns the recipe to run, with an optional rotation dropped where the architecture cannot be
+        rotated."""
+        return self if arch is None else arch.check_recipe(self)
 
 
 def _int(v) -> int:
@@ -364,8 +320,101 @@ def _build(cls, data: dict, where: str):
         raise RecipeError(f"recipe section {where or 'top level'}: {exc}") from None
 
 
+def _read(p: Path) -> dict:
+    """The recipe mapping in a .yaml/.yml/.json file, or the one a smoothq checkpoint directory stores."""
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise RecipeError(f"{p} is a directory but not a checkpoint (no config.json): pass a recipe "
+                              ".yaml/.json file, or a checkpoint directory smoothq wrote")
+        try:
+            stored = json.loads(cfg.read_text()).get("smoothq", {}).get("recipe")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RecipeError(f"cannot read {cfg}: {exc}") from None
+        if stored is None:
+            raise RecipeError(f"{p} stores no recipe (config.json has no smoothq.recipe): it was not written by "
+                              "smoothq.run / smoothq quantize")
+        if isinstance(stored, dict) and isinstance(stored.get("calibration"), dict):
+            # checkpoints from before calibration.bos existed were calibrated on the stream protocol
+            stored["calibration"].setdefault("bos", "stream")
+        return stored
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file {p}: {exc.strerror or exc}") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise RecipeError(f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}") from None
+    return data or {}
+
+
+def _write(data: dict, p: Path) -> None:
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        p.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        p.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# what search.py runs with (Recipe.search_config; search_alpha and auto_smooth take it directly too)
+
+GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
+# Clipping ratios of the static scale (fraction of the calibrated abs-max), coarse to fine: the
+# massive activations of Llama-family down_proj inputs sit 100-1000x above the typical token.
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What `search_alpha` searches and on how much data."""
+
+    grid: tuple[float, ...] = GRID  # candidate alphas; a single value = fixed alpha (clipping only)
+    blockwise: bool = False  # one alpha per decoder block (all its groups) instead of one per group
+    options: tuple[str, ...] = ()  # optional smoothing groups (archs.OPTIONS)
+    clip: str | None = None  # None | "mse" | "percentile" (static schemes only)
+    clip_percentile: float = 99.9  # for clip="percentile": of the per-token abs-max
+    clip_ratios: tuple[float, ...] = CLIP_RATIOS
+    samples: int = 16  # calibration sequences used by the search (the first ones)
+    batch_size: int = 4
+    init_alpha: float = 0.5  # alpha of groups not searched yet
+    loss: str = "mse"  # "mse" | "nmse" (per-token error normalized by the token's output norm)
+    # End-to-end guard: also quantize the whole model with each global alpha of the grid and keep
+    # whichever (per-group result or a global alpha) has the lowest next-token loss on the search
+    # samples, so "auto" never does worse than the best fixed alpha on calibration data.
+    guard: bool = True
+    # The guard's differences between alphas are a few thousandths of a nat per token: it scores
+    # on more sequences than the block search needs (the first `guard_samples` of the calibration set).
+    guard_samples: int = 16
+    strategy: str = "grid"  # "grid": every alpha of the grid; "coarse": every other one, then refine
+
+    def __post_init__(self):
+        if not self.grid:
+            raise ValueError("the alpha grid is empty")
+        object.__setattr__(self, "grid", tuple(check_alpha(a) for a in self.grid))
+        object.__setattr__(self, "options", check_option_names(self.options))
+        if self.clip not in (None, "mse", "percentile"):
+            raise ValueError(f"clip must be None, 'mse' or 'percentile', got {self.clip!r}")
+        if not 0 < self.clip_percentile <= 100:
+            raise ValueError(f"clip_percentile must be in (0, 100], got {self.clip_percentile}")
+        if self.strategy not in ("grid", "coarse"):
+            raise ValueError(f"strategy must be 'grid' or 'coarse', got {self.strategy!r}")
+        if self.loss not in ("mse", "nmse"):
+            raise ValueError(f"loss must be 'mse' or 'nmse', got {self.loss!r}")
+        if self.samples < 1 or self.batch_size < 1 or self.guard_samples < 1:
+            raise ValueError("samples, guard_samples and batch_size must be >= 1")
+        check_alpha(self.init_alpha)
+
+
 _EXTRA = ["all"]  # every exact extra group the architecture offers (SmolLM2: attn_vo, mlp_updown)
-# The measured recipes (SmolLM2-135M, WikiText-2 512 x 40 windows; benchmarks/recipes.py and
+# The measured recipes (SmolLM2-135M, WikiText-2 512 x 40 windows; benchmarks/accuracy/recipes.py and
 # benchmarks/results/accuracy-plus-smollm2.md).
 PRESETS: dict[str, dict] = {
     # the paper: one global alpha, norm -> q/k/v and norm -> gate/up

@@ -7,7 +7,8 @@ vocabulary) or a failure after minutes of work. The checks only read their argum
 call behaves exactly as without them.
 
 Domain checks that need the function's own context (a model already quantized, statistics of
-another model, a scheme's name) stay with the function; what is shared lives here.
+another model, a scheme's name) stay with the function; what is shared lives here. Checks of a
+type defined above core live with that type (calibration statistics: transforms.calibrate.check_stats).
 """
 
 from __future__ import annotations
@@ -173,18 +174,6 @@ def check_tensor(name: str, value, dims: int | None = None) -> torch.Tensor:
     if dims is not None and value.dim() != dims:
         raise ArgumentValueError(f"{name} must be {dims}-D, got shape {tuple(value.shape)}")
     return value
-
-
-def check_stats(name: str, stats, optional: bool = False):
-    """Calibration statistics: a smoothq.ActStats (from smoothq.transforms.calibrate or smooth)."""
-    from ..transforms.calibrate import ActStats
-
-    if stats is None and optional:
-        return None
-    if not isinstance(stats, ActStats):
-        raise ArgumentTypeError(f"{name} must be smoothq.ActStats, got {type(stats).__name__} {short(stats)}; "
-                                "compute them with smoothq.calibrate(model, samples)")
-    return stats
 
 
 def check_tokenizer(name: str, tokenizer, optional: bool = False):

@@ -50,7 +50,7 @@ from ..core.schemes import QuantScheme, check_alpha, get_scheme
 from ..core.defaults import INSPECT_HEAT_TOKENS as DEFAULT_HEAT_TOKENS, INSPECT_TOKENS as DEFAULT_TOKENS
 from ..core.quant import QMAX, absmax_to_scale, quantize_weight
 from ..core.record import record
-from ..transforms.search import GRID
+from ..core.recipe import GRID
 from ..transforms.smooth import TINY, group_scales
 
 LIMITING = 10  # linears listed in each "limiting" ranking

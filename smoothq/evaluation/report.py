@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.outputs import atomic_dir, not_a_report
 from .inspect import InspectError, Report
 
 MATPLOTLIB = "matplotlib>=3.7"
@@ -227,20 +228,9 @@ def figures(report: Report) -> list[tuple[str, bytes, str]]:
     return out
 
 
-def not_a_report(path: Path) -> str | None:
-    """Why `path` is not a report this module wrote (None: it is, and --force may replace it)."""
-    if not (path / "index.html").is_file() or not (path / "report.json").is_file():
-        return "is not an inspect report (no index.html and report.json)"
-    other = next((f.name for f in path.iterdir() if f.name not in ("index.html", "report.json")
-                  and not (f.is_file() and f.suffix == ".png")), None)
-    return None if other is None else f"holds {other}, which is not part of an inspect report"
-
-
 def write_report(report: Report, outdir: str | Path, overwrite: bool = False) -> Path:
     """index.html, the PNGs and report.json into `outdir`, atomically (a temporary sibling directory
     renamed into place). An existing non-empty `outdir` is refused unless overwrite=True."""
-    from ..formats.io import atomic_dir
-
     require_matplotlib()
     figs = figures(report)
     with atomic_dir(outdir, overwrite=overwrite, replaceable=not_a_report) as tmp:

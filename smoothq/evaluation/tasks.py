@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.data import DataError, read_documents, resolve_bos, tokenizer_adds_bos
-from ..core.validate import check_int, check_model, check_tokenizer
+from ..core.validate import ArgumentValueError, check_int, check_model, check_tokenizer, vocab_size
 
 LAMBADA = "lambada"
 
@@ -82,6 +82,16 @@ def lambada_examples(tokenizer, limit: int | None = None, bos: str = "auto",
 
 
 @torch.no_grad()
+def check_examples_fit(examples: list[LambadaExample], model: nn.Module) -> None:
+    """Every token id of the tokenized passages is a row of the model's embedding: a tokenizer of
+    another model would otherwise fail deep inside the embedding lookup."""
+    vocab = vocab_size(model)
+    top = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
+    if vocab is not None and top >= vocab:
+        raise ArgumentValueError(f"the LAMBADA passages tokenize to id {top}, but the model's vocabulary has {vocab} "
+                                 "entries: pass the tokenizer that belongs to this model")
+
+
 def greedy_matches(model: nn.Module, examples: list[LambadaExample], batch_size: int = 8, pad_id: int = 0,
                    progress: bool = True, desc: str = "lambada") -> list[bool]:
     """Per example, whether every target token is the model's argmax at its position. Examples are
@@ -136,6 +146,7 @@ def lambada_accuracy(model: nn.Module, tokenizer, limit: int | None = None, batc
     check_int("limit", limit, optional=True)
     check_int("batch_size", batch_size)
     examples, protocol = lambada_examples(tokenizer, limit, bos, source)
+    check_examples_fit(examples, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
     matches = greedy_matches(model, examples, batch_size, pad_id, progress)
     correct = sum(matches)

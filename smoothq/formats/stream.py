@@ -26,7 +26,8 @@ from typing import Iterator
 
 import torch
 
-from .io import INDEX_FILE, SINGLE_FILE, CheckpointError, plan_shards, write_index
+from ..core.outputs import INDEX_FILE, SINGLE_FILE
+from .tensors import CheckpointError, plan_shards, write_index
 
 DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

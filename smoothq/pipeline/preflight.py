@@ -13,9 +13,9 @@ One function, called by `smoothq quantize` (both executors), `eval`, `compare` a
   format and the scheme (Recipe.check);
 - sequence lengths (calibration, evaluation) against the model's `max_position_embeddings`;
 - the calibration and evaluation texts exist and read (UTF-8, JSON fields);
-- the output (io.check_output): not the input model, a parent of it or inside it, not `.`, not a
-  file, not an existing directory unless `--force` and then only a checkpoint smoothq wrote,
-  writable; and enough free disk space for the planned checkpoint (its size computed from the
+- the output (core/outputs.check_output): not the input model, a parent of it or inside it, not
+  `.`, not a file, not an existing directory unless `--force` and then only a checkpoint smoothq
+  wrote, writable; and enough free disk space for the planned checkpoint (its size computed from the
   skeleton's parameters, the scheme's int8 weights and the recipe's output dtype);
 - what the tokenizer must offer for the options: a chat template for `--chat`.
 
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..core.data import DataError
+from ..core.outputs import OutputError, check_output, not_a_report, read_only
 
 
 class PreflightError(ValueError):
@@ -50,10 +51,8 @@ DIRECTORY_KINDS = ("checkpoint", "report", "onnx")
 
 
 def _replaceable(kind: str):
-    """io.check_output's `replaceable` rule of a directory kind (None: a smoothq checkpoint)."""
+    """outputs.check_output's `replaceable` rule of a directory kind (None: a smoothq checkpoint)."""
     if kind == "report":
-        from ..evaluation.report import not_a_report
-
         return not_a_report
     if kind == "onnx":
         from ..formats.onnx import _not_an_export
@@ -64,12 +63,10 @@ def _replaceable(kind: str):
 
 def check_outputs(outputs: list[tuple[str, str, str]], force: bool = False, sources=()) -> None:
     """Refuse, before any work, every output that could not be written: `outputs` lists (flag, path,
-    kind), kind "file" or one of DIRECTORY_KINDS. A directory follows io.check_output (not the input,
-    replace rules, writable); a file must be a file name in an existing, writable directory, not a
-    file of the input model, not inside a directory output (replaced as a whole), not another
+    kind), kind "file" or one of DIRECTORY_KINDS. A directory follows outputs.check_output (not the
+    input, replace rules, writable); a file must be a file name in an existing, writable directory,
+    not a file of the input model, not inside a directory output (replaced as a whole), not another
     output's path."""
-    from ..formats.io import check_output
-
     dirs = [(flag, Path(path).expanduser().resolve()) for flag, path, kind in outputs if kind != "file"]
     seen: dict[Path, str] = {}
     for flag, path, kind in outputs:
@@ -85,8 +82,6 @@ def check_outputs(outputs: list[tuple[str, str, str]], force: bool = False, sour
 
 def check_file_output(path: str | Path, flag: str, sources=(), dirs=()) -> Path:
     """A single file a command writes (--json, --save-recipe): see check_outputs."""
-    from ..formats.io import OutputError, _read_only
-
     target = Path(path).expanduser()
     where = target.resolve()
     if target.is_dir():
@@ -104,8 +99,8 @@ def check_file_output(path: str | Path, flag: str, sources=(), dirs=()) -> Path:
     if not parent.is_dir():
         raise OutputError(errno.ENOENT, f"{flag} {path}: the directory {target.parent} does not exist; create it "
                                         "or write elsewhere")
-    if _read_only(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        why = "on a read-only file system" if _read_only(parent) else "not writable"
+    if read_only(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        why = "on a read-only file system" if read_only(parent) else "not writable"
         raise OutputError(errno.EACCES, f"{flag} {path}: {parent} is {why}; write elsewhere")
     return target
 
@@ -366,8 +361,6 @@ def preflight(model: str, recipe=None, output: str | Path | None = None, *, forc
         recipe = recipe.check(arch)  # what the architecture cannot do (an optional rotation dropped)
 
     if output is not None:
-        from ..formats.io import check_output
-
         out = check_output(output, force, sources=[local] if local is not None else ())
         if out.exists() and any(out.iterdir()):
             warnings.append(f"--force: {out} (a checkpoint written by smoothq) will be replaced once the new one "

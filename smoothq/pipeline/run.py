@@ -36,8 +36,9 @@ from torch import nn
 from ..core.schemes import get_scheme
 from ..core.recipe import Recipe
 from ..core.record import record
-from ..core.validate import (ArgumentTypeError, check_path, check_stats, check_token_rows, config_vocab_size, short,
+from ..core.validate import (ArgumentTypeError, check_path, check_token_rows, config_vocab_size, short,
                        vocab_size)
+from ..transforms.calibrate import check_stats
 
 EXECUTORS = ("in-memory", "layered")
 
@@ -160,7 +161,7 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
     from ..transforms.calibrate import calibrate
     from ..formats.io import save
     from ..core.models import load_model
-    from ..runtime.linear import quantize
+    from ..transforms.quantize import quantize
     from ..transforms.online_rotation import rotate_inputs
     from ..transforms.rotate import rotate
     from ..transforms.smooth import smooth

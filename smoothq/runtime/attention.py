@@ -15,7 +15,7 @@ selected per model with `set_attn_implementation`; every attention module that c
 - P in [0, 1]: symmetric INT8 with the fixed scale 1/127 (`probs="int8"`, the default), so that
   P·V is an int8 x int8 GEMM that every INT8 kernel runs (torch._int_mm / cuBLASLt take signed
   int8 on both sides); it wastes the sign bit. `probs="uint8"` uses scale 1/255 (twice the
-  resolution, for u8 x s8 kernels such as VNNI): measured in benchmarks/accuracy_plus.py.
+  resolution, for u8 x s8 kernels such as VNNI): measured in benchmarks/accuracy/accuracy_plus.py.
 - `backend="emulated"` dequantizes and multiplies in fp32; `backend="int8"` runs both BMMs with
   torch._int_mm per (batch, head) and rescales the int32 accumulators once.
 """
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..archs import Arch, resolve
-from ..transforms.calibrate import _as_batches, _forward_no_logits
+from ..archs import Arch, UnsupportedArchError, resolve
+from ..core.forward import as_batches, forward_no_logits
 from ..core.quant import QMAX, absmax_to_scale
 from ..core.record import record
 
@@ -201,8 +201,6 @@ def enable_int8_attention(model: nn.Module, config: AttnQuantConfig = AttnQuantC
     """Switch the model to INT8 attention in place. Static scales (config.static) are calibrated
     on `samples` (token windows, run through the model as it is now: call this after quantize()
     so the scales see the quantized model's Q/K/V)."""
-    from ..archs import UnsupportedArchError
-
     register()
     if not getattr(model, "_can_set_attn_implementation", lambda: False)():
         raise UnsupportedArchError(f"{type(model).__name__} does not route attention through transformers' "
@@ -220,8 +218,8 @@ def enable_int8_attention(model: nn.Module, config: AttnQuantConfig = AttnQuantC
         was_training = model.training
         model.eval()
         try:
-            for batch in _as_batches(samples, batch_size):
-                _forward_no_logits(model, batch.to(next(model.parameters()).device))
+            for batch in as_batches(samples, batch_size):
+                forward_no_logits(model, batch.to(next(model.parameters()).device))
         finally:
             model.train(was_training)
             for _, m in mods:

@@ -172,7 +172,7 @@ def _kernel(name: str) -> Callable:
 
 
 # Fused Triton kernels (smoothq/runtime/kernels). Below `torch` under "auto" until GPU measurements
-# (benchmarks/gemm.py) show them ahead; pick backend="triton" explicitly meanwhile.
+# (benchmarks/speed_gpu/gemm.py) show them ahead; pick backend="triton" explicitly meanwhile.
 register(Backend("triton", _kernel("triton_int8_linear"), devices=("cuda",), priority=5,
                  available=lambda: importlib.util.find_spec("triton") is not None and torch.cuda.is_available(),
                  quantize=_kernel("triton_quantize_activation")))

@@ -1,4 +1,5 @@
-"""`W8A8Linear` and `quantize(model, scheme)`, which swaps every decoder linear for one.
+"""`W8A8Linear`: a linear layer with an INT8 weight that quantizes its input (transforms/quantize.py
+swaps a model's float linears for them).
 
 A W8A8Linear stores the weight as int8 [N, K] with fp32 scales ([N, 1] per channel or [1] per
 tensor), an optional float bias, and how to quantize its input: per-token dynamic, per-tensor
@@ -11,18 +12,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import backends
-from ..archs import Arch, resolve, weight_nk
-from ..transforms.calibrate import ActStats
-from ..core.schemes import QuantScheme, get_scheme
+from ..archs import weight_nk
+from ..core.schemes import QuantScheme
 from ..core.quant import absmax_to_scale, quantize_activation, quantize_weight
 from ..core.record import record
-from ..core.validate import check_model, check_stats as check_stats_type
-from ..transforms.online_rotation import check_stats as check_input_rotation
-from ..transforms.online_rotation import input_rotation
-from .sink import TokenPositions, check_sink_tokens, quantize_with_sinks, track_positions
+from .input_rotation import input_rotation
+from .sink import TokenPositions, quantize_with_sinks, track_positions
 
 
 class W8A8Linear(nn.Module):
@@ -42,8 +39,8 @@ class W8A8Linear(nn.Module):
         # schemes only); `positions` is the decoder block's shared position tracker
         self.sink_tokens = 0
         self.positions: TokenPositions | None = None
-        # online_rotation.py: the input is multiplied by this orthogonal Q before it is quantized
-        # (the weight is stored as W Q); None = no rotation
+        # input_rotation.py (transforms/online_rotation.py): the input is multiplied by this orthogonal Q
+        # before it is quantized (the weight is stored as W Q); None = no rotation
         self.input_rotation = None
 
     @classmethod
@@ -94,70 +91,6 @@ class W8A8Linear(nn.Module):
         sinks += ", input_rotation=hadamard" if self.input_rotation is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"scheme={self.scheme.label}, backend={self.backend}{sinks}")
-
-
-@torch.no_grad()
-def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActStats | None = None,
-             backend: str = "auto", arch: Arch | None = None, progress: bool = False,
-             sink_tokens: int | None = None) -> nn.Module:
-    """Swap every linear in the decoder blocks for a W8A8Linear, in place. Embeddings, the LM head
-    and modules the architecture keeps in float (MoE routers) stay float. Static schemes (O3) need
-    `stats` from calibrate() -- the ones smooth() returned, if the model was smoothed.
-
-    sink_tokens (sink.py): the first n tokens of each sequence get per-token activation scales;
-    default = what the stats were calibrated with (`calibrate(..., sink_tokens=n)`)."""
-    check_model("model", model)
-    check_stats_type("stats", stats, optional=True)
-    scheme = get_scheme(scheme)
-    sink_tokens = resolve_sink_tokens(stats, sink_tokens, scheme)
-    if backend != "auto" and backend not in backends.names():
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(backends.names())}")
-    if scheme.static and stats is None:
-        raise ValueError(
-            f"{scheme.label} uses static per-tensor activation scales, which need calibration statistics: "
-            "stats = smoothq.calibrate(model, samples) (or the stats smooth() returned)"
-        )
-    rec = record(model)
-    if rec.scheme is not None:
-        raise RuntimeError(f"model is already quantized ({rec.scheme.label}); reload the float model "
-                           "to quantize it with another scheme")
-    if scheme.static:
-        check_input_rotation(model, stats)
-    res = resolve(model, arch)
-    targets = list(res.quantizable())
-    if not targets:
-        raise ValueError("no linear layers found in the decoder blocks; nothing to quantize")
-    if scheme.static:
-        from ..transforms.calibrate import check_stats
-
-        check_stats(stats, res, [n for n, _ in targets], static=True, use=f"quantize {scheme.label}", model=model)
-    for name, module in tqdm(targets, desc=f"quantizing {scheme.label}", disable=not progress):
-        absmax = None
-        if scheme.static:
-            if name not in stats:
-                raise ValueError(f"no calibration statistics for {name}; calibrate this model first")
-            absmax = stats[name]
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, W8A8Linear.from_float(module, scheme, absmax, backend))
-    rec.scheme = scheme
-    if sink_tokens:
-        set_sink_tokens(model, res.blocks, sink_tokens)
-    return model
-
-
-def resolve_sink_tokens(stats: ActStats | None, sink_tokens: int | None, scheme: QuantScheme) -> int:
-    """The sink-token count to quantize with: explicit, else the one the statistics were calibrated with.
-    A static scale calibrated with the sinks excluded must not be applied to them, and vice versa."""
-    calibrated = int((stats.meta if stats is not None else {}).get("sink_tokens", 0))
-    if sink_tokens is None:
-        return calibrated
-    check_sink_tokens(sink_tokens)
-    if scheme.static and sink_tokens != calibrated:
-        raise ValueError(
-            f"sink_tokens={sink_tokens} but the statistics were calibrated with sink_tokens={calibrated}: the static "
-            f"scales would be sized for the wrong tokens. Calibrate with smoothq.calibrate(..., sink_tokens={sink_tokens})"
-        )
-    return sink_tokens
 
 
 def set_sink_tokens(model: nn.Module, blocks, sink_tokens: int) -> None:

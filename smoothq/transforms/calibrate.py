@@ -15,15 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..archs import Arch, resolve
+from ..archs import Arch, in_features, resolve
 from ..archs.moe import all_experts, expert_token_counts
+from ..core.forward import CalibrationError, as_batches, forward_no_logits
 from ..core.record import record
-from ..core.validate import check_int, check_model, check_token_rows, vocab_size
-
-
-class CalibrationError(RuntimeError):
-    pass
-
+from ..core.validate import ArgumentTypeError, check_int, check_model, check_token_rows, short, vocab_size
+from ..runtime.sink import check_sink_tokens
 
 @dataclass
 class ActStats:
@@ -58,6 +55,16 @@ class ActStats:
         return cls(tensors, int(meta.get("tokens", 0)), json.loads(meta.get("meta", "{}")))
 
 
+def check_stats(name: str, stats, optional: bool = False):
+    """Calibration statistics: a smoothq.ActStats (from smoothq.transforms.calibrate or smooth)."""
+    if stats is None and optional:
+        return None
+    if not isinstance(stats, ActStats):
+        raise ArgumentTypeError(f"{name} must be smoothq.ActStats, got {type(stats).__name__} {short(stats)}; "
+                                "compute them with smoothq.calibrate(model, samples)")
+    return stats
+
+
 # config fields that decide which linears a model has and their shapes (and so what statistics fit)
 _FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "vocab_size", "num_local_experts", "ffn_dim", "n_embd",
@@ -76,22 +83,16 @@ def config_fingerprint(model: nn.Module) -> str | None:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class EmptySamplesError(CalibrationError, ValueError):
-    """No calibration tokens: a wrong argument (ValueError) and a failed calibration at once."""
-
-
 class StatsError(CalibrationError):
     """Calibration statistics that do not belong to this model, or that no scale can be made from."""
 
 
-def check_stats(stats: "ActStats", res, names, static: bool = False, use: str = "quantize",
-                model: nn.Module | None = None) -> None:
+def check_stats_match(stats: ActStats, res, names, static: bool = False, use: str = "quantize",
+                      model: nn.Module | None = None) -> None:
     """Refuse statistics that do not match the resolved model `res` (archs.resolve) before they are
     used: each linear of `names` must have a 1D entry with as many channels as its input, and no
     entry may name a module the model does not observe (statistics of another model). For static
     scales (`static`) every one of `names` also needs finite, non-negative maxima, not all zero."""
-    from ..archs import in_features
-
     if not isinstance(stats, ActStats):
         raise StatsError(f"{use}: expected smoothq.ActStats (from smoothq.transforms.calibrate), got {type(stats).__name__}")
     theirs, ours = stats.meta.get("model"), config_fingerprint(model) if model is not None else None
@@ -126,26 +127,6 @@ def check_stats(stats: "ActStats", res, names, static: bool = False, use: str = 
                                  "saw no nonzero input). Recalibrate on more or other data")
 
 
-def _as_batches(samples, batch_size: int) -> list[torch.Tensor]:
-    ids = getattr(samples, "input_ids", samples)
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() == 1:
-            ids = ids[None]
-        rows = list(ids)
-    else:
-        rows = [torch.as_tensor(r) for r in ids]
-    rows = [r for r in rows if r.numel() > 0]
-    if not rows:
-        raise EmptySamplesError(
-            "no calibration tokens: the calibration samples are empty. Pass at least one sequence "
-            "(e.g. smoothq.core.data.calib_samples(tokenizer, 'wikitext2-train', n=128, seqlen=512))"
-        )
-    if len({r.numel() for r in rows}) == 1:
-        stacked = torch.stack(rows)
-        return list(stacked.split(batch_size))
-    return [r[None] for r in rows]  # ragged: one sequence per forward, no padding to mask
-
-
 def update_absmax(absmax: dict[str, torch.Tensor], name: str, x: torch.Tensor, where: str) -> None:
     """Fold one batch of a linear's input into its running per-channel abs-max (O(channels) memory)."""
     cur = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
@@ -167,8 +148,6 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
     sink_tokens=n leaves the first n tokens of each sequence out of the statistics (they will be
     quantized per token: see sink.py); routed MoE experts, which see no positions, keep them.
     only: observe just these modules (online_rotation.recalibrate)."""
-    from ..runtime.sink import check_sink_tokens
-
     check_model("model", model)
     check_token_rows("samples", samples, vocab_size(model))
     check_int("batch_size", batch_size)
@@ -194,7 +173,7 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
 
         return hook
 
-    batches = _as_batches(samples, batch_size)
+    batches = as_batches(samples, batch_size)
     if sink_tokens and min(b.shape[-1] for b in batches) <= sink_tokens:
         raise CalibrationError(f"calibration sequences must be longer than sink_tokens={sink_tokens}: "
                                "they would have no other tokens to calibrate on")
@@ -209,7 +188,7 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
         with all_experts(model):
             for i, batch in enumerate(tqdm(batches, desc="calibrating", disable=not progress, unit="batch")):
                 current["batch"] = i
-                _forward_no_logits(model, batch.to(device))
+                forward_no_logits(model, batch.to(device))
                 tokens += batch.numel()
             expert_tokens = expert_token_counts(model)
     finally:
@@ -230,14 +209,6 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
     if input_rotation:  # online_rotation.py: these inputs were rotated
         meta["input_rotation"] = dict(input_rotation)
     return ActStats({k: v.cpu() for k, v in absmax.items()}, tokens, meta)
-
-
-def _forward_no_logits(model: nn.Module, input_ids: torch.Tensor) -> None:
-    """Forward pass that skips most of the LM head when the model supports it (it is not observed)."""
-    try:
-        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-    except TypeError:
-        model(input_ids=input_ids, use_cache=False)
 
 
 def _is_expert(name: str) -> bool:

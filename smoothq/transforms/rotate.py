@@ -25,76 +25,26 @@ with a rotation; Gemma 2/3 normalize the attention output before adding it to th
 architecture table says which (`Arch.rotation`).
 
 R is a randomized Hadamard matrix (random signs times a normalized Hadamard matrix) where one of
-size `hidden_size` can be built from Sylvester and Paley constructions (all powers of two, and
-12, 20, 28, 36, 60 ... times them: 576, 896, 960, 1536, 2304, 3584, 5120, ...), else a random
-orthogonal matrix; both are seeded and deterministic. Hadamard rotations spread outliers most
-evenly (QuaRot, Ashkboos et al. 2024).
+size `hidden_size` can be built from Sylvester and Paley constructions (runtime/hadamard.py: all
+powers of two, and 12, 20, 28, 36, 60 ... times them: 576, 896, 960, 1536, 2304, 3584, 5120, ...),
+else a random orthogonal matrix; both are seeded and deterministic. Hadamard rotations spread
+outliers most evenly (QuaRot, Ashkboos et al. 2024).
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 from torch import nn
 
-from ..archs import Arch, UnsupportedArchError, _expand, resolve, weight_nk
+from ..archs import Arch, UnsupportedArchError, expand, resolve, weight_nk
 from ..core.defaults import ROTATIONS
 from ..core.record import record
 from ..core.validate import check_choice, check_model
+from ..runtime.hadamard import hadamard, hadamard_matrix
 
 KINDS = ROTATIONS
-
-
-def _is_prime(q: int) -> bool:
-    return q > 1 and all(q % d for d in range(2, math.isqrt(q) + 1))
-
-
-def _jacobsthal(q: int) -> torch.Tensor:
-    """Q[i, j] = legendre(j - i) over GF(q), q prime."""
-    squares = {(i * i) % q for i in range(1, q)}
-    chi = [0] + [1 if a in squares else -1 for a in range(1, q)]
-    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
-    return torch.tensor(chi, dtype=torch.float64)[idx]
-
-
-def _paley(order: int) -> torch.Tensor | None:
-    """A Hadamard matrix of `order` from Paley's constructions, or None."""
-    q = order - 1
-    if _is_prime(q) and q % 4 == 3:  # Paley I: order q + 1
-        h = torch.ones(order, order, dtype=torch.float64)
-        h[1:, 1:] = _jacobsthal(q) + torch.eye(q, dtype=torch.float64)
-        h[1:, 0] = -1
-        return h
-    q = order // 2 - 1
-    if order % 2 == 0 and _is_prime(q) and q % 4 == 1:  # Paley II: order 2 (q + 1)
-        c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-        c[0, 1:] = c[1:, 0] = 1
-        c[1:, 1:] = _jacobsthal(q)
-        a = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-        b = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-        return torch.kron(c, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
-    return None
-
-
-@lru_cache(maxsize=32)
-def _hadamard(n: int) -> torch.Tensor | None:
-    """An unnormalized n x n Hadamard matrix (entries +-1), or None if none is constructed."""
-    if n == 1:
-        return torch.ones(1, 1, dtype=torch.float64)
-    if n % 2 == 0 and (half := _hadamard(n // 2)) is not None:  # Sylvester doubling
-        return torch.cat([torch.cat([half, half], 1), torch.cat([half, -half], 1)], 0)
-    for m in range(4, n + 1, 4):  # a Paley factor m times a smaller Hadamard matrix
-        if n % m == 0 and (p := _paley(m)) is not None and (rest := _hadamard(n // m)) is not None:
-            return torch.kron(p, rest)
-    return None
-
-
-def hadamard_matrix(n: int) -> torch.Tensor | None:
-    """Orthogonal n x n Hadamard matrix H / sqrt(n) in float64, or None if n has no construction here."""
-    h = _hadamard(n)
-    return None if h is None else h / math.sqrt(n)
 
 
 def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> torch.Tensor:
@@ -117,7 +67,7 @@ def _sylvester_signs(rot: torch.Tensor) -> torch.Tensor | None:
     if n < 64 or n & (n - 1) or rot.dtype != torch.float64:
         return None
     signs = torch.sign(rot[:, 0])
-    if not torch.equal(rot * signs[:, None] * math.sqrt(n), _hadamard(n).to(rot.device)):
+    if not torch.equal(rot * signs[:, None] * math.sqrt(n), hadamard(n).to(rot.device)):
         return None
     return signs
 
@@ -128,7 +78,7 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     H_a X H_b: two small matrix products, 2 (a + b) instead of n multiply-adds per element."""
     n = x.shape[-1]
     a = 1 << (n.bit_length() - 1) // 2
-    h_a, h_b = _hadamard(a).to(x), _hadamard(n // a).to(x)
+    h_a, h_b = hadamard(a).to(x), hadamard(n // a).to(x)
     return (h_a @ x.reshape(-1, a, n // a) @ h_b).reshape(x.shape)
 
 
@@ -187,7 +137,7 @@ def rotate_block(res, prefix: str, block: nn.Module, rot: torch.Tensor) -> None:
         if group.prev.startswith(prefix + ".") and not group.option:
             _fold_norm(res.modules[group.prev], [res.modules[n] for n in group.linears], rot, offset)
     for pattern in spec.writers:
-        for rel in _expand(block, pattern):
+        for rel in expand(block, pattern):
             lin = block.get_submodule(rel)
             w = weight_nk(lin)
             times_rotation(w.T, rot, out=w.T)  # R^T W = (W^T R)^T, in place

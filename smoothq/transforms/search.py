@@ -22,7 +22,7 @@ gets its own alpha from a grid, chosen block by block on calibration tokens:
 Everything is deterministic: the first `samples` calibration sequences are used, ties go to the
 first grid point. The model itself is not modified: apply the result with `smooth(model, stats,
 alphas=result.alphas, options=...)` and `result.clip_stats(smoothed_stats)` (what `auto_smooth`
-does).
+does). What it searches (`SearchConfig`, the alpha `GRID`) is part of the recipe (core/recipe.py).
 """
 
 from __future__ import annotations
@@ -37,59 +37,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..archs import Arch, ResolvedGroup, check_options, resolve, weight_nk
-from .calibrate import ActStats, _as_batches
-from ..core.schemes import QuantScheme, check_alpha, get_scheme
+from ..archs import Arch, ResolvedGroup, resolve, weight_nk
+from ..core.forward import as_batches
+from ..core.perplexity import perplexity
+from ..core.recipe import GRID, SearchConfig
+from ..core.schemes import QuantScheme, get_scheme
 from ..core.quant import QMAX, absmax_to_scale, quantize_weight
 from ..core.record import record
 from ..runtime.sink import quantize_with_sinks
-from .smooth import apply_group, group_scales
-
-GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
-# Clipping ratios of the static scale (fraction of the calibrated abs-max), coarse to fine: the
-# massive activations of Llama-family down_proj inputs sit 100-1000x above the typical token.
-CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """What `search_alpha` searches and on how much data."""
-
-    grid: tuple[float, ...] = GRID  # candidate alphas; a single value = fixed alpha (clipping only)
-    blockwise: bool = False  # one alpha per decoder block (all its groups) instead of one per group
-    options: tuple[str, ...] = ()  # optional smoothing groups (archs.OPTIONS)
-    clip: str | None = None  # None | "mse" | "percentile" (static schemes only)
-    clip_percentile: float = 99.9  # for clip="percentile": of the per-token abs-max
-    clip_ratios: tuple[float, ...] = CLIP_RATIOS
-    samples: int = 16  # calibration sequences used by the search (the first ones)
-    batch_size: int = 4
-    init_alpha: float = 0.5  # alpha of groups not searched yet
-    loss: str = "mse"  # "mse" | "nmse" (per-token error normalized by the token's output norm)
-    # End-to-end guard: also quantize the whole model with each global alpha of the grid and keep
-    # whichever (per-group result or a global alpha) has the lowest next-token loss on the search
-    # samples, so "auto" never does worse than the best fixed alpha on calibration data.
-    guard: bool = True
-    # The guard's differences between alphas are a few thousandths of a nat per token: it scores
-    # on more sequences than the block search needs (the first `guard_samples` of the calibration set).
-    guard_samples: int = 16
-    strategy: str = "grid"  # "grid": every alpha of the grid; "coarse": every other one, then refine
-
-    def __post_init__(self):
-        if not self.grid:
-            raise ValueError("the alpha grid is empty")
-        object.__setattr__(self, "grid", tuple(check_alpha(a) for a in self.grid))
-        object.__setattr__(self, "options", check_options(self.options))
-        if self.clip not in (None, "mse", "percentile"):
-            raise ValueError(f"clip must be None, 'mse' or 'percentile', got {self.clip!r}")
-        if not 0 < self.clip_percentile <= 100:
-            raise ValueError(f"clip_percentile must be in (0, 100], got {self.clip_percentile}")
-        if self.strategy not in ("grid", "coarse"):
-            raise ValueError(f"strategy must be 'grid' or 'coarse', got {self.strategy!r}")
-        if self.loss not in ("mse", "nmse"):
-            raise ValueError(f"loss must be 'mse' or 'nmse', got {self.loss!r}")
-        if self.samples < 1 or self.batch_size < 1 or self.guard_samples < 1:
-            raise ValueError("samples, guard_samples and batch_size must be >= 1")
-        check_alpha(self.init_alpha)
+from .calibrate import ActStats
+from .quantize import quantize
+from .smooth import apply_group, check_not_input_rotated, group_scales, smooth
 
 
 @dataclass
@@ -340,15 +298,13 @@ def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActS
         raise ValueError(f"clipping applies to static activation scales; {scheme.label} computes them per batch")
     if record(model).alpha is not None and len(config.grid) > 1:
         raise RuntimeError("search alpha on the float model (this one is already smoothed)")
-    from .smooth import check_not_input_rotated
-
     check_not_input_rotated(model)
     res = resolve(model, arch, config.options)
     sink_tokens = int(stats.meta.get("sink_tokens", 0))  # calibrate(..., sink_tokens=n) decides
     ids = getattr(calib, "input_ids", calib)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise ValueError("alpha search needs equal-length calibration windows, a LongTensor [N, L]")
-    batches = _as_batches(ids[: config.samples], config.batch_size)
+    batches = as_batches(ids[: config.samples], config.batch_size)
     device = next(model.parameters()).device
     batches = [b.to(device) for b in batches]
     was_training = model.training
@@ -440,10 +396,6 @@ def search_block(block: nn.Module, prefix: str, arch: Arch, groups: list[Resolve
 def _guard(model, stats, ids, scheme, config: SearchConfig, arch, result: SearchResult, progress: bool) -> None:
     """Compare the searched alphas with every global alpha of the grid end to end (next-token loss
     of the whole quantized model on calibration sequences `ids`); switch to the best global one if it wins."""
-    from ..core.perplexity import perplexity
-    from ..runtime.linear import quantize
-    from .smooth import smooth
-
     def nll(alpha: float, alphas: dict | None, clip: dict | None) -> float:
         m = copy.deepcopy(model)
         st = smooth(m, stats, alpha, arch=arch, options=config.options, alphas=alphas)
@@ -553,8 +505,6 @@ def auto_smooth(model: nn.Module, stats: ActStats, calib, scheme: str | QuantSch
     scales if asked). Returns the statistics to quantize with; the search result is kept on the
     model's record as `model.smoothq.search`."""
     result = search_alpha(model, calib, scheme, stats, config, arch=arch, progress=progress)
-    from .smooth import smooth
-
     out = smooth(model, stats, alpha=config.init_alpha, arch=arch, options=config.options, alphas=result.alphas)
     rec = record(model)
     rec.alpha = "auto" if len(config.grid) > 1 else config.grid[0]

@@ -20,12 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..archs import LINEAR_TYPES, Arch, ResolvedGroup, resolve, weight_nk
+from ..archs import LINEAR_TYPES, Arch, ResolvedGroup, arch_for, check_options, resolve, weight_nk
+from ..archs.discover import discover_arch
 from ..archs.folds import fold_into_prev, scale_inputs  # noqa: F401  (smoothq.transforms.smooth.fold_into_prev stays public)
-from .calibrate import ActStats, StatsError, check_stats
+from ..archs.prove import prove_arch
+from .calibrate import ActStats, StatsError, check_stats, check_stats_match
 from ..core.schemes import check_alpha
+from ..core.defaults import DEFAULT_ALPHA
 from ..core.record import record
-from ..core.validate import check_model, check_stats as check_stats_type, check_tensor
+from ..core.validate import check_model, check_tensor
 
 # Magnitudes below this are treated as "this channel carries nothing" (s = 1); it also keeps
 # x^alpha / w^(1-alpha) far from overflow for tiny but nonzero maxima.
@@ -93,13 +96,10 @@ def check_not_input_rotated(model: nn.Module) -> None:
 
 def prove_groups(model: nn.Module, arch: Arch | None = None, options=()):
     """Prove, once per model, that the smoothing groups it will use (the paper's groups and the
-    `options` asked for) fold exactly (archs.discover.prove_arch: random scales folded into a float64
+    `options` asked for) fold exactly (archs.prove.prove_arch: random scales folded into a float64
     copy of the first block of each structure). A wrong table or registered entry raises
     UnsupportedArchError before anything is folded; discovered groups were proven when they were
     found. Returns the report."""
-    from ..archs import arch_for, check_options
-    from ..archs.discover import discover_arch, prove_arch
-
     arch = arch or arch_for(model)
     if arch.discovered:
         return discover_arch(model)
@@ -114,7 +114,7 @@ def prove_groups(model: nn.Module, arch: Arch | None = None, options=()):
 
 
 @torch.no_grad()
-def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | None = None, *,
+def smooth(model: nn.Module, stats: ActStats, alpha: float = DEFAULT_ALPHA, arch: Arch | None = None, *,
            options=(), alphas: dict[str, float] | None = None, prove: bool = True) -> ActStats:
     """Smooth every group of the model in place; return the statistics of the smoothed model
     (inputs of smoothed linears divided by s), which is what static activation scales need.
@@ -127,7 +127,7 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
     prove: fold every group with random scales into a float64 copy of one block first (prove_groups,
     once per model); the layered executor proves on each streamed block itself and passes False."""
     check_model("model", model)
-    check_stats_type("stats", stats)
+    check_stats("stats", stats)
     alpha = check_alpha(alpha)
     rec = record(model)
     if rec.scheme is not None:
@@ -145,7 +145,7 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = 0.5, arch: Arch | N
         prove_groups(model, arch, options)
     res = resolve(model, arch, options)
     # the statistics must be this model's; non-finite maxima would make NaN scales folded into the weights
-    check_stats(stats, res, sorted({n for g in res.groups for n in g.linears}), static=False, use="smooth",
+    check_stats_match(stats, res, sorted({n for g in res.groups for n in g.linears}), static=False, use="smooth",
                 model=model)
     bad = [n for g in res.groups for n in g.linears if not torch.isfinite(stats[n]).all()]
     if bad:

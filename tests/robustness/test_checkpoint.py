@@ -15,7 +15,7 @@ from tiny import sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq.formats import io
-from smoothq.cli.main import main
+from smoothq.cli.app import main
 from smoothq.formats.io import CheckpointError
 from smoothq.formats.verify import verify
 

@@ -6,9 +6,9 @@ import re
 
 from conftest import QUICK
 
-from smoothq.cli import main as cli
+from smoothq.cli import app as cli
 from smoothq.pipeline import preflight
-from smoothq.cli.main import OUTPUTS, build_parser, main, subparser
+from smoothq.cli.app import OUTPUTS, build_parser, main, subparser
 
 WRITES = re.compile(r"^(also |directory to )?(write|save)\b", re.I)  # the help of an option that writes a path
 

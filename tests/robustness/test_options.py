@@ -21,8 +21,8 @@ from conftest import QUICK
 from tiny import tiny_model
 
 import smoothq as sq
-from smoothq.cli import main as cli
-from smoothq.cli.main import OUTPUTS, build_parser, subparsers
+from smoothq.cli import app as cli
+from smoothq.cli.app import OUTPUTS, build_parser, subparsers
 
 ARGPARSE_ERROR = re.compile(r"^smoothq \S+: error: ")
 
@@ -74,6 +74,7 @@ def bad_values(kind: str, action: argparse.Action, places: dict) -> list[str]:
         "configs": ["not-a-config", "", ","],
         "prefill": ["abc", "0x512", "1x0", ""],
         "batch sizes": ["abc", "0", ""],
+        "presets": ["not-a-preset", "best-w8a8,bogus", "best-o3,best-o3", "", ","],
     }
     if kind == "int":
         return ["abc", "1.5", "", str(t.minimum - 1)] + (["-1"] if t.minimum - 1 != -1 else [])
@@ -156,7 +157,6 @@ def no_work(monkeypatch):
     def loaded(*args, **kwargs):
         raise Loaded("a model was loaded (or calibrated) before the refusal")
 
-    # the modules themselves (smoothq.transforms.calibrate is also the function of that name on the package)
     import pkgutil
 
     import smoothq
@@ -170,8 +170,8 @@ def no_work(monkeypatch):
             importlib.import_module(info.name)
         except ImportError:  # an optional extra (vLLM) that is not installed
             pass
-    for module, name in [("models", "load_model"), ("io", "load"), ("calibrate", "calibrate"), ("pipeline", "run"),
-                         ("bench", "bench"), ("archs.tiny", "tiny_model")]:
+    for module, name in [("core.models", "load_model"), ("formats.io", "load"), ("transforms.calibrate", "calibrate"),
+                         ("pipeline.run", "run"), ("evaluation.bench", "bench"), ("archs.tiny", "tiny_model")]:
         monkeypatch.setattr(importlib.import_module(f"smoothq.{module}"), name, loaded)
         if smoothq._PUBLIC.get(name) == module:
             # the package caches a public name on first use (PEP 562): patch (and so restore) it there

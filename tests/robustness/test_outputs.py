@@ -17,7 +17,7 @@ from tiny import sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq.formats import io
-from smoothq.cli.main import main
+from smoothq.cli.app import main
 from smoothq.formats.io import OutputError
 
 
@@ -56,7 +56,7 @@ def test_real_full_disk_on_save_is_one_clear_error_and_leaves_nothing(tmpfs):
 
 def test_real_full_disk_through_the_cli_exits_2_and_leaves_nothing(capsys, model_src, tmpfs, monkeypatch, small_text):
     """The same with the preflight's space check switched off, so the write itself hits the full disk."""
-    from smoothq.pipeline.run import preflight
+    from smoothq.pipeline import preflight
     disk = tmpfs(128)
     monkeypatch.setattr(preflight, "check_disk", lambda *a, **k: None)
     rc, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "--save-dtype", "float32",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import QUICK
 
-from smoothq.cli import main as cli
-from smoothq.cli.main import main
+from smoothq.cli import app as cli
+from smoothq.cli.app import main
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
