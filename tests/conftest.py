@@ -41,13 +41,16 @@ def int8_cpu(monkeypatch):
     import torch
 
     from smoothq.runtime import backends
+
     monkeypatch.setenv("SMOOTHQ_CPU_INT8", "1")
     backends.cpu_int8_accelerated.cache_clear()
     if hasattr(torch.ops.onednn, "qlinear_pointwise"):
         from smoothq.runtime.cpu_fast import onednn_sums_exact
 
         if not onednn_sums_exact():
-            pytest.skip("oneDNN's int8 GEMM gives wrong sums on this CPU (no int8 dot-product instructions): "
-                        "optimize_for_cpu refuses here")
+            pytest.skip(
+                "oneDNN's int8 GEMM gives wrong sums on this CPU (no int8 dot-product instructions): "
+                "optimize_for_cpu refuses here"
+            )
     yield
     backends.cpu_int8_accelerated.cache_clear()

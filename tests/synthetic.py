@@ -21,14 +21,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def llama_config(hidden: int = 2048, intermediate: int = 5632, layers: int = 24, heads: int = 32, kv_heads: int = 4,
-                 vocab: int = 32000):
+def llama_config(
+    hidden: int = 2048,
+    intermediate: int = 5632,
+    layers: int = 24,
+    heads: int = 32,
+    kv_heads: int = 4,
+    vocab: int = 32000,
+):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                       max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2)
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def layer_bytes(config, dtype=torch.float16) -> int:
@@ -51,14 +66,20 @@ def config_for(size_bytes: float, hidden: int = 2048, intermediate: int = 5632, 
 
 
 @torch.no_grad()
-def write_checkpoint(folder: str | Path, config, dtype=torch.float16, max_shard_bytes: int = 512 * 1024**2,
-                     seed: int = 0, outliers: float = 8.0) -> Path:
+def write_checkpoint(
+    folder: str | Path,
+    config,
+    dtype=torch.float16,
+    max_shard_bytes: int = 512 * 1024**2,
+    seed: int = 0,
+    outliers: float = 8.0,
+) -> Path:
     """Random weights for `config` as sharded safetensors (+ config.json), one tensor at a time.
     Norm weights get a few large channels, so activations have the outliers SmoothQuant is for."""
     from transformers import AutoModelForCausalLM
 
-    from smoothq.pipeline.layered import empty_weights
     from smoothq.formats.stream import ShardWriter
+    from smoothq.pipeline.layered import empty_weights
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -120,8 +141,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     layers = config["num_hidden_layers"]
     if args.preset:
-        recipe = sq.Recipe.preset(args.preset).override({
-            "calibration.samples": args.samples, "calibration.seqlen": args.seqlen, "propagation": args.propagation})
+        recipe = sq.Recipe.preset(args.preset).override(
+            {"calibration.samples": args.samples, "calibration.seqlen": args.seqlen, "propagation": args.propagation}
+        )
         if args.mode == "sequential":
             sq.run(args.src, recipe, ids, output=args.out, executor="layered", progress=False)
         else:
@@ -139,8 +161,17 @@ def main(argv=None) -> int:
         sq.quantize(model, args.scheme, stats)
         sq.save(model, args.out)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"peak_rss": peak_rss(), "import_rss": baseline, "seconds": seconds, "layers": layers,
-                      "seconds_per_layer": seconds / layers}))
+    print(
+        json.dumps(
+            {
+                "peak_rss": peak_rss(),
+                "import_rss": baseline,
+                "seconds": seconds,
+                "layers": layers,
+                "seconds_per_layer": seconds / layers,
+            }
+        )
+    )
     return 0
 
 

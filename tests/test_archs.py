@@ -87,9 +87,13 @@ def test_unknown_architecture_is_discovered_with_the_llama_groups():
 def test_custom_mapping_passed_as_arch_works_for_unknown_model():
     model = tiny_model("llama")
     model.config.model_type = "my_new_llm"
-    arch = Arch(layers="model.layers", groups=(
-        Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))))
+    arch = Arch(
+        layers="model.layers",
+        groups=(
+            Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+    )
     ids = sample_ids()
     with torch.no_grad():
         ref = model(ids).logits
@@ -128,8 +132,11 @@ def test_fold_into_previous_linear_is_exact_for_opt_v_to_out_and_fc1_to_fc2():
     """OPT: V's output channels pass through attention unmixed (MHA), and ReLU commutes with
     positive per-channel scaling, so v_proj->out_proj and fc1->fc2 can be smoothed exactly."""
     model = tiny_model("opt")
-    arch = Arch(layers="model.decoder.layers", groups=(
-        Group("self_attn.v_proj", ("self_attn.out_proj",)), Group("fc1", ("fc2",))), name="opt-extra")
+    arch = Arch(
+        layers="model.decoder.layers",
+        groups=(Group("self_attn.v_proj", ("self_attn.out_proj",)), Group("fc1", ("fc2",))),
+        name="opt-extra",
+    )
     ids = sample_ids()
     with torch.no_grad():
         ref = model(ids).logits

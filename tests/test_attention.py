@@ -7,8 +7,8 @@ import torch
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq.runtime import attention as A
 from smoothq.archs import UnsupportedArchError
+from smoothq.runtime import attention as A
 
 
 def _logits(model, ids, **kw):
@@ -58,8 +58,14 @@ def test_qkv_and_probabilities_are_on_the_int8_grid():
     try:
         with torch.no_grad():
             cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(16)[None])
-            A.int8_attention(attn, torch.randn(1, 4, 16, 16), torch.randn(1, 2, 16, 16), torch.randn(1, 2, 16, 16),
-                             None, scaling=0.25)
+            A.int8_attention(
+                attn,
+                torch.randn(1, 4, 16, 16),
+                torch.randn(1, 2, 16, 16),
+                torch.randn(1, 2, 16, 16),
+                None,
+                scaling=0.25,
+            )
     finally:
         torch.Tensor.__matmul__ = orig
     (q, kt), (p, v) = seen["ops"]

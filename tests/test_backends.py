@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import smoothq as sq
-from smoothq.runtime import backends
 from smoothq.core.quant import quantize_activation
+from smoothq.runtime import backends
 
 CPU_INT8 = [b.name for b in backends._BACKENDS.values() if b.real_int8 and b.runs_on("cpu")]
 SHAPES = [(1, 8, 5), (3, 13, 16), (17, 64, 33), (64, 40, 8)]  # M=1, odd M, K/N not multiples of 8
@@ -98,17 +98,19 @@ def test_torch_backend_on_cuda_pads_small_m_and_falls_back_on_odd_shapes(m, k, n
     x_q, w_q = operands(m, k, n)
     x_scale, w_scale = torch.rand(m, 1) / 100, torch.rand(n, 1) / 100
     ref = backends.emulated_linear(x_q, x_scale, w_q, w_scale, None, torch.float32)
-    out = backends.get_backend("torch", "cuda").linear(x_q.cuda(), x_scale.cuda(), w_q.cuda(), w_scale.cuda(), None,
-                                                       torch.float32)
+    out = backends.get_backend("torch", "cuda").linear(
+        x_q.cuda(), x_scale.cuda(), w_q.cuda(), w_scale.cuda(), None, torch.float32
+    )
     assert torch.allclose(out.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_the_fast_path_refuses_a_cpu_whose_int8_sums_are_wrong(monkeypatch):
     """Checked, not assumed: where oneDNN's u8 x s8 GEMM does not return the exact sums (AVX2 without
     VNNI saturates 16-bit pair sums), optimize_for_cpu refuses even when SMOOTHQ_CPU_INT8=1 forces it."""
+    from tiny import tiny_model
+
     import smoothq as sq
     from smoothq.runtime import backends, cpu_fast
-    from tiny import tiny_model
 
     if not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         pytest.skip("this torch build has no oneDNN int8 linear ops")

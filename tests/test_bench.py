@@ -8,20 +8,23 @@ import json
 import pytest
 import torch
 
-from smoothq.evaluation.bench import BenchError, BenchSpec, bench, parse_prefill, run_config, speedups, weight_bytes
 from smoothq.cli.app import main
+from smoothq.evaluation.bench import BenchError, BenchSpec, bench, parse_prefill, run_config, speedups, weight_bytes
 
 pytestmark = pytest.mark.usefixtures("int8_cpu")
 TINY = dict(prefill=((1, 16), (2, 8)), decode=(1, 2), prompt=8, new_tokens=3, repeats=2)
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    (BenchSpec("random:tiny", configs=("fp16",)), "unknown configuration"),
-    (BenchSpec("random:tiny", configs=()), "unknown configuration"),
-    (BenchSpec("random:huge"), "unknown random shape"),
-    (BenchSpec("random:tiny", repeats=0), "must be >= 1"),
-    (BenchSpec("random:tiny", prefill=((0, 16),)), "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (BenchSpec("random:tiny", configs=("fp16",)), "unknown configuration"),
+        (BenchSpec("random:tiny", configs=()), "unknown configuration"),
+        (BenchSpec("random:huge"), "unknown random shape"),
+        (BenchSpec("random:tiny", repeats=0), "must be >= 1"),
+        (BenchSpec("random:tiny", prefill=((0, 16),)), "must be >= 1"),
+    ],
+)
 def test_bad_specs_are_refused(spec, message):
     with pytest.raises(BenchError, match=message):
         bench(spec, progress=False, isolate=False)
@@ -64,8 +67,29 @@ def test_o3_calibrates_and_int8_embeddings_shrink_the_model():
 
 def test_cli_runs_each_config_in_a_child_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["-q", "bench", "random:tiny", "--configs", "bf16,w8a8", "--prefill", "1x16", "--decode", "1",
-               "--prompt", "8", "--new-tokens", "2", "--repeats", "1", "--threads", "1", "--json", str(out)])
+    rc = main(
+        [
+            "-q",
+            "bench",
+            "random:tiny",
+            "--configs",
+            "bf16,w8a8",
+            "--prefill",
+            "1x16",
+            "--decode",
+            "1",
+            "--prompt",
+            "8",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| config |" in printed and "| w8a8 |" in printed and "1 threads" in printed
@@ -85,8 +109,9 @@ def test_cli_bad_options_exit_2_with_the_reason(capsys):
 
 
 def test_a_quantized_checkpoint_benches_its_own_scheme(tmp_path):
-    import smoothq as sq
     from tiny import tiny_model
+
+    import smoothq as sq
 
     model = tiny_model("llama")
     sq.quantize(model, "W8A8", backend="emulated")
@@ -94,15 +119,18 @@ def test_a_quantized_checkpoint_benches_its_own_scheme(tmp_path):
     with pytest.raises(BenchError, match="holds a W8A8 model"):
         run_config(BenchSpec(str(tmp_path / "ckpt"), configs=("o3",), **TINY), "o3", progress=False)
     small = dict(TINY, prefill=((1, 8),), decode=(1,))
-    r = {c: run_config(BenchSpec(str(tmp_path / "ckpt"), configs=("bf16", "w8a8"), **small), c, progress=False)
-         for c in ("bf16", "w8a8")}
+    r = {
+        c: run_config(BenchSpec(str(tmp_path / "ckpt"), configs=("bf16", "w8a8"), **small), c, progress=False)
+        for c in ("bf16", "w8a8")
+    }
     assert r["w8a8"].weight_bytes < r["bf16"].weight_bytes
 
 
 def test_weight_bytes_of_the_fast_path_count_every_int8_weight_once():
+    from tiny import tiny_model
+
     import smoothq as sq
     from smoothq.runtime.cpu_fast import optimize_for_cpu
-    from tiny import tiny_model
 
     model = tiny_model("llama")
     sq.quantize(model, "W8A8", backend="emulated")

@@ -14,8 +14,10 @@ def brute_force_absmax(model, ids):
     from smoothq.archs.moe import all_experts
 
     seen = {}
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: seen.setdefault(n, []).append(inp[0].detach()))
-               for n, m in resolve(model).observed().items()]
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: seen.setdefault(n, []).append(inp[0].detach()))
+        for n, m in resolve(model).observed().items()
+    ]
     with torch.no_grad(), all_experts(model):
         model(ids)
     for h in handles:
@@ -81,6 +83,7 @@ def test_unrouted_experts_get_statistics_of_their_own_and_the_routing_is_counted
     import warnings
 
     model = tiny_model("mixtral")
+
     def route_to_experts_0_and_1(_router, _inputs, out):
         logits, scores, indices = out
         return logits, scores, torch.stack([torch.zeros_like(indices[:, 0]), torch.ones_like(indices[:, 1])], 1)

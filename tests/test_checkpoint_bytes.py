@@ -32,15 +32,21 @@ RECORD = os.environ.get("SMOOTHQ_RECORD_GOLDEN") == "1"
 # name -> (model builder, recipe, executor)
 CASES = {
     "llama-w8a8-smoothq": (lambda: tiny_model("llama"), {"scheme": "W8A8", "smoothing": {"alpha": 0.5}}, "in-memory"),
-    "gpt2-o3-ct": (lambda: tiny_model("gpt2"), {"scheme": "O3", "output": {"format": "compressed-tensors"}},
-                   "in-memory"),
+    "gpt2-o3-ct": (
+        lambda: tiny_model("gpt2"),
+        {"scheme": "O3", "output": {"format": "compressed-tensors"}},
+        "in-memory",
+    ),
     "mixtral-w8a8": (lambda: tiny_model("mixtral"), {"scheme": "W8A8", "smoothing": {"alpha": 0.8}}, "in-memory"),
     "falcon-o1": (lambda: tiny_model("falcon-7b"), {"scheme": "O1"}, "in-memory"),
     "opt-o2-naive": (lambda: tiny_model("opt"), {"scheme": "O2", "smoothing": {"alpha": None}}, "in-memory"),
     "llama-best-o3": (lambda: tiny_model("llama"), "best-o3", "in-memory"),
     "llama-best-w8a8": (lambda: tiny_model("llama"), "best-w8a8", "in-memory"),
-    "afmoe-discovered-o3": (lambda: any_tiny_model("afmoe"), {"scheme": "O3", "smoothing": {"extra": ["attn_vo"]}},
-                            "in-memory"),
+    "afmoe-discovered-o3": (
+        lambda: any_tiny_model("afmoe"),
+        {"scheme": "O3", "smoothing": {"extra": ["attn_vo"]}},
+        "in-memory",
+    ),
     "llama-o3-layered": (lambda: tiny_model("llama"), {"scheme": "O3", "smoothing": {"alpha": 0.5}}, "layered"),
     "mixtral-w8a8-layered": (lambda: tiny_model("mixtral"), {"scheme": "W8A8"}, "layered"),
 }

@@ -23,8 +23,23 @@ QUICK = ["--seqlen", "64", "--max-windows", "2", "--samples", "4", "--calib-seql
 
 def test_compare_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    rc = main(["compare", str(model_dir), *QUICK, "--schemes", "W8A8,O3", "--alphas", "0.5", "--presets", "serve-w8a8",
-               "--lambada", "0", "--json", str(out)])
+    rc = main(
+        [
+            "compare",
+            str(model_dir),
+            *QUICK,
+            "--schemes",
+            "W8A8,O3",
+            "--alphas",
+            "0.5",
+            "--presets",
+            "serve-w8a8",
+            "--lambada",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     table = captured.out
@@ -34,8 +49,13 @@ def test_compare_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
     assert "a different text than the evaluated one" in captured.err
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["scheme"], r["alpha"]) for r in rows] == [
-        ("fp32", "none", None), ("naive", "W8A8", None), ("naive", "O3", None),
-        ("smoothquant", "W8A8", 0.5), ("smoothquant", "O3", 0.5), ("preset", "W8A8", 0.65)]
+        ("fp32", "none", None),
+        ("naive", "W8A8", None),
+        ("naive", "O3", None),
+        ("smoothquant", "W8A8", 0.5),
+        ("smoothquant", "O3", 0.5),
+        ("preset", "W8A8", 0.65),
+    ]
     assert rows[-1]["preset"] == "serve-w8a8" and "| serve-w8a8 | W8A8 | 0.65 |" in table
     assert all(r["ppl"] > 1 and r["lambada"] is None for r in rows)
 
@@ -43,22 +63,77 @@ def test_compare_prints_the_table_and_writes_json(model_dir, tmp_path, capsys):
 def test_compare_refuses_a_tokenizer_beyond_the_models_vocabulary(model_dir, capsys):
     """The tiny model embeds 256 ids; its byte-level tokenizer has 259 (3 specials on top of the 256
     bytes), and LAMBADA's text holds bytes the evaluation windows do not: one error line, exit 2."""
-    rc = main(["compare", str(model_dir), *QUICK, "--schemes", "W8A8", "--alphas", "0.5", "--presets", "none",
-               "--lambada", "500"])
+    rc = main(
+        [
+            "compare",
+            str(model_dir),
+            *QUICK,
+            "--schemes",
+            "W8A8",
+            "--alphas",
+            "0.5",
+            "--presets",
+            "none",
+            "--lambada",
+            "500",
+        ]
+    )
     err = capsys.readouterr().err
-    assert rc == 2 and "but the model's vocabulary has 256 entries: pass the tokenizer that belongs to this model" in err
+    assert (
+        rc == 2 and "but the model's vocabulary has 256 entries: pass the tokenizer that belongs to this model" in err
+    )
 
 
 def test_compare_says_when_calibration_shares_the_evaluated_text(model_dir, capsys):
-    assert main(["compare", str(model_dir), *QUICK, "--calib", "wikitext2", "--schemes", "W8A8", "--alphas", "0.5",
-                 "--presets", "none", "--lambada", "0"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(model_dir),
+                *QUICK,
+                "--calib",
+                "wikitext2",
+                "--schemes",
+                "W8A8",
+                "--alphas",
+                "0.5",
+                "--presets",
+                "none",
+                "--lambada",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "after the evaluated tokens, disjoint from them" in capsys.readouterr().err
 
 
 def test_quantize_saves_a_checkpoint_that_eval_and_generate_run(model_dir, tmp_path, capsys):
     out = tmp_path / "o3"
-    assert main(["quantize", str(model_dir), "--alpha", "0.6", "--scheme", "O3", "--samples", "4",
-                 "--calib-seqlen", "64", "-o", str(out), "--eval", "--seqlen", "64", "--max-windows", "2"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(model_dir),
+                "--alpha",
+                "0.6",
+                "--scheme",
+                "O3",
+                "--samples",
+                "4",
+                "--calib-seqlen",
+                "64",
+                "-o",
+                str(out),
+                "--eval",
+                "--seqlen",
+                "64",
+                "--max-windows",
+                "2",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "smoothq"
@@ -78,8 +153,26 @@ def test_quantize_saves_a_checkpoint_that_eval_and_generate_run(model_dir, tmp_p
 
 
 def test_o2_export_to_compressed_tensors_is_refused(model_dir, tmp_path, capsys):
-    assert main(["-q", "quantize", str(model_dir), "--scheme", "O2", "--samples", "2", "--calib-seqlen", "32",
-                 "--format", "compressed-tensors", "-o", str(tmp_path / "o2")]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "quantize",
+                str(model_dir),
+                "--scheme",
+                "O2",
+                "--samples",
+                "2",
+                "--calib-seqlen",
+                "32",
+                "--format",
+                "compressed-tensors",
+                "-o",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )
     assert "no INT8 scheme" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
@@ -117,8 +210,25 @@ def _table(out: str) -> list[list[str]]:
 
 def test_eval_runs_several_tasks_into_one_table(model_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", str(model_dir), "--task", "wikitext2,lambada", "--limit", "5", "--max-windows", "2",
-                 "--seqlen", "64", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(model_dir),
+                "--task",
+                "wikitext2,lambada",
+                "--limit",
+                "5",
+                "--max-windows",
+                "2",
+                "--seqlen",
+                "64",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     header, rule, ppl_row, lambada_row = _table(captured.out)
     assert header == ["model", "scheme", "task", "bos", "seqlen", "windows/examples", "metric", "value"]
@@ -127,7 +237,9 @@ def test_eval_runs_several_tasks_into_one_table(model_dir, tmp_path, capsys):
     assert "bos=stream" in captured.err  # the evaluation line names the protocol too
     rows = json.loads(out.read_text())["rows"]
     assert [(r["task"], r["metric"], r["count"], r["bos"]) for r in rows] == [
-        ("wikitext2", "perplexity", 2, "stream"), ("lambada", "accuracy", 5, "stream")]
+        ("wikitext2", "perplexity", 2, "stream"),
+        ("lambada", "accuracy", 5, "stream"),
+    ]
     assert rows[0]["value"] == pytest.approx(float(ppl_row[7]), abs=1e-3)
 
 
@@ -155,20 +267,77 @@ def test_bos_protocol_reaches_eval_quantize_and_the_checkpoint(bos_model_dir, tm
     stream = _table(capsys.readouterr().out)[-1]
     assert stream[3] == "stream" and stream[7] != auto[7]
     out = tmp_path / "o3"
-    assert main(["quantize", str(bos_model_dir), "--scheme", "O3", "--samples", "4", "--calib-seqlen", "64",
-                 "-o", str(out), "--eval", *quick]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(bos_model_dir),
+                "--scheme",
+                "O3",
+                "--samples",
+                "4",
+                "--calib-seqlen",
+                "64",
+                "-o",
+                str(out),
+                "--eval",
+                *quick,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "calibration: 4 x 64 tokens (+ BOS)" in captured.err and _table(captured.out)[-1][-2] == "window"
     smoothq_cfg = json.loads((out / "config.json").read_text())["smoothq"]
     assert smoothq_cfg["calibration_bos"] == "window" and smoothq_cfg["recipe"]["calibration"]["bos"] == "auto"
-    assert main(["-q", "quantize", str(bos_model_dir), "--scheme", "O3", "--samples", "4", "--calib-seqlen", "64",
-                 "-o", str(tmp_path / "stream"), "--bos", "stream"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "quantize",
+                str(bos_model_dir),
+                "--scheme",
+                "O3",
+                "--samples",
+                "4",
+                "--calib-seqlen",
+                "64",
+                "-o",
+                str(tmp_path / "stream"),
+                "--bos",
+                "stream",
+            ]
+        )
+        == 0
+    )
     smoothq_cfg = json.loads((tmp_path / "stream" / "config.json").read_text())["smoothq"]
     assert smoothq_cfg["calibration_bos"] == "stream" and smoothq_cfg["recipe"]["calibration"]["bos"] == "stream"
     json_out = tmp_path / "rows.json"
-    assert main(["-q", "compare", str(bos_model_dir), *quick, "--samples", "4", "--calib-seqlen", "64",
-                 "--schemes", "W8A8", "--alphas", "0.5", "--presets", "none", "--lambada", "0",
-                 "--json", str(json_out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "compare",
+                str(bos_model_dir),
+                *quick,
+                "--samples",
+                "4",
+                "--calib-seqlen",
+                "64",
+                "--schemes",
+                "W8A8",
+                "--alphas",
+                "0.5",
+                "--presets",
+                "none",
+                "--lambada",
+                "0",
+                "--json",
+                str(json_out),
+            ]
+        )
+        == 0
+    )
     assert "bos=window (calibration bos=window)" in capsys.readouterr().out
     saved = json.loads(json_out.read_text())
     assert saved["bos"] == saved["calibration_bos"] == "window"

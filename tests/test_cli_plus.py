@@ -17,7 +17,7 @@ def model_dir(tmp_path_factory, data_dir):
     d = tmp_path_factory.mktemp("tiny-llama-plus")
     tiny_model("llama").save_pretrained(d)
     tok = tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000])
-    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}")
+    tok.chat_template = "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
     tok.save_pretrained(d)
     return d
 
@@ -27,31 +27,69 @@ def _ppl(out: str) -> float:
 
 
 def test_quantize_with_auto_alpha_extra_groups_clipping_and_int8_attention(model_dir, capsys):
-    assert main(["quantize", str(model_dir), "--alpha", "auto", "--scheme", "O3", "--smooth-extra", "all",
-                 "--clip", "mse", "--int8-attention", "per-head", "--eval", *QUICK]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(model_dir),
+                "--alpha",
+                "auto",
+                "--scheme",
+                "O3",
+                "--smooth-extra",
+                "all",
+                "--clip",
+                "mse",
+                "--int8-attention",
+                "per-head",
+                "--eval",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "alpha search:" in captured.err and "'groups': 8" in captured.err
     assert "| O3 | auto |" in captured.out and _ppl(captured.out) > 1
 
 
 def test_int8_attention_is_refused_with_a_checkpoint(model_dir, tmp_path, capsys):
-    assert main(["-q", "quantize", str(model_dir), "--int8-attention", "per-head", "-o", str(tmp_path / "x"),
-                 *QUICK]) == 2
+    assert (
+        main(["-q", "quantize", str(model_dir), "--int8-attention", "per-head", "-o", str(tmp_path / "x"), *QUICK]) == 2
+    )
     assert "not saved in checkpoints" in capsys.readouterr().err
 
 
 def test_compare_accepts_auto_and_extra_groups(model_dir, tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert main(["-q", "compare", str(model_dir), *QUICK, *GRID, "--schemes", "W8A8", "--alphas", "0.5,auto",
-                 "--smooth-extra", "attn_vo,mlp_updown", "--no-guard", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "compare",
+                str(model_dir),
+                *QUICK,
+                *GRID,
+                "--schemes",
+                "W8A8",
+                "--alphas",
+                "0.5,auto",
+                "--smooth-extra",
+                "attn_vo,mlp_updown",
+                "--no-guard",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "| smoothquant | W8A8 | auto |" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
     assert [r["alpha"] for r in rows if r["method"] == "smoothquant"] == [0.5, "auto"]
 
 
 def test_chat_formatted_and_mixed_calibration(model_dir, capsys):
-    assert main(["quantize", str(model_dir), "--calib", "wikitext2-train+c4", "--chat-calib", "--eval",
-                 *QUICK]) == 0
+    assert main(["quantize", str(model_dir), "--calib", "wikitext2-train+c4", "--chat-calib", "--eval", *QUICK]) == 0
     err = capsys.readouterr().err
     assert "2 from wikitext2-train" in err and "2 from c4" in err and "chat-formatted" in err
 
@@ -63,8 +101,26 @@ def test_bad_alpha_is_rejected(model_dir, capsys):
 
 def test_quantize_rotated_saves_a_checkpoint_that_reloads_with_the_same_perplexity(model_dir, tmp_path, capsys):
     out = tmp_path / "rot"
-    assert main(["quantize", str(model_dir), "--rotate", "--scheme", "O3", "--alpha", "0.5", "--eval",
-                 "--format", "compressed-tensors", "-o", str(out), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(model_dir),
+                "--rotate",
+                "--scheme",
+                "O3",
+                "--alpha",
+                "0.5",
+                "--eval",
+                "--format",
+                "compressed-tensors",
+                "-o",
+                str(out),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "rotated the residual stream" in captured.err
     config = json.loads((out / "config.json").read_text())
@@ -95,20 +151,78 @@ def test_rotation_is_refused_where_it_cannot_be_exact(tmp_path, data_dir, capsys
 
 def test_quantize_with_sink_tokens_saves_them_and_refuses_what_cannot_carry_them(model_dir, tmp_path, capsys):
     out = tmp_path / "sink"
-    assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "1", "--scheme", "O3", "--alpha", "0.5",
-                 "--eval", "-o", str(out), "--save-dtype", "float32", *QUICK]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "quantize",
+                str(model_dir),
+                "--sink-tokens",
+                "1",
+                "--scheme",
+                "O3",
+                "--alpha",
+                "0.5",
+                "--eval",
+                "-o",
+                str(out),
+                "--save-dtype",
+                "float32",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     quantized = _ppl(capsys.readouterr().out)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["sink_tokens"] == 1
     assert main(["-q", "eval", str(out), "--seqlen", "64", "--max-windows", "2"]) == 0
     assert _ppl(capsys.readouterr().out) == pytest.approx(quantized, rel=1e-5)
     ct = tmp_path / "ct"
-    assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "1", "--scheme", "O3", "--format",
-                 "compressed-tensors", "-o", str(ct), *QUICK]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "quantize",
+                str(model_dir),
+                "--sink-tokens",
+                "1",
+                "--scheme",
+                "O3",
+                "--format",
+                "compressed-tensors",
+                "-o",
+                str(ct),
+                *QUICK,
+            ]
+        )
+        == 2
+    )
     assert "no field for that" in capsys.readouterr().err and not ct.exists()
     # the layered executor runs the same recipe layer by layer: the same checkpoint
-    assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "1", "--scheme", "O3", "--alpha", "0.5",
-                 "--sequential", "--propagate", "float", "-o", str(tmp_path / "s"), "--save-dtype", "float32",
-                 *QUICK]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "quantize",
+                str(model_dir),
+                "--sink-tokens",
+                "1",
+                "--scheme",
+                "O3",
+                "--alpha",
+                "0.5",
+                "--sequential",
+                "--propagate",
+                "float",
+                "-o",
+                str(tmp_path / "s"),
+                "--save-dtype",
+                "float32",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     _assert_same_tensors(out, tmp_path / "s")
     assert main(["-q", "quantize", str(model_dir), "--sink-tokens", "64", *QUICK]) == 2
     assert "leaves no calibration tokens" in capsys.readouterr().err
@@ -116,8 +230,28 @@ def test_quantize_with_sink_tokens_saves_them_and_refuses_what_cannot_carry_them
 
 def test_quantize_with_rotated_inputs_saves_them_in_both_formats(model_dir, tmp_path, capsys):
     out = tmp_path / "rot"
-    assert main(["quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
-                 "--alpha", "0.5", "--eval", "-o", str(out), "--save-dtype", "float32", *QUICK]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(model_dir),
+                "--rotate-inputs",
+                "--smooth-extra",
+                "all",
+                "--scheme",
+                "O3",
+                "--alpha",
+                "0.5",
+                "--eval",
+                "-o",
+                str(out),
+                "--save-dtype",
+                "float32",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "rotated the inputs of 2 down projections online and recalibrated them" in captured.err
     quantized = _ppl(captured.out)
@@ -126,21 +260,66 @@ def test_quantize_with_rotated_inputs_saves_them_in_both_formats(model_dir, tmp_
     assert main(["-q", "eval", str(out), "--seqlen", "64", "--max-windows", "2"]) == 0
     assert _ppl(capsys.readouterr().out) == pytest.approx(quantized, rel=1e-5)
     ct = tmp_path / "ct"
-    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
-                 "--alpha", "0.5", "--format", "compressed-tensors", "-o", str(ct), "--save-dtype", "float32",
-                 *QUICK]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "quantize",
+                str(model_dir),
+                "--rotate-inputs",
+                "--smooth-extra",
+                "all",
+                "--scheme",
+                "O3",
+                "--alpha",
+                "0.5",
+                "--format",
+                "compressed-tensors",
+                "-o",
+                str(ct),
+                "--save-dtype",
+                "float32",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     ct_qc = json.loads((ct / "config.json").read_text())["quantization_config"]
     assert ct_qc["transform_config"]["config_groups"]["online_rotation"]["type"] == "random-hadamard"
     capsys.readouterr()
     assert main(["-q", "eval", str(ct), "--seqlen", "64", "--max-windows", "2"]) == 0  # the same model
     assert _ppl(capsys.readouterr().out) == pytest.approx(quantized, rel=1e-5)
-    assert main(["-q", "quantize", str(model_dir), "--rotate-inputs", "--smooth-extra", "all", "--scheme", "O3",
-                 "--alpha", "0.5", "--sequential", "--propagate", "float", "-o", str(tmp_path / "s"),
-                 "--save-dtype", "float32", *QUICK]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "quantize",
+                str(model_dir),
+                "--rotate-inputs",
+                "--smooth-extra",
+                "all",
+                "--scheme",
+                "O3",
+                "--alpha",
+                "0.5",
+                "--sequential",
+                "--propagate",
+                "float",
+                "-o",
+                str(tmp_path / "s"),
+                "--save-dtype",
+                "float32",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     _assert_same_tensors(out, tmp_path / "s")
 
 
 def test_compare_with_rotated_inputs(model_dir, capsys):
-    assert main(["-q", "compare", str(model_dir), *GRID, "--rotate-inputs", "--schemes", "O3", "--alphas", "0.5",
-                 *QUICK]) == 0
+    assert (
+        main(["-q", "compare", str(model_dir), *GRID, "--rotate-inputs", "--schemes", "O3", "--alphas", "0.5", *QUICK])
+        == 0
+    )
     assert "| smoothquant | O3 | 0.5 |" in capsys.readouterr().out

@@ -8,9 +8,28 @@ from smoothq.cli.app import build_parser, main, parse_args, subparser
 from smoothq.cli.quantize import FLAG_FIELDS
 
 # quantize options that are not recipe fields: what to load, where to write, how to evaluate and run
-NOT_RECIPE = {"help", "model", "gguf_file", "dtype", "device", "preset", "recipe", "save_recipe", "output", "force",
-              "eval", "data", "seqlen", "max_windows", "backend", "sequential", "activations", "device_map", "resume",
-              "int8_attention"}
+NOT_RECIPE = {
+    "help",
+    "model",
+    "gguf_file",
+    "dtype",
+    "device",
+    "preset",
+    "recipe",
+    "save_recipe",
+    "output",
+    "force",
+    "eval",
+    "data",
+    "seqlen",
+    "max_windows",
+    "backend",
+    "sequential",
+    "activations",
+    "device_map",
+    "resume",
+    "int8_attention",
+}
 
 
 def recipe_of(*flags):
@@ -53,8 +72,12 @@ def test_every_quantize_option_is_a_recipe_field_or_named_as_not_one():
     assert dests - NOT_RECIPE == set(FLAG_FIELDS), "a new recipe flag: map it to its fields in cli.FLAG_FIELDS"
 
 
-@pytest.mark.parametrize("argv, typed", [(["quantize", "m", "--alpha", "0.8"], {"alpha"}),
-                                          (["-q", "inspect", "m", "-o", "x", "--samples", "128"], {"quiet", "output",
-                                                                                                   "samples"})])
+@pytest.mark.parametrize(
+    "argv, typed",
+    [
+        (["quantize", "m", "--alpha", "0.8"], {"alpha"}),
+        (["-q", "inspect", "m", "-o", "x", "--samples", "128"], {"quiet", "output", "samples"}),
+    ],
+)
 def test_typed_options_are_the_options_on_the_command_line(argv, typed):
     assert parse_args(argv).typed - {"command", "model"} == typed

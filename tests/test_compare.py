@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 
 import pytest
+from tiny import sample_ids, tiny_model, tiny_tokenizer
 
 import smoothq as sq
 from smoothq.core.perplexity import perplexity
 from smoothq.evaluation.compare import Row, compare, format_table
 from smoothq.evaluation.tasks import lambada_accuracy
-from tiny import sample_ids, tiny_model, tiny_tokenizer
 
 EVAL = sample_ids(n=3, length=32, seed=5)
 CALIB = sample_ids(n=4, length=16, seed=1)
@@ -25,15 +25,29 @@ def model():
 
 @pytest.fixture(scope="module")
 def rows(model):
-    return compare(copy.deepcopy(model), EVAL, CALIB, schemes=("O3", "W8A8"), alphas=(0.5,), presets=PRESETS,
-                   progress=False, fast=False)
+    return compare(
+        copy.deepcopy(model),
+        EVAL,
+        CALIB,
+        schemes=("O3", "W8A8"),
+        alphas=(0.5,),
+        presets=PRESETS,
+        progress=False,
+        fast=False,
+    )
 
 
 def test_rows_are_the_grid_then_the_presets(rows):
     assert [(r.label, r.scheme, r.alpha) for r in rows] == [
-        ("fp32", "none", None), ("naive", "O3", None), ("naive", "W8A8", None), ("smoothquant", "O3", 0.5),
-        ("smoothquant", "W8A8", 0.5), ("best-w8a8", "W8A8", 0.65), ("best-o3", "O3", 0.5),
-        ("serve-w8a8", "W8A8", 0.65)]
+        ("fp32", "none", None),
+        ("naive", "O3", None),
+        ("naive", "W8A8", None),
+        ("smoothquant", "O3", 0.5),
+        ("smoothquant", "W8A8", 0.5),
+        ("best-w8a8", "W8A8", 0.65),
+        ("best-o3", "O3", 0.5),
+        ("serve-w8a8", "W8A8", 0.65),
+    ]
     assert all(r.runtime == "emulated" for r in rows[1:]) and rows[0].runtime == "float"
 
 
@@ -52,16 +66,34 @@ def test_a_paper_row_is_what_run_gives(model, rows):
 
 
 def test_fast_rows_give_the_emulated_bits(model, rows, int8_cpu):
-    fast = compare(copy.deepcopy(model), EVAL, CALIB, schemes=("O3", "W8A8"), alphas=(0.5,), presets=PRESETS,
-                   progress=False, fast=True)
+    fast = compare(
+        copy.deepcopy(model),
+        EVAL,
+        CALIB,
+        schemes=("O3", "W8A8"),
+        alphas=(0.5,),
+        presets=PRESETS,
+        progress=False,
+        fast=True,
+    )
     assert [r.runtime for r in fast[1:]] == ["cpu-fast"] * (len(rows) - 1)
     assert [r.ppl for r in fast] == [r.ppl for r in rows]
 
 
 def test_lambada_column_is_each_models_accuracy(model, data_dir):
     tok = tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000])
-    got = compare(copy.deepcopy(model), EVAL, CALIB, schemes=("W8A8",), alphas=(), presets=("serve-w8a8",),
-                  tokenizer=tok, lambada=6, progress=False, fast=False)
+    got = compare(
+        copy.deepcopy(model),
+        EVAL,
+        CALIB,
+        schemes=("W8A8",),
+        alphas=(),
+        presets=("serve-w8a8",),
+        tokenizer=tok,
+        lambada=6,
+        progress=False,
+        fast=False,
+    )
     alone = sq.run(copy.deepcopy(model), "serve-w8a8", CALIB, progress=False).model
     assert got[0].lambada == lambada_accuracy(model, tok, limit=6, progress=False, bos="stream").value
     assert got[-1].lambada == lambada_accuracy(alone, tok, limit=6, progress=False, bos="stream").value

@@ -72,8 +72,9 @@ def test_mha_v_to_o_is_a_plain_group_without_head_mapping():
     model = tiny_model("phi3")  # MHA (n_kv == n_heads); phi3 has no option, so build the group by hand
     from smoothq.archs import Arch, Group
 
-    arch = Arch(layers="model.layers", groups=(
-        Group("mlp.gate_up_proj", ("mlp.down_proj",), heads="self_attn"),), name="x")
+    arch = Arch(
+        layers="model.layers", groups=(Group("mlp.gate_up_proj", ("mlp.down_proj",), heads="self_attn"),), name="x"
+    )
     with pytest.raises(UnsupportedArchError):  # gate_up produces 2x what down reads: not a head mapping
         resolve(model, arch)
     model = tiny_model("opt")
@@ -119,9 +120,9 @@ def test_opt_fc_is_offered_only_for_relu_and_would_not_be_exact_for_gelu():
     with pytest.raises(UnsupportedArchError, match="opt_fc"):
         resolve(model, options=["opt_fc"])
     # why the check exists: forcing fc1 -> fc2 through a GELU changes the model
-    from smoothq.archs import Arch
-
     import transformers as T
+
+    from smoothq.archs import Arch
 
     cfg = CONFIGS["opt"]()
     cfg.activation_function = "gelu"

@@ -16,9 +16,12 @@ from smoothq.core import quant
 from smoothq.runtime import backends, cpu_fast
 from smoothq.runtime.cpu_fast import Int8Embedding, Int8LMHead, PackedW8A8Linear, optimize_for_cpu
 
-pytestmark = [pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_pointwise"),
-                                 reason="this torch build has no oneDNN int8 linear ops"),
-              pytest.mark.usefixtures("int8_cpu")]
+pytestmark = [
+    pytest.mark.skipif(
+        not hasattr(torch.ops.onednn, "qlinear_pointwise"), reason="this torch build has no oneDNN int8 linear ops"
+    ),
+    pytest.mark.usefixtures("int8_cpu"),
+]
 
 
 def _layer(scheme: str, k: int = 96, n: int = 80, bias: bool = True, seed: int = 0):
@@ -97,8 +100,13 @@ def test_shared_gemm_members_recompute_for_another_input():
 def test_sink_tokens_and_online_rotation_follow_the_layer_rules():
     model = tiny_model("llama")
     calib = sample_ids(4, 16, seed=1)
-    res = sq.run(model, {"scheme": "O3", "smoothing": {"alpha": 0.5}, "rotate_inputs": True, "sink_tokens": 1},
-                 calib=calib, backend="emulated", progress=False)
+    res = sq.run(
+        model,
+        {"scheme": "O3", "smoothing": {"alpha": 0.5}, "rotate_inputs": True, "sink_tokens": 1},
+        calib=calib,
+        backend="emulated",
+        progress=False,
+    )
     q = res.model
     assert any(m.input_rotation is not None for m in q.modules() if isinstance(m, sq.W8A8Linear))
     ids = sample_ids(2, 10)
@@ -206,12 +214,13 @@ def test_int8_lm_head_is_right_for_any_hidden_size(k):
 def test_smollm2_fast_path_equals_emulated_and_generates(smollm2):
     model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
     sq.quantize(model, "W8A8", backend="emulated")
-    ids = tok("The tower is 324 metres tall, about the same height as an 81-storey building.",
-              return_tensors="pt").input_ids
+    ids = tok(
+        "The tower is 324 metres tall, about the same height as an 81-storey building.", return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         want = model(ids).logits
         fast = optimize_for_cpu(copy.deepcopy(model), dtype=torch.float32, compile=False)
         assert torch.equal(fast(ids).logits, want)
         bf16 = optimize_for_cpu(model, int8_embeddings=True, compile=False)
         out = bf16.generate(ids, max_new_tokens=6, do_sample=False)
-    assert out.shape[1] > ids.shape[1] and torch.equal(out[:, :ids.shape[1]], ids)
+    assert out.shape[1] > ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids)

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
+from smoothq.formats.ct_transforms import CT_SCHEME, ct_transform_weight_name
 from smoothq.formats.io import CheckpointError
 from smoothq.runtime.input_rotation import InputRotation
-from smoothq.formats.ct_transforms import CT_SCHEME, ct_transform_weight_name
 from smoothq.transforms.online_rotation import rotate_inputs
 
 ct = pytest.importorskip("compressed_tensors")
@@ -43,8 +43,9 @@ def _read(folder):
 
 
 @pytest.mark.parametrize("scheme", ["W8A8", "O3"])
-def test_transform_config_is_applied_by_the_compressed_tensors_reference_code_as_our_rotation(tmp_path, scheme,
-                                                                                               monkeypatch):
+def test_transform_config_is_applied_by_the_compressed_tensors_reference_code_as_our_rotation(
+    tmp_path, scheme, monkeypatch
+):
     from compressed_tensors.transform import TransformConfig, apply_transform_config
     from compressed_tensors.transform.factory.random_hadamard import RandomHadamardFactory
     from torch.nn import Parameter
@@ -62,14 +63,19 @@ def test_transform_config_is_applied_by_the_compressed_tensors_reference_code_as
     torch.testing.assert_close(stored.double() / math.sqrt(n), InputRotation(n, 0).matrix(), rtol=0, atol=1e-6)
 
     # the library builds its own random Hadamard; give it the stored weight instead and let its code apply it
-    monkeypatch.setattr(RandomHadamardFactory, "_create_weight",
-                        lambda self, size, device, construct_device, precision: Parameter(
-                            tensors[names[0]].to(precision), requires_grad=False))
+    monkeypatch.setattr(
+        RandomHadamardFactory,
+        "_create_weight",
+        lambda self, size, device, construct_device, precision: Parameter(
+            tensors[names[0]].to(precision), requires_grad=False
+        ),
+    )
     reference = copy.deepcopy(smoothed)
     apply_transform_config(reference, tc)
     for name in linears:  # weight_input, inverse: the library fuses W -> W Q, what rotate_inputs stored
-        torch.testing.assert_close(reference.get_submodule(name).weight, rotated.get_submodule(name).weight,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            reference.get_submodule(name).weight, rotated.get_submodule(name).weight, rtol=1e-5, atol=1e-6
+        )
     hooked = [n for n, m in reference.named_modules() if n.endswith(f"{CT_SCHEME}_input")]
     assert [h.rpartition(".")[0] for h in hooked] == linears  # an input transform on every rotated linear
     ids = sample_ids()
@@ -107,8 +113,9 @@ def test_a_damaged_or_missing_transform_is_a_checkpoint_error(tmp_path):
     save_file(damaged, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"{name}.*randomized Hadamard"):
         sq.load(folder, backend="emulated")
-    save_file({k: v for k, v in tensors.items() if k != name}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in tensors.items() if k != name}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
     with pytest.raises(CheckpointError, match=f"{name} is missing"):
         sq.load(folder, backend="emulated")
 
@@ -157,12 +164,18 @@ def test_sequential_export_with_online_rotation_equals_the_in_memory_one(tmp_pat
 
     src = save_source(tiny_model("llama"), tmp_path / "src")
     ids = sample_ids(6, 16)
-    recipe = {"scheme": "W8A8", "smoothing": {"alpha": 0.5}, "rotate_inputs": True,
-              "output": {"format": "compressed-tensors", "dtype": "float32"}, "propagation": "float"}
+    recipe = {
+        "scheme": "W8A8",
+        "smoothing": {"alpha": 0.5},
+        "rotate_inputs": True,
+        "output": {"format": "compressed-tensors", "dtype": "float32"},
+        "propagation": "float",
+    }
     model = T.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
     sq.run(model, recipe, ids, output=tmp_path / "mem", progress=False)
-    sq.run(str(src), recipe, ids, output=tmp_path / "seq", executor="layered", attn_implementation="eager",
-           progress=False)
+    sq.run(
+        str(src), recipe, ids, output=tmp_path / "seq", executor="layered", attn_implementation="eager", progress=False
+    )
     assert_same_checkpoint(tmp_path / "mem", tmp_path / "seq")
     cfg = json.loads((tmp_path / "seq" / "config.json").read_text())
     assert CT_SCHEME in cfg["quantization_config"]["transform_config"]["config_groups"]

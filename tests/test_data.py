@@ -69,7 +69,7 @@ def test_calibration_from_the_same_source_avoids_the_evaluated_tokens(tok):
     ids, _ = data.token_stream(tok, "wikitext2")
     assert min(cal.offsets) >= ev.end and max(cal.offsets) + 256 <= ids.numel()
     for row, offset in zip(cal.input_ids, cal.offsets):
-        assert row.tolist() == ids[offset:offset + 256].tolist()
+        assert row.tolist() == ids[offset : offset + 256].tolist()
     # a different source never needs shifting
     other = calib_samples(tok, "wikitext2-train", n=4, seqlen=256, avoid=ev)
     assert other.start == 0 and not other.overlaps(ev)

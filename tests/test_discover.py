@@ -13,7 +13,7 @@ from tiny import tiny_model as table_tiny_model
 import smoothq as sq
 from smoothq.archs import ARCHS, Arch, Group, UnsupportedArchError, arch_for, register, resolve
 from smoothq.archs.discover import DiscoveryError, discover, find_layers
-from smoothq.archs.folds import FOLD_TOLERANCE, Fold, fold_error, float64_copy
+from smoothq.archs.folds import FOLD_TOLERANCE, Fold, float64_copy, fold_error
 from smoothq.archs.prove import describe, prove_arch
 from smoothq.archs.tiny import random_ids, tiny_model
 
@@ -33,8 +33,16 @@ def test_discovery_finds_exactly_the_table_groups(name):
 
     def bound(arch):  # what the groups mean on this model: names, options, channel maps, norm conventions
         options = ("all",) if any(g.option for g in arch.all_groups()) else ()
-        return {(g.prev, frozenset(g.linears), g.option, None if g.index is None else tuple(g.index.tolist()),
-                 g.norm_offset if not g.option else None) for g in resolve(model, arch, options).groups}
+        return {
+            (
+                g.prev,
+                frozenset(g.linears),
+                g.option,
+                None if g.index is None else tuple(g.index.tolist()),
+                g.norm_offset if not g.option else None,
+            )
+            for g in resolve(model, arch, options).groups
+        }
 
     assert bound(found.arch) == bound(table), name
     # float64 throughout (folds.float64_inside keeps Gemma's x.float() in float64)
@@ -63,10 +71,17 @@ def test_a_wrong_table_entry_is_caught_before_calibration(monkeypatch):
     a row naming it the MLP's producer looks plausible and is wrong. The proof catches it on the first
     block, with the measured error, before any statistics are collected."""
     model = table_tiny_model("gemma3_text")
-    wrong = Arch(layers="model.layers", norm_offset=1.0, name="gemma3-wrong",
-                 groups=(Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),))
-    with pytest.raises(UnsupportedArchError, match=r"post_attention_layernorm -> mlp.gate_proj.*not exact.*changes the "
-                                                   r"block's output by [0-9.e+-]+ > 1e-06"):
+    wrong = Arch(
+        layers="model.layers",
+        norm_offset=1.0,
+        name="gemma3-wrong",
+        groups=(Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),),
+    )
+    with pytest.raises(
+        UnsupportedArchError,
+        match=r"post_attention_layernorm -> mlp.gate_proj.*not exact.*changes the "
+        r"block's output by [0-9.e+-]+ > 1e-06",
+    ):
         prove_arch(model, wrong)
     register("gemma3_text", wrong)
     import sys
@@ -79,8 +94,12 @@ def test_a_wrong_table_entry_is_caught_before_calibration(monkeypatch):
         with pytest.raises(UnsupportedArchError, match="not exact"):
             sq.run(model, {"scheme": "W8A8"}, calib=random_ids(2, 16), progress=False)
     finally:
-        register("gemma3_text", __import__("smoothq.archs.table", fromlist=["_llama_like"])._llama_like(
-            "gemma3_text", mlp_norm="pre_feedforward_layernorm", offset=1.0, rotation=None))
+        register(
+            "gemma3_text",
+            __import__("smoothq.archs.table", fromlist=["_llama_like"])._llama_like(
+                "gemma3_text", mlp_norm="pre_feedforward_layernorm", offset=1.0, rotation=None
+            ),
+        )
 
 
 def test_fold_error_separates_exact_from_inexact_folds():
@@ -96,10 +115,34 @@ def test_fold_error_separates_exact_from_inexact_folds():
     assert missing_one > 1e-3 and through_silu > 1e-3
 
 
-NAMED = ["qwen3_moe", "qwen3_5_text", "qwen3_next", "gpt_oss", "deepseek_v3", "llama4_text", "olmo2", "olmo3", "granite",
-         "granitemoe", "granitemoehybrid", "cohere2", "ministral", "phi", "smollm3", "gemma3n_text", "exaone4",
-         "starcoder2", "gpt_bigcode", "stablelm", "internlm3", "nemotron", "seed_oss", "glm4_moe", "apertus",
-         "hunyuan_v1_dense"]
+NAMED = [
+    "qwen3_moe",
+    "qwen3_5_text",
+    "qwen3_next",
+    "gpt_oss",
+    "deepseek_v3",
+    "llama4_text",
+    "olmo2",
+    "olmo3",
+    "granite",
+    "granitemoe",
+    "granitemoehybrid",
+    "cohere2",
+    "ministral",
+    "phi",
+    "smollm3",
+    "gemma3n_text",
+    "exaone4",
+    "starcoder2",
+    "gpt_bigcode",
+    "stablelm",
+    "internlm3",
+    "nemotron",
+    "seed_oss",
+    "glm4_moe",
+    "apertus",
+    "hunyuan_v1_dense",
+]
 
 
 @pytest.mark.parametrize("model_type", NAMED)
@@ -128,7 +171,7 @@ def test_todays_families_quantize_and_round_trip(model_type, tmp_path):
 
 def test_post_norm_olmo2_says_why_qkv_stay_unsmoothed():
     found = describe(tiny_model("olmo2"))
-    (sig, why), = found.unsmoothed.items()
+    ((sig, why),) = found.unsmoothed.items()
     for proj in ("q_proj", "k_proj", "v_proj"):
         assert "residual stream" in why[f"self_attn.{proj}"]
     assert {g.prev for g in found.arch.all_groups()} == {"self_attn.v_proj", "mlp.up_proj"}  # v->o, up->down remain
@@ -183,17 +226,34 @@ def test_no_decoder_stack_is_one_clear_error():
 
 def test_cli_archs_prints_groups_errors_and_code(tmp_path):
     out = tmp_path / "archs.json"
-    r = subprocess.run([sys.executable, "-m", "smoothq", "archs", "random:qwen3_moe", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "smoothq", "archs", "random:qwen3_moe", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "post_attention_layernorm | mlp.gate, mlp.experts.*" in r.stdout
     assert "register('qwen3_moe', Arch(" in r.stdout
     data = json.loads(out.read_text())
     assert data["source"] == "discovered" and data["max_fold_error"] <= FOLD_TOLERANCE
     assert all(g["fold_error"] is not None for g in data["groups"])
-    bad = subprocess.run([sys.executable, "-m", "smoothq", "archs", "random:not_a_type"], capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "smoothq", "archs", "random:not_a_type"], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and bad.stderr.count("error:") == 1 and "Traceback" not in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "smoothq", "archs", "random:llama", "--json",
-                              str(tmp_path / "no" / "such" / "dir.json")], capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smoothq",
+            "archs",
+            "random:llama",
+            "--json",
+            str(tmp_path / "no" / "such" / "dir.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr

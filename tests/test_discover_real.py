@@ -14,8 +14,16 @@ from smoothq.core.data import calib_samples
 
 def _bound(model, arch) -> set:
     options = ("all",) if any(g.option for g in arch.all_groups()) else ()
-    return {(g.prev, frozenset(g.linears), g.option, None if g.index is None else tuple(g.index.tolist()),
-             g.norm_offset if not g.option else None) for g in resolve(model, arch, options).groups}
+    return {
+        (
+            g.prev,
+            frozenset(g.linears),
+            g.option,
+            None if g.index is None else tuple(g.index.tolist()),
+            g.norm_offset if not g.option else None,
+        )
+        for g in resolve(model, arch, options).groups
+    }
 
 
 @pytest.mark.slow

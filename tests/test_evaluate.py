@@ -32,7 +32,8 @@ def test_window_nll_matches_a_plain_loop_and_perplexity_is_its_mean(model):
         assert got.dtype == torch.float64 and got.shape == (5,)
         torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64), atol=1e-5, rtol=0)
         assert sq.perplexity(model, ids, batch_size=batch_size, progress=False) == pytest.approx(
-            math.exp(sum(ref) / len(ref)), rel=1e-5)
+            math.exp(sum(ref) / len(ref)), rel=1e-5
+        )
 
 
 def test_window_nll_refuses_bad_windows_and_non_finite_logits(model):

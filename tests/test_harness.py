@@ -104,8 +104,7 @@ def reference_mc(model, tok) -> tuple[list[list[float]], float]:
 
 
 def harness_mc(model, tok, task_dir, batch_size=3):
-    results = run_harness(model, tok, ["tiny_mc"], include_path=str(task_dir), batch_size=batch_size,
-                          log_samples=True)
+    results = run_harness(model, tok, ["tiny_mc"], include_path=str(task_dir), batch_size=batch_size, log_samples=True)
     samples = sorted(results["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
     lls = [[r[0][0] for r in s["resps"]] for s in samples]
     return results, lls
@@ -118,8 +117,11 @@ def test_multiple_choice_accuracy_equals_a_plain_computation(model, qmodel, tok,
     assert 0 < ref_acc < 1  # the random model gets some right and some wrong: the check can fail
     results, lls = harness_mc(m, tok, task_dir)
     assert torch.allclose(torch.tensor(lls), torch.tensor(ref_lls), atol=1e-4, rtol=0)
-    rows = [r for r in evaluate_harness(m, tok, ["tiny_mc"], include_path=str(task_dir), batch_size=5)
-            if r["metric"] == "acc"]
+    rows = [
+        r
+        for r in evaluate_harness(m, tok, ["tiny_mc"], include_path=str(task_dir), batch_size=5)
+        if r["metric"] == "acc"
+    ]
     assert len(rows) == 1
     row = rows[0]
     assert row["task"] == "tiny_mc" and row["value"] == ref_acc and row["count"] == len(QUESTIONS)
@@ -132,8 +134,7 @@ def test_multiple_choice_accuracy_equals_a_plain_computation(model, qmodel, tok,
 
 
 def test_limit_and_fewshot(model, tok, task_dir):
-    results = run_harness(model, tok, ["tiny_mc"], include_path=str(task_dir), limit=3, num_fewshot=2,
-                          log_samples=True)
+    results = run_harness(model, tok, ["tiny_mc"], include_path=str(task_dir), limit=3, num_fewshot=2, log_samples=True)
     assert results["n-samples"]["tiny_mc"]["effective"] == 3 and results["n-shot"]["tiny_mc"] == 2
     # two solved examples (from the same split, as lm-eval does without a fewshot split) before each question
     context = results["samples"]["tiny_mc"][0]["arguments"][0][0]
@@ -160,7 +161,7 @@ def test_shipped_lambada_task_is_the_stock_one_on_local_data(model, tok, data_di
             lp = torch.log_softmax(logits.float(), -1)
             n = len(e.input_ids)
             lls.append(sum(lp[i - 1, e.input_ids[i]].item() for i in range(n - e.target_len, n)))
-            greedy.append(logits[n - e.target_len - 1:n - 1].argmax(-1).tolist() == e.input_ids[n - e.target_len:])
+            greedy.append(logits[n - e.target_len - 1 : n - 1].argmax(-1).tolist() == e.input_ids[n - e.target_len :])
     assert rows["perplexity"]["value"] == pytest.approx(math.exp(-sum(lls) / len(lls)), rel=1e-4)
     assert rows["acc"]["value"] == sum(greedy) / len(greedy) and rows["acc"]["count"] == 6
 
@@ -169,8 +170,21 @@ def test_cli_writes_the_rows(model, tok, task_dir, tmp_path, capsys):
     q = sq.quantize(copy.deepcopy(model), "W8A8")
     sq.save(q, tmp_path / "ckpt", tok)
     out = tmp_path / "rows.json"
-    rc = main(["-q", "eval", str(tmp_path / "ckpt"), "--lm-eval", "tiny_mc", "--lm-eval-include", str(task_dir),
-               "--lm-eval-batch-size", "4", "--json", str(out)])
+    rc = main(
+        [
+            "-q",
+            "eval",
+            str(tmp_path / "ckpt"),
+            "--lm-eval",
+            "tiny_mc",
+            "--lm-eval-include",
+            str(task_dir),
+            "--lm-eval-batch-size",
+            "4",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     loaded, loaded_tok = sq.load(tmp_path / "ckpt")
     _, ref_acc = reference_mc(loaded, loaded_tok)
@@ -186,8 +200,10 @@ def test_cli_writes_the_rows(model, tok, task_dir, tmp_path, capsys):
 def test_missing_dataset_is_one_line_naming_the_task(tmp_path, capsys):
     d = tmp_path / "tasks"
     d.mkdir()
-    (d / "hub_task.yaml").write_text("task: hub_task\ndataset_path: smoothq-tests/not-local\noutput_type: "
-                                     "loglikelihood\ntest_split: test\ndoc_to_text: '{{a}}'\ndoc_to_target: '{{b}}'\n")
+    (d / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: smoothq-tests/not-local\noutput_type: "
+        "loglikelihood\ntest_split: test\ndoc_to_text: '{{a}}'\ndoc_to_target: '{{b}}'\n"
+    )
     with pytest.raises(DataError, match="lm-eval task 'hub_task': its dataset could not be loaded .*Hugging Face Hub"):
         load_tasks(["hub_task"], str(d))
     assert main(["eval", "--lm-eval", "hub_task", "--lm-eval-include", str(d)]) == 2
@@ -213,8 +229,9 @@ def test_registered_model_type_loads_a_checkpoint(model, tok, task_dir, tmp_path
     from lm_eval.api.registry import get_model
 
     sq.save(sq.quantize(copy.deepcopy(model), "W8A8"), tmp_path / "ckpt", tok)
-    lm = get_model("smoothq").create_from_arg_string(f"pretrained={tmp_path / 'ckpt'}", {"batch_size": 4,
-                                                                                        "device": None})
+    lm = get_model("smoothq").create_from_arg_string(
+        f"pretrained={tmp_path / 'ckpt'}", {"batch_size": 4, "device": None}
+    )
     assert any(isinstance(m, sq.W8A8Linear) for m in lm.model.modules())
     tasks = load_tasks(["tiny_mc"], str(task_dir))
     acc = simple_evaluate(lm, tasks=tasks.objects, task_manager=tasks.manager)["results"]["tiny_mc"]["acc,none"]

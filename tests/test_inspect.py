@@ -18,8 +18,12 @@ from smoothq.evaluation.inspect import InspectError, inspect_model, outlier_rati
 def planted_model(name: str = "llama", factor: float = 20.0):
     model = tiny_model(name)
     res = resolve(model)
-    plant_outliers(model, [{"prev": res.modules[g.prev], "linears": [res.modules[n] for n in g.linears]}
-                           for g in res.groups], factor=factor, fraction=0.1)
+    plant_outliers(
+        model,
+        [{"prev": res.modules[g.prev], "linears": [res.modules[n] for n in g.linears]} for g in res.groups],
+        factor=factor,
+        fraction=0.1,
+    )
     return model
 
 
@@ -38,8 +42,10 @@ def _inputs(model, ids, names):
     """Every token of each linear's input, by plain hooks (the reference for the kept rows)."""
     seen = {n: [] for n in names}
     mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
-             for n in names]
+    hooks = [
+        mods[n].register_forward_hook(lambda m, a, o, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+        for n in names
+    ]
     with torch.no_grad():
         model(ids)
     for h in hooks:
@@ -52,7 +58,7 @@ def _static_sqnr_db(x, absmax):
     x = x.double().numpy()
     scale = np.float32(absmax) / np.float32(127)
     q = np.clip(np.round(x.astype(np.float32) / scale), -127, 127) * scale
-    return 10 * np.log10((x ** 2).sum() / ((x - q) ** 2).sum())
+    return 10 * np.log10((x**2).sum() / ((x - q) ** 2).sum())
 
 
 def test_numbers_match_a_plain_reference_computation(planted, report):
@@ -97,8 +103,13 @@ def test_smoothing_shrinks_the_planted_outliers(report):
     assert p.act_absmax_smoothed.max() < p.act_absmax.max() / 10
     assert p.tokens.shape == p.tokens_smoothed.shape == (16, 64)
     # the planted group is among the limiting ones before smoothing
-    assert report.limiting["worst_kind_by_outlier_ratio"] in ("self_attn.q_proj", "self_attn.k_proj",
-                                                              "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    assert report.limiting["worst_kind_by_outlier_ratio"] in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+    )
 
 
 def test_alpha_best_is_the_grid_minimum_and_auto_uses_it(planted, report):
@@ -167,6 +178,7 @@ def test_json_round_trips(report):
 
 # -- CLI ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, data_dir):
     d = tmp_path_factory.mktemp("tiny-llama-inspect")
@@ -180,8 +192,23 @@ QUICK = ["--samples", "4", "--calib-seqlen", "32", "--heat-tokens", "8"]
 
 def test_cli_writes_the_report_and_json(model_dir, tmp_path, capsys):
     out, js = tmp_path / "rep", tmp_path / "rows.json"
-    assert main(["-q", "inspect", str(model_dir), "-o", str(out), *QUICK, "--json", str(js),
-                 "--linears", "model.layers.1.mlp.gate_proj"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "inspect",
+                str(model_dir),
+                "-o",
+                str(out),
+                *QUICK,
+                "--json",
+                str(js),
+                "--linears",
+                "model.layers.1.mlp.gate_proj",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "| linear | outlier ratio |" in captured.out and "| mlp.down_proj |" in captured.out
     assert "limiting:" in captured.out

@@ -107,8 +107,9 @@ def test_compressed_tensors_library_loads_and_decompresses_our_weights_exactly(s
         if scheme == "O3":
             assert torch.equal(theirs.input_scale, ours.input_scale), name
     # decompressed by compressed-tensors: the same dequantized values as ours
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32,
-                                              quantization_config=CompressedTensorsConfig(dequantize=True))
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     for name, ours in qmods.items():
         assert torch.equal(hf.get_submodule(name).weight, ours.dequantized_weight()), name
 

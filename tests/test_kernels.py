@@ -21,8 +21,8 @@ pytest.importorskip("triton")
 
 import smoothq as sq  # noqa: E402
 import smoothq.runtime.kernels as K  # noqa: E402
-from smoothq.runtime import backends  # noqa: E402
 from smoothq.core.quant import MIN_SCALE, quantize_activation  # noqa: E402
+from smoothq.runtime import backends  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if not K.AVAILABLE:
@@ -227,7 +227,7 @@ def signs(m, k, seed=9):
     the normalized row is exactly representable whatever the order of the sums."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.ones(m, k)
-    x[:, k // 2:] = -1
+    x[:, k // 2 :] = -1
     return x[:, torch.randperm(k, generator=gen)].to(DEV)
 
 
@@ -238,8 +238,9 @@ def test_rmsnorm_quantize_is_exact_where_the_norm_is(dtype, offset, static):
     x = signs(5, 96).to(dtype)
     w, _ = norm_weights(96, dtype)
     scale = torch.tensor([0.011], device=DEV) if static else None
-    ref_q, ref_s = quantize_activation(hf_rmsnorm(x, w, 3.0, offset), "per_tensor_static" if static else "per_token",
-                                       scale)
+    ref_q, ref_s = quantize_activation(
+        hf_rmsnorm(x, w, 3.0, offset), "per_tensor_static" if static else "per_token", scale
+    )
     q, s = K.rmsnorm_quantize(x, w, 3.0, offset, scale, block_k=32)
     assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
 
@@ -313,8 +314,13 @@ def test_kernels_compile_for_hopper_as_intended():
     quantizers, no FMA in the epilogues. Runs in a subprocess: this process interprets."""
     pytest.importorskip("triton.compiler")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "smoothq.runtime.kernels.aot", "--target", "cuda:90"], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "smoothq.runtime.kernels.aot", "--target", "cuda:90"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "wgmma_s8" in proc.stdout
 
@@ -323,11 +329,13 @@ def test_kernels_compile_for_hopper_as_intended():
 
 
 def test_import_without_triton_fails_only_when_called():
-    code = ("import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-            "import smoothq.runtime.kernels as K\n"
-            "assert not K.HAVE_TRITON and not K.AVAILABLE\n"
-            "try:\n    K.quantize_per_token(None)\nexcept RuntimeError as e:\n    assert 'needs Triton' in str(e)\n"
-            "else:\n    raise SystemExit('no error')\n")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import smoothq.runtime.kernels as K\n"
+        "assert not K.HAVE_TRITON and not K.AVAILABLE\n"
+        "try:\n    K.quantize_per_token(None)\nexcept RuntimeError as e:\n    assert 'needs Triton' in str(e)\n"
+        "else:\n    raise SystemExit('no error')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -397,8 +405,11 @@ def test_tiny_llama_on_the_kernels_matches_the_emulated_backend_bit_for_bit():
     from tiny import sample_ids, tiny_model
 
     if K.INTERPRET:  # interpreted kernels take CPU tensors: expose them as a CPU backend for this test
-        backends.register(backends.Backend("triton-interpreted", K.triton_int8_linear, devices=("cpu",),
-                                           quantize=K.triton_quantize_activation))
+        backends.register(
+            backends.Backend(
+                "triton-interpreted", K.triton_int8_linear, devices=("cpu",), quantize=K.triton_quantize_activation
+            )
+        )
     name = "triton-interpreted" if K.INTERPRET else "triton"
     try:
         model = tiny_model("llama").to(DEV)

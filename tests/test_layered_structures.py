@@ -7,12 +7,16 @@ import pytest
 import torch
 
 import smoothq as sq
-from smoothq.formats import io
 from smoothq.archs.tiny import random_ids, tiny_model
 from smoothq.core.forward import CalibrationError
+from smoothq.formats import io
 
-RECIPE = {"scheme": "O3", "propagation": "float", "calibration": {"samples": 4, "seqlen": 16},
-          "output": {"dtype": "float32"}}
+RECIPE = {
+    "scheme": "O3",
+    "propagation": "float",
+    "calibration": {"samples": 4, "seqlen": 16},
+    "output": {"dtype": "float32"},
+}
 
 
 def _both(model_type: str, tmp_path, calib=None):
@@ -55,11 +59,14 @@ def test_a_tied_head_keeps_its_own_bias(tmp_path):
     assert "lm_head.bias" in lay
 
 
-@pytest.mark.parametrize("model_type, message", [
-    ("dory", "called its 3 decoder layers 4 times"),  # a looped layer
-    ("zamba", "shared between decoder layers"),
-    ("rwkv", "changes the hidden states between decoder layers 0 and 1"),  # halved every rescale_every layers
-])
+@pytest.mark.parametrize(
+    "model_type, message",
+    [
+        ("dory", "called its 3 decoder layers 4 times"),  # a looped layer
+        ("zamba", "shared between decoder layers"),
+        ("rwkv", "changes the hidden states between decoder layers 0 and 1"),  # halved every rescale_every layers
+    ],
+)
 def test_what_cannot_run_layer_by_layer_is_refused_before_any_work(model_type, message, tmp_path, monkeypatch):
     import smoothq.pipeline.layered as seq
 
@@ -71,8 +78,15 @@ def test_what_cannot_run_layer_by_layer_is_refused_before_any_work(model_type, m
     started = []
     monkeypatch.setattr(seq.driver, "layer", lambda *a, **k: started.append(a))
     with pytest.raises(CalibrationError, match=message) as err:
-        sq.run(src, RECIPE, calib=random_ids(4, 16, seed=3), output=tmp_path / "out", executor="layered",
-               attn_implementation="eager", progress=False)
+        sq.run(
+            src,
+            RECIPE,
+            calib=random_ids(4, 16, seed=3),
+            output=tmp_path / "out",
+            executor="layered",
+            attn_implementation="eager",
+            progress=False,
+        )
     assert "in memory" in str(err.value) and "\n" not in str(err.value)
     assert not started and not (tmp_path / "out").exists() and not seq.partial_dir(tmp_path / "out").exists()
 
@@ -87,6 +101,7 @@ def test_passed_on_outputs_survive_a_resume(tmp_path):
     src = tmp_path / "src"
     model.save_pretrained(src)
     calib = random_ids(4, 16, seed=3)
+
     class Stop(Exception):
         pass
 
@@ -96,14 +111,33 @@ def test_passed_on_outputs_survive_a_resume(tmp_path):
 
     out = tmp_path / "out"
     with pytest.raises(Stop):
-        sq.quantize_sequential(src, out, calib, scheme="O3", alpha=0.8, float_dtype="float32",
-                               attn_implementation="eager", progress=False, on_layer=stop)
+        sq.quantize_sequential(
+            src,
+            out,
+            calib,
+            scheme="O3",
+            alpha=0.8,
+            float_dtype="float32",
+            attn_implementation="eager",
+            progress=False,
+            on_layer=stop,
+        )
     assert interrupted_run(out)["layers_done"] == 2
     # the passed-on values (hy_v4's top-k indices: tensors), recorded with the saved inputs
     assert interrupted_run(out)["extras"] == [["tensor"]]  # one batch of 4
-    sq.quantize_sequential(src, out, calib, scheme="O3", alpha=0.8, float_dtype="float32",
-                           attn_implementation="eager", progress=False, resume=True)
+    sq.quantize_sequential(
+        src,
+        out,
+        calib,
+        scheme="O3",
+        alpha=0.8,
+        float_dtype="float32",
+        attn_implementation="eager",
+        progress=False,
+        resume=True,
+    )
     ref = tmp_path / "ref2"
-    sq.quantize_sequential(src, ref, calib, scheme="O3", alpha=0.8, float_dtype="float32",
-                           attn_implementation="eager", progress=False)
+    sq.quantize_sequential(
+        src, ref, calib, scheme="O3", alpha=0.8, float_dtype="float32", attn_implementation="eager", progress=False
+    )
     _assert_identical(io._read_tensors(ref), io._read_tensors(out))

@@ -6,11 +6,11 @@ grows past what one reader takes in (generated files excepted)."""
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import grimp
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "smoothq"

@@ -10,6 +10,8 @@ import transformers
 from tiny import tiny_model, tiny_tokenizer
 
 from smoothq.core import models
+
+
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch, data_dir):
     """A .gguf file of random bytes whose 'conversion' builds a tiny llama; counts conversions."""
@@ -27,11 +29,17 @@ def fake_gguf(tmp_path, monkeypatch, data_dir):
         return tiny_model("llama")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
-                        lambda name, *a, gguf_file=None, **kw: tok if gguf_file else load_tok(name, *a, **kw))
+    monkeypatch.setattr(
+        transformers.AutoTokenizer,
+        "from_pretrained",
+        lambda name, *a, gguf_file=None, **kw: tok if gguf_file else load_tok(name, *a, **kw),
+    )
     load_config = transformers.AutoConfig.from_pretrained  # preflight reads the GGUF's metadata
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda name, *a, gguf_file=None, **kw:
-                        tiny_model("llama").config if gguf_file else load_config(name, *a, **kw))
+    monkeypatch.setattr(
+        transformers.AutoConfig,
+        "from_pretrained",
+        lambda name, *a, gguf_file=None, **kw: tiny_model("llama").config if gguf_file else load_config(name, *a, **kw),
+    )
     models._writable_cache.cache_clear()
     yield path, conversions
     models._writable_cache.cache_clear()
@@ -52,8 +60,10 @@ def test_cache_hit_after_mtime_change_and_stale_entries_pruned(fake_gguf, tmp_pa
     path, conversions = fake_gguf
     cache = tmp_path / "cache"
     monkeypatch.setenv("SMOOTHQ_CACHE", str(cache))
-    stale = [cache / "converted" / "Tiny.Q4-6291456-1712345678901234567",  # the old mtime-keyed name
-             cache / "converted" / "Tiny.Q4-6291456-0123456789abcdef"]
+    stale = [
+        cache / "converted" / "Tiny.Q4-6291456-1712345678901234567",  # the old mtime-keyed name
+        cache / "converted" / "Tiny.Q4-6291456-0123456789abcdef",
+    ]
     other = cache / "converted" / "Other-6291456-0123456789abcdef"  # another model: kept
     for d in (*stale, other):
         d.mkdir(parents=True)

@@ -17,8 +17,16 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING, model_ty
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from smoothq.archs import UnsupportedArchError
-from smoothq.archs.moe import (AllTokenExperts, SharedExperts, SplitExperts, SplitParallelExperts, all_experts,
-                               expert_token_counts, split_fused_experts, split_modules)
+from smoothq.archs.moe import (
+    AllTokenExperts,
+    SharedExperts,
+    SplitExperts,
+    SplitParallelExperts,
+    all_experts,
+    expert_token_counts,
+    split_fused_experts,
+    split_modules,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,27 +41,85 @@ def _one_thread():
 # --- tiny configs for every MoE model type -------------------------------------------------------
 
 SHRINK = dict(
-    hidden_size=64, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-    shared_intermediate_size=32, shared_experts_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
-    num_local_experts=4, num_experts=4, n_routed_experts=4, moe_num_experts=4,
-    num_experts_per_tok=2, num_experts_per_token=2, moe_top_k=2, moe_k=2, top_k_experts=2,
-    n_group=1, topk_group=1, num_expert_group=1, first_k_dense_replace=0, num_dense_layers=0, n_shared_experts=1,
-    num_shared_experts=1, moe_num_shared_experts=1, moe_layer_start_index=0, moe_layer_end_index=1,
-    decoder_sparse_step=1, mlp_only_layers=[], enable_moe_block=True,
-    vocab_size_per_layer_input=256, hidden_size_per_layer_input=16, per_layer_config={}, unpadded_vocab_size=256,
-    swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+    hidden_size=64,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    shared_intermediate_size=32,
+    shared_experts_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    max_position_embeddings=256,
+    num_local_experts=4,
+    num_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    num_experts_per_token=2,
+    moe_top_k=2,
+    moe_k=2,
+    top_k_experts=2,
+    n_group=1,
+    topk_group=1,
+    num_expert_group=1,
+    first_k_dense_replace=0,
+    num_dense_layers=0,
+    n_shared_experts=1,
+    num_shared_experts=1,
+    moe_num_shared_experts=1,
+    moe_layer_start_index=0,
+    moe_layer_end_index=1,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    enable_moe_block=True,
+    vocab_size_per_layer_input=256,
+    hidden_size_per_layer_input=16,
+    per_layer_config={},
+    unpadded_vocab_size=256,
+    swa_num_attention_heads=4,
+    swa_num_key_value_heads=2,
+    swa_head_dim=16,
     # multi-head latent attention (DeepSeek family)
-    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
     # linear attention / mamba mixers of the hybrids
-    linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
-    linear_head_dim=8, linear_num_heads=4, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
-    mamba_dt_rank=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, attn_layer_period=2, attn_layer_offset=1,
-    mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=16,
-    moe_shared_expert_intermediate_size=32, first_dense_intermediate_size=64, o_lora_rank=16, index_head_dim=16,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_head_dim=8,
+    linear_num_heads=4,
+    mamba_n_heads=4,
+    mamba_d_head=16,
+    mamba_d_state=8,
+    mamba_n_groups=1,
+    mamba_dt_rank=8,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    mamba_chunk_size=16,
+    attn_layer_period=2,
+    attn_layer_offset=1,
+    mamba_num_heads=4,
+    mamba_head_dim=16,
+    ssm_state_size=8,
+    n_groups=1,
+    chunk_size=16,
+    moe_shared_expert_intermediate_size=32,
+    first_dense_intermediate_size=64,
+    o_lora_rank=16,
+    index_head_dim=16,
     index_n_heads=2,
-    expert_layer_period=1, expert_layer_offset=0,
-    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    expert_layer_period=1,
+    expert_layer_offset=0,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 OVERRIDES = {
     "granitemoehybrid": dict(mamba_d_head=32, layer_types=["linear_attention", "full_attention"]),
@@ -65,10 +131,15 @@ OVERRIDES = {
 }
 # model types whose tiny config is written out (nested sub-configs)
 EXPLICIT = {
-    "dbrx": lambda: T.DbrxConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=256,
-                                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-                                 ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2,
-                                             "hidden_size": 64}),
+    "dbrx": lambda: T.DbrxConfig(
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=256,
+        vocab_size=256,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2, "hidden_size": 64},
+    ),
 }
 SKIP = {  # not built here, with the reason
     "dots3_note": "multimodal wrapper (its text model dots3_note_text is covered); its tiny config still allocates GBs",
@@ -78,8 +149,18 @@ SKIP = {  # not built here, with the reason
     "qwen4_exp": "multimodal wrapper of qwen4_exp_text",
     "qwen4_exp_text": "its sparse-attention indexer needs token_budget/compress_ratio, which this builder does not set",
 }
-REQUIRED = {"qwen3_moe", "gpt_oss", "deepseek_v3", "llama4_text", "glm4_moe", "granitemoe", "granitemoehybrid",
-            "olmoe", "mixtral", "qwen3_next"}
+REQUIRED = {
+    "qwen3_moe",
+    "gpt_oss",
+    "deepseek_v3",
+    "llama4_text",
+    "glm4_moe",
+    "granitemoe",
+    "granitemoehybrid",
+    "olmoe",
+    "mixtral",
+    "qwen3_next",
+}
 FP32_ACCUMULATING = {"inkling2_text", "inkling2_loop_text", "inkling_text"}  # their eager forward sums in float32
 UNDECORATED = {"llama4", "jetmoe", "dbrx"}  # MoE modeling files without @use_experts_implementation
 
@@ -121,8 +202,9 @@ def tiny_config(model_type: str):
 
 def _build(config, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    return T.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager",
-                                              experts_implementation="eager").eval()
+    return T.AutoModelForCausalLM.from_config(
+        config, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
 
 
 def build(model_type: str, dtype=torch.float64):
@@ -207,11 +289,17 @@ def test_split_model_matches_fused_and_calibration_mode_sees_all_tokens(model_ty
     for name, mod in mods.items():
         for lin_name, lin in mod.named_modules():
             if isinstance(lin, nn.Linear):
-                handles.append(lin.register_forward_hook(
-                    lambda m, inp, o, key=f"{name}.{lin_name}": seen.setdefault(key, []).append(rows(inp[0]))))
+                handles.append(
+                    lin.register_forward_hook(
+                        lambda m, inp, o, key=f"{name}.{lin_name}": seen.setdefault(key, []).append(rows(inp[0]))
+                    )
+                )
         if isinstance(mod, SplitExperts):
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, args, key=name: routed.__setitem__(key, args[1].reshape(rows(args[0]), -1))))
+            handles.append(
+                mod.register_forward_pre_hook(
+                    lambda m, args, key=name: routed.__setitem__(key, args[1].reshape(rows(args[0]), -1))
+                )
+            )
     with all_experts(model):
         calib = _logits(model, ids)
     for h in handles:
@@ -228,7 +316,8 @@ def test_split_model_matches_fused_and_calibration_mode_sees_all_tokens(model_ty
             continue
         assert len(lins) == sum(isinstance(m, nn.Linear) for m in mod.modules())
         assert all(seen[k] == [tokens] for k in lins), f"{name}: an expert linear missed tokens: " + str(
-            {k: seen[k] for k in lins if seen[k] != [tokens]})
+            {k: seen[k] for k in lins if seen[k] != [tokens]}
+        )
         if isinstance(mod, SplitExperts):
             index = routed[name]
             valid = index[(index >= 0) & (index < mod.num_experts)]
@@ -288,13 +377,28 @@ def _direct(module_name, config_cls, experts_cls, **kw):
 
 DIRECT = {
     # post_expert_norm (scale-then-RMSNorm after each expert)
-    "muse_spark": lambda: _direct("muse_spark", "MuseSparkTextConfig", "MuseSparkExperts", hidden_size=64,
-                                  num_attention_heads=4, num_key_value_heads=2, moe_hidden_size=64,
-                                  moe_intermediate_size=32, num_local_experts=4),
+    "muse_spark": lambda: _direct(
+        "muse_spark",
+        "MuseSparkTextConfig",
+        "MuseSparkExperts",
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_hidden_size=64,
+        moe_intermediate_size=32,
+        num_local_experts=4,
+    ),
     # biases, transposed, concatenated gate/up, its own clamped SwiGLU, float32 compute
-    "openai_privacy_filter": lambda: _direct("openai_privacy_filter", "OpenAIPrivacyFilterConfig",
-                                             "OpenAIPrivacyFilterExperts", hidden_size=64, intermediate_size=32,
-                                             num_local_experts=4, num_attention_heads=4, num_key_value_heads=2),
+    "openai_privacy_filter": lambda: _direct(
+        "openai_privacy_filter",
+        "OpenAIPrivacyFilterConfig",
+        "OpenAIPrivacyFilterExperts",
+        hidden_size=64,
+        intermediate_size=32,
+        num_local_experts=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
 }
 
 
@@ -311,12 +415,18 @@ def _experts_module(model_type, dtype):
     return model.get_submodule(name)
 
 
-@pytest.mark.parametrize("model_type,dtype,tol", [
-    ("qwen3_moe", torch.float64, 1e-13), ("qwen3_moe", torch.float32, 1e-6),
-    ("gpt_oss", torch.float64, 1e-13), ("gpt_oss", torch.float32, 1e-6),  # bias, transposed, interleaved
-    ("nemotron_h", torch.float32, 1e-6),  # ungated: up_proj, act, down_proj
-    ("muse_spark", torch.float32, 1e-6), ("openai_privacy_filter", torch.float32, 1e-6),
-])
+@pytest.mark.parametrize(
+    "model_type,dtype,tol",
+    [
+        ("qwen3_moe", torch.float64, 1e-13),
+        ("qwen3_moe", torch.float32, 1e-6),
+        ("gpt_oss", torch.float64, 1e-13),
+        ("gpt_oss", torch.float32, 1e-6),  # bias, transposed, interleaved
+        ("nemotron_h", torch.float32, 1e-6),  # ungated: up_proj, act, down_proj
+        ("muse_spark", torch.float32, 1e-6),
+        ("openai_privacy_filter", torch.float32, 1e-6),
+    ],
+)
 def test_every_routing_including_unrouted_tokens_and_idle_experts(model_type, dtype, tol):
     fused = _experts_module(model_type, dtype)
     num_experts = fused.num_experts

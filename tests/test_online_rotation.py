@@ -11,11 +11,11 @@ from tiny import CONFIGS, sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq.archs import UnsupportedArchError
+from smoothq.core.quant import absmax_to_scale, quantize_activation, quantize_weight
 from smoothq.evaluation.compare import linear_sqnr
 from smoothq.formats.io import CheckpointError
 from smoothq.runtime.input_rotation import InputRotation
 from smoothq.transforms.online_rotation import rotate_inputs, targets
-from smoothq.core.quant import absmax_to_scale, quantize_activation, quantize_weight
 
 
 def logits(model, ids):
@@ -27,9 +27,17 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("n,factors,block", [(96, (12, 8), False), (256, (256,), False), (576, (36, 16), False),
-                                             (1536, (12, 128), False), (2752, (43, 64), True),
-                                             (14336, (28, 256, 2), False)])
+@pytest.mark.parametrize(
+    "n,factors,block",
+    [
+        (96, (12, 8), False),
+        (256, (256,), False),
+        (576, (36, 16), False),
+        (1536, (12, 128), False),
+        (2752, (43, 64), True),
+        (14336, (28, 256, 2), False),
+    ],
+)
 def test_fast_transform_is_the_orthogonal_randomized_hadamard_matrix(n, factors, block):
     rot = InputRotation(n, seed=3)
     assert rot.factors == factors and rot.block_diagonal == block
@@ -40,7 +48,7 @@ def test_fast_transform_is_the_orthogonal_randomized_hadamard_matrix(n, factors,
     q = rot.matrix()
     torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
     width = 64 if block else n  # block-diagonal: each input channel spreads over its block only
-    assert torch.allclose(q.abs()[q != 0], torch.tensor(width ** -0.5, dtype=torch.float64))
+    assert torch.allclose(q.abs()[q != 0], torch.tensor(width**-0.5, dtype=torch.float64))
     assert int((q != 0).sum(dim=0).min()) == width
     x = torch.randn(2, 5, n)
     torch.testing.assert_close(rot(x), (x.double() @ q).float(), atol=1e-5, rtol=1e-5)
@@ -65,14 +73,19 @@ def test_rotating_the_inputs_leaves_fp32_logits_unchanged_on_every_architecture(
     names = [n for n, _ in targets(model)]
     before = {n: sq.archs.weight_nk(model.get_submodule(n)).detach().clone() for n in names}
     rotate_inputs(model, seed=1)
-    assert model.smoothq.input_rotation["linears"] == names and len(names) == model.config.num_hidden_layers \
-        * (model.config.num_local_experts if name == "mixtral" else 1)
+    assert model.smoothq.input_rotation["linears"] == names and len(names) == model.config.num_hidden_layers * (
+        model.config.num_local_experts if name == "mixtral" else 1
+    )
     assert rel_err(logits(model, ids), ref) < 1e-5
     for n in names:  # the stored weight really is W Q
         w = sq.archs.weight_nk(model.get_submodule(n))
         assert not torch.allclose(w, before[n])
-        torch.testing.assert_close(w.double(), before[n].double() @ model.get_submodule(n).smoothq_input_rotation
-                                   .matrix(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            w.double(),
+            before[n].double() @ model.get_submodule(n).smoothq_input_rotation.matrix(),
+            atol=1e-5,
+            rtol=1e-5,
+        )
     twin = copy.deepcopy(model)  # the pre-hook and the rotation travel with a copy
     assert rel_err(logits(twin, ids), ref) < 1e-5
 
@@ -114,10 +127,15 @@ def test_recalibration_measures_the_rotated_inputs_and_keeps_every_other_statist
     st = sq.smooth(model, stats, 0.5)
     names = [n for n, _ in targets(model)]
     seen = {}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda m, a, o, n=n: seen.__setitem__(n, torch.maximum(seen.get(n, torch.zeros(a[0].shape[-1])),
-                                                                 a[0].abs().reshape(-1, a[0].shape[-1]).amax(0))))
-        for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: seen.__setitem__(
+                n,
+                torch.maximum(seen.get(n, torch.zeros(a[0].shape[-1])), a[0].abs().reshape(-1, a[0].shape[-1]).amax(0)),
+            )
+        )
+        for n in names
+    ]
     plain = {n: st[n].clone() for n in names}
     out = rotate_inputs(model, st, ids)
     for h in handles:

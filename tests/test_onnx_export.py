@@ -31,8 +31,9 @@ pytest.importorskip("onnxscript")
 
 # the exactness claims hold where ONNX Runtime's u8 x s8 MatMulInteger sums are exact (checked, not
 # assumed: on an AVX2-only EPYC they saturate); elsewhere those tests are skipped with the reason
-exact_sums = pytest.mark.skipif(not ox.integer_sums_exact(),
-                                reason="ONNX Runtime's MatMulInteger sums are not exact on this CPU (no VNNI)")
+exact_sums = pytest.mark.skipif(
+    not ox.integer_sums_exact(), reason="ONNX Runtime's MatMulInteger sums are not exact on this CPU (no VNNI)"
+)
 
 REL_TOL, FLIP_TOL = 1e-5, 2e-2
 
@@ -103,9 +104,16 @@ def test_one_quantized_linear_is_bit_exact_in_onnx_runtime(tmp_path, scheme):
     x[1, 5] = 0.0  # an all-zero token: the scale floor
     path, dyn = tmp_path / "linear.onnx", torch.export.Dim.DYNAMIC
     with torch.no_grad():
-        torch.onnx.export(ox.OnnxInt8Linear(layer).eval(), (x,), str(path), dynamo=True, opset_version=ox.OPSET,
-                          input_names=["x"], dynamic_shapes={"x": {0: dyn, 1: dyn}},
-                          custom_translation_table={ox._int8_linear_op(): ox._onnx_int8_linear})
+        torch.onnx.export(
+            ox.OnnxInt8Linear(layer).eval(),
+            (x,),
+            str(path),
+            dynamo=True,
+            opset_version=ox.OPSET,
+            input_names=["x"],
+            dynamic_shapes={"x": {0: dyn, 1: dyn}},
+            custom_translation_table={ox._int8_linear_op(): ox._onnx_int8_linear},
+        )
         want = layer(x)
     got = ox.session(path).run(None, {"x": x.numpy()})[0]
     assert np.array_equal(got, want.numpy())
@@ -159,7 +167,7 @@ def test_decode_with_the_kv_cache_matches_the_full_forward(w8a8):
     logits, past = lm.step(ids[:, :6])  # prefill: an empty past
     assert past["past_key_values.0.key"].shape[2] == 6
     for t in range(6, 9):  # one token at a time
-        logits, past = lm.step(ids[:, t:t + 1], np.ones((2, t + 1), np.int64), past)
+        logits, past = lm.step(ids[:, t : t + 1], np.ones((2, t + 1), np.int64), past)
     with torch.no_grad():
         want = model(ids).logits[:, -1]
     _close(logits[:, -1], want)

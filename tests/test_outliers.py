@@ -19,8 +19,12 @@ def sqnr_db(ref, out):
 def test_smoothquant_beats_naive_o3_with_planted_outliers(name):
     model = tiny_model(name)
     res = resolve(model)
-    plant_outliers(model, [{"prev": res.modules[g.prev], "linears": [res.modules[n] for n in g.linears]}
-                           for g in res.groups], factor=10.0, fraction=0.1)
+    plant_outliers(
+        model,
+        [{"prev": res.modules[g.prev], "linears": [res.modules[n] for n in g.linears]} for g in res.groups],
+        factor=10.0,
+        fraction=0.1,
+    )
     calib, test = sample_ids(n=8, length=32, seed=1), sample_ids(n=4, length=32, seed=2)
     with torch.no_grad():
         ref = model(test).logits

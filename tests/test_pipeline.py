@@ -13,9 +13,9 @@ from test_sequential import assert_same_checkpoint, save_source
 from tiny import CONFIGS, plant_outliers, sample_ids, tiny_model, tiny_tokenizer
 
 import smoothq as sq
-from smoothq.formats import io
 from smoothq.archs import UnsupportedArchError, arch_for, resolve
 from smoothq.core.recipe import PRESETS, Recipe, RecipeError
+from smoothq.formats import io
 from smoothq.pipeline.layered import ResumeError, interrupted_run, quantize_sequential
 
 ARCHS = list(CONFIGS)
@@ -34,14 +34,25 @@ def recipes_for(arch, producer: str) -> dict[str, Recipe]:
     out = {
         "best-o3+sink": Recipe.preset("best-o3").override({**small, **online, "sink_tokens": 1}),
         "best-w8a8": Recipe.preset("best-w8a8").override({**small, **online}),
-        "auto+clip": Recipe.from_dict({"scheme": "O3", "propagation": "float", "calibration": {"seqlen": 16},
-                                       "smoothing": {"alpha": "auto", "extra": ["all"],
-                                                     "search": {"samples": 2, "guard": False}},
-                                       "clip": {"method": "percentile", "percentile": 99.0}}),
+        "auto+clip": Recipe.from_dict(
+            {
+                "scheme": "O3",
+                "propagation": "float",
+                "calibration": {"seqlen": 16},
+                "smoothing": {"alpha": "auto", "extra": ["all"], "search": {"samples": 2, "guard": False}},
+                "clip": {"method": "percentile", "percentile": 99.0},
+            }
+        ),
     }
     # a fixed alpha with a per-group override (keyed by the group's producer), O1, no rotation
-    out["o1+alphas"] = Recipe.from_dict({"scheme": "O1", "propagation": "float", "calibration": {"seqlen": 16},
-                                         "smoothing": {"alpha": 0.6, "extra": ["all"], "alphas": {producer: 0.8}}})
+    out["o1+alphas"] = Recipe.from_dict(
+        {
+            "scheme": "O1",
+            "propagation": "float",
+            "calibration": {"seqlen": 16},
+            "smoothing": {"alpha": 0.6, "extra": ["all"], "alphas": {producer: 0.8}},
+        }
+    )
     return out
 
 
@@ -50,8 +61,9 @@ def both_executors(tmp_path, name: str, recipe: Recipe, ids):
     if not src.exists():
         save_source(tiny_model(name), src)
     mem = sq.run(_load(src), recipe, ids, output=tmp_path / "mem", progress=False)
-    lay = sq.run(src, recipe, ids, output=tmp_path / "lay", executor="layered", attn_implementation="eager",
-                 progress=False)
+    lay = sq.run(
+        src, recipe, ids, output=tmp_path / "lay", executor="layered", attn_implementation="eager", progress=False
+    )
     return mem, lay
 
 
@@ -79,8 +91,14 @@ def test_a_recipe_the_architecture_cannot_run_is_refused_the_same_way_by_both(tm
         with pytest.raises(UnsupportedArchError, match="cannot be rotated exactly.*rotation.optional"):
             sq.run(model, forced, ids, output=tmp_path / executor, executor=executor, progress=False)
         with pytest.raises(UnsupportedArchError, match="bloom has no exact 'mlp_updown' smoothing group"):
-            sq.run(model, {"smoothing": {"alpha": 0.5, "extra": ["mlp_updown"]}}, ids, output=tmp_path / executor,
-                   executor=executor, progress=False)
+            sq.run(
+                model,
+                {"smoothing": {"alpha": 0.5, "extra": ["mlp_updown"]}},
+                ids,
+                output=tmp_path / executor,
+                executor=executor,
+                progress=False,
+            )
         assert not (tmp_path / executor).exists()
 
 
@@ -99,19 +117,34 @@ def test_layer_local_guard_and_quantized_propagation_stay_close_to_the_in_memory
     hurts by up to 2x either way on held-out text; the layer-local one kept the searched alphas here."""
     model = tiny_model("llama")
     res = resolve(model)
-    plant_outliers(model, [{"prev": res.modules[g.prev], "linears": [res.modules[n] for n in g.linears]}
-                           for g in res.groups], factor=20.0)
+    plant_outliers(
+        model,
+        [{"prev": res.modules[g.prev], "linears": [res.modules[n] for n in g.linears]} for g in res.groups],
+        factor=20.0,
+    )
     src = save_source(model, tmp_path / "src")
     ids, held_out = sample_ids(8, 32), sample_ids(4, 32, seed=7)
     ref = _load(src)(held_out).logits.detach()
-    recipe = Recipe.from_dict({"scheme": "O3", "propagation": "float", "calibration": {"seqlen": 32},
-                               "smoothing": {"alpha": "auto", "extra": ["all"], "search": {"samples": 4,
-                                                                                           "guard": True}}})
+    recipe = Recipe.from_dict(
+        {
+            "scheme": "O3",
+            "propagation": "float",
+            "calibration": {"seqlen": 32},
+            "smoothing": {"alpha": "auto", "extra": ["all"], "search": {"samples": 4, "guard": True}},
+        }
+    )
     mem = sq.run(_load(src), recipe, ids, output=tmp_path / "mem", progress=False)
     errors = {"in-memory": _relative_error(io.load(mem.output)[0], held_out, ref)}
     for prop in ("float", "quantized"):
-        lay = sq.run(src, recipe.override({"propagation": prop}), ids, output=tmp_path / prop, executor="layered",
-                     attn_implementation="eager", progress=False)
+        lay = sq.run(
+            src,
+            recipe.override({"propagation": prop}),
+            ids,
+            output=tmp_path / prop,
+            executor="layered",
+            attn_implementation="eager",
+            progress=False,
+        )
         errors[prop] = _relative_error(io.load(lay.output)[0], held_out, ref)
         cfg = json.loads((lay.output / "config.json").read_text())
         assert cfg["smoothq"]["search"]["alphas"]
@@ -125,11 +158,16 @@ def test_layer_local_guard_and_quantized_propagation_stay_close_to_the_in_memory
 
 
 RESUME_RECIPES = {
-    "best-o3": Recipe.preset("best-o3").override({"calibration.seqlen": 16, "propagation": "float",
-                                                  "sink_tokens": 1}),
-    "auto-quantized": Recipe.from_dict({"scheme": "W8A8", "propagation": "quantized", "calibration": {"seqlen": 16},
-                                        "rotation": {"kind": "hadamard"},
-                                        "smoothing": {"alpha": "auto", "search": {"samples": 2, "guard": True}}}),
+    "best-o3": Recipe.preset("best-o3").override({"calibration.seqlen": 16, "propagation": "float", "sink_tokens": 1}),
+    "auto-quantized": Recipe.from_dict(
+        {
+            "scheme": "W8A8",
+            "propagation": "quantized",
+            "calibration": {"seqlen": 16},
+            "rotation": {"kind": "hadamard"},
+            "smoothing": {"alpha": "auto", "search": {"samples": 2, "guard": True}},
+        }
+    ),
 }
 
 
@@ -137,8 +175,15 @@ RESUME_RECIPES = {
 def test_an_interrupted_recipe_resumes_to_the_same_checkpoint(tmp_path, label):
     recipe = RESUME_RECIPES[label]
     torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=256, pad_token_id=0)
+    config = T.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        pad_token_id=0,
+    )
     src = save_source(T.AutoModelForCausalLM.from_config(config, attn_implementation="eager"), tmp_path / "src")
     ids, out = sample_ids(4, 16), tmp_path / "out"
     kw = {"recipe": recipe, "attn_implementation": "eager", "progress": False}
@@ -187,20 +232,23 @@ def test_every_preset_round_trips_through_dicts_yaml_and_json(tmp_path, preset):
     assert sq.run.__module__ == "smoothq.pipeline.run"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"smoothing": {"alpha": 1.5}}, r"smoothing.alpha"),
-    ({"smoothing": {"alpha": "often"}}, r"smoothing.alpha must be a number"),
-    ({"smoothing": {"extra": ["everything"]}}, r"smoothing"),
-    ({"smoothing": {"alpha": None, "alphas": {"attn_vo": 0.5}}}, r"no smoothing"),
-    ({"colour": "blue"}, r"unknown recipe field 'colour'"),
-    ({"scheme": "W4A4"}, r"scheme"),
-    ({"scheme": "W8A8", "clip": {"method": "mse"}}, r"computes them per batch"),
-    ({"scheme": "O2", "output": {"format": "compressed-tensors"}}, r"O2 .* no INT8 scheme"),
-    ({"sink_tokens": 600}, r"leaves no calibration tokens"),
-    ({"calibration": {"samples": 0}}, r"calibration.samples must be a positive integer"),
-    ({"propagation": "sideways"}, r"propagation must be"),
-    ({"rotation": {"kind": "givens"}}, r"rotation.kind"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"smoothing": {"alpha": 1.5}}, r"smoothing.alpha"),
+        ({"smoothing": {"alpha": "often"}}, r"smoothing.alpha must be a number"),
+        ({"smoothing": {"extra": ["everything"]}}, r"smoothing"),
+        ({"smoothing": {"alpha": None, "alphas": {"attn_vo": 0.5}}}, r"no smoothing"),
+        ({"colour": "blue"}, r"unknown recipe field 'colour'"),
+        ({"scheme": "W4A4"}, r"scheme"),
+        ({"scheme": "W8A8", "clip": {"method": "mse"}}, r"computes them per batch"),
+        ({"scheme": "O2", "output": {"format": "compressed-tensors"}}, r"O2 .* no INT8 scheme"),
+        ({"sink_tokens": 600}, r"leaves no calibration tokens"),
+        ({"calibration": {"samples": 0}}, r"calibration.samples must be a positive integer"),
+        ({"propagation": "sideways"}, r"propagation must be"),
+        ({"rotation": {"kind": "givens"}}, r"rotation.kind"),
+    ],
+)
 def test_bad_recipes_are_refused_naming_the_field(change, message):
     with pytest.raises(RecipeError, match=message):
         Recipe.from_dict(change)
@@ -221,14 +269,31 @@ def test_cli_preset_saves_a_recipe_that_reproduces_the_checkpoint(tmp_path, data
     tiny_model("llama").save_pretrained(src)
     tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:50_000]).save_pretrained(src)
     quick = ["--samples", "4", "--calib-seqlen", "32", "--save-dtype", "float32"]
-    assert main(["-q", "quantize", str(src), "--preset", "best-o3", "--save-recipe", str(tmp_path / "r.yaml"),
-                 "-o", str(tmp_path / "a"), *quick]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "quantize",
+                str(src),
+                "--preset",
+                "best-o3",
+                "--save-recipe",
+                str(tmp_path / "r.yaml"),
+                "-o",
+                str(tmp_path / "a"),
+                *quick,
+            ]
+        )
+        == 0
+    )
     saved = Recipe.from_file(tmp_path / "r.yaml")
     assert saved.scheme == "O3" and saved.rotate_inputs and saved.calibration.samples == 4
     assert Recipe.from_file(tmp_path / "a") == saved.check(arch_for(tiny_model("llama")))
     assert main(["-q", "quantize", str(src), "--recipe", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "b")]) == 0
-    assert main(["-q", "quantize", str(src), "--recipe", str(tmp_path / "a"), "--sequential", "-o",
-                 str(tmp_path / "c")]) == 0
+    assert (
+        main(["-q", "quantize", str(src), "--recipe", str(tmp_path / "a"), "--sequential", "-o", str(tmp_path / "c")])
+        == 0
+    )
     assert_same_checkpoint(tmp_path / "a", tmp_path / "b")
     assert_same_checkpoint(tmp_path / "a", tmp_path / "c")  # the preset's float propagation: the same
     assert main(["-q", "quantize", str(src), "--recipe", str(tmp_path / "missing.yaml")]) == 2

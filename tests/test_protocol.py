@@ -14,9 +14,9 @@ from tiny import tiny_model, tiny_tokenizer
 
 import smoothq as sq
 from smoothq.core import data
-from smoothq.evaluation.compare import compare
 from smoothq.core.data import DataError, calib_samples, eval_windows, resolve_bos, tokenizer_adds_bos
 from smoothq.core.recipe import Recipe, RecipeError
+from smoothq.evaluation.compare import compare
 
 SEQLEN = 32
 
@@ -70,7 +70,7 @@ def test_auto_windows_of_a_tokenizer_without_bos_are_todays_stream_windows(plain
     ids, _ = data.token_stream(plain_tok, "wikitext2")
     for bos in ("auto", "stream", "none"):
         w = eval_windows(plain_tok, "wikitext2", seqlen=SEQLEN, max_windows=3, bos=bos)
-        assert w.input_ids.equal(ids[:3 * SEQLEN].view(3, SEQLEN)) and (w.start, w.end) == (0, 3 * SEQLEN)
+        assert w.input_ids.equal(ids[: 3 * SEQLEN].view(3, SEQLEN)) and (w.start, w.end) == (0, 3 * SEQLEN)
         assert w.offsets == [0, SEQLEN, 2 * SEQLEN] and w.bos_prefix == 0
     today = calib_samples(plain_tok, "wikitext2-train", n=4, seqlen=SEQLEN, seed=3, bos="stream")
     assert calib_samples(plain_tok, "wikitext2-train", n=4, seqlen=SEQLEN, seed=3).input_ids.equal(today.input_ids)
@@ -83,12 +83,12 @@ def test_window_protocol_prepends_bos_and_keeps_the_same_text_tokens(bos_tok, pl
     window = eval_windows(bos_tok, "wikitext2", seqlen=SEQLEN, max_windows=3, bos="window")
     none = eval_windows(bos_tok, "wikitext2", seqlen=SEQLEN, max_windows=3, bos="none")
     # stream: the text tokenized once, one BOS at the stream start (window 0 only)
-    assert stream.input_ids.equal(ids[:3 * SEQLEN].view(3, SEQLEN))
+    assert stream.input_ids.equal(ids[: 3 * SEQLEN].view(3, SEQLEN))
     assert (stream.input_ids[:, 0] == bos_tok.bos_token_id).tolist() == [True, False, False]
     # window: BOS + seqlen text tokens in every window; the text is the stream's, BOS excepted
     assert window.input_ids.shape == (3, SEQLEN + 1) and window.bos_prefix == 1
     assert (window.input_ids[:, 0] == bos_tok.bos_token_id).all()
-    assert window.text_ids.equal(ids[1:1 + 3 * SEQLEN].view(3, SEQLEN))
+    assert window.text_ids.equal(ids[1 : 1 + 3 * SEQLEN].view(3, SEQLEN))
     assert window.text_ids.equal(none.input_ids)
     assert window.offsets == [1, 1 + SEQLEN, 1 + 2 * SEQLEN] and (window.start, window.end) == (1, 1 + 3 * SEQLEN)
     # none: no BOS anywhere
@@ -114,8 +114,9 @@ def test_window_perplexity_scores_exactly_the_seqlen_text_tokens(bos_tok, model)
     assert len(nll) == 3 * SEQLEN
     assert sq.perplexity(model, window, progress=False) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
     per_window = sq.window_nll(model, window, batch_size=2, progress=False)
-    torch.testing.assert_close(per_window, torch.tensor(nll, dtype=torch.float64).view(3, SEQLEN).mean(1),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        per_window, torch.tensor(nll, dtype=torch.float64).view(3, SEQLEN).mean(1), atol=1e-5, rtol=0
+    )
 
 
 def test_calibration_samples_follow_the_protocol_and_stay_disjoint_across_protocols(bos_tok):
@@ -124,7 +125,7 @@ def test_calibration_samples_follow_the_protocol_and_stay_disjoint_across_protoc
     assert cal.input_ids.shape == (6, SEQLEN + 1) and (cal.input_ids[:, 0] == bos_tok.bos_token_id).all()
     train, _ = data.token_stream(bos_tok, "wikitext2-train")
     for row, offset in zip(cal.text_ids, cal.offsets):
-        assert offset >= 1 and row.equal(train[offset:offset + SEQLEN])  # never the stream's own BOS
+        assert offset >= 1 and row.equal(train[offset : offset + SEQLEN])  # never the stream's own BOS
     none = calib_samples(bos_tok, "wikitext2-train", n=6, seqlen=SEQLEN, seed=1, bos="none")
     assert (none.input_ids != bos_tok.bos_token_id).all()
     for ev_bos in ("stream", "window"):
@@ -146,8 +147,9 @@ def test_chat_calibration_leaves_the_bos_to_the_template(train_text):
 
 
 def test_checkpoints_record_the_calibration_protocol_and_old_ones_read_as_stream(bos_tok, tmp_path):
-    recipe = Recipe.from_dict({"scheme": "O3", "smoothing": {"alpha": 0.5}, "calibration": {"samples": 4,
-                                                                                          "seqlen": SEQLEN}})
+    recipe = Recipe.from_dict(
+        {"scheme": "O3", "smoothing": {"alpha": 0.5}, "calibration": {"samples": 4, "seqlen": SEQLEN}}
+    )
     out = sq.run(tiny_model("llama"), recipe, tokenizer=bos_tok, output=tmp_path / "ckpt", progress=False).output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["smoothq"]["calibration_bos"] == "window" and cfg["smoothq"]["recipe"]["calibration"]["bos"] == "auto"
@@ -161,15 +163,23 @@ def test_checkpoints_record_the_calibration_protocol_and_old_ones_read_as_stream
 def test_layered_executor_and_compare_take_bos_windows(bos_tok, tmp_path):
     """[BOS] + text samples go through both executors (the same checkpoint) and compare()."""
     calib = calib_samples(bos_tok, "wikitext2-train", n=4, seqlen=16, bos="window")
-    recipe = Recipe.from_dict({"scheme": "O3", "smoothing": {"alpha": 0.5}, "propagation": "float",
-                               "calibration": {"seqlen": 16}})
+    recipe = Recipe.from_dict(
+        {"scheme": "O3", "smoothing": {"alpha": 0.5}, "propagation": "float", "calibration": {"seqlen": 16}}
+    )
     save_source(tiny_model("llama"), tmp_path / "src")
     import transformers as T
 
     src_model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager").eval()
     mem = sq.run(src_model, recipe, calib, output=tmp_path / "mem", progress=False)
-    lay = sq.run(tmp_path / "src", recipe, calib, output=tmp_path / "lay", executor="layered",
-                 attn_implementation="eager", progress=False)
+    lay = sq.run(
+        tmp_path / "src",
+        recipe,
+        calib,
+        output=tmp_path / "lay",
+        executor="layered",
+        attn_implementation="eager",
+        progress=False,
+    )
     assert_same_checkpoint(mem.output, lay.output)
     assert json.loads((lay.output / "config.json").read_text())["smoothq"]["calibration_bos"] == "window"
     windows = eval_windows(bos_tok, "wikitext2", seqlen=16, max_windows=2, bos="window")
@@ -185,7 +195,7 @@ def test_smollm2_adds_no_bos_so_auto_windows_are_the_stream_windows(smollm2):
     stream = eval_windows(tok, "wikitext2", seqlen=512, max_windows=4, bos="stream")
     ids = tok(data.load_text("wikitext2")[0], return_tensors="pt").input_ids[0]  # how windows were always cut
     assert auto.bos == "stream" and auto.input_ids.equal(stream.input_ids)
-    assert auto.input_ids.equal(ids[:4 * 512].view(4, 512))
+    assert auto.input_ids.equal(ids[: 4 * 512].view(4, 512))
     calib_auto = calib_samples(tok, "wikitext2-train", n=4, seqlen=512, avoid=auto)
     calib_stream = calib_samples(tok, "wikitext2-train", n=4, seqlen=512, avoid=auto, bos="stream")
     assert calib_auto.input_ids.equal(calib_stream.input_ids)

@@ -113,8 +113,10 @@ def test_quantizing_twice_is_refused():
         sq.quantize(model, "O1")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
 def test_scale_is_the_correctly_rounded_quotient_on_every_device(device):
     """absmax / 127 rounded once (what the Triton kernels' div_rn computes): torch's CUDA division by
     a Python number multiplies by the reciprocal instead, one ulp off for some abs-maxes."""

@@ -44,7 +44,9 @@ def test_smoothing_leaves_smollm2_logits_unchanged(smollm2, options):
         ref = model(ids).logits
     smoothed = copy.deepcopy(model)
     sq.smooth(smoothed, sq.calibrate(smoothed, ids, progress=False), alpha=0.8, options=options)
-    assert set(smoothed.smoothq.scales) >= {"model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj"} or not options
+    assert (
+        set(smoothed.smoothq.scales) >= {"model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj"} or not options
+    )
     with torch.no_grad():
         rel = ((smoothed(ids).logits - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-4
@@ -56,12 +58,15 @@ def test_real_int8_smollm2_matches_fake_quant_and_survives_save_load(smollm2, sc
     windows = sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=3)
     smoothed = copy.deepcopy(model)
     stats = sq.smooth(smoothed, sq.calibrate(smoothed, sq.calib_samples(tok, n=8, seqlen=512), progress=False), 0.8)
-    fake = sq.perplexity(sq.quantize(copy.deepcopy(smoothed), scheme, stats, backend="emulated"), windows, progress=False)
+    fake = sq.perplexity(
+        sq.quantize(copy.deepcopy(smoothed), scheme, stats, backend="emulated"), windows, progress=False
+    )
     real_model = sq.quantize(smoothed, scheme, stats, backend="torch")
     real = sq.perplexity(real_model, windows, progress=False)
     assert abs(real / fake - 1) < 0.005, f"real INT8 {real:.4f} vs fake quant {fake:.4f}"
 
     from smoothq.formats import io
+
     io.save(real_model, tmp_path / "ckpt", tok, float_dtype="auto")
     back, back_tok = io.load(tmp_path / "ckpt")
     assert back_tok is not None and back.dtype == torch.float32

@@ -8,17 +8,25 @@ import torch
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq.runtime.attention import AttnQuantConfig, disable_int8_attention, enable_int8_attention
 from smoothq.core.record import QuantRecord, record
-from smoothq.transforms.search import SearchResult
+from smoothq.runtime.attention import AttnQuantConfig, disable_int8_attention, enable_int8_attention
 from smoothq.runtime.sink import TokenPositions
+from smoothq.transforms.search import SearchResult
 
 # every stage that records something: rotation, calibration, alpha search with clipping, online
 # input rotation, O3 with a sink token
-RECIPE = sq.Recipe.from_dict({
-    "scheme": "O3", "rotation": {"kind": "hadamard"}, "rotate_inputs": True, "sink_tokens": 1,
-    "smoothing": {"alpha": "auto", "extra": ["all"], "search": {"samples": 2, "guard": False}},
-    "clip": {"method": "mse"}, "calibration": {"seqlen": 16}, "output": {"dtype": "float32"}})
+RECIPE = sq.Recipe.from_dict(
+    {
+        "scheme": "O3",
+        "rotation": {"kind": "hadamard"},
+        "rotate_inputs": True,
+        "sink_tokens": 1,
+        "smoothing": {"alpha": "auto", "extra": ["all"], "search": {"samples": 2, "guard": False}},
+        "clip": {"method": "mse"},
+        "calibration": {"seqlen": 16},
+        "output": {"dtype": "float32"},
+    }
+)
 
 
 def _run(tmp_path):

@@ -9,8 +9,8 @@ import torch
 from tiny import CONFIGS, sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq.formats import io
 from smoothq.archs import UnsupportedArchError, arch_for, resolve
+from smoothq.formats import io
 from smoothq.runtime.hadamard import hadamard_matrix
 from smoothq.transforms.rotate import rotate, rotation_matrix
 
@@ -31,7 +31,7 @@ def test_hadamard_matrices_are_orthogonal_with_equal_magnitude_entries(n):
     h = hadamard_matrix(n)
     assert h is not None and h.dtype == torch.float64
     assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(h.abs(), torch.full_like(h, n ** -0.5))  # spreads every channel evenly
+    assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5))  # spreads every channel evenly
 
 
 def test_sizes_without_a_construction_fall_back_to_a_seeded_random_orthogonal_matrix():

@@ -18,8 +18,11 @@ GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 def _outlier_model(name="llama"):
     model = tiny_model(name)
     res = resolve(model)
-    plant_outliers(model, [{"prev": res.modules[g.prev], "linears": [res.modules[n] for n in g.linears]}
-                           for g in res.groups], factor=30.0)
+    plant_outliers(
+        model,
+        [{"prev": res.modules[g.prev], "linears": [res.modules[n] for n in g.linears]} for g in res.groups],
+        factor=30.0,
+    )
     return model
 
 
@@ -89,8 +92,9 @@ def test_auto_smooth_keeps_the_float_model_exact_and_records_the_search():
     with torch.no_grad():
         ref = model(ids).logits
     stats = sq.calibrate(model, ids, progress=False)
-    out = auto_smooth(model, stats, ids, "W8A8", SearchConfig(grid=GRID, samples=4, options="all", guard=False),
-                      progress=False)
+    out = auto_smooth(
+        model, stats, ids, "W8A8", SearchConfig(grid=GRID, samples=4, options="all", guard=False), progress=False
+    )
     with torch.no_grad():
         assert ((model(ids).logits - ref).abs().max() / ref.abs().max()) < 1e-4
     assert model.smoothq.alpha == "auto" and model.smoothq.search.alphas == model.smoothq.alphas
@@ -104,8 +108,14 @@ def test_blockwise_search_uses_one_alpha_per_block():
     model = _outlier_model()
     ids = sample_ids(n=8, length=32)
     stats = sq.calibrate(model, ids, progress=False)
-    r = search_alpha(model, ids, "W8A8", stats, SearchConfig(grid=GRID, samples=4, blockwise=True,
-                                                             options="all", guard=False), progress=False)
+    r = search_alpha(
+        model,
+        ids,
+        "W8A8",
+        stats,
+        SearchConfig(grid=GRID, samples=4, blockwise=True, options="all", guard=False),
+        progress=False,
+    )
     for prefix in ("model.layers.0", "model.layers.1"):
         assert len({a for g, a in r.alphas.items() if g.startswith(prefix + ".")}) == 1
     assert r.block_forwards == 2 * (len(GRID) + 1)
@@ -138,8 +148,14 @@ def test_mse_clipping_lowers_static_scales_where_it_helps_and_only_for_static_sc
     clipped = r.clip_stats(smoothed)
     for n, ratio in r.clip.items():
         assert torch.isclose(clipped[n].amax(), smoothed[n].amax() * ratio)
-    p = search_alpha(model, ids, "O3", stats, SearchConfig(grid=(0.5,), samples=8, clip="percentile",
-                                                           clip_percentile=90), progress=False)
+    p = search_alpha(
+        model,
+        ids,
+        "O3",
+        stats,
+        SearchConfig(grid=(0.5,), samples=8, clip="percentile", clip_percentile=90),
+        progress=False,
+    )
     assert all(v < 1 for v in p.clip.values())  # the 90th percentile token is below the max
 
 
@@ -172,7 +188,9 @@ def test_the_search_fake_quant_reproduces_the_quantized_model(scheme, sink_token
     model = _outlier_model()
     ids = sample_ids(n=8, length=32)
     stats = sq.calibrate(model, ids, progress=False, sink_tokens=sink_tokens)
-    r = search_alpha(model, ids, scheme, stats, SearchConfig(grid=(0.6,), samples=8, batch_size=8, options="all"), progress=False)
+    r = search_alpha(
+        model, ids, scheme, stats, SearchConfig(grid=(0.6,), samples=8, batch_size=8, options="all"), progress=False
+    )
     q = copy.deepcopy(model)
     sq.quantize(q, scheme, sq.smooth(q, stats, 0.6, options="all"), backend="emulated")
     outs = {}

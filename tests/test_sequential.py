@@ -16,9 +16,9 @@ import transformers as T
 from tiny import CONFIGS, sample_ids, tiny_model
 
 import smoothq as sq
+from smoothq.core.recipe import RecipeError
 from smoothq.formats import io, stream
 from smoothq.formats.io import CheckpointError
-from smoothq.core.recipe import RecipeError
 from smoothq.pipeline.layered import ResumeError, interrupted_run, partial_dir, quantize_sequential
 
 HERE = Path(__file__).resolve().parent
@@ -75,9 +75,18 @@ def test_without_error_propagation_the_checkpoint_equals_the_in_memory_one(name,
 def test_layers_with_their_own_masks_and_rotary_get_their_own_arguments(tmp_path):
     """Gemma 3 alternates sliding-window layers (own mask, own rotary base) with global ones: each
     layer must be called with its own arguments, not layer 0's."""
-    config = T.Gemma3TextConfig(head_dim=16, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                                num_attention_heads=4, num_key_value_heads=2, vocab_size=256, sliding_window=4,
-                                layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0)
+    config = T.Gemma3TextConfig(
+        head_dim=16,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     src = save_source(model, tmp_path / "src")
@@ -120,8 +129,14 @@ def test_cpu_offloaded_activations_device_map_and_no_accelerate_change_nothing(t
     src = save_source(tiny_model("llama"), tmp_path / "src")
     ids = sample_ids(5, 16)  # 5 sequences in batches of 2: a ragged last batch
     sequential(src, tmp_path / "ref", ids, batch_size=2)
-    sequential(src, tmp_path / "a", ids, batch_size=2, activations="cpu",
-               device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "": torch.device("cpu")})
+    sequential(
+        src,
+        tmp_path / "a",
+        ids,
+        batch_size=2,
+        activations="cpu",
+        device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "": torch.device("cpu")},
+    )
     assert_same_checkpoint(tmp_path / "ref", tmp_path / "a")
     monkeypatch.setitem(sys.modules, "accelerate", None)  # its import now fails: our own meta init
     sequential(src, tmp_path / "b", ids, batch_size=2, device_map="auto")
@@ -157,10 +172,19 @@ def test_sharded_compressed_tensors_export_is_what_compressed_tensors_and_vllm_r
 
     src = save_source(tiny_model("llama"), tmp_path / "src")
     ids = sample_ids(4, 16)
-    out = sequential(src, tmp_path / "ct", ids, scheme=scheme, format="compressed-tensors", float_dtype="float32",
-                     max_shard_bytes=30_000, error_propagation=False)
-    in_memory(src, tmp_path / "mem", ids, scheme, fmt="compressed-tensors", float_dtype="float32",
-              max_shard_bytes=30_000)
+    out = sequential(
+        src,
+        tmp_path / "ct",
+        ids,
+        scheme=scheme,
+        format="compressed-tensors",
+        float_dtype="float32",
+        max_shard_bytes=30_000,
+        error_propagation=False,
+    )
+    in_memory(
+        src, tmp_path / "mem", ids, scheme, fmt="compressed-tensors", float_dtype="float32", max_shard_bytes=30_000
+    )
     assert_same_checkpoint(tmp_path / "mem", out)
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
@@ -182,8 +206,9 @@ def test_sharded_compressed_tensors_export_is_what_compressed_tensors_and_vllm_r
         assert {f"{name}.{p}" for p in parts} <= index["weight_map"].keys(), name
     assert qc["ignore"] == ["lm_head"]
     # transformers + compressed-tensors (what vLLM's loader reads too) decompresses it
-    hf = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                quantization_config=CompressedTensorsConfig(dequantize=True))
+    hf = T.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     q = tensors(out)
     w = q["model.layers.1.mlp.down_proj.weight"].float() * q["model.layers.1.mlp.down_proj.weight_scale"]
     assert torch.equal(hf.model.layers[1].mlp.down_proj.weight, w)
@@ -195,8 +220,15 @@ def test_sharded_compressed_tensors_export_is_what_compressed_tensors_and_vllm_r
 
 def four_layer_llama(tmp_path) -> Path:
     torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=256, pad_token_id=0)
+    config = T.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        pad_token_id=0,
+    )
     return save_source(T.AutoModelForCausalLM.from_config(config, attn_implementation="eager"), tmp_path / "src")
 
 
@@ -364,9 +396,15 @@ def test_shard_writer_matches_save_file_layout_in_any_write_order(tmp_path):
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    state = {"a": torch.randn(3, 5), "b": torch.randint(-127, 127, (7, 3), dtype=torch.int8),
-             "c": torch.randn(4).to(torch.bfloat16), "d": torch.randn(2, 2).half(), "e": torch.ones(1),
-             "f": torch.zeros(0), "g": torch.tensor([True, False])}
+    state = {
+        "a": torch.randn(3, 5),
+        "b": torch.randint(-127, 127, (7, 3), dtype=torch.int8),
+        "c": torch.randn(4).to(torch.bfloat16),
+        "d": torch.randn(2, 2).half(),
+        "e": torch.ones(1),
+        "f": torch.zeros(0),
+        "g": torch.tensor([True, False]),
+    }
     layout = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
     w = stream.ShardWriter(tmp_path, layout, max_shard_bytes=40)
     for k in reversed(list(state)):
@@ -376,7 +414,9 @@ def test_shard_writer_matches_save_file_layout_in_any_write_order(tmp_path):
     io._write_shards(state, tmp_path / "ref", 40)  # what save() writes
     for name in [io.INDEX_FILE, *sorted(p.name for p in (tmp_path / "ref").glob("*.safetensors"))]:
         assert (tmp_path / name).is_file(), name
-    assert json.loads((tmp_path / io.INDEX_FILE).read_text()) == json.loads((tmp_path / "ref" / io.INDEX_FILE).read_text())
+    assert json.loads((tmp_path / io.INDEX_FILE).read_text()) == json.loads(
+        (tmp_path / "ref" / io.INDEX_FILE).read_text()
+    )
     back = io._read_tensors(tmp_path)
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
     for f in tmp_path.glob("*.safetensors"):
@@ -397,8 +437,21 @@ def test_cli_quantizes_sequentially_and_resumes(tmp_path, data_dir, capsys):
     src = four_layer_llama(tmp_path)
     tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000]).save_pretrained(src)
     out = tmp_path / "out"
-    args = ["quantize", str(src), "--sequential", "--samples", "4", "--calib-seqlen", "32", "--scheme", "O3",
-            "--format", "compressed-tensors", "-o", str(out)]
+    args = [
+        "quantize",
+        str(src),
+        "--sequential",
+        "--samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--scheme",
+        "O3",
+        "--format",
+        "compressed-tensors",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0
     assert "layered, quantized propagation" in capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
@@ -423,9 +476,22 @@ def test_peak_memory_is_bounded_by_a_layer_not_the_model(tmp_path):
     config = synthetic.config_for(2.4e9)  # 24 layers of ~88 MB (fp16) + 2 x 131 MB embeddings
     src = synthetic.write_checkpoint(tmp_path / "src", config, max_shard_bytes=512 * 1024**2)
     try:
-        proc = subprocess.run([sys.executable, str(HERE / "synthetic.py"), "sequential", str(src),
-                               str(tmp_path / "out"), "--samples", "2", "--seqlen", "32"],
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "synthetic.py"),
+                "sequential",
+                str(src),
+                str(tmp_path / "out"),
+                "--samples",
+                "2",
+                "--seqlen",
+                "32",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         fp32_layer = synthetic.layer_bytes(config, torch.float32)
@@ -437,7 +503,9 @@ def test_peak_memory_is_bounded_by_a_layer_not_the_model(tmp_path):
         assert result["peak_rss"] < bound, (result, bound)
         last = f"model.layers.{config.num_hidden_layers - 1}.mlp.down_proj"
         assert {f"{last}.weight", f"{last}.weight_scale"} <= set(stream.SourceCheckpoint(tmp_path / "out").keys())
-        print(f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB (bound {bound / 2**30:.2f} GiB, fp32 model "
-              f"{fp32_model / 2**30:.2f} GiB) in {result['seconds']:.0f}s")
+        print(
+            f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB (bound {bound / 2**30:.2f} GiB, fp32 model "
+            f"{fp32_model / 2**30:.2f} GiB) in {result['seconds']:.0f}s"
+        )
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)

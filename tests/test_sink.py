@@ -7,8 +7,8 @@ import torch
 from tiny import CONFIGS, sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq.formats.io import CheckpointError
 from smoothq.core.quant import absmax_to_scale, quantize
+from smoothq.formats.io import CheckpointError
 from smoothq.runtime.sink import quantize_with_sinks
 
 

@@ -10,8 +10,14 @@ from tiny import VOCAB, tiny_model, tiny_tokenizer
 
 from smoothq.core import data
 from smoothq.core.data import DataError
-from smoothq.evaluation.tasks import (LambadaExample, encode_example, greedy_matches, lambada_accuracy, lambada_examples,
-                           split_last_word)
+from smoothq.evaluation.tasks import (
+    LambadaExample,
+    encode_example,
+    greedy_matches,
+    lambada_accuracy,
+    lambada_examples,
+    split_last_word,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,8 @@ def reference_match(model, example: LambadaExample) -> bool:
     """Greedy decoding, one token at a time, from the context alone: correct iff each generated
     token is the target's."""
     ids = example.input_ids
-    context = ids[:len(ids) - example.target_len]
-    for expected in ids[len(context):]:
+    context = ids[: len(ids) - example.target_len]
+    for expected in ids[len(context) :]:
         logits = model(input_ids=torch.tensor([context])).logits[0, -1]
         if logits.argmax().item() != expected:
             return False
@@ -43,7 +49,7 @@ def greedy_continuation(model, context: list[int], n: int) -> list[int]:
     ids = list(context)
     for _ in range(n):
         ids.append(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item())
-    return ids[len(context):]
+    return ids[len(context) :]
 
 
 def test_split_last_word():
@@ -102,8 +108,14 @@ def word_tokenizer(words: list[str], add_bos: bool):
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_hand_made_model_gets_exactly_the_counting_lines_right(tmp_path, add_bos):
     words = ["zero", "one", "two", "three", "four", "five", "six"]
-    lines = ["one two three", "two three five", "zero one two three four", "four five four", "five six",
-             "three four two"]
+    lines = [
+        "one two three",
+        "two three five",
+        "zero one two three four",
+        "four five four",
+        "five six",
+        "three four two",
+    ]
     path = tmp_path / "lines.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
     tok = word_tokenizer(words, add_bos)
@@ -119,9 +131,15 @@ def test_hand_made_model_gets_exactly_the_counting_lines_right(tmp_path, add_bos
 def test_each_example_gets_the_bos_protocol(train_text):
     bos_tok = tiny_tokenizer(train_text, add_bos=True)
     plain_tok = tiny_tokenizer(train_text)
-    for tok, bos, has_bos in [(bos_tok, "auto", True), (bos_tok, "window", True), (bos_tok, "stream", True),
-                              (bos_tok, "none", False), (plain_tok, "auto", False), (plain_tok, "window", True),
-                              (plain_tok, "none", False)]:
+    for tok, bos, has_bos in [
+        (bos_tok, "auto", True),
+        (bos_tok, "window", True),
+        (bos_tok, "stream", True),
+        (bos_tok, "none", False),
+        (plain_tok, "auto", False),
+        (plain_tok, "window", True),
+        (plain_tok, "none", False),
+    ]:
         examples, _ = lambada_examples(tok, limit=3, bos=bos)
         assert all((e.input_ids[0] == tok.bos_token_id) == has_bos for e in examples), (bos, has_bos)
         assert all(tok.bos_token_id not in e.input_ids[1:] for e in examples)
@@ -137,10 +155,10 @@ def test_targets_are_the_last_word_tokenized_in_context(train_text):
         first = json.loads(f.readline())["text"]
     assert first.endswith(" signs")
     e = examples[0]
-    assert tok.decode(e.input_ids[-e.target_len:]) == " signs"
+    assert tok.decode(e.input_ids[-e.target_len :]) == " signs"
     assert e.input_ids == tok(first).input_ids  # context + target in one piece, as tokenized whole
     one = encode_example(tok, "about", " signs", prepend_bos=False)
-    assert tok.decode(one.input_ids[-one.target_len:]) == " signs"
+    assert tok.decode(one.input_ids[-one.target_len :]) == " signs"
     with pytest.raises(DataError, match="positive number of examples"):
         lambada_examples(tok, limit=0)
 

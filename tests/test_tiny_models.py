@@ -5,10 +5,36 @@ import torch
 
 from smoothq.archs import tiny
 
-IMPORTANT = ["qwen3_moe", "qwen3_5_text", "qwen3_next", "gpt_oss", "deepseek_v3", "llama4_text", "olmo2", "olmo3",
-             "granite", "granitemoe", "granitemoehybrid", "cohere2", "ministral", "phi", "smollm3", "gemma3n_text",
-             "exaone4", "starcoder2", "gpt_bigcode", "stablelm", "internlm3", "nemotron", "seed_oss", "glm4_moe",
-             "apertus", "hunyuan_v1_dense", "llama", "gemma3_text"]
+IMPORTANT = [
+    "qwen3_moe",
+    "qwen3_5_text",
+    "qwen3_next",
+    "gpt_oss",
+    "deepseek_v3",
+    "llama4_text",
+    "olmo2",
+    "olmo3",
+    "granite",
+    "granitemoe",
+    "granitemoehybrid",
+    "cohere2",
+    "ministral",
+    "phi",
+    "smollm3",
+    "gemma3n_text",
+    "exaone4",
+    "starcoder2",
+    "gpt_bigcode",
+    "stablelm",
+    "internlm3",
+    "nemotron",
+    "seed_oss",
+    "glm4_moe",
+    "apertus",
+    "hunyuan_v1_dense",
+    "llama",
+    "gemma3_text",
+]
 
 
 def _logits(model_type: str, seed: int = 0) -> tuple[torch.Tensor, int]:
@@ -50,8 +76,12 @@ def test_tiny_config_reports_what_it_shrank():
 
 
 def test_hybrid_stacks_keep_one_layer_of_each_kind():
-    for model_type, field in [("qwen3_next", "layer_types"), ("gemma3_text", "layer_types"),
-                              ("granitemoehybrid", "layer_types"), ("cohere2", "layer_types")]:
+    for model_type, field in [
+        ("qwen3_next", "layer_types"),
+        ("gemma3_text", "layer_types"),
+        ("granitemoehybrid", "layer_types"),
+        ("cohere2", "layer_types"),
+    ]:
         cfg, _ = tiny.tiny_config(model_type)
         kinds = getattr(cfg, field)
         assert len(set(kinds)) >= 2, (model_type, kinds)

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_plugin_is_declared_as_a_vllm_general_plugin():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"]["vllm.general_plugins"] == {"smoothq_cpu_transforms": "smoothq.formats.vllm_plugin:register"}
+    assert project["entry-points"]["vllm.general_plugins"] == {
+        "smoothq_cpu_transforms": "smoothq.formats.vllm_plugin:register"
+    }
 
 
 def _fake_vllm(monkeypatch, is_cpu: bool):
@@ -39,14 +41,19 @@ def _fake_vllm(monkeypatch, is_cpu: bool):
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
     monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     monkeypatch.setitem(sys.modules, "vllm.model_executor.layers.quantization.compressed_tensors.transform", transform)
-    for parent in ("vllm.model_executor", "vllm.model_executor.layers", "vllm.model_executor.layers.quantization",
-                   "vllm.model_executor.layers.quantization.compressed_tensors"):
+    for parent in (
+        "vllm.model_executor",
+        "vllm.model_executor.layers",
+        "vllm.model_executor.layers.quantization",
+        "vllm.model_executor.layers.quantization.compressed_tensors",
+    ):
         monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
     return HadamardTransform
 
 
 def test_on_vllm_cpu_transform_modules_get_a_cpu_linear_and_compute_x_times_the_matrix(monkeypatch):
     from smoothq.formats import vllm_plugin
+
     cls = _fake_vllm(monkeypatch, is_cpu=True)
     vllm_plugin.register()
     vllm_plugin.register()  # loaded by several processes / twice: patched once
@@ -61,6 +68,7 @@ def test_on_vllm_cpu_transform_modules_get_a_cpu_linear_and_compute_x_times_the_
 
 def test_off_the_cpu_or_without_vllm_nothing_changes(monkeypatch):
     from smoothq.formats import vllm_plugin
+
     cls = _fake_vllm(monkeypatch, is_cpu=False)
     vllm_plugin.register()
     t = cls(torch.randn(4, 4))

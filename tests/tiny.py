@@ -8,8 +8,9 @@ import transformers as T
 
 VOCAB = 256
 _COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, **_COMMON)
+_LLAMA_LIKE = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **_COMMON
+)
 
 CONFIGS = {
     "llama": lambda: T.LlamaConfig(**_LLAMA_LIKE),
@@ -23,19 +24,40 @@ CONFIGS = {
     "glm": lambda: T.GlmConfig(head_dim=16, **_LLAMA_LIKE),
     "glm4": lambda: T.Glm4Config(head_dim=16, **_LLAMA_LIKE),
     "mixtral": lambda: T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **_LLAMA_LIKE),
-    "opt": lambda: T.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-                               word_embed_proj_dim=64, **_COMMON),
+    "opt": lambda: T.OPTConfig(
+        hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64, **_COMMON
+    ),
     "bloom": lambda: T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **_COMMON),
     "falcon-7b": lambda: T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **_COMMON),
-    "falcon-40b": lambda: T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
-                                         new_decoder_architecture=True, **_COMMON),
-    "falcon-rw": lambda: T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        parallel_attn=False, alibi=True, multi_query=False, **_COMMON),
+    "falcon-40b": lambda: T.FalconConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        **_COMMON,
+    ),
+    "falcon-rw": lambda: T.FalconConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        parallel_attn=False,
+        alibi=True,
+        multi_query=False,
+        **_COMMON,
+    ),
     "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, **_COMMON),
-    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, **_COMMON),
-    "gpt_neox-sequential": lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                                   num_attention_heads=4, use_parallel_residual=False, **_COMMON),
+    "gpt_neox": lambda: T.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, **_COMMON
+    ),
+    "gpt_neox-sequential": lambda: T.GPTNeoXConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        use_parallel_residual=False,
+        **_COMMON,
+    ),
 }
 
 
@@ -86,10 +108,15 @@ def tiny_tokenizer(text: str, vocab_size: int = VOCAB, add_bos: bool = False):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([text], trainer)
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import smoothq as sq  # noqa: E402
-from smoothq.runtime import backends  # noqa: E402
 from smoothq.evaluation.compare import Row, best, compare, format_table  # noqa: E402
+from smoothq.runtime import backends  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -53,18 +53,30 @@ def full_set_rows(model, windows, calib, rows: list[Row], schemes) -> list[Row]:
 def write(args, model, windows, calib, schemes, rows, full_rows, full_windows, wall) -> None:
 
     setup = {
-        "model": args.model, "seqlen": args.seqlen, "windows": len(windows),
-        "calibration": {"source": "wikitext2-train", "samples": args.samples, "seqlen": args.calib_seqlen, "seed": 0,
-                        "description": calib.describe()},
-        "wall_seconds": round(wall, 1), "torch": torch.__version__, "machine": platform.machine(),
+        "model": args.model,
+        "seqlen": args.seqlen,
+        "windows": len(windows),
+        "calibration": {
+            "source": "wikitext2-train",
+            "samples": args.samples,
+            "seqlen": args.calib_seqlen,
+            "seed": 0,
+            "description": calib.describe(),
+        },
+        "wall_seconds": round(wall, 1),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
         "threads": torch.get_num_threads(),
     }
-    doc = {**setup,
-           "rows": [{"method": r.method, "scheme": r.scheme, "alpha": r.alpha, "ppl": round(r.ppl, 4)} for r in rows]}
+    doc = {
+        **setup,
+        "rows": [{"method": r.method, "scheme": r.scheme, "alpha": r.alpha, "ppl": round(r.ppl, 4)} for r in rows],
+    }
     if full_rows:
         doc["full_set_windows"] = len(full_windows)
-        doc["full_set_rows"] = [{"method": r.method, "scheme": r.scheme, "alpha": r.alpha, "ppl": round(r.ppl, 4)}
-                                for r in full_rows]
+        doc["full_set_rows"] = [
+            {"method": r.method, "scheme": r.scheme, "alpha": r.alpha, "ppl": round(r.ppl, 4)} for r in full_rows
+        ]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -72,17 +84,30 @@ def write(args, model, windows, calib, schemes, rows, full_rows, full_windows, w
     summary = ["| scheme | naive | SmoothQuant best α | best α | vs fp32 | beats naive |", "|---|---|---|---|---|---|"]
     for s in schemes:
         n, b = best(rows, "naive", s), best(rows, "smoothquant", s)
-        summary.append(f"| {s} | {n.ppl:.3f} | {b.ppl:.3f} | {b.alpha:g} | {100 * (b.ppl / fp32 - 1):+.2f}% | "
-                       f"{'yes' if b.ppl < n.ppl else 'no'} |")
-    md = [f"# WikiText-2 perplexity: {args.model}", "",
-          f"Command: `python benchmarks/accuracy/accuracy.py{'' if args.full_set else ' --no-full-set'}` "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads, wall {wall / 60:.1f} min).", "",
-          f"- Evaluation: {windows.describe()}.",
-          f"- Calibration: {calib.describe()} (seed 0), disjoint from the evaluated text.",
-          "- FP32 is the GGUF (Q4_1) checkpoint dequantized to float32; INT8 rows run real INT8 matmuls",
-          f"  (backend `{backends.get_backend('auto', 'cpu').name}`; the emulated backend gives the same numbers).", "",
-          f"## Summary ({len(windows)} windows of {args.seqlen})", "", *summary, "",
-          f"## All rows ({len(windows)} windows of {args.seqlen})", "", format_table(rows), ""]
+        summary.append(
+            f"| {s} | {n.ppl:.3f} | {b.ppl:.3f} | {b.alpha:g} | {100 * (b.ppl / fp32 - 1):+.2f}% | "
+            f"{'yes' if b.ppl < n.ppl else 'no'} |"
+        )
+    md = [
+        f"# WikiText-2 perplexity: {args.model}",
+        "",
+        f"Command: `python benchmarks/accuracy/accuracy.py{'' if args.full_set else ' --no-full-set'}` "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, wall {wall / 60:.1f} min).",
+        "",
+        f"- Evaluation: {windows.describe()}.",
+        f"- Calibration: {calib.describe()} (seed 0), disjoint from the evaluated text.",
+        "- FP32 is the GGUF (Q4_1) checkpoint dequantized to float32; INT8 rows run real INT8 matmuls",
+        f"  (backend `{backends.get_backend('auto', 'cpu').name}`; the emulated backend gives the same numbers).",
+        "",
+        f"## Summary ({len(windows)} windows of {args.seqlen})",
+        "",
+        *summary,
+        "",
+        f"## All rows ({len(windows)} windows of {args.seqlen})",
+        "",
+        format_table(rows),
+        "",
+    ]
     if full_rows:
         md += [f"## Full test set ({len(full_windows)} windows of {args.seqlen})", "", format_table(full_rows), ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(md))
@@ -111,9 +136,17 @@ def main() -> int:
     alphas = [float(a) for a in args.alphas.split(",")]
     print(f"evaluation: {windows.describe()}\ncalibration: {calib.describe()}", flush=True)
 
-    rows = compare(model, windows, calib, schemes=schemes, alphas=alphas,
-                   on_row=lambda r: print(f"  {r.method} {r.scheme} alpha={r.alpha}: {r.ppl:.3f} ({r.seconds}s)", flush=True))
-    write(args, model, windows, calib, schemes, rows, [], None, time.perf_counter() - t_start)  # keep the 40-window table if the full set is interrupted
+    rows = compare(
+        model,
+        windows,
+        calib,
+        schemes=schemes,
+        alphas=alphas,
+        on_row=lambda r: print(f"  {r.method} {r.scheme} alpha={r.alpha}: {r.ppl:.3f} ({r.seconds}s)", flush=True),
+    )
+    write(
+        args, model, windows, calib, schemes, rows, [], None, time.perf_counter() - t_start
+    )  # keep the 40-window table if the full set is interrupted
     full_rows, full_windows = [], None
     if args.full_set:
         full_windows = sq.eval_windows(tok, "wikitext2", seqlen=args.seqlen)

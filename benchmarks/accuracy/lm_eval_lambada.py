@@ -42,45 +42,70 @@ def main() -> None:
     args = p.parse_args()
 
     model, tok = sq.load_model(args.model)
-    texts = read_documents("lambada")[0][:args.limit]
+    texts = read_documents("lambada")[0][: args.limit]
     examples, bos = lambada_examples(tok, limit=args.limit)
     lm = wrap(model, tok)
-    tok_diff = sum(ctx + cont != e.input_ids or len(cont) != e.target_len
-                   for ctx, cont, e in ((*lm._encode_pair(*split_last_word(t)), e) for t, e in zip(texts, examples)))
-    out = {"model": args.model, "limit": args.limit, "bos": bos, "tokenization_differs": tok_diff,
-           "lm_eval": lm_eval.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-           "rows": []}
+    tok_diff = sum(
+        ctx + cont != e.input_ids or len(cont) != e.target_len
+        for ctx, cont, e in ((*lm._encode_pair(*split_last_word(t)), e) for t, e in zip(texts, examples))
+    )
+    out = {
+        "model": args.model,
+        "limit": args.limit,
+        "bos": bos,
+        "tokenization_differs": tok_diff,
+        "lm_eval": lm_eval.__version__,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "rows": [],
+    }
     for name in ["fp32", "W8A8 naive"]:
         m = model if name == "fp32" else sq.quantize(copy.deepcopy(model), "W8A8")
         t0 = time.time()
         ours = greedy_matches(m, examples, batch_size=args.batch_size, progress=False)
         t_ours = time.time() - t0
         t0 = time.time()
-        res = run_harness(m, tok, ["lambada_openai_local"], limit=args.limit, batch_size=args.batch_size,
-                          log_samples=True)
+        res = run_harness(
+            m, tok, ["lambada_openai_local"], limit=args.limit, batch_size=args.batch_size, log_samples=True
+        )
         t_lm = time.time() - t0
         samples = sorted(res["samples"]["lambada_openai_local"], key=lambda s: s["doc_id"])
         theirs = [bool(s["acc"]) for s in samples]
         r = res["results"]["lambada_openai_local"]
-        row = {"model": name, "smoothq_acc": sum(ours) / len(ours), "lm_eval_acc": r["acc,none"],
-               "lm_eval_acc_stderr": r["acc_stderr,none"], "lm_eval_perplexity": r["perplexity,none"],
-               "examples_disagree": sum(a != b for a, b in zip(ours, theirs)),
-               "seconds_smoothq": round(t_ours, 1), "seconds_lm_eval": round(t_lm, 1)}
+        row = {
+            "model": name,
+            "smoothq_acc": sum(ours) / len(ours),
+            "lm_eval_acc": r["acc,none"],
+            "lm_eval_acc_stderr": r["acc_stderr,none"],
+            "lm_eval_perplexity": r["perplexity,none"],
+            "examples_disagree": sum(a != b for a, b in zip(ours, theirs)),
+            "seconds_smoothq": round(t_ours, 1),
+            "seconds_lm_eval": round(t_lm, 1),
+        }
         out["rows"].append(row)
         print(row, flush=True)
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"lm-eval-lambada-{args.model}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = [f"# LAMBADA: smoothq vs lm-eval lambada_openai ({args.model})", "",
-             f"Command: `python benchmarks/accuracy/lm_eval_lambada.py --model {args.model} --limit {args.limit}` "
-             f"(lm-eval {out['lm_eval']}, torch {out['torch']}).", "",
-             f"First {args.limit} passages of lambada_openai_test.jsonl, bos={bos}; passages tokenized differently "
-             f"by the two: {tok_diff}. Seconds are wall time on a shared 2-core CPU (other jobs running).", "",
-             "| model | smoothq acc | lm-eval acc | lm-eval stderr | lm-eval perplexity | examples that disagree "
-             "| seconds smoothq | seconds lm-eval |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['smoothq_acc']:.4f} | {r['lm_eval_acc']:.4f} | {r['lm_eval_acc_stderr']:.4f} | "
-              f"{r['lm_eval_perplexity']:.3f} | {r['examples_disagree']} | {r['seconds_smoothq']} | "
-              f"{r['seconds_lm_eval']} |" for r in out["rows"]]
+    lines = [
+        f"# LAMBADA: smoothq vs lm-eval lambada_openai ({args.model})",
+        "",
+        f"Command: `python benchmarks/accuracy/lm_eval_lambada.py --model {args.model} --limit {args.limit}` "
+        f"(lm-eval {out['lm_eval']}, torch {out['torch']}).",
+        "",
+        f"First {args.limit} passages of lambada_openai_test.jsonl, bos={bos}; passages tokenized differently "
+        f"by the two: {tok_diff}. Seconds are wall time on a shared 2-core CPU (other jobs running).",
+        "",
+        "| model | smoothq acc | lm-eval acc | lm-eval stderr | lm-eval perplexity | examples that disagree "
+        "| seconds smoothq | seconds lm-eval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['smoothq_acc']:.4f} | {r['lm_eval_acc']:.4f} | {r['lm_eval_acc_stderr']:.4f} | "
+        f"{r['lm_eval_perplexity']:.3f} | {r['examples_disagree']} | {r['seconds_smoothq']} | "
+        f"{r['seconds_lm_eval']} |"
+        for r in out["rows"]
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

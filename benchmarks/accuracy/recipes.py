@@ -34,11 +34,20 @@ GB = 1e9
 # (preset, executor, propagation): the paper's recipe and the two best presets in memory; the best ones
 # layered with float propagation (must equal in memory) and O3 also with quantized propagation.
 # 128 x 512 calibration tokens per row: each row is minutes on 2 cores, so the list is kept short.
-DEFAULT_ROWS = [("paper", "in-memory", "float"),
-                ("best-w8a8", "in-memory", "float"), ("best-w8a8", "layered", "float"),
-                ("best-o3", "in-memory", "float"), ("best-o3", "layered", "float"), ("best-o3", "layered", "quantized")]
-ALL_ROWS = DEFAULT_ROWS + [("paper", "layered", "quantized"), ("paper-w8a8", "in-memory", "float"),
-                           ("best-w8a8", "layered", "quantized"), ("best-o1", "in-memory", "float")]
+DEFAULT_ROWS = [
+    ("paper", "in-memory", "float"),
+    ("best-w8a8", "in-memory", "float"),
+    ("best-w8a8", "layered", "float"),
+    ("best-o3", "in-memory", "float"),
+    ("best-o3", "layered", "float"),
+    ("best-o3", "layered", "quantized"),
+]
+ALL_ROWS = DEFAULT_ROWS + [
+    ("paper", "layered", "quantized"),
+    ("paper-w8a8", "in-memory", "float"),
+    ("best-w8a8", "layered", "quantized"),
+    ("best-o1", "in-memory", "float"),
+]
 
 
 def _peak_rss() -> int:
@@ -74,15 +83,28 @@ def one(args) -> dict:
     if args.executor == "in-memory":
         sq.run(model, recipe, tokenizer=tok, avoid=windows, output=out, overwrite=True, progress=False)
     else:
-        sq.run(args.float_dir, recipe, tokenizer=tok, avoid=windows, output=out, executor="layered",
-               overwrite=True, progress=False)
+        sq.run(
+            args.float_dir,
+            recipe,
+            tokenizer=tok,
+            avoid=windows,
+            output=out,
+            executor="layered",
+            overwrite=True,
+            progress=False,
+        )
     seconds, peak = time.perf_counter() - t0, _peak_rss()
     del model
     model, _ = sq.load(out)
     recipe = sq.Recipe.from_file(out)  # the recipe as run, from the checkpoint
     shutil.rmtree(out)
-    return {"ppl": sq.perplexity(model, windows, progress=False), "peak_rss_gb": peak / GB, "seconds": seconds,
-            "scheme": recipe.scheme, "recipe": recipe.describe()}
+    return {
+        "ppl": sq.perplexity(model, windows, progress=False),
+        "peak_rss_gb": peak / GB,
+        "seconds": seconds,
+        "scheme": recipe.scheme,
+        "recipe": recipe.describe(),
+    }
 
 
 def main() -> int:
@@ -118,50 +140,98 @@ def main() -> int:
         del model
 
         def child(preset, executor, propagation) -> dict:
-            cmd = [sys.executable, __file__, "--model", args.model, "--seqlen", str(args.seqlen), "--windows",
-                   str(args.windows), "--threads", str(args.threads), "--float-dir", str(float_dir),
-                   "--child", preset, executor, propagation]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--seqlen",
+                str(args.seqlen),
+                "--windows",
+                str(args.windows),
+                "--threads",
+                str(args.threads),
+                "--float-dir",
+                str(float_dir),
+                "--child",
+                preset,
+                executor,
+                propagation,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{preset} {executor} {propagation} failed:\n{proc.stderr[-3000:]}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"  {preset:11s} {executor:9s} {propagation:9s} ppl {r['ppl']:.3f}  peak {r['peak_rss_gb']:.2f} GB  "
-                  f"{r['seconds']:.0f} s", flush=True)
+            print(
+                f"  {preset:11s} {executor:9s} {propagation:9s} ppl {r['ppl']:.3f}  peak {r['peak_rss_gb']:.2f} GB  "
+                f"{r['seconds']:.0f} s",
+                flush=True,
+            )
             return r
 
         fp32 = child("fp32", "in-memory", "float")["ppl"]
         out_rows = []
         for preset, executor, propagation in rows:
             r = child(preset, executor, propagation)
-            out_rows.append({"preset": preset, "scheme": r["scheme"], "executor": executor,
-                             "propagation": propagation, "ppl": round(r["ppl"], 4),
-                             "delta_vs_fp32_pct": round(100 * (r["ppl"] / fp32 - 1), 2),
-                             "peak_rss_gb": round(r["peak_rss_gb"], 3), "seconds": round(r["seconds"], 1),
-                             "recipe": r["recipe"]})
+            out_rows.append(
+                {
+                    "preset": preset,
+                    "scheme": r["scheme"],
+                    "executor": executor,
+                    "propagation": propagation,
+                    "ppl": round(r["ppl"], 4),
+                    "delta_vs_fp32_pct": round(100 * (r["ppl"] / fp32 - 1), 2),
+                    "peak_rss_gb": round(r["peak_rss_gb"], 3),
+                    "seconds": round(r["seconds"], 1),
+                    "recipe": r["recipe"],
+                }
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     command = "python benchmarks/accuracy/recipes.py " + " ".join(sys.argv[1:])
-    data = {"model": args.model, "eval": f"wikitext2 test, {args.windows} x {args.seqlen}", "fp32": round(fp32, 4),
-            "rows": out_rows,
-            "env": {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-                    "command": command, "wall_seconds": round(time.perf_counter() - t_start, 1)}}
+    data = {
+        "model": args.model,
+        "eval": f"wikitext2 test, {args.windows} x {args.seqlen}",
+        "fp32": round(fp32, 4),
+        "rows": out_rows,
+        "env": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "command": command,
+            "wall_seconds": round(time.perf_counter() - t_start, 1),
+        },
+    }
     name = "smollm2" if args.model == "smollm2" else Path(args.model).name
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"recipes-{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    lines = ["| preset | scheme | executor | propagation | perplexity | vs FP32 | peak RSS | time |",
-             "|---|---|---|---|---|---|---|---|", f"| FP32 | - | - | - | {fp32:.3f} | - | - | - |"]
+    lines = [
+        "| preset | scheme | executor | propagation | perplexity | vs FP32 | peak RSS | time |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| FP32 | - | - | - | {fp32:.3f} | - | - | - |",
+    ]
     for r in out_rows:
-        lines.append(f"| {r['preset']} | {r['scheme']} | {r['executor']} | {r['propagation']} | {r['ppl']:.3f} | "
-                     f"{r['delta_vs_fp32_pct']:+.2f}% | {r['peak_rss_gb']:.2f} GB | {r['seconds']:.0f} s |")
+        lines.append(
+            f"| {r['preset']} | {r['scheme']} | {r['executor']} | {r['propagation']} | {r['ppl']:.3f} | "
+            f"{r['delta_vs_fp32_pct']:+.2f}% | {r['peak_rss_gb']:.2f} GB | {r['seconds']:.0f} s |"
+        )
     md = "\n".join(lines)
     (RESULTS / f"recipes-{name}.md").write_text(
         f"# Recipe presets on {args.model}, both executors\n\n`{command}` on {cpu} ({os.cpu_count()} cores), torch "
         f"{torch.__version__}. WikiText-2 test, {args.windows} windows x {args.seqlen}; calibration as each recipe "
         "says (128 x 512 WikiText-2 train). Peak RSS: the quantizing process's VmHWM before evaluation "
-        "(in-memory rows include the float model loaded from GGUF).\n\n" + md + "\n")
+        "(in-memory rows include the float model loaded from GGUF).\n\n" + md + "\n"
+    )
     print(md)
     return 0
 

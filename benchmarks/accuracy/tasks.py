@@ -53,8 +53,10 @@ def one(args) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     model, tok = sq.load_model(args.model)
-    windows = {task: sq.eval_windows(tok, task, seqlen=args.seqlen, max_windows=args.windows, bos=args.bos)
-               for task in PPL_TASKS}
+    windows = {
+        task: sq.eval_windows(tok, task, seqlen=args.seqlen, max_windows=args.windows, bos=args.bos)
+        for task in PPL_TASKS
+    }
     spec, recipe = CONFIGS[args.child], "float"
     t0 = time.perf_counter()
     if spec is not None:
@@ -67,18 +69,40 @@ def one(args) -> list[dict]:
     for task in PPL_TASKS:
         t0 = time.perf_counter()
         ppl = sq.perplexity(model, windows[task], progress=False)
-        rows.append({"task": task, "metric": "ppl", "value": round(ppl, 4), "n": len(windows[task]),
-                     "bos": windows[task].bos, "seconds": round(time.perf_counter() - t0, 1)})
+        rows.append(
+            {
+                "task": task,
+                "metric": "ppl",
+                "value": round(ppl, 4),
+                "n": len(windows[task]),
+                "bos": windows[task].bos,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
     t0 = time.perf_counter()
     r = sq.lambada_accuracy(model, tok, limit=args.limit, bos=args.bos, progress=False)
-    rows.append({"task": LAMBADA, "metric": "acc", "value": round(r.value, 4), "n": r.count, "bos": r.bos,
-                 "seconds": round(time.perf_counter() - t0, 1)})
+    rows.append(
+        {
+            "task": LAMBADA,
+            "metric": "acc",
+            "value": round(r.value, 4),
+            "n": r.count,
+            "bos": r.bos,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    )
     return [{"config": args.child, **row, "recipe": recipe, "quantize_seconds": round(quantize_s, 1)} for row in rows]
 
 
 def _cpu() -> str:
-    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor())
+    return next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
 
 
 def _settings(args) -> dict:
@@ -99,15 +123,28 @@ def write(args, rows: list[dict], protocol: str, wall: float) -> Path:
     order = list(CONFIGS)
     rows = sorted(rows, key=lambda r: (order.index(r["config"]), (*PPL_TASKS, LAMBADA).index(r["task"])))
     command = "python benchmarks/accuracy/tasks.py " + " ".join(sys.argv[1:])
-    data = {"model": args.model, "protocol": protocol, "settings": _settings(args), "rows": rows,
-            "env": {"cpu": _cpu(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-                    "command": command, "wall_seconds_last_run": round(wall, 1)}}
+    data = {
+        "model": args.model,
+        "protocol": protocol,
+        "settings": _settings(args),
+        "rows": rows,
+        "env": {
+            "cpu": _cpu(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "command": command,
+            "wall_seconds_last_run": round(wall, 1),
+        },
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
 
     fp32 = {r["task"]: r["value"] for r in rows if r["config"] == "fp32"}
-    lines = ["| config | recipe | " + " | ".join(f"{t} ppl" for t in PPL_TASKS) + " | LAMBADA acc |",
-             "|---|---|" + "---|" * (len(PPL_TASKS) + 1)]
+    lines = [
+        "| config | recipe | " + " | ".join(f"{t} ppl" for t in PPL_TASKS) + " | LAMBADA acc |",
+        "|---|---|" + "---|" * (len(PPL_TASKS) + 1),
+    ]
     for config in [c for c in order if any(r["config"] == c for r in rows)]:
         by_task = {r["task"]: r for r in rows if r["config"] == config}
         cells = []
@@ -119,8 +156,11 @@ def write(args, rows: list[dict], protocol: str, wall: float) -> Path:
             value = f"{r['value']:.3f}" if r["metric"] == "ppl" else f"{100 * r['value']:.2f}%"
             if config != "fp32" and task in fp32:
                 ref = fp32[task]
-                value += (f" ({100 * (r['value'] / ref - 1):+.1f}%)" if r["metric"] == "ppl"
-                          else f" ({100 * (r['value'] - ref):+.2f} pt)")
+                value += (
+                    f" ({100 * (r['value'] / ref - 1):+.1f}%)"
+                    if r["metric"] == "ppl"
+                    else f" ({100 * (r['value'] - ref):+.2f} pt)"
+                )
             cells.append(value)
         recipe = next(iter(by_task.values()))["recipe"]
         lines.append(f"| {config} | {recipe} | " + " | ".join(cells) + " |")
@@ -130,7 +170,8 @@ def write(args, rows: list[dict], protocol: str, wall: float) -> Path:
         f"torch {torch.__version__}. Sequence protocol: `--bos {args.bos}` -> **{protocol}**. Perplexity: test texts, "
         f"{args.windows} windows x {args.seqlen} tokens (in brackets: vs FP32); LAMBADA (OpenAI): greedy last-word "
         f"accuracy on {n_lambada} passages (in brackets: points vs FP32). Calibration: each recipe's (128 x 512 "
-        "WikiText-2 train tokens); quantized in memory, emulated INT8 in fp32.\n\n" + "\n".join(lines) + "\n")
+        "WikiText-2 train tokens); quantized in memory, emulated INT8 in fp32.\n\n" + "\n".join(lines) + "\n"
+    )
     return RESULTS / f"{stem}.json"
 
 
@@ -158,8 +199,22 @@ def main() -> int:
     t_start = time.perf_counter()
     protocol = next((r["bos"] for r in rows), None)
     for config in args.configs or list(CONFIGS):
-        cmd = [sys.executable, __file__, "--model", args.model, "--bos", args.bos, "--seqlen", str(args.seqlen),
-               "--windows", str(args.windows), "--threads", str(args.threads), "--child", config]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--bos",
+            args.bos,
+            "--seqlen",
+            str(args.seqlen),
+            "--windows",
+            str(args.windows),
+            "--threads",
+            str(args.threads),
+            "--child",
+            config,
+        ]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         t0 = time.perf_counter()

@@ -69,16 +69,57 @@ STAGES = ("build", "discover", "w8a8", "o3", "roundtrip", "hf", "layered")
 # that, attribute name) says attention or MLP; then the linear's own name
 _ATTN = re.compile(r"attn|attention", re.I)
 _MLP = re.compile(r"mlp|moe|expert|feed_?forward|ffn|ffw", re.I)
-_ATTN_LEAF = {"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "query", "key", "value", "query_key_value",
-              "c_attn", "wqkv", "qkv", "wq", "wk", "wv", "wo_attn", "q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj",
-              "q_b_proj"}
-_MLP_LEAF = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3",
-             "dense_h_to_4h", "dense_4h_to_h", "wi", "wo", "fc_in", "fc_out", "router", "gate"}
+_ATTN_LEAF = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "o_proj",
+    "query",
+    "key",
+    "value",
+    "query_key_value",
+    "c_attn",
+    "wqkv",
+    "qkv",
+    "wq",
+    "wk",
+    "wv",
+    "wo_attn",
+    "q_a_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "q_b_proj",
+}
+_MLP_LEAF = {
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+    "fc1",
+    "fc2",
+    "c_fc",
+    "w1",
+    "w2",
+    "w3",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "wi",
+    "wo",
+    "fc_in",
+    "fc_out",
+    "router",
+    "gate",
+}
 
 
 def recipe(scheme: str) -> dict:
-    return {"scheme": scheme, "propagation": "float", "calibration": {"samples": CALIB[0], "seqlen": CALIB[1]},
-            "output": {"dtype": "float32"}}
+    return {
+        "scheme": scheme,
+        "propagation": "float",
+        "calibration": {"samples": CALIB[0], "seqlen": CALIB[1]},
+        "output": {"dtype": "float32"},
+    }
 
 
 class Wrapped(Exception):
@@ -109,7 +150,7 @@ def where(e: BaseException) -> str:
     path = f.filename
     for anchor in ("/smoothq/", "/site-packages/"):
         if anchor in path:
-            path = path[path.rindex(anchor) + 1:]
+            path = path[path.rindex(anchor) + 1 :]
             break
     return f"{path}:{f.lineno} {f.name}"
 
@@ -126,8 +167,9 @@ def source_hash() -> str:
 
 def git_head() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except Exception:  # noqa: BLE001
         return ""
 
@@ -245,11 +287,16 @@ class Worker:
                 d2 = discover(self.model())
                 used = [r for r in d2.rows if r.used]
                 out["rediscovered"] = {
-                    "groups": len(used), "rejected": sum(not r.used for r in d2.rows),
-                    "same_as_table": sorted(group_key(r) for r in used) == sorted(group_key(r) for r in d.rows if r.used),
-                    "max_error": finite(d2.max_error), "seconds": round(d2.seconds, 3),
-                    "groups_list": [f"{r.prev} -> {', '.join(r.linears)}" + (f" [{r.option}]" if r.option else "")
-                                    for r in used]}
+                    "groups": len(used),
+                    "rejected": sum(not r.used for r in d2.rows),
+                    "same_as_table": sorted(group_key(r) for r in used)
+                    == sorted(group_key(r) for r in d.rows if r.used),
+                    "max_error": finite(d2.max_error),
+                    "seconds": round(d2.seconds, 3),
+                    "groups_list": [
+                        f"{r.prev} -> {', '.join(r.linears)}" + (f" [{r.option}]" if r.option else "") for r in used
+                    ],
+                }
             except Exception as e:  # noqa: BLE001
                 out["rediscovered"] = {"error": first_line(e), "where": where(e)}
         return out
@@ -265,8 +312,12 @@ class Worker:
         q = self.logits(model)
         self.quantized[scheme] = (model, q)
         n = sum(isinstance(m, W8A8Linear) for m in model.modules())
-        return {"rel_error": self.rel(q, self.ref), "quantized_linears": n, "notes": res.notes,
-                "run_seconds": round(res.seconds, 3)}
+        return {
+            "rel_error": self.rel(q, self.ref),
+            "quantized_linears": n,
+            "notes": res.notes,
+            "run_seconds": round(res.seconds, 3),
+        }
 
     def _roundtrip(self) -> dict:
         import torch
@@ -307,8 +358,9 @@ class Worker:
         if bad:
             k0 = next((k for k in bad if "error" in out[k]), bad[0])
             first = out[k0]
-            res["error"] = f"{', '.join(bad)}: " + (first["error"] if "error" in first
-                                                    else f"logits differ by {first['max_abs']:.3g}")
+            res["error"] = f"{', '.join(bad)}: " + (
+                first["error"] if "error" in first else f"logits differ by {first['max_abs']:.3g}"
+            )
             if first.get("where"):
                 res["where"] = first["where"]
         return res
@@ -345,8 +397,13 @@ class Worker:
                 h_w = self.logits(hf)
                 with float_activations(model):
                     q_w = self.logits(model)
-                r = {"rel_diff": self.rel(h, q), "rel_diff_weights": self.rel(h_w, q_w),
-                     "hf_quantized_modules": n_hf, "our_error": self.rel(q, self.ref), "load_report": report.lines[:10]}
+                r = {
+                    "rel_diff": self.rel(h, q),
+                    "rel_diff_weights": self.rel(h_w, q_w),
+                    "hf_quantized_modules": n_hf,
+                    "our_error": self.rel(q, self.ref),
+                    "load_report": report.lines[:10],
+                }
                 r["ok"] = r["rel_diff_weights"] <= HF_WEIGHT_RTOL
                 ok &= r["ok"]
                 out[scheme] = r
@@ -359,9 +416,10 @@ class Worker:
         if bad:
             v = out[bad[0]]
             rep = "; load report: " + "; ".join(v["load_report"][:2]) if v.get("load_report") else ""
-            res["error"] = f"{', '.join(bad)}: " + (v.get("error") or f"weights-only logits differ by "
-                                                                      f"{v['rel_diff_weights']:.3g} (relative) > "
-                                                                      f"{HF_WEIGHT_RTOL:g}{rep}")
+            res["error"] = f"{', '.join(bad)}: " + (
+                v.get("error")
+                or f"weights-only logits differ by {v['rel_diff_weights']:.3g} (relative) > {HF_WEIGHT_RTOL:g}{rep}"
+            )
             if v.get("where"):
                 res["where"] = v["where"]
         return res
@@ -372,6 +430,7 @@ class Worker:
 
         import smoothq as sq
         from smoothq.formats import io
+
         src = self.tmp / "src"
         self.model().save_pretrained(src)
         out, ok = {}, True
@@ -383,8 +442,11 @@ class Worker:
                 try:
                     from smoothq.core.models import causal_lm_class  # text configs outside the auto mapping (Emu3)
 
-                    mem_model = causal_lm_class(T.AutoConfig.from_pretrained(src)).from_pretrained(src, dtype=torch.float32,
-                                                                       attn_implementation="eager").eval()
+                    mem_model = (
+                        causal_lm_class(T.AutoConfig.from_pretrained(src))
+                        .from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+                        .eval()
+                    )
                 except Exception as e:  # noqa: BLE001
                     raise wrap(e, "from_pretrained(the float copy): ") from None
                 try:
@@ -392,15 +454,23 @@ class Worker:
                 except Exception as e:  # noqa: BLE001
                     raise wrap(e, "in-memory: ") from None
                 try:
-                    sq.run(src, recipe(scheme), calib=self.calib(), output=lay_dir, executor="layered",
-                           attn_implementation="eager", progress=False)
+                    sq.run(
+                        src,
+                        recipe(scheme),
+                        calib=self.calib(),
+                        output=lay_dir,
+                        executor="layered",
+                        attn_implementation="eager",
+                        progress=False,
+                    )
                 except Exception as e:  # noqa: BLE001
                     raise wrap(e, "layered: ") from None
                 names_a = sorted(p.name for p in mem_dir.iterdir())
                 names_b = sorted(p.name for p in lay_dir.iterdir())
                 r["same_files"] = names_a == names_b
                 r["bytes_identical"] = r["same_files"] and all(
-                    (mem_dir / n).read_bytes() == (lay_dir / n).read_bytes() for n in names_a)
+                    (mem_dir / n).read_bytes() == (lay_dir / n).read_bytes() for n in names_a
+                )
                 ta, tb = io._read_tensors(mem_dir), io._read_tensors(lay_dir)
                 r["same_keys"] = ta.keys() == tb.keys()
                 r["unequal_tensors"] = sorted(k for k in ta.keys() & tb.keys() if not torch.equal(ta[k], tb[k]))[:10]
@@ -420,8 +490,11 @@ class Worker:
                         b, _ = sq.load(lay_dir, attn_implementation="eager")
                         la, lb = self.logits(a), self.logits(b)
                     except Exception as e:  # noqa: BLE001
-                        what = ("tensors differ: " + ", ".join(r["unequal_tensors"][:3]) if r["unequal_tensors"]
-                                else "tensor names differ")
+                        what = (
+                            "tensors differ: " + ", ".join(r["unequal_tensors"][:3])
+                            if r["unequal_tensors"]
+                            else "tensor names differ"
+                        )
                         raise wrap(e, f"{what}; then loading both checkpoints to compare logits: ") from None
                     r["max_abs_logits"] = float((la - lb).abs().max())
                     r["rel_logits"] = self.rel(lb, la)
@@ -438,10 +511,15 @@ class Worker:
                 res["error"] = f"{', '.join(bad)}: {v['error']}"
                 res["where"] = v.get("where", "")
             else:
-                what = ("tensors differ: " + ", ".join(v.get("unequal_tensors", [])[:3]) if v.get("unequal_tensors")
-                        else "tensor names differ" if not v.get("same_keys")
-                        else "config.json differs (in-memory vs layered): " + "; ".join(v.get("config_diff", [])[:3])
-                        if not v.get("config_equal") else "file names differ")
+                what = (
+                    "tensors differ: " + ", ".join(v.get("unequal_tensors", [])[:3])
+                    if v.get("unequal_tensors")
+                    else "tensor names differ"
+                    if not v.get("same_keys")
+                    else "config.json differs (in-memory vs layered): " + "; ".join(v.get("config_diff", [])[:3])
+                    if not v.get("config_equal")
+                    else "file names differ"
+                )
                 extra = f" (max |logits diff| {v['max_abs_logits']:.3g})" if "max_abs_logits" in v else ""
                 res["error"] = f"{', '.join(bad)}: {what}{extra}"
         return res
@@ -499,11 +577,13 @@ class float_activations:
         import torch.nn.functional as F
 
         for m in self.mods:
+
             def fwd(x, m=m):
                 if m.input_rotation is not None:
                     x = m.input_rotation(x)
                 w = m.weight.float() * m.weight_scale.float()
                 return F.linear(x, w.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+
             m.forward = fwd
         return self
 
@@ -601,8 +681,9 @@ def summarize_discovery(model, d) -> dict:
         for r in rows:
             if not r.used or r.option:
                 continue
-            consumers = {c: classify(block, c.replace("*", "0")) if _has(block, c.replace("*", "0")) else "?"
-                         for c in r.linears}
+            consumers = {
+                c: classify(block, c.replace("*", "0")) if _has(block, c.replace("*", "0")) else "?" for c in r.linears
+            }
             norm_groups.append({"prev": r.prev, "consumers": sorted(set(consumers.values()))})
         verdict = {}
         for role in ("attention", "mlp"):
@@ -611,12 +692,19 @@ def summarize_discovery(model, d) -> dict:
             verdict[role] = None if not has else fed
             if has:
                 norm[role].append(fed)
-        structures.append({
-            "signature": sig, "blocks": idx, "class": type(block).__name__, "kinds": kinds,
-            "linears": len(linears), "norm_attention": verdict["attention"], "norm_mlp": verdict["mlp"],
-            "norm_groups": norm_groups,
-            "unsmoothed": d.unsmoothed.get(sig, {}),
-        })
+        structures.append(
+            {
+                "signature": sig,
+                "blocks": idx,
+                "class": type(block).__name__,
+                "kinds": kinds,
+                "linears": len(linears),
+                "norm_attention": verdict["attention"],
+                "norm_mlp": verdict["mlp"],
+                "norm_groups": norm_groups,
+                "unsmoothed": d.unsmoothed.get(sig, {}),
+            }
+        )
 
     def overall(v: list[bool]) -> str:
         if not v:
@@ -625,12 +713,26 @@ def summarize_discovery(model, d) -> dict:
 
     used = [r for r in d.rows if r.used]
     return {
-        "source": d.source, "layers": d.arch.layers, "structures": structures,
-        "groups": len(used), "rejected": sum(not r.used for r in d.rows),
-        "groups_list": [{"structure": r.structure, "prev": r.prev, "linears": list(r.linears), "option": r.option,
-                         "fold_error": finite(r.error), "used": r.used} for r in d.rows],
-        "max_fold_error": finite(d.max_error), "discovery_seconds": round(d.seconds, 3),
-        "norm_attention": overall(norm["attention"]), "norm_mlp": overall(norm["mlp"]),
+        "source": d.source,
+        "layers": d.arch.layers,
+        "structures": structures,
+        "groups": len(used),
+        "rejected": sum(not r.used for r in d.rows),
+        "groups_list": [
+            {
+                "structure": r.structure,
+                "prev": r.prev,
+                "linears": list(r.linears),
+                "option": r.option,
+                "fold_error": finite(r.error),
+                "used": r.used,
+            }
+            for r in d.rows
+        ],
+        "max_fold_error": finite(d.max_error),
+        "discovery_seconds": round(d.seconds, 3),
+        "norm_attention": overall(norm["attention"]),
+        "norm_mlp": overall(norm["mlp"]),
         "unsmoothed": sum(len(s["unsmoothed"]) for s in structures),
         "routers": list(d.routers),
     }
@@ -687,15 +789,25 @@ def meta() -> dict:
 
     try:
         import compressed_tensors
+
         ct = compressed_tensors.__version__
     except Exception:  # noqa: BLE001
         ct = None
-    return {"cpu": cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "compressed_tensors": ct, "threads": 1,
-            "timeout_s": None, "calib": {"batch": CALIB[0], "seq": CALIB[1], "seed": CALIB[2]},
-            "eval": {"batch": EVAL[0], "seq": EVAL[1], "seed": EVAL[2]},
-            "recipes": {s: recipe(s) for s in SCHEMES}, "hf_weight_rtol": HF_WEIGHT_RTOL,
-            "git_head": git_head(), "smoothq_sources_at_start": source_hash()}
+    return {
+        "cpu": cpu_name(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed_tensors": ct,
+        "threads": 1,
+        "timeout_s": None,
+        "calib": {"batch": CALIB[0], "seq": CALIB[1], "seed": CALIB[2]},
+        "eval": {"batch": EVAL[0], "seq": EVAL[1], "seed": EVAL[2]},
+        "recipes": {s: recipe(s) for s in SCHEMES},
+        "hf_weight_rtol": HF_WEIGHT_RTOL,
+        "git_head": git_head(),
+        "smoothq_sources_at_start": source_hash(),
+    }
 
 
 def run_type(model_type: str, timeout: int, logdir: Path) -> dict:
@@ -703,14 +815,26 @@ def run_type(model_type: str, timeout: int, logdir: Path) -> dict:
     out = logdir / f"{model_type}.json"
     log = logdir / f"{model_type}.log"
     out.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", model_type,
-                                 "--worker-out", str(out)], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", model_type, "--worker-out", str(out)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
         fate = None
         try:
             rc = proc.wait(timeout=timeout)
@@ -732,8 +856,11 @@ def run_type(model_type: str, timeout: int, logdir: Path) -> dict:
         tail = [x for x in log.read_text(errors="replace").splitlines() if x.strip()][-15:] if log.exists() else []
         row["worker"] = {"fate": fate, "stage": now, "log_tail": tail}
         if now:  # the stage it died in is a failed stage
-            row["stages"][now] = {"ok": False, "error": f"{fate} during stage {now}",
-                                  "where": (tail[-1][:300] if tail else "")}
+            row["stages"][now] = {
+                "ok": False,
+                "error": f"{fate} during stage {now}",
+                "where": (tail[-1][:300] if tail else ""),
+            }
     row["seconds"] = round(seconds, 2)
     return row
 
@@ -769,10 +896,15 @@ def sweep(args) -> int:
         data["meta"]["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
         save_all(data, json_path, md_path)
         failed = [s for s, v in row.get("stages", {}).items() if not v.get("ok")]
-        status = ("does not build: " + (row.get("why") or "")[:80]) if row.get("builds") is False else \
-            ("ok" if not failed else "FAILED " + ",".join(failed))
-        print(f"[{i}/{len(todo)}] {t}: {status} ({row['seconds']:.1f} s; {time.perf_counter() - start:.0f} s total)",
-              flush=True)
+        status = (
+            ("does not build: " + (row.get("why") or "")[:80])
+            if row.get("builds") is False
+            else ("ok" if not failed else "FAILED " + ",".join(failed))
+        )
+        print(
+            f"[{i}/{len(todo)}] {t}: {status} ({row['seconds']:.1f} s; {time.perf_counter() - start:.0f} s total)",
+            flush=True,
+        )
     seconds = round(time.perf_counter() - start, 1)
     if args.types:
         data["meta"]["last_subset"] = {"types": todo, "seconds": seconds, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -812,8 +944,11 @@ def smollm2(args) -> int:
         p = prove_arch(model, arch)
         prove.append(time.perf_counter() - t0)
     preset = args.smollm2_recipe
-    print(f"discover {statistics.median(disc):.2f} s, prove {statistics.median(prove):.2f} s; quantizing with "
-          f"{preset} ...", flush=True)
+    print(
+        f"discover {statistics.median(disc):.2f} s, prove {statistics.median(prove):.2f} s; quantizing with "
+        f"{preset} ...",
+        flush=True,
+    )
     t0 = time.perf_counter()
     res = sq.run(fresh, preset, tokenizer=tok, progress=False)
     run_s = time.perf_counter() - t0
@@ -822,14 +957,22 @@ def smollm2(args) -> int:
     proven = record(fresh).proven
     used = [r for r in d.rows if r.used]
     out = {
-        "cpu": cpu_name(), "threads": torch.get_num_threads(), "recipe": preset,
-        "recipe_as_run": res.recipe.to_dict(), "calibration": res.calibration,
-        "discover_seconds": [round(x, 3) for x in disc], "discover_median_s": round(statistics.median(disc), 3),
-        "discovered_groups": len(used), "discovered_max_fold_error": finite(d.max_error),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "recipe": preset,
+        "recipe_as_run": res.recipe.to_dict(),
+        "calibration": res.calibration,
+        "discover_seconds": [round(x, 3) for x in disc],
+        "discover_median_s": round(statistics.median(disc), 3),
+        "discovered_groups": len(used),
+        "discovered_max_fold_error": finite(d.max_error),
         "discovered_rejected": sum(not r.used for r in d.rows),
-        "prove_seconds": [round(x, 3) for x in prove], "prove_median_s": round(statistics.median(prove), 3),
-        "prove_groups": len(p.rows), "table_arch": arch.name,
-        "quantize_seconds": round(run_s, 2), "quantize_result_seconds": round(res.seconds, 2),
+        "prove_seconds": [round(x, 3) for x in prove],
+        "prove_median_s": round(statistics.median(prove), 3),
+        "prove_groups": len(p.rows),
+        "table_arch": arch.name,
+        "quantize_seconds": round(run_s, 2),
+        "quantize_result_seconds": round(res.seconds, 2),
         "proof_inside_run_s": round(proven.seconds, 3) if proven is not None else None,
         "notes": res.notes,
     }
@@ -878,8 +1021,10 @@ def render_md(data: dict) -> str:
     L: list[str] = []
     L.append("# Architecture coverage: every causal-LM type of transformers through smoothq")
     L.append("")
-    L.append("Generated by `python benchmarks/scale/arch_coverage.py` from `arch-coverage.json` (no hand edits; "
-             "`--md-only` regenerates it).")
+    L.append(
+        "Generated by `python benchmarks/scale/arch_coverage.py` from `arch-coverage.json` (no hand edits; "
+        "`--md-only` regenerates it)."
+    )
     L.append("")
     scope = [r for r in rows.values() if in_scope(r)]
     n = len(scope)
@@ -889,102 +1034,158 @@ def render_md(data: dict) -> str:
     rt = [r for r in scope if _ok(st(r, "roundtrip"))]
     hf = [r for r in scope if _ok(st(r, "hf"))]
     lay = [r for r in scope if _ok(st(r, "layered"))]
-    both = [r for r in scope if st(r, "discover").get("norm_attention") == "yes" and st(r, "discover").get("norm_mlp") == "yes"]
+    both = [
+        r
+        for r in scope
+        if st(r, "discover").get("norm_attention") == "yes" and st(r, "discover").get("norm_mlp") == "yes"
+    ]
     # every attention / MLP the blocks have reads a smoothed norm, and a mixer-only block (Mamba) has its norm group
-    complete = [r for r in scope if {st(r, "discover").get("norm_attention"), st(r, "discover").get("norm_mlp")} <= {"yes", "n/a"}
-                and any(s.get("norm_groups") for s in st(r, "discover").get("structures", []))]
+    complete = [
+        r
+        for r in scope
+        if {st(r, "discover").get("norm_attention"), st(r, "discover").get("norm_mlp")} <= {"yes", "n/a"}
+        and any(s.get("norm_groups") for s in st(r, "discover").get("structures", []))
+    ]
     refused = {r["type"]: _refusal(st(r, "layered")) for r in scope if _refusal(st(r, "layered"))}
     maxerr = max((st(r, "discover").get("max_fold_error") or 0.0 for r in scope), default=0.0)
     failing = {}
     for s in STAGES[1:]:
         failing[s] = [r["type"] for r in scope if s in r.get("stages", {}) and not _ok(st(r, s))]
     fail_txt = "; ".join(f"{s}: {', '.join(v)}" for s, v in failing.items() if v) or "none"
-    L.append(f"**Summary** ({len(rows)}/{m.get('types', '?')} types run; {n} decoder-only text types build): "
-             f"W8A8 {len(w8)}/{n}, O3 {len(o3)}/{n} quantize; {len(rt)}/{n} round-trip both formats "
-             f"(W8A8 and O3, logits equal); {len(hf)}/{n} load in plain transformers; {len(lay)}/{n} run layered equal to "
-             f"in-memory (W8A8 and O3, tensors bit-identical)"
-             + (f", {len(refused)} refused before any work ({'; '.join(f'{t}: {w}' for t, w in refused.items())})"
-                if refused else "")
-             + f"; {len(both)}/{n} get both norm groups (norm -> attention inputs, norm -> MLP inputs) smoothed, "
-             f"{len(complete)}/{n} every norm group their blocks have (attention, MLP, or a mixer's input: Mamba); "
-             f"max fold error used {_fmt_err(maxerr)}. "
-             f"Failing by stage: {fail_txt}.")
+    L.append(
+        f"**Summary** ({len(rows)}/{m.get('types', '?')} types run; {n} decoder-only text types build): "
+        f"W8A8 {len(w8)}/{n}, O3 {len(o3)}/{n} quantize; {len(rt)}/{n} round-trip both formats "
+        f"(W8A8 and O3, logits equal); {len(hf)}/{n} load in plain transformers; {len(lay)}/{n} run layered equal to "
+        f"in-memory (W8A8 and O3, tensors bit-identical)"
+        + (
+            f", {len(refused)} refused before any work ({'; '.join(f'{t}: {w}' for t, w in refused.items())})"
+            if refused
+            else ""
+        )
+        + f"; {len(both)}/{n} get both norm groups (norm -> attention inputs, norm -> MLP inputs) smoothed, "
+        f"{len(complete)}/{n} every norm group their blocks have (attention, MLP, or a mixer's input: Mamba); "
+        f"max fold error used {_fmt_err(maxerr)}. "
+        f"Failing by stage: {fail_txt}."
+    )
     L.append("")
-    L.append(f"CPU: {m.get('cpu', '?')}; torch {m.get('torch')}, transformers {m.get('transformers')}, "
-             f"compressed-tensors {m.get('compressed_tensors')}; 1 thread per worker, one worker at a time, "
-             f"timeout {m.get('timeout_s')} s per type. Last full sweep: {m.get('last_sweep_seconds', '?')} s"
-             + (f"; then rerun with --types: {_types(m['last_subset']['types'])} ({m['last_subset']['seconds']} s, "
-                f"{m['last_subset']['at']})" if m.get("last_subset") else "")
-             + f"; updated {m.get('updated', '?')}.")
+    L.append(
+        f"CPU: {m.get('cpu', '?')}; torch {m.get('torch')}, transformers {m.get('transformers')}, "
+        f"compressed-tensors {m.get('compressed_tensors')}; 1 thread per worker, one worker at a time, "
+        f"timeout {m.get('timeout_s')} s per type. Last full sweep: {m.get('last_sweep_seconds', '?')} s"
+        + (
+            f"; then rerun with --types: {_types(m['last_subset']['types'])} ({m['last_subset']['seconds']} s, "
+            f"{m['last_subset']['at']})"
+            if m.get("last_subset")
+            else ""
+        )
+        + f"; updated {m.get('updated', '?')}."
+    )
     L.append("")
     hashes = sorted({r.get("smoothq_sources") for r in rows.values() if r.get("smoothq_sources")})
     if len(hashes) > 1:
-        L.append(f"The library changed while the sweep ran: the rows were measured with {len(hashes)} different states "
-                 "of smoothq/ (each row's `smoothq_sources` in the JSON is a hash of smoothq/**/*.py as its worker saw "
-                 "them); rerun types with `--types` to refresh them.")
+        L.append(
+            f"The library changed while the sweep ran: the rows were measured with {len(hashes)} different states "
+            "of smoothq/ (each row's `smoothq_sources` in the JSON is a hash of smoothq/**/*.py as its worker saw "
+            "them); rerun types with `--types` to refresh them."
+        )
         L.append("")
     L.append("## How each column is measured")
     L.append("")
-    L.append("- Model: `smoothq.archs.tiny.tiny_model(type)`: the type's default config (never the Hub) with its size "
-             "fields shrunk (the JSON lists every shrunk field as [old, new]; `shrunk` below counts them), seed 0, "
-             "norm weights perturbed away from identity. One subprocess per type.")
-    L.append("- builds / why: `tiny.build_report`; out-of-scope types (encoder-decoder, encoders, audio, multimodal "
-             "wrappers) say why. Only decoder-only text types that build count in the summary; multimodal wrappers "
-             "that build are run too and listed separately.")
-    L.append("- groups: `smoothq.archs.discover.describe(model)`: the curated table entry proven by folding random "
-             "scales (`table`), or the groups discovered (`discovered`). `used`/`rejected` count group rows; "
-             "`max fold err` is the largest measured fold error (float64, relative) of the groups used. For a table "
-             "type, `disc=table` says whether `discover()` finds the same groups as the table.")
+    L.append(
+        "- Model: `smoothq.archs.tiny.tiny_model(type)`: the type's default config (never the Hub) with its size "
+        "fields shrunk (the JSON lists every shrunk field as [old, new]; `shrunk` below counts them), seed 0, "
+        "norm weights perturbed away from identity. One subprocess per type."
+    )
+    L.append(
+        "- builds / why: `tiny.build_report`; out-of-scope types (encoder-decoder, encoders, audio, multimodal "
+        "wrappers) say why. Only decoder-only text types that build count in the summary; multimodal wrappers "
+        "that build are run too and listed separately."
+    )
+    L.append(
+        "- groups: `smoothq.archs.discover.describe(model)`: the curated table entry proven by folding random "
+        "scales (`table`), or the groups discovered (`discovered`). `used`/`rejected` count group rows; "
+        "`max fold err` is the largest measured fold error (float64, relative) of the groups used. For a table "
+        "type, `disc=table` says whether `discover()` finds the same groups as the table."
+    )
     L.append("- structures: distinct block structures (block class x count, and the roles of their linears).")
-    L.append("- norm attn / norm mlp: whether the norm -> attention-input and norm -> MLP-input groups are smoothed. "
-             "Rule: a group is a norm group when its producer is a norm (option empty in the report); each linear's "
-             "role is decided by the nearest enclosing module whose class name matches `attn|attention` "
-             "(attention) or `mlp|moe|expert|feed_forward|ffn|ffw` (MLP), else by the attribute names on its path, "
-             "else by its own name (q_proj, query_key_value, c_attn, ... / gate_proj, up_proj, fc1, c_fc, ...). "
-             "Linear attention / gated delta nets count as attention by that rule; Mamba mixers and other token "
-             "mixers are neither. Per block structure that has attention (MLP) linears: `yes` when a used norm group "
-             "feeds one of them; the type's verdict is `yes` if every such structure has one, `partial k/n`, `no`, "
-             "or `n/a` (no such linears).")
-    L.append(f"- W8A8 / O3 err: `smoothq.run(model, {{\"scheme\": ...}}, calib=ids)` (alpha 0.8, no extra groups, "
-             f"{m.get('calib', {}).get('batch', 4)} x {m.get('calib', {}).get('seq', 16)} random calibration ids); "
-             "relative error ||logits_q - logits_f|| / ||logits_f|| on 2 x 16 other random ids.")
-    L.append("- round-trip: `smoothq.save(model, dir, format=..., float_dtype=\"float32\")` then `smoothq.load(dir, "
-             "attn_implementation=\"eager\")`; `ok` when the logits are `torch.equal` for W8A8 and O3 in both the "
-             "smoothq and the compressed-tensors format.")
-    L.append(f"- transformers: `AutoModelForCausalLM.from_pretrained(compressed-tensors export)`. It decompresses the "
-             "weights to float on the first forward and fake-quantizes activations itself (compressed-tensors: "
-             "dynamic per-token scale absmax/127.5 over [-128, 127] where smoothq uses absmax/127 over [-127, 127]), "
-             "so `rel diff` (its logits vs ours, relative) is of the order of the quantization error. `ok` when, "
-             "with activation quantization off on both sides (same weights, float activations), the logits agree "
-             f"to {m.get('hf_weight_rtol', HF_WEIGHT_RTOL):g} relative (`w` column): the exported weights, scales "
-             "and float tensors are ours.")
-    L.append("- layered: the float tiny model `save_pretrained` to a directory; `smoothq.run(dir, recipe, "
-             "executor=\"layered\", attn_implementation=\"eager\")` vs `smoothq.run(from_pretrained(dir), recipe, "
-             "output=...)` with `propagation: float` and a fixed alpha (the combination for which the two must agree "
-             "bit for bit, as tests/test_pipeline.py checks), for W8A8 and O3. `ok` = same file names, every tensor "
-             "`torch.equal`, same config.json; `bytes` says whether the files are also byte-identical (the "
-             "safetensors header lists tensors in write order, which differs between the executors). When "
-             "tensors differ, the max |logits difference| of the two checkpoints is in the JSON and the failures.")
+    L.append(
+        "- norm attn / norm mlp: whether the norm -> attention-input and norm -> MLP-input groups are smoothed. "
+        "Rule: a group is a norm group when its producer is a norm (option empty in the report); each linear's "
+        "role is decided by the nearest enclosing module whose class name matches `attn|attention` "
+        "(attention) or `mlp|moe|expert|feed_forward|ffn|ffw` (MLP), else by the attribute names on its path, "
+        "else by its own name (q_proj, query_key_value, c_attn, ... / gate_proj, up_proj, fc1, c_fc, ...). "
+        "Linear attention / gated delta nets count as attention by that rule; Mamba mixers and other token "
+        "mixers are neither. Per block structure that has attention (MLP) linears: `yes` when a used norm group "
+        "feeds one of them; the type's verdict is `yes` if every such structure has one, `partial k/n`, `no`, "
+        "or `n/a` (no such linears)."
+    )
+    L.append(
+        f'- W8A8 / O3 err: `smoothq.run(model, {{"scheme": ...}}, calib=ids)` (alpha 0.8, no extra groups, '
+        f"{m.get('calib', {}).get('batch', 4)} x {m.get('calib', {}).get('seq', 16)} random calibration ids); "
+        "relative error ||logits_q - logits_f|| / ||logits_f|| on 2 x 16 other random ids."
+    )
+    L.append(
+        '- round-trip: `smoothq.save(model, dir, format=..., float_dtype="float32")` then `smoothq.load(dir, '
+        'attn_implementation="eager")`; `ok` when the logits are `torch.equal` for W8A8 and O3 in both the '
+        "smoothq and the compressed-tensors format."
+    )
+    L.append(
+        f"- transformers: `AutoModelForCausalLM.from_pretrained(compressed-tensors export)`. It decompresses the "
+        "weights to float on the first forward and fake-quantizes activations itself (compressed-tensors: "
+        "dynamic per-token scale absmax/127.5 over [-128, 127] where smoothq uses absmax/127 over [-127, 127]), "
+        "so `rel diff` (its logits vs ours, relative) is of the order of the quantization error. `ok` when, "
+        "with activation quantization off on both sides (same weights, float activations), the logits agree "
+        f"to {m.get('hf_weight_rtol', HF_WEIGHT_RTOL):g} relative (`w` column): the exported weights, scales "
+        "and float tensors are ours."
+    )
+    L.append(
+        "- layered: the float tiny model `save_pretrained` to a directory; `smoothq.run(dir, recipe, "
+        'executor="layered", attn_implementation="eager")` vs `smoothq.run(from_pretrained(dir), recipe, '
+        "output=...)` with `propagation: float` and a fixed alpha (the combination for which the two must agree "
+        "bit for bit, as tests/test_pipeline.py checks), for W8A8 and O3. `ok` = same file names, every tensor "
+        "`torch.equal`, same config.json; `bytes` says whether the files are also byte-identical (the "
+        "safetensors header lists tensors in write order, which differs between the executors). When "
+        "tensors differ, the max |logits difference| of the two checkpoints is in the JSON and the failures."
+    )
     L.append("- s: the worker's wall time for the type (every stage; per-stage seconds are in the JSON).")
     L.append("")
 
     def table(title: str, sel: list[dict]) -> None:
         L.append(f"## {title}")
         L.append("")
-        L.append("| type | class | src | structures | used | rej | disc=table | max fold err | norm attn | norm mlp | "
-                 "W8A8 err | O3 err | round-trip | transformers (rel diff W8A8/O3, w) | layered (bytes) | shrunk | s |")
+        L.append(
+            "| type | class | src | structures | used | rej | disc=table | max fold err | norm attn | norm mlp | "
+            "W8A8 err | O3 err | round-trip | transformers (rel diff W8A8/O3, w) | layered (bytes) | shrunk | s |"
+        )
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sel:
             d = st(r, "discover")
             if d.get("ok"):
-                structs = "; ".join(f"{s['class']} x{len(s['blocks'])} ({s['linears']} linears: "
-                                    f"{', '.join(k.replace('other:', '') for k in s['kinds'])})"
-                                    for s in d.get("structures", []))
+                structs = "; ".join(
+                    f"{s['class']} x{len(s['blocks'])} ({s['linears']} linears: "
+                    f"{', '.join(k.replace('other:', '') for k in s['kinds'])})"
+                    for s in d.get("structures", [])
+                )
                 red = d.get("rediscovered")
-                disc_eq = "-" if red is None else ("error" if "error" in red else ("yes" if red.get("same_as_table")
-                                                                                   else f"no ({red.get('groups')})"))
-                dcols = [d.get("source", ""), structs, str(d.get("groups", "")), str(d.get("rejected", "")), disc_eq,
-                         _fmt_err(d.get("max_fold_error")), d.get("norm_attention", ""), d.get("norm_mlp", "")]
+                disc_eq = (
+                    "-"
+                    if red is None
+                    else (
+                        "error"
+                        if "error" in red
+                        else ("yes" if red.get("same_as_table") else f"no ({red.get('groups')})")
+                    )
+                )
+                dcols = [
+                    d.get("source", ""),
+                    structs,
+                    str(d.get("groups", "")),
+                    str(d.get("rejected", "")),
+                    disc_eq,
+                    _fmt_err(d.get("max_fold_error")),
+                    d.get("norm_attention", ""),
+                    d.get("norm_mlp", ""),
+                ]
             else:
                 dcols = ["FAIL"] + [""] * 7
             errs = [(_fmt_err(st(r, s).get("rel_error")) if _ok(st(r, s)) else "FAIL") for s in ("w8a8", "o3")]
@@ -995,8 +1196,11 @@ def render_md(data: dict) -> str:
                 res = h.get("results", {})
                 diffs = "/".join(_fmt_err(res.get(s, {}).get("rel_diff")) for s in SCHEMES)
                 wmax = max((res.get(s, {}).get("rel_diff_weights") or 0.0 for s in SCHEMES), default=0.0)
-                hfc = f"{'ok' if _ok(h) else 'FAIL'} {diffs}, w {_fmt_err(wmax)}" if diffs != "-/-" else \
-                    ("ok" if _ok(h) else "FAIL")
+                hfc = (
+                    f"{'ok' if _ok(h) else 'FAIL'} {diffs}, w {_fmt_err(wmax)}"
+                    if diffs != "-/-"
+                    else ("ok" if _ok(h) else "FAIL")
+                )
             else:
                 hfc = "-"
             ly = st(r, "layered")
@@ -1008,9 +1212,24 @@ def render_md(data: dict) -> str:
                 lyc = "-"
             if r.get("worker"):
                 lyc += f" [{r['worker']['fate']}]"
-            L.append("| " + " | ".join(_cell(x) for x in [r["type"], r.get("class") or "", *dcols, *errs, rtc, hfc, lyc,
-                                                           str(len(r.get("shrunk") or {})), f"{r.get('seconds', 0):.0f}"])
-                     + " |")
+            L.append(
+                "| "
+                + " | ".join(
+                    _cell(x)
+                    for x in [
+                        r["type"],
+                        r.get("class") or "",
+                        *dcols,
+                        *errs,
+                        rtc,
+                        hfc,
+                        lyc,
+                        str(len(r.get("shrunk") or {})),
+                        f"{r.get('seconds', 0):.0f}",
+                    ]
+                )
+                + " |"
+            )
         L.append("")
 
     table("Decoder-only text types that build", scope)
@@ -1041,8 +1260,10 @@ def render_md(data: dict) -> str:
         L.append("")
         for r in crashed:
             w = r["worker"]
-            L.append(f"- **{r['type']}**: {w['fate']} (stage {w.get('stage')}); last log line: "
-                     f"`{_cell((w.get('log_tail') or [''])[-1][:200])}`")
+            L.append(
+                f"- **{r['type']}**: {w['fate']} (stage {w.get('stage')}); last log line: "
+                f"`{_cell((w.get('log_tail') or [''])[-1][:200])}`"
+            )
         L.append("")
     if not any_fail:
         L.append("None.")
@@ -1050,8 +1271,10 @@ def render_md(data: dict) -> str:
 
     L.append("## Rejected candidates and unsmoothed linears")
     L.append("")
-    L.append("Candidate groups discovery measured and rejected (fold error above the tolerance), and the linears no "
-             "group smooths with the reason the report gives (first structure listed per type; all are in the JSON).")
+    L.append(
+        "Candidate groups discovery measured and rejected (fold error above the tolerance), and the linears no "
+        "group smooths with the reason the report gives (first structure listed per type; all are in the JSON)."
+    )
     L.append("")
     for r in scope + mm:
         d = st(r, "discover")
@@ -1063,11 +1286,18 @@ def render_md(data: dict) -> str:
             continue
         parts = []
         if rej:
-            parts.append("rejected: " + "; ".join(f"{g['prev']} -> {', '.join(g['linears'])} ({_fmt_err(g['fold_error'])})"
-                                                  for g in rej[:6]) + (" ..." if len(rej) > 6 else ""))
+            parts.append(
+                "rejected: "
+                + "; ".join(f"{g['prev']} -> {', '.join(g['linears'])} ({_fmt_err(g['fold_error'])})" for g in rej[:6])
+                + (" ..." if len(rej) > 6 else "")
+            )
         if uns:
             items = list(uns.items())
-            parts.append("unsmoothed: " + "; ".join(f"{k}: {v}" for k, v in items[:4]) + (f" ... ({len(items)})" if len(items) > 4 else ""))
+            parts.append(
+                "unsmoothed: "
+                + "; ".join(f"{k}: {v}" for k, v in items[:4])
+                + (f" ... ({len(items)})" if len(items) > 4 else "")
+            )
         L.append(f"- **{r['type']}**: " + " | ".join(_cell(p) for p in parts))
     L.append("")
 
@@ -1086,14 +1316,16 @@ def render_md(data: dict) -> str:
     L.append("")
     if sm:
         verdict = "under" if sm.get("under_5_percent") else "NOT under"
-        L.append(f"`discover(model)` takes {sm['discover_median_s']:.2f} s (median of 3: "
-                 f"{', '.join(f'{x:.2f}' for x in sm['discover_seconds'])}; {sm['discovered_groups']} groups, max fold "
-                 f"error {_fmt_err(sm.get('discovered_max_fold_error'))}); `prove_arch(model, arch_for(model))` "
-                 f"{sm['prove_median_s']:.2f} s ({sm['prove_groups']} table groups). A full in-memory quantize "
-                 f"(`smoothq.run(model, \"{sm['recipe']}\", tokenizer=tok)`, {sm['calibration']}) takes "
-                 f"{sm['quantize_seconds']:.1f} s, the proof inside it {sm.get('proof_inside_run_s')} s. Discovery is "
-                 f"{100 * sm['discover_ratio']:.2f}% of the run ({verdict} 5%), the proof "
-                 f"{100 * sm['prove_ratio']:.2f}%. CPU: {sm['cpu']}, {sm['threads']} thread(s).")
+        L.append(
+            f"`discover(model)` takes {sm['discover_median_s']:.2f} s (median of 3: "
+            f"{', '.join(f'{x:.2f}' for x in sm['discover_seconds'])}; {sm['discovered_groups']} groups, max fold "
+            f"error {_fmt_err(sm.get('discovered_max_fold_error'))}); `prove_arch(model, arch_for(model))` "
+            f"{sm['prove_median_s']:.2f} s ({sm['prove_groups']} table groups). A full in-memory quantize "
+            f'(`smoothq.run(model, "{sm["recipe"]}", tokenizer=tok)`, {sm["calibration"]}) takes '
+            f"{sm['quantize_seconds']:.1f} s, the proof inside it {sm.get('proof_inside_run_s')} s. Discovery is "
+            f"{100 * sm['discover_ratio']:.2f}% of the run ({verdict} 5%), the proof "
+            f"{100 * sm['prove_ratio']:.2f}%. CPU: {sm['cpu']}, {sm['threads']} thread(s)."
+        )
     else:
         L.append("Not measured yet (`python benchmarks/scale/arch_coverage.py --smollm2`).")
     L.append("")

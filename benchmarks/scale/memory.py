@@ -46,9 +46,22 @@ def measure(mode: str, src: Path, out: Path, samples: int, seqlen: int, preset: 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     recipe = ["--preset", preset, "--propagation", "float"] if preset else []
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "synthetic.py"), mode, str(src), str(out),
-                           "--samples", str(samples), "--seqlen", str(seqlen), *recipe], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "synthetic.py"),
+            mode,
+            str(src),
+            str(out),
+            "--samples",
+            str(samples),
+            "--seqlen",
+            str(seqlen),
+            *recipe,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -62,7 +75,9 @@ def row(series: str, config, src: Path, args) -> dict:
     import torch
 
     r = {
-        "series": series, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+        "series": series,
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
         "intermediate": config.intermediate_size,
         "model_gb_fp16": synthetic.model_bytes(config, torch.float16) / GB,
         "model_gb_fp32": synthetic.model_bytes(config, torch.float32) / GB,
@@ -70,8 +85,10 @@ def row(series: str, config, src: Path, args) -> dict:
         "embedding_mb_fp32": config.vocab_size * config.hidden_size * 4 / 1e6,
     }
     for mode in ("sequential", "in-memory"):
-        runs = [measure(mode, src, src.parent / "out", args.samples, args.seqlen)
-                for _ in range(args.repeat if mode == "sequential" else 1)]
+        runs = [
+            measure(mode, src, src.parent / "out", args.samples, args.seqlen)
+            for _ in range(args.repeat if mode == "sequential" else 1)
+        ]
         key = "seq" if mode == "sequential" else "mem"
         peaks = sorted(m["peak_rss"] / GB for m in runs)
         r[f"{key}_peak_gb"] = peaks[-1]  # the worst run: a memory bound has to hold every time
@@ -87,29 +104,46 @@ def recipe_row(preset: str, config, src: Path, args) -> dict:
 
     m = measure("sequential", src, src.parent / "out", args.samples, args.seqlen, preset)
     print(f"  {preset:10s} peak {m['peak_rss'] / GB:.2f} GB, {m['seconds']:.0f}s", flush=True)
-    return {"series": "recipe", "preset": preset, "propagation": "float", "layers": config.num_hidden_layers,
-            "hidden": config.hidden_size, "model_gb_fp16": synthetic.model_bytes(config, torch.float16) / GB,
-            "model_gb_fp32": synthetic.model_bytes(config, torch.float32) / GB, "peak_gb": m["peak_rss"] / GB,
-            "seconds": m["seconds"], "seconds_per_layer": m["seconds_per_layer"]}
+    return {
+        "series": "recipe",
+        "preset": preset,
+        "propagation": "float",
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "model_gb_fp16": synthetic.model_bytes(config, torch.float16) / GB,
+        "model_gb_fp32": synthetic.model_bytes(config, torch.float32) / GB,
+        "peak_gb": m["peak_rss"] / GB,
+        "seconds": m["seconds"],
+        "seconds_per_layer": m["seconds_per_layer"],
+    }
 
 
 def recipe_table(rows: list[dict]) -> str:
-    lines = ["| preset (layered, float propagation) | layers | model (fp16 / fp32) | peak | time | per layer |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| preset (layered, float propagation) | layers | model (fp16 / fp32) | peak | time | per layer |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['layers']} | {r['model_gb_fp16']:.2f} / {r['model_gb_fp32']:.2f} GB | "
-                     f"**{r['peak_gb']:.2f} GB** | {r['seconds']:.0f} s | {r['seconds_per_layer']:.1f} s |")
+        lines.append(
+            f"| {r['preset']} | {r['layers']} | {r['model_gb_fp16']:.2f} / {r['model_gb_fp32']:.2f} GB | "
+            f"**{r['peak_gb']:.2f} GB** | {r['seconds']:.0f} s | {r['seconds_per_layer']:.1f} s |"
+        )
     return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| series | layers | hidden | layer (fp32) | model (fp16 / fp32) | sequential peak (best) | in-memory peak | "
-             "sequential time | in-memory time |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| series | layers | hidden | layer (fp32) | model (fp16 / fp32) | sequential peak (best) | in-memory peak | "
+        "sequential time | in-memory time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['series']} | {r['layers']} | {r['hidden']} | {r['layer_mb_fp32']:.0f} MB | "
-                     f"{r['model_gb_fp16']:.2f} / {r['model_gb_fp32']:.2f} GB | **{r['seq_peak_gb']:.2f} GB** "
-                     f"({r['seq_peak_gb_min']:.2f}) | "
-                     f"{r['mem_peak_gb']:.2f} GB | {r['seq_seconds']:.0f} s | {r['mem_seconds']:.0f} s |")
+        lines.append(
+            f"| {r['series']} | {r['layers']} | {r['hidden']} | {r['layer_mb_fp32']:.0f} MB | "
+            f"{r['model_gb_fp16']:.2f} / {r['model_gb_fp32']:.2f} GB | **{r['seq_peak_gb']:.2f} GB** "
+            f"({r['seq_peak_gb_min']:.2f}) | "
+            f"{r['mem_peak_gb']:.2f} GB | {r['seq_seconds']:.0f} s | {r['mem_seconds']:.0f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -132,14 +166,27 @@ def main() -> int:
     if not args.no_width_series:
         for h in args.widths:
             inter = {1024: 2816, 2048: 5632, 4096: 11008}.get(h, int(2.6875 * h) // 256 * 256)
-            configs.append(("width", synthetic.config_for(args.width_size * GB, hidden=h, intermediate=inter,
-                                                          heads=max(8, h // 128), kv_heads=max(2, h // 512))))
+            configs.append(
+                (
+                    "width",
+                    synthetic.config_for(
+                        args.width_size * GB,
+                        hidden=h,
+                        intermediate=inter,
+                        heads=max(8, h // 128),
+                        kv_heads=max(2, h // 512),
+                    ),
+                )
+            )
     rows, recipe_rows = [], []
     work = Path(tempfile.mkdtemp(prefix="smoothq-memory-", dir=args.workdir))
     try:
         for series, config in configs:
-            print(f"{series}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-                  f"{synthetic.model_bytes(config) / GB:.2f} GB fp16", flush=True)
+            print(
+                f"{series}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                f"{synthetic.model_bytes(config) / GB:.2f} GB fp16",
+                flush=True,
+            )
             src = synthetic.write_checkpoint(work / "src", config)
             rows.append(row(series, config, src, args))
             if series == "size":
@@ -148,12 +195,26 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    env = {"python": platform.python_version(), "cpu": cpu, "torch": torch.__version__, "platform": platform.platform(),
-           "cpus": torch.get_num_threads(), "calibration": f"{args.samples} x {args.seqlen} tokens",
-           "scheme": "W8A8", "alpha": 0.8, "sequential_runs": args.repeat,
-           "command": "python benchmarks/scale/memory.py " + " ".join(sys.argv[1:])}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    env = {
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpus": torch.get_num_threads(),
+        "calibration": f"{args.samples} x {args.seqlen} tokens",
+        "scheme": "W8A8",
+        "alpha": 0.8,
+        "sequential_runs": args.repeat,
+        "command": "python benchmarks/scale/memory.py " + " ".join(sys.argv[1:]),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps({"env": env, "rows": rows + recipe_rows}, indent=2) + "\n")
     md = table(rows) + ("\n\n## The best recipes, layered\n\n" + recipe_table(recipe_rows) if recipe_rows else "")
@@ -163,7 +224,8 @@ def main() -> int:
         f"W8A8, alpha 0.8, {env['calibration']} of calibration. Peak = the process's VmHWM (imports, "
         f"~{rows[0]['import_gb']:.2f} GB, included); sequential: the worst of {args.repeat} runs (the best in "
         f"parentheses), time the median; in-memory: one run. The machine was shared with other jobs: "
-        f"times are indicative only.\n\n{md}\n")
+        f"times are indicative only.\n\n{md}\n"
+    )
     print(md)
     return 0
 

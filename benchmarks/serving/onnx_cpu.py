@@ -72,8 +72,11 @@ def _calibration_feeds(model_path: str, calib_npy: str):
     ids = np.load(calib_npy)
     graph = onnx.load(model_path, load_external_data=False).graph
     names = [i.name for i in graph.input]
-    pasts = [(i.name, [d.dim_value for d in i.type.tensor_type.shape.dim]) for i in graph.input
-             if i.name.startswith("past_key_values.")]
+    pasts = [
+        (i.name, [d.dim_value for d in i.type.tensor_type.shape.dim])
+        for i in graph.input
+        if i.name.startswith("past_key_values.")
+    ]
     for row in ids:
         feed = {"input_ids": row[None].astype(np.int64), "attention_mask": np.ones((1, len(row)), np.int64)}
         if "position_ids" in names:
@@ -92,8 +95,9 @@ def _decoder_matmuls(model_path: str) -> list[str]:
     producer = {o: n for n in graph.node for o in n.output}
 
     def constant(name):
-        return name in inits or (name in producer and producer[name].op_type == "Transpose"
-                                 and producer[name].input[0] in inits)
+        return name in inits or (
+            name in producer and producer[name].op_type == "Transpose" and producer[name].input[0] in inits
+        )
 
     head = next(n.name for n in graph.node if "logits" in n.output)
     return [n.name for n in graph.node if n.op_type == "MatMul" and constant(n.input[1]) and n.name != head]
@@ -103,8 +107,14 @@ def worker(kind: str, src: str, dst: str, calib_npy: str | None, alpha: float | 
     import tempfile
 
     import onnxruntime
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     # neural-compressor reads a config.json next to the model with transformers (not installed there):
     # quantize a link to the model file from a directory of its own
@@ -116,6 +126,7 @@ def worker(kind: str, src: str, dst: str, calib_npy: str | None, alpha: float | 
     if kind == "dynamic":
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes)
     else:
+
         class Reader(CalibrationDataReader):
             def __init__(self):
                 self.feeds = iter(list(_calibration_feeds(src, calib_npy)))
@@ -128,12 +139,24 @@ def worker(kind: str, src: str, dst: str, calib_npy: str | None, alpha: float | 
         extra = {}
         if kind == "smoothquant":
             extra.update(SmoothQuant=True, SmoothQuantAlpha=alpha)
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
-                        calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
+        quantize_static(
+            src,
+            dst,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_quantize=nodes,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options=extra,
+        )
     shutil.rmtree(tmp, ignore_errors=True)
-    info = {"quantize_s": round(time.perf_counter() - t0, 1), "quantized_matmuls": len(nodes),
-            "onnxruntime": onnxruntime.__version__}
+    info = {
+        "quantize_s": round(time.perf_counter() - t0, 1),
+        "quantized_matmuls": len(nodes),
+        "onnxruntime": onnxruntime.__version__,
+    }
     Path(dst + ".json").write_text(json.dumps(info))  # not stdout: neural-compressor prints there
     return info
 
@@ -172,11 +195,14 @@ def measure_speed(paths: dict[str, Path], threads: int, repeats: int, new_tokens
             rates[name].append(new_tokens / (time.perf_counter() - t0))
     out = {}
     for name in models:
-        out[name] = {"prefill_ms": {"median": round(statistics.median(prefill[name]), 1),
-                                    "min": round(min(prefill[name]), 1)}}
+        out[name] = {
+            "prefill_ms": {"median": round(statistics.median(prefill[name]), 1), "min": round(min(prefill[name]), 1)}
+        }
         if name in rates:
-            out[name]["decode_tok_s"] = {"median": round(statistics.median(rates[name]), 2),
-                                         "max": round(max(rates[name]), 2)}
+            out[name]["decode_tok_s"] = {
+                "median": round(statistics.median(rates[name]), 2),
+                "max": round(max(rates[name]), 2),
+            }
     return out
 
 
@@ -185,11 +211,18 @@ def measure_row(path: Path, windows, args) -> dict:
     from smoothq.formats.onnx import INTEGER_MATMUL_OPS, integer_kernels, onnx_bytes, onnx_perplexity
 
     kernels = integer_kernels(path, threads=args.threads)
-    row = {"path": str(path), "bytes": onnx_bytes(path),
-           "integer_matmuls": kernels["integer_matmuls"], "float_matmuls": kernels["float_matmuls"],
-           "integer_ops": {k: v for k, v in kernels["op_counts"].items() if k in
-                           (*INTEGER_MATMUL_OPS, "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear")},
-           "our_weights_on_integer_kernels": kernels["ok"] if kernels["quantized_weights"] else None}
+    row = {
+        "path": str(path),
+        "bytes": onnx_bytes(path),
+        "integer_matmuls": kernels["integer_matmuls"],
+        "float_matmuls": kernels["float_matmuls"],
+        "integer_ops": {
+            k: v
+            for k, v in kernels["op_counts"].items()
+            if k in (*INTEGER_MATMUL_OPS, "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear")
+        },
+        "our_weights_on_integer_kernels": kernels["ok"] if kernels["quantized_weights"] else None,
+    }
     t0 = time.perf_counter()
     row["ppl"] = round(onnx_perplexity(path, windows, threads=args.threads, progress=not args.quiet), 4)
     row["ppl_s"] = round(time.perf_counter() - t0, 1)
@@ -209,9 +242,15 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.path = RESULTS / f"{args.name}.json"
         self.doc = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.setup = {"model": "smollm2", "windows": args.max_windows, "seqlen": 512, "threads": args.threads,
-                      "calib_samples": args.calib_samples, "ort_calib_samples": args.ort_calib_samples,
-                      "cpu": cpu_name()}
+        self.setup = {
+            "model": "smollm2",
+            "windows": args.max_windows,
+            "seqlen": 512,
+            "threads": args.threads,
+            "calib_samples": args.calib_samples,
+            "ort_calib_samples": args.ort_calib_samples,
+            "cpu": cpu_name(),
+        }
         if self.doc.get("setup") != self.setup:
             self.doc = {}  # other settings or another machine: numbers are not mixed
         self.doc["setup"] = self.setup
@@ -232,10 +271,16 @@ class Bench:
         import torch
         import transformers
 
-        self.doc.update(versions={"torch": torch.__version__, "transformers": transformers.__version__,
-                                  "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                                  "python": platform.python_version()},
-                        command=" ".join(["python", "benchmarks/serving/onnx_cpu.py", *sys.argv[1:]]))
+        self.doc.update(
+            versions={
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "python": platform.python_version(),
+            },
+            command=" ".join(["python", "benchmarks/serving/onnx_cpu.py", *sys.argv[1:]]),
+        )
         self.doc.update(summary(self.rows, self.args.headline))
         RESULTS.mkdir(exist_ok=True)
         self.path.write_text(json.dumps(self.doc, indent=2) + "\n")
@@ -266,8 +311,8 @@ class Bench:
 
         import torch
 
-        from smoothq.runtime.cpu_fast import available, optimize_for_cpu
         from smoothq.formats.onnx import ExportModules
+        from smoothq.runtime.cpu_fast import available, optimize_for_cpu
 
         model = q if available() else optimize_for_cpu(copy.deepcopy(q), dtype=torch.float32, compile=False)
         ppl = self.sq.perplexity(model, self.windows, progress=not self.args.quiet)
@@ -283,8 +328,13 @@ class Bench:
             return
         self.log(f"quantizing {recipe_name} ({self.args.calib_samples} calibration samples)")
         t0 = time.perf_counter()
-        q = self.sq.run(copy.deepcopy(self.model), self.recipe(recipe_name), tokenizer=self.tok, backend="emulated",
-                        progress=not self.args.quiet).model
+        q = self.sq.run(
+            copy.deepcopy(self.model),
+            self.recipe(recipe_name),
+            tokenizer=self.tok,
+            backend="emulated",
+            progress=not self.args.quiet,
+        ).model
         quantize_s = time.perf_counter() - t0
         self.log(f"torch perplexities of {recipe_name} (float and int8 embeddings)")
         torch_ppl, torch_ppl_int8 = self.torch_perplexities(q)
@@ -296,12 +346,17 @@ class Bench:
             meta = self.sq.export_onnx(q, out, self.tok, embeddings=emb, overwrite=True)
             self.log(f"measuring {name}")
             # torch_ppl: the same model in PyTorch (with the same int8 embeddings on the int8emb row)
-            row = {"kind": "ours", "recipe": recipe_name, "embeddings": emb,
-                   "torch_ppl": torch_ppl if emb == "float" else torch_ppl_int8,
-                   "torch_ppl_float_embeddings": torch_ppl,
-                   "quantize_s": round(quantize_s, 1), "export_s": meta["export_seconds"],
-                   "check_max_rel_logit_diff": round(meta["check"]["max_rel_diff"], 5),
-                   **measure_row(out, self.windows, self.args)}
+            row = {
+                "kind": "ours",
+                "recipe": recipe_name,
+                "embeddings": emb,
+                "torch_ppl": torch_ppl if emb == "float" else torch_ppl_int8,
+                "torch_ppl_float_embeddings": torch_ppl,
+                "quantize_s": round(quantize_s, 1),
+                "export_s": meta["export_seconds"],
+                "check_max_rel_logit_diff": round(meta["check"]["max_rel_diff"], 5),
+                **measure_row(out, self.windows, self.args),
+            }
             row["ort_vs_torch_pct"] = round(100 * (row["ppl"] / row["torch_ppl"] - 1), 3)
             row["ort_vs_torch_without_int8_embeddings_pct"] = round(100 * (row["ppl"] / torch_ppl - 1), 3)
             self.rows[name] = row
@@ -311,11 +366,17 @@ class Bench:
         if not self.want(name):
             return
         python = self.args.inc_python if kind == "smoothquant" else sys.executable
-        row = {"kind": f"ort-{kind}", "alpha": alpha,
-               "calib_samples": None if kind == "dynamic" else self.args.ort_calib_samples}
+        row = {
+            "kind": f"ort-{kind}",
+            "alpha": alpha,
+            "calib_samples": None if kind == "dynamic" else self.args.ort_calib_samples,
+        }
         if python is None:
-            self.rows[name] = {**row, "error": "not run: needs --inc-python (a venv with neural-compressor <= 3.7.1; "
-                                               "see the module docstring)"}
+            self.rows[name] = {
+                **row,
+                "error": "not run: needs --inc-python (a venv with neural-compressor <= 3.7.1; "
+                "see the module docstring)",
+            }
             self.save()
             return
         dst = self.work / f"{name}.onnx"
@@ -325,11 +386,19 @@ class Bench:
 
             from smoothq.pipeline.run import calibration_samples
 
-            ids = calibration_samples(self.recipe("serve-w8a8"), self.tok).input_ids[:self.args.ort_calib_samples]
+            ids = calibration_samples(self.recipe("serve-w8a8"), self.tok).input_ids[: self.args.ort_calib_samples]
             np.save(calib, ids.numpy())
         self.log(f"ORT quantization {name} ({python})")
-        cmd = [python, __file__, "--worker", kind, str(fp32 / "model.onnx"), str(dst), str(calib),
-               str(alpha if alpha is not None else "")]
+        cmd = [
+            python,
+            __file__,
+            "--worker",
+            kind,
+            str(fp32 / "model.onnx"),
+            str(dst),
+            str(calib),
+            str(alpha if alpha is not None else ""),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             err = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
@@ -386,13 +455,17 @@ def summary(rows: dict, headline: str) -> dict:
 
     def figures(name: str) -> dict:
         row = rows[name]
-        out = {"torch_ppl": row["torch_ppl"], "ort_ppl": row["ppl"], "ort_vs_torch_pct": row["ort_vs_torch_pct"],
-               "torch_ppl_float_embeddings": row["torch_ppl_float_embeddings"],
-               "ort_vs_torch_without_int8_embeddings_pct": row["ort_vs_torch_without_int8_embeddings_pct"],
-               "integer_kernels_ok": row["our_weights_on_integer_kernels"],
-               "ort_prefill_speedup_vs_ort_fp32": _ratio(_median(fp32, "prefill_ms"), _median(row, "prefill_ms")),
-               "ort_decode_speedup_vs_ort_fp32": _ratio(_median(row, "decode_tok_s"), _median(fp32, "decode_tok_s")),
-               "size_ratio_vs_fp32": _ratio(row["bytes"], fp32.get("bytes"), 4)}
+        out = {
+            "torch_ppl": row["torch_ppl"],
+            "ort_ppl": row["ppl"],
+            "ort_vs_torch_pct": row["ort_vs_torch_pct"],
+            "torch_ppl_float_embeddings": row["torch_ppl_float_embeddings"],
+            "ort_vs_torch_without_int8_embeddings_pct": row["ort_vs_torch_without_int8_embeddings_pct"],
+            "integer_kernels_ok": row["our_weights_on_integer_kernels"],
+            "ort_prefill_speedup_vs_ort_fp32": _ratio(_median(fp32, "prefill_ms"), _median(row, "prefill_ms")),
+            "ort_decode_speedup_vs_ort_fp32": _ratio(_median(row, "decode_tok_s"), _median(fp32, "decode_tok_s")),
+            "size_ratio_vs_fp32": _ratio(row["bytes"], fp32.get("bytes"), 4),
+        }
         exact = rows.get(name.removesuffix("-int8emb"), {})
         if "ppl" in exact:  # the same export with float embeddings: what int8 embeddings cost
             out["ort_ppl_float_embeddings"] = exact["ppl"]
@@ -400,12 +473,14 @@ def summary(rows: dict, headline: str) -> dict:
             out["int8_embeddings_ppl_cost_pct"] = round(100 * (row["ppl"] / exact["ppl"] - 1), 3)
         return out
 
-    out: dict = {"headline_row": headline if "ppl" in rows.get(headline, {}) else None,
-                 "ort_fp32_ppl": fp32.get("ppl")}
+    out: dict = {"headline_row": headline if "ppl" in rows.get(headline, {}) else None, "ort_fp32_ppl": fp32.get("ppl")}
     if out["headline_row"]:
         out.update(figures(headline))
-    out["others"] = {k: figures(k) for k, r in rows.items()
-                     if k != headline and r.get("kind") == "ours" and r.get("embeddings") == "int8" and "ppl" in r}
+    out["others"] = {
+        k: figures(k)
+        for k, r in rows.items()
+        if k != headline and r.get("kind") == "ours" and r.get("embeddings") == "int8" and "ppl" in r
+    }
     if sq_rows:
         best = min(sq_rows.values(), key=lambda r: r["ppl"])
         out.update(ort_own_smoothquant_best_ppl=best["ppl"], ort_own_smoothquant_best_alpha=best["alpha"])
@@ -417,28 +492,47 @@ def summary(rows: dict, headline: str) -> dict:
     return out
 
 
-KEYS = ("headline_row", "torch_ppl", "ort_ppl", "ort_vs_torch_pct", "torch_ppl_float_embeddings",
-        "ort_vs_torch_without_int8_embeddings_pct", "ort_ppl_float_embeddings", "ort_vs_torch_pct_float_embeddings",
-        "int8_embeddings_ppl_cost_pct", "ort_fp32_ppl",
-        "ort_own_smoothquant_best_ppl", "ort_own_smoothquant_best_alpha", "ort_prefill_speedup_vs_ort_fp32",
-        "ort_decode_speedup_vs_ort_fp32", "size_ratio_vs_fp32", "integer_kernels_ok", "ort_own_smoothquant_error")
+KEYS = (
+    "headline_row",
+    "torch_ppl",
+    "ort_ppl",
+    "ort_vs_torch_pct",
+    "torch_ppl_float_embeddings",
+    "ort_vs_torch_without_int8_embeddings_pct",
+    "ort_ppl_float_embeddings",
+    "ort_vs_torch_pct_float_embeddings",
+    "int8_embeddings_ppl_cost_pct",
+    "ort_fp32_ppl",
+    "ort_own_smoothquant_best_ppl",
+    "ort_own_smoothquant_best_alpha",
+    "ort_prefill_speedup_vs_ort_fp32",
+    "ort_decode_speedup_vs_ort_fp32",
+    "size_ratio_vs_fp32",
+    "integer_kernels_ok",
+    "ort_own_smoothquant_error",
+)
 
 
 def markdown(doc: dict) -> str:
     s, v = doc["setup"], doc.get("versions", {})
-    md = ["# ONNX Runtime on the CPU: our SmoothQuant W8A8 export vs ORT fp32 and ORT's own quantization", "",
-          f"SmolLM2-135M; {s['cpu']}, {s['threads']} intra-op threads; onnxruntime {v.get('onnxruntime')}, "
-          f"torch {v.get('torch')}, transformers {v.get('transformers')}. Command: `{doc.get('command')}`.", "",
-          f"Perplexity: WikiText-2 test, {s['windows']} windows x {s['seqlen']} tokens (the windows of "
-          "`sq.perplexity(model, sq.eval_windows(tok, 'wikitext2', seqlen=512, max_windows=N))`, scored by "
-          "sq.perplexity on ORT's logits). torch: the same quantized model in PyTorch (int8emb rows: with the "
-          "same int8 embedding and LM head; float embeddings under torch_ppl_float_embeddings). Prefill: "
-          "1 x 512 tokens, all logits, median of repeats interleaved over the rows. Decode: batch 1, tokens/s "
-          f"after a 128-token prompt, KV cache. Calibration: ours {s['calib_samples']} x 512 WikiText-2 train "
-          f"tokens; ORT's static rows the first {s['ort_calib_samples']} of the same windows.", "",
-          "| row | perplexity | torch | ORT vs torch | prefill ms | vs fp32 | decode tok/s | MB | vs fp32 "
-          "| integer ops |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "# ONNX Runtime on the CPU: our SmoothQuant W8A8 export vs ORT fp32 and ORT's own quantization",
+        "",
+        f"SmolLM2-135M; {s['cpu']}, {s['threads']} intra-op threads; onnxruntime {v.get('onnxruntime')}, "
+        f"torch {v.get('torch')}, transformers {v.get('transformers')}. Command: `{doc.get('command')}`.",
+        "",
+        f"Perplexity: WikiText-2 test, {s['windows']} windows x {s['seqlen']} tokens (the windows of "
+        "`sq.perplexity(model, sq.eval_windows(tok, 'wikitext2', seqlen=512, max_windows=N))`, scored by "
+        "sq.perplexity on ORT's logits). torch: the same quantized model in PyTorch (int8emb rows: with the "
+        "same int8 embedding and LM head; float embeddings under torch_ppl_float_embeddings). Prefill: "
+        "1 x 512 tokens, all logits, median of repeats interleaved over the rows. Decode: batch 1, tokens/s "
+        f"after a 128-token prompt, KV cache. Calibration: ours {s['calib_samples']} x 512 WikiText-2 train "
+        f"tokens; ORT's static rows the first {s['ort_calib_samples']} of the same windows.",
+        "",
+        "| row | perplexity | torch | ORT vs torch | prefill ms | vs fp32 | decode tok/s | MB | vs fp32 "
+        "| integer ops |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     rows = doc["rows"]
     fp32 = rows.get("ort-fp32", {})
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
@@ -449,10 +543,12 @@ def markdown(doc: dict) -> str:
         ops = ", ".join(f"{k} {n}" for k, n in r["integer_ops"].items()) or "none"
         vs_torch = f"{r['ort_vs_torch_pct']:+.3f}%" if "ort_vs_torch_pct" in r else ""
         speed = _ratio(_median(fp32, "prefill_ms"), _median(r, "prefill_ms"), 2)
-        md.append(f"| {name} | {r['ppl']:.3f} | {r.get('torch_ppl', '')} | {vs_torch} | "
-                  f"{fmt(_median(r, 'prefill_ms'), '.0f')} | {'' if speed is None else f'{speed:.2f}x'} | "
-                  f"{fmt(_median(r, 'decode_tok_s'), '.1f')} | {r['bytes'] / 1e6:.1f} | "
-                  f"{fmt(_ratio(r['bytes'], fp32.get('bytes'), 3), '.3f')} | {ops} |")
+        md.append(
+            f"| {name} | {r['ppl']:.3f} | {r.get('torch_ppl', '')} | {vs_torch} | "
+            f"{fmt(_median(r, 'prefill_ms'), '.0f')} | {'' if speed is None else f'{speed:.2f}x'} | "
+            f"{fmt(_median(r, 'decode_tok_s'), '.1f')} | {r['bytes'] / 1e6:.1f} | "
+            f"{fmt(_ratio(r['bytes'], fp32.get('bytes'), 3), '.3f')} | {ops} |"
+        )
     md += ["", f"Summary (headline: {doc.get('headline_row')}):", ""]
     md += [f"- {k}: {doc[k]}" for k in KEYS if k in doc]
     for name, figs in (doc.get("others") or {}).items():
@@ -469,21 +565,32 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (and torch's)")
     ap.add_argument("--max-windows", type=int, default=40, help="WikiText-2 test windows of 512 tokens")
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration windows of our recipes")
-    ap.add_argument("--ort-calib-samples", type=int, default=32,
-                    help="calibration windows of ORT's static rows (the first N of ours). neural-compressor's "
-                         "SmoothQuant holds every MatMul input of every window in memory (~0.2 GB per window "
-                         "here) and uses at most 100")
+    ap.add_argument(
+        "--ort-calib-samples",
+        type=int,
+        default=32,
+        help="calibration windows of ORT's static rows (the first N of ours). neural-compressor's "
+        "SmoothQuant holds every MatMul input of every window in memory (~0.2 GB per window "
+        "here) and uses at most 100",
+    )
     ap.add_argument("--recipes", type=lambda t: [r for r in t.split(",") if r], default=list(RECIPES))
     ap.add_argument("--alphas", type=lambda t: [float(a) for a in t.split(",") if a], default=list(ALPHAS))
     ap.add_argument("--inc-python", help="python of a venv with neural-compressor <= 3.7.1 (ORT's SmoothQuant)")
     ap.add_argument("--skip-ort-static", action="store_true", help="no quantize_static rows (they take longest)")
     ap.add_argument("--skip-speed", action="store_true", help="keep the rows' previous timings")
-    ap.add_argument("--headline", default="ours-serve-w8a8-int8emb",
-                    help="our row the summary figures are about (default: serve-w8a8 with int8 embeddings)")
+    ap.add_argument(
+        "--headline",
+        default="ours-serve-w8a8-int8emb",
+        help="our row the summary figures are about (default: serve-w8a8 with int8 embeddings)",
+    )
     ap.add_argument("--repeats", type=int, default=10, help="timed prefills and decodes per row")
     ap.add_argument("--new-tokens", type=int, default=64, help="decode steps timed")
-    ap.add_argument("--redo", type=lambda t: [r for r in t.split(",") if r], default=[],
-                    help="comma-separated rows to recompute, or 'all'")
+    ap.add_argument(
+        "--redo",
+        type=lambda t: [r for r in t.split(",") if r],
+        default=[],
+        help="comma-separated rows to recompute, or 'all'",
+    )
     ap.add_argument("--name", default="onnx-smollm2", help="results file name (benchmarks/results/NAME.{json,md})")
     ap.add_argument("--work", default="/tmp/smoothq-onnx-bench", help="exports and ORT's models are kept here")
     ap.add_argument("-q", "--quiet", action="store_true")

@@ -39,12 +39,11 @@ import argparse
 import itertools
 import json
 import math
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -52,8 +51,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import smoothq as sq  # noqa: E402
-from smoothq.archs import arch_for  # noqa: E402
-from smoothq.archs import tiny  # noqa: E402
+from smoothq.archs import (
+    arch_for,  # noqa: E402
+    tiny,  # noqa: E402
+)
 from smoothq.archs.tiny import random_ids, tiny_model  # noqa: E402
 from smoothq.evaluation.bench import cpu_name  # noqa: E402
 
@@ -65,7 +66,7 @@ MODEL_TYPE = "qwen3_moe"
 # Run with the vLLM venv's python: argv = model_dir windows.json out.json dtype. Tokenizer-less model:
 # skip_tokenizer_init, token-id prompts, detokenize=False. Writes per-token logprobs of each window's
 # own tokens (positions 1..), what the live model runs, or the error with its traceback tail.
-VLLM_SCRIPT = r'''
+VLLM_SCRIPT = r"""
 import json, os, sys, time, traceback
 model_dir, windows_file, out_file, dtype, arch = sys.argv[1:6]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -139,7 +140,7 @@ except Exception as exc:  # noqa: BLE001 -- recorded as the evidence of what vLL
     result["traceback_tail"] = traceback.format_exc().strip().splitlines()[-12:]
 result["seconds"] = round(time.perf_counter() - t0, 1)
 json.dump(result, open(out_file, "w"), indent=2)
-'''
+"""
 
 
 @torch.no_grad()
@@ -159,8 +160,11 @@ def compare(a: list[list[float]] | None, b: list[list[float]] | None) -> dict:
     if a is None or b is None:
         return {"ppl_diff_pct": None, "logprob_max_abs_diff": None, "logprob_mean_abs_diff": None}
     d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
-    return {"ppl_diff_pct": round(100 * (ppl(b) / ppl(a) - 1), 4), "logprob_max_abs_diff": float(d.abs().max()),
-            "logprob_mean_abs_diff": float(d.abs().mean())}
+    return {
+        "ppl_diff_pct": round(100 * (ppl(b) / ppl(a) - 1), 4),
+        "logprob_max_abs_diff": float(d.abs().max()),
+        "logprob_mean_abs_diff": float(d.abs().mean()),
+    }
 
 
 def serve(python: str, folder: Path, wfile: Path, work: Path, threads: int, arch: str, dtype: str = "float32") -> dict:
@@ -168,11 +172,14 @@ def serve(python: str, folder: Path, wfile: Path, work: Path, threads: int, arch
     script.write_text(VLLM_SCRIPT)
     out = work / f"vllm-{folder.parent.name}-{folder.name}-{Path(python).parts[-3]}.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
-    proc = subprocess.run([python, str(script), str(folder), str(wfile), str(out), dtype, arch], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [python, str(script), str(folder), str(wfile), str(out), dtype, arch], env=env, capture_output=True, text=True
+    )
     if not out.exists():
-        return {"error": f"the vLLM script exited {proc.returncode} without a result: {proc.stderr.strip()[-1500:]}",
-                "stage": "process"}
+        return {
+            "error": f"the vLLM script exited {proc.returncode} without a result: {proc.stderr.strip()[-1500:]}",
+            "stage": "process",
+        }
     rep = json.loads(out.read_text())
     if rep.get("error"):
         rep["stderr_tail"] = proc.stderr.strip().splitlines()[-25:]
@@ -211,28 +218,47 @@ def head_dim(config) -> int:
 
 
 def result_row(variant: str, env: str, dtype: str, name: str, ours, rep: dict, extra: dict) -> dict:
-    return {"variant": variant, "env": env, "vllm_dtype": dtype, "model": name, **extra,
-            "ours_ppl": ppl(ours), "vllm_ppl": ppl(rep["logprobs"]) if rep.get("logprobs") else None,
-            **compare(ours, rep.get("logprobs")),
-            "vllm_quantization": rep.get("quantization"), "vllm_platform": rep.get("platform"),
-            "cpu_amx": rep.get("cpu_amx"), "zentorch_installed": rep.get("zentorch_installed"),
-            "linear_kernels": rep.get("linear_kernels"),
-            "router_in_vllm": sorted({f"{r['class']}/{r['quant_method']}/{r['weight_dtype']}"
-                                      for r in (rep.get("routers") or {}).values()}),
-            "routers": rep.get("routers"),
-            "moe_quant_methods": sorted({m["quant_method"] for m in rep.get("moe_layers") or []}),
-            "moe_experts_kernels": sorted({str(m.get("experts_cls")) for m in rep.get("moe_layers") or []}),
-            "moe_layers": rep.get("moe_layers"), "config_has_architectures": rep.get("config_has_architectures"),
-            "vllm_architecture": rep.get("architecture"), "hf_overrides": rep.get("hf_overrides"),
-            "error": rep.get("error"), "stage": rep.get("stage"), "traceback_tail": rep.get("traceback_tail"),
-            "stderr_tail": rep.get("stderr_tail"), "vllm_seconds": rep.get("seconds"), "vllm": rep.get("vllm")}
+    return {
+        "variant": variant,
+        "env": env,
+        "vllm_dtype": dtype,
+        "model": name,
+        **extra,
+        "ours_ppl": ppl(ours),
+        "vllm_ppl": ppl(rep["logprobs"]) if rep.get("logprobs") else None,
+        **compare(ours, rep.get("logprobs")),
+        "vllm_quantization": rep.get("quantization"),
+        "vllm_platform": rep.get("platform"),
+        "cpu_amx": rep.get("cpu_amx"),
+        "zentorch_installed": rep.get("zentorch_installed"),
+        "linear_kernels": rep.get("linear_kernels"),
+        "router_in_vllm": sorted(
+            {f"{r['class']}/{r['quant_method']}/{r['weight_dtype']}" for r in (rep.get("routers") or {}).values()}
+        ),
+        "routers": rep.get("routers"),
+        "moe_quant_methods": sorted({m["quant_method"] for m in rep.get("moe_layers") or []}),
+        "moe_experts_kernels": sorted({str(m.get("experts_cls")) for m in rep.get("moe_layers") or []}),
+        "moe_layers": rep.get("moe_layers"),
+        "config_has_architectures": rep.get("config_has_architectures"),
+        "vllm_architecture": rep.get("architecture"),
+        "hf_overrides": rep.get("hf_overrides"),
+        "error": rep.get("error"),
+        "stage": rep.get("stage"),
+        "traceback_tail": rep.get("traceback_tail"),
+        "stderr_tail": rep.get("stderr_tail"),
+        "vllm_seconds": rep.get("seconds"),
+        "vllm": rep.get("vllm"),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vllm-python", required=True, help="python of a vLLM-CPU environment")
-    ap.add_argument("--zen-python", default=None,
-                    help="optional: python of a copy of that environment with zentorch (vLLM's AMD Zen path)")
+    ap.add_argument(
+        "--zen-python",
+        default=None,
+        help="optional: python of a copy of that environment with zentorch (vLLM's AMD Zen path)",
+    )
     ap.add_argument("--schemes", default="W8A8,O3")
     ap.add_argument("--head-dims", default="16,32", help="16 = the tiny model as built; others override head_dim")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="vLLM dtypes (ours is always float32)")
@@ -250,18 +276,41 @@ def main() -> int:
     stock_head_dim = head_dim(stock.config)
     causal_lm = type(stock).__name__
     arch = arch_for(stock)
-    cfg = {k: getattr(stock.config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_experts",
-                                                 "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")}
+    cfg = {
+        k: getattr(stock.config, k)
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "norm_topk_prob",
+        )
+    }
     cfg["head_dim"] = stock_head_dim
     del stock
-    doc = {"model": f"smoothq.archs.tiny.tiny_model({MODEL_TYPE!r})", "model_type": MODEL_TYPE,
-           "arch_discovered": bool(arch.discovered), "arch_name": arch.name, "config": cfg,
-           "windows": args.windows, "seqlen": args.seqlen, "window_seed": 2, "calib": "random_ids(8, 64, seed=1)",
-           "vllm_dtypes": args.dtypes.split(","), "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
-           "envs": list(envs), "command": f"python benchmarks/serving/vllm_moe.py --vllm-python PY"
-           + (" --zen-python ZPY" if args.zen_python else "")
-           + f" --schemes {args.schemes} --dtypes {args.dtypes} --head-dims {args.head_dims} --windows {args.windows} --seqlen {args.seqlen}",
-           "variants": {}, "rows": []}
+    doc = {
+        "model": f"smoothq.archs.tiny.tiny_model({MODEL_TYPE!r})",
+        "model_type": MODEL_TYPE,
+        "arch_discovered": bool(arch.discovered),
+        "arch_name": arch.name,
+        "config": cfg,
+        "windows": args.windows,
+        "seqlen": args.seqlen,
+        "window_seed": 2,
+        "calib": "random_ids(8, 64, seed=1)",
+        "vllm_dtypes": args.dtypes.split(","),
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "envs": list(envs),
+        "command": "python benchmarks/serving/vllm_moe.py --vllm-python PY"
+        + (" --zen-python ZPY" if args.zen_python else "")
+        + f" --schemes {args.schemes} --dtypes {args.dtypes} --head-dims {args.head_dims} --windows {args.windows} --seqlen {args.seqlen}",
+        "variants": {},
+        "rows": [],
+    }
     print(f"arch discovered={arch.discovered} ({arch.name})", flush=True)
     with tempfile.TemporaryDirectory(prefix="vllm-moe-") as tmp:
         work = Path(tmp)
@@ -286,28 +335,46 @@ def main() -> int:
                 qnames = [n for n, m in quantized.named_modules() if type(m).__name__ == "W8A8Linear"]
                 ours = logprobs(quantized, windows)
                 qc = json.loads((vdir / scheme.lower() / "config.json").read_text())["quantization_config"]
-                exports[scheme] = (ours, {
-                    "ours": "smoothq.load of the export (real INT8)", "recipe": recipe, "notes": res.notes,
-                    "int8_linears": len(qnames), "int8_expert_linears": sum(".experts." in n for n in qnames),
-                    "ct_ignore": qc["ignore"],
-                    "ct_input_activations": qc["config_groups"]["group_0"]["input_activations"]["strategy"],
-                    "ours_vs_float_ppl_diff_pct": compare(float_lp, ours)["ppl_diff_pct"],
-                    "ours_vs_float_logprob_max_abs_diff": compare(float_lp, ours)["logprob_max_abs_diff"]})
+                exports[scheme] = (
+                    ours,
+                    {
+                        "ours": "smoothq.load of the export (real INT8)",
+                        "recipe": recipe,
+                        "notes": res.notes,
+                        "int8_linears": len(qnames),
+                        "int8_expert_linears": sum(".experts." in n for n in qnames),
+                        "ct_ignore": qc["ignore"],
+                        "ct_input_activations": qc["config_groups"]["group_0"]["input_activations"]["strategy"],
+                        "ours_vs_float_ppl_diff_pct": compare(float_lp, ours)["ppl_diff_pct"],
+                        "ours_vs_float_logprob_max_abs_diff": compare(float_lp, ours)["logprob_max_abs_diff"],
+                    },
+                )
                 if scheme == schemes[0] and not quantized.smoothq.scheme.static:
                     # control: the same export with every unquantized module holding a 2-D weight (bar the
                     # embedding: here the MoE routers) added to `ignore`, as llm-compressor writes it
-                    extra = [n for n, m in quantized.named_modules()
-                             if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
-                             and n not in qnames and n not in qc["ignore"]
-                             and m is not quantized.get_input_embeddings()]
+                    extra = [
+                        n
+                        for n, m in quantized.named_modules()
+                        if isinstance(getattr(m, "weight", None), torch.Tensor)
+                        and m.weight.dim() == 2
+                        and n not in qnames
+                        and n not in qc["ignore"]
+                        and m is not quantized.get_input_embeddings()
+                    ]
                     name = f"{scheme}+routers-ignored"
                     shutil.copytree(vdir / scheme.lower(), vdir / name.lower())
                     cfg_file = vdir / name.lower() / "config.json"
                     cfg = json.loads(cfg_file.read_text())
                     cfg["quantization_config"]["ignore"] += extra
                     cfg_file.write_text(json.dumps(cfg, indent=2))
-                    exports[name] = (ours, {**exports[scheme][1], "ct_ignore": cfg["quantization_config"]["ignore"],
-                                            "control": "config.json patched: ignore += " + ", ".join(extra)})
+                    exports[name] = (
+                        ours,
+                        {
+                            **exports[scheme][1],
+                            "ct_ignore": cfg["quantization_config"]["ignore"],
+                            "control": "config.json patched: ignore += " + ", ".join(extra),
+                        },
+                    )
                 del model, quantized
             doc["variants"][variant] = info
             for env, dtype, name in itertools.product(envs, args.dtypes.split(","), exports):
@@ -316,8 +383,12 @@ def main() -> int:
                 row = result_row(variant, env, dtype, name, ours, rep, extra)
                 doc["vllm"] = doc.get("vllm") or rep.get("vllm")
                 doc["rows"].append(row)
-                print(json.dumps({k: v for k, v in row.items()
-                                  if k not in ("moe_layers", "stderr_tail", "traceback_tail")}), flush=True)
+                print(
+                    json.dumps(
+                        {k: v for k, v in row.items() if k not in ("moe_layers", "stderr_tail", "traceback_tail")}
+                    ),
+                    flush=True,
+                )
 
     RESULTS.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(doc, indent=2) + "\n")
@@ -332,53 +403,85 @@ def _f(v, fmt: str) -> str:
 
 def markdown(doc: dict) -> str:
     c = doc["config"]
-    md = [f"# A discovered MoE architecture (tiny random {doc['model_type']}) served by vLLM-CPU {doc['vllm']}", "",
-          f"Command: `{doc['command']}`. {doc['model']}: vocab {c['vocab_size']}, hidden {c['hidden_size']}, "
-          f"head_dim {c['head_dim']}, {c['num_hidden_layers']} layers, {c['num_experts']} experts "
-          f"top-{c['num_experts_per_tok']} (expert intermediate {c['moe_intermediate_size']}), random weights, no "
-          f"tokenizer; architecture from discovery: {doc['arch_discovered']}. {doc['windows']} windows of "
-          f"{doc['seqlen']} random token ids (seed {doc['window_seed']}), calibration {doc['calib']}. Exports in "
-          f"compressed-tensors (float parts float32); the float model written with the same tensor names. vLLM "
-          f"dtypes {', '.join(doc['vllm_dtypes'])}, token-id prompts (skip_tokenizer_init), prompt logprobs, enforce_eager. "
-          f"Ours: the float model in transformers, or smoothq.load of the export (real INT8). {doc['cpu']}, "
-          f"{doc['threads']} threads, torch {doc['torch']} (ours).", "",
-          "| variant | vLLM env (platform, AMX) | vLLM dtype | model | INT8 linears (experts) | ours ppl | vLLM ppl | ppl diff | "
-          "max abs logprob diff | mean abs logprob diff | vLLM MoE method/experts kernel | vLLM linear kernel | "
-          "router gate in vLLM | error |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"# A discovered MoE architecture (tiny random {doc['model_type']}) served by vLLM-CPU {doc['vllm']}",
+        "",
+        f"Command: `{doc['command']}`. {doc['model']}: vocab {c['vocab_size']}, hidden {c['hidden_size']}, "
+        f"head_dim {c['head_dim']}, {c['num_hidden_layers']} layers, {c['num_experts']} experts "
+        f"top-{c['num_experts_per_tok']} (expert intermediate {c['moe_intermediate_size']}), random weights, no "
+        f"tokenizer; architecture from discovery: {doc['arch_discovered']}. {doc['windows']} windows of "
+        f"{doc['seqlen']} random token ids (seed {doc['window_seed']}), calibration {doc['calib']}. Exports in "
+        f"compressed-tensors (float parts float32); the float model written with the same tensor names. vLLM "
+        f"dtypes {', '.join(doc['vllm_dtypes'])}, token-id prompts (skip_tokenizer_init), prompt logprobs, enforce_eager. "
+        f"Ours: the float model in transformers, or smoothq.load of the export (real INT8). {doc['cpu']}, "
+        f"{doc['threads']} threads, torch {doc['torch']} (ours).",
+        "",
+        "| variant | vLLM env (platform, AMX) | vLLM dtype | model | INT8 linears (experts) | ours ppl | vLLM ppl | ppl diff | "
+        "max abs logprob diff | mean abs logprob diff | vLLM MoE method/experts kernel | vLLM linear kernel | "
+        "router gate in vLLM | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in doc["rows"]:
         lin = f"{r['int8_linears']} ({r['int8_expert_linears']})" if "int8_linears" in r else "-"
-        md.append(f"| {r['variant']} | {r['env']} ({r['vllm_platform']}, {r['cpu_amx']}) | {r['vllm_dtype']} | {r['model']} | {lin} | "
-                  f"{r['ours_ppl']:.4f} | {_f(r['vllm_ppl'], '.4f')} | {_f(r['ppl_diff_pct'], '+.3f')}% | "
-                  f"{_f(r['logprob_max_abs_diff'], '.2e')} | {_f(r['logprob_mean_abs_diff'], '.2e')} | "
-                  f"{'/'.join(r['moe_quant_methods'] + r['moe_experts_kernels']) or '-'} | {', '.join(r['linear_kernels'] or []) or '-'} | "
-                  f"{', '.join(r['router_in_vllm']) or '-'} | "
-                  f"{(r['error'] or '')[:160].replace('|', '/')} |")
+        md.append(
+            f"| {r['variant']} | {r['env']} ({r['vllm_platform']}, {r['cpu_amx']}) | {r['vllm_dtype']} | {r['model']} | {lin} | "
+            f"{r['ours_ppl']:.4f} | {_f(r['vllm_ppl'], '.4f')} | {_f(r['ppl_diff_pct'], '+.3f')}% | "
+            f"{_f(r['logprob_max_abs_diff'], '.2e')} | {_f(r['logprob_mean_abs_diff'], '.2e')} | "
+            f"{'/'.join(r['moe_quant_methods'] + r['moe_experts_kernels']) or '-'} | {', '.join(r['linear_kernels'] or []) or '-'} | "
+            f"{', '.join(r['router_in_vllm']) or '-'} | "
+            f"{(r['error'] or '')[:160].replace('|', '/')} |"
+        )
     errors = {}
     for r in doc["rows"]:
         if r.get("error"):
-            errors.setdefault(r["error"], []).append(f"{r['variant']} / {r['env']} / {r['vllm_dtype']} / {r['model']} (stage `{r['stage']}`)")
+            errors.setdefault(r["error"], []).append(
+                f"{r['variant']} / {r['env']} / {r['vllm_dtype']} / {r['model']} (stage `{r['stage']}`)"
+            )
     if errors:
         md += ["", "Errors, exact text (the rows that hit each):"]
         for err, where in errors.items():
             md += ["", "- " + "; ".join(where) + ":", "", "  ```", *("  " + x for x in err.splitlines()), "  ```"]
-    archs = {(r["config_has_architectures"], json.dumps(r["hf_overrides"])) for r in doc["rows"]
-             if r["config_has_architectures"] is not None}
+    archs = {
+        (r["config_has_architectures"], json.dumps(r["hf_overrides"]))
+        for r in doc["rows"]
+        if r["config_has_architectures"] is not None
+    }
     for has, over in sorted(archs):
         if not has:
-            md += ["", f"config.json has no `architectures` (the tiny model is built from a config): vLLM would pick "
-                   f"the bare base model; runs pass `hf_overrides={over}`."]
+            md += [
+                "",
+                f"config.json has no `architectures` (the tiny model is built from a config): vLLM would pick "
+                f"the bare base model; runs pass `hf_overrides={over}`.",
+            ]
     controls = {r["model"]: r["control"] for r in doc["rows"] if r.get("control")}
     for name, what in controls.items():
         md += ["", f"{name}: the same export, {what} (our model unchanged)."]
-    md += ["", "Ours vs float (max abs logprob diff): " + "; ".join(
-        f"{r['variant']} {r['model']} {r['ours_vs_float_logprob_max_abs_diff']:.2e}" for r in doc["rows"]
-        if r["env"] == doc["envs"][0] and r["vllm_dtype"] == doc["vllm_dtypes"][0]
-        and r.get("ours_vs_float_logprob_max_abs_diff") is not None and not r.get("control")) + "."]
-    md += ["", "Ours vs float (perplexity): " + "; ".join(
-        f"{r['variant']} {r['model']} {r['ours_vs_float_ppl_diff_pct']:+.3f}%" for r in doc["rows"]
-        if r["env"] == doc["envs"][0] and r["vllm_dtype"] == doc["vllm_dtypes"][0]
-        and "ours_vs_float_ppl_diff_pct" in r and not r.get("control")) + "."]
+    md += [
+        "",
+        "Ours vs float (max abs logprob diff): "
+        + "; ".join(
+            f"{r['variant']} {r['model']} {r['ours_vs_float_logprob_max_abs_diff']:.2e}"
+            for r in doc["rows"]
+            if r["env"] == doc["envs"][0]
+            and r["vllm_dtype"] == doc["vllm_dtypes"][0]
+            and r.get("ours_vs_float_logprob_max_abs_diff") is not None
+            and not r.get("control")
+        )
+        + ".",
+    ]
+    md += [
+        "",
+        "Ours vs float (perplexity): "
+        + "; ".join(
+            f"{r['variant']} {r['model']} {r['ours_vs_float_ppl_diff_pct']:+.3f}%"
+            for r in doc["rows"]
+            if r["env"] == doc["envs"][0]
+            and r["vllm_dtype"] == doc["vllm_dtypes"][0]
+            and "ours_vs_float_ppl_diff_pct" in r
+            and not r.get("control")
+        )
+        + ".",
+    ]
     return "\n".join(md) + "\n"
 
 

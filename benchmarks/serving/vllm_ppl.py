@@ -54,9 +54,16 @@ def _inspect(model) -> dict:
             for part, (scheme_name, tscheme, args) in mod.transforms.items():
                 data = mod.weight.partitions[part].data
                 w = data.double()
-                row = {"module": name, "scheme": scheme_name, "type": tscheme.type, "location": str(args.location),
-                       "inverse": bool(args.inverse), "size": int(w.shape[0]), "dtype": str(data.dtype),
-                       "orthogonality_error": float((w @ w.T - torch.eye(w.shape[0], dtype=w.dtype)).abs().max())}
+                row = {
+                    "module": name,
+                    "scheme": scheme_name,
+                    "type": tscheme.type,
+                    "location": str(args.location),
+                    "inverse": bool(args.inverse),
+                    "size": int(w.shape[0]),
+                    "dtype": str(data.dtype),
+                    "orthogonality_error": float((w @ w.T - torch.eye(w.shape[0], dtype=w.dtype)).abs().max()),
+                }
                 key = (scheme_name, int(w.shape[0]))
                 if key not in first:  # the matrix itself once per scheme and size (the caller compares it)
                     first[key] = data.data_ptr()
@@ -81,8 +88,7 @@ def main() -> int:
     windows = json.load(open(windows_file))["windows"]
     t0 = time.perf_counter()
     result = {"vllm": vllm.__version__, "dtype": dtype, "cpu_transform_fix": fix, "error": None}
-    llm = LLM(model=model_dir, dtype=dtype, max_model_len=max(len(w) for w in windows) + 8,
-              enforce_eager=True, seed=0)
+    llm = LLM(model=model_dir, dtype=dtype, max_model_len=max(len(w) for w in windows) + 8, enforce_eager=True, seed=0)
     result["quantization"] = llm.llm_engine.model_config.quantization
     result.update(llm.apply_model(_inspect)[0])
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)

@@ -39,10 +39,17 @@ def main() -> int:
     prefill = [tuple(int(v) for v in p.split("x")) for p in args.prefill.split(",") if p]
     decode = [int(b) for b in args.decode.split(",") if b]
     longest = max([s for _, s in prefill] + [args.prompt + args.new_tokens]) + 8
-    llm = LLM(model=args.model_dir, dtype=args.dtype, max_model_len=longest, enforce_eager=False, seed=0,
-              skip_tokenizer_init=True, enable_prefix_caching=False,
-              max_num_seqs=max([b for b, _ in prefill] + decode),
-              max_num_batched_tokens=max(b * s for b, s in prefill))
+    llm = LLM(
+        model=args.model_dir,
+        dtype=args.dtype,
+        max_model_len=longest,
+        enforce_eager=False,
+        seed=0,
+        skip_tokenizer_init=True,
+        enable_prefix_caching=False,
+        max_num_seqs=max([b for b, _ in prefill] + decode),
+        max_num_batched_tokens=max(b * s for b, s in prefill),
+    )
     vocab = llm.llm_engine.model_config.get_vocab_size()
     rng = random.Random(0)
 
@@ -59,8 +66,13 @@ def main() -> int:
         return elapsed
 
     run(1, 16, 2)  # warm-up
-    result = {"vllm": vllm.__version__, "dtype": args.dtype, "quantization": llm.llm_engine.model_config.quantization,
-              "prefill_ms": {}, "decode_tok_s": {}}
+    result = {
+        "vllm": vllm.__version__,
+        "dtype": args.dtype,
+        "quantization": llm.llm_engine.model_config.quantization,
+        "prefill_ms": {},
+        "decode_tok_s": {},
+    }
     for b, s in prefill:
         times = [run(b, s, 1) * 1e3 for _ in range(args.repeats)]
         result["prefill_ms"][f"{b}x{s}"] = {"min": min(times), "median": statistics.median(times)}

@@ -44,20 +44,44 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_linear import cpu_slug, measure  # noqa: E402
+
 import smoothq as sq  # noqa: E402
 from smoothq.evaluation.bench import BenchSpec, bench, cpu_name, table  # noqa: E402
-
-from cpu_linear import cpu_slug, measure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 HERE = Path(__file__).resolve().parent
 MODELS = {
-    "smollm2": dict(model="smollm2", configs=("fp32", "bf16", "w8a8", "o3"), prefill=((1, 512), (8, 512)),
-                    decode=(1, 8), prompt=128, new_tokens=128, repeats=3, vllm=True),
-    "llama3.2-1b": dict(model="random:llama3.2-1b", configs=("bf16", "w8a8", "o3"), prefill=((1, 512), (8, 512)),
-                        decode=(1, 8), prompt=128, new_tokens=128, repeats=3, vllm=True),
-    "llama2-7b": dict(model="random:llama2-7b", configs=("bf16", "w8a8"), prefill=((1, 128),), decode=(1,),
-                      prompt=32, new_tokens=16, repeats=2, vllm=False),
+    "smollm2": dict(
+        model="smollm2",
+        configs=("fp32", "bf16", "w8a8", "o3"),
+        prefill=((1, 512), (8, 512)),
+        decode=(1, 8),
+        prompt=128,
+        new_tokens=128,
+        repeats=3,
+        vllm=True,
+    ),
+    "llama3.2-1b": dict(
+        model="random:llama3.2-1b",
+        configs=("bf16", "w8a8", "o3"),
+        prefill=((1, 512), (8, 512)),
+        decode=(1, 8),
+        prompt=128,
+        new_tokens=128,
+        repeats=3,
+        vllm=True,
+    ),
+    "llama2-7b": dict(
+        model="random:llama2-7b",
+        configs=("bf16", "w8a8"),
+        prefill=((1, 128),),
+        decode=(1,),
+        prompt=32,
+        new_tokens=16,
+        repeats=2,
+        vllm=False,
+    ),
 }
 LINEAR_TOKENS = (1, 16, 128, 512)
 
@@ -83,10 +107,24 @@ def export_for_vllm(name: str, model_ref: str, folder: Path) -> tuple[Path, Path
 
 def run_vllm(python: str, folder: Path, out: Path, spec: dict, threads: int) -> dict:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}")
-    cmd = [python, str(HERE.parent / "serving" / "vllm_speed.py"), str(folder), str(out), "--dtype", "bfloat16",
-           "--prefill", ",".join(f"{b}x{s}" for b, s in spec["prefill"]),
-           "--decode", ",".join(str(b) for b in spec["decode"]), "--prompt", str(spec["prompt"]),
-           "--new-tokens", str(spec["new_tokens"]), "--repeats", str(spec["repeats"])]
+    cmd = [
+        python,
+        str(HERE.parent / "serving" / "vllm_speed.py"),
+        str(folder),
+        str(out),
+        "--dtype",
+        "bfloat16",
+        "--prefill",
+        ",".join(f"{b}x{s}" for b, s in spec["prefill"]),
+        "--decode",
+        ",".join(str(b) for b in spec["decode"]),
+        "--prompt",
+        str(spec["prompt"]),
+        "--new-tokens",
+        str(spec["new_tokens"]),
+        "--repeats",
+        str(spec["repeats"]),
+    ]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -98,15 +136,22 @@ def summary(name: str, report: dict, vllm: dict | None, spec: dict) -> dict:
     b, s = spec["prefill"][0]
     key_p, key_d = f"{b}x{s}", "b1"
     ours, base = report["configs"]["w8a8"], report["configs"]["bf16"]
-    row = {"model": name,
-           "prefill_speedup_vs_bf16": round(base["prefill_ms"][key_p]["median"] / ours["prefill_ms"][key_p]["median"], 3),
-           "decode_speedup_vs_bf16": round(ours["decode_tok_s"][key_d]["median"] / base["decode_tok_s"][key_d]["median"], 3),
-           "prefill_vs_vllm_w8a8": None, "decode_vs_vllm_w8a8": None,
-           "weight_memory_ratio_vs_bf16": round(ours["weight_bytes"] / base["weight_bytes"], 3)}
+    row = {
+        "model": name,
+        "prefill_speedup_vs_bf16": round(base["prefill_ms"][key_p]["median"] / ours["prefill_ms"][key_p]["median"], 3),
+        "decode_speedup_vs_bf16": round(
+            ours["decode_tok_s"][key_d]["median"] / base["decode_tok_s"][key_d]["median"], 3
+        ),
+        "prefill_vs_vllm_w8a8": None,
+        "decode_vs_vllm_w8a8": None,
+        "weight_memory_ratio_vs_bf16": round(ours["weight_bytes"] / base["weight_bytes"], 3),
+    }
     if vllm is not None:
         v = vllm["w8a8"]
         row["prefill_vs_vllm_w8a8"] = round(v["prefill_ms"][key_p]["median"] / ours["prefill_ms"][key_p]["median"], 3)
-        row["decode_vs_vllm_w8a8"] = round(ours["decode_tok_s"][key_d]["median"] / v["decode_tok_s"][key_d]["median"], 3)
+        row["decode_vs_vllm_w8a8"] = round(
+            ours["decode_tok_s"][key_d]["median"] / v["decode_tok_s"][key_d]["median"], 3
+        )
     return row
 
 
@@ -120,14 +165,22 @@ def accuracy(threads: int) -> dict:
     model, tok = sq.load_model("smollm2")
     windows = sq.eval_windows(tok, "wikitext2", seqlen=512, max_windows=40)
     rows.append({"recipe": "float", "path": "fp32", "ppl": sq.perplexity(model, windows, progress=False)})
-    rows.append({"recipe": "float", "path": "bf16", "ppl": sq.perplexity(copy.deepcopy(model).to(torch.bfloat16),
-                                                                         windows, progress=False)})
+    rows.append(
+        {
+            "recipe": "float",
+            "path": "bf16",
+            "ppl": sq.perplexity(copy.deepcopy(model).to(torch.bfloat16), windows, progress=False),
+        }
+    )
     for preset in ("best-w8a8", "best-o3"):
         model, tok = sq.load_model("smollm2")
         q = sq.run(model, preset, tokenizer=tok, backend="emulated", progress=False).model
         rows.append({"recipe": preset, "path": "emulated fp32", "ppl": sq.perplexity(q, windows, progress=False)})
-        for label, kw in (("fast fp32", dict(dtype=torch.float32)), ("fast bf16", {}),
-                          ("fast bf16 + int8 embeddings", dict(int8_embeddings=True))):
+        for label, kw in (
+            ("fast fp32", dict(dtype=torch.float32)),
+            ("fast bf16", {}),
+            ("fast bf16 + int8 embeddings", dict(int8_embeddings=True)),
+        ):
             fast = optimize_for_cpu(copy.deepcopy(q), **kw)
             rows.append({"recipe": preset, "path": label, "ppl": sq.perplexity(fast, windows, progress=False)})
             print(rows[-1], flush=True)
@@ -139,35 +192,61 @@ def accuracy(threads: int) -> dict:
 
 
 def markdown(doc: dict) -> str:
-    md = ["# End to end on the CPU: smoothq W8A8 (fast path) vs bf16 and vLLM-CPU", "",
-          f"Command: `{doc['command']}` ({doc['cpu']}, {doc['threads']} threads, torch {doc['torch']}). "
-          "Ratios > 1: smoothq W8A8 faster; prefill at batch 1, decode at batch 1; memory = W8A8 / bf16 weight bytes.", "",
-          "| model | prefill vs bf16 | decode vs bf16 | prefill vs vLLM W8A8 | decode vs vLLM W8A8 | weight memory vs bf16 |",
-          "|---|---|---|---|---|---|"]
+    md = [
+        "# End to end on the CPU: smoothq W8A8 (fast path) vs bf16 and vLLM-CPU",
+        "",
+        f"Command: `{doc['command']}` ({doc['cpu']}, {doc['threads']} threads, torch {doc['torch']}). "
+        "Ratios > 1: smoothq W8A8 faster; prefill at batch 1, decode at batch 1; memory = W8A8 / bf16 weight bytes.",
+        "",
+        "| model | prefill vs bf16 | decode vs bf16 | prefill vs vLLM W8A8 | decode vs vLLM W8A8 | weight memory vs bf16 |",
+        "|---|---|---|---|---|---|",
+    ]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     for m in doc["models"]:
-        md.append(f"| {m['model']} | {fmt(m['prefill_speedup_vs_bf16'])} | {fmt(m['decode_speedup_vs_bf16'])} | "
-                  f"{fmt(m['prefill_vs_vllm_w8a8'])} | {fmt(m['decode_vs_vllm_w8a8'])} | "
-                  f"{m['weight_memory_ratio_vs_bf16']:.2f} |")
+        md.append(
+            f"| {m['model']} | {fmt(m['prefill_speedup_vs_bf16'])} | {fmt(m['decode_speedup_vs_bf16'])} | "
+            f"{fmt(m['prefill_vs_vllm_w8a8'])} | {fmt(m['decode_vs_vllm_w8a8'])} | "
+            f"{m['weight_memory_ratio_vs_bf16']:.2f} |"
+        )
     for name, d in doc["details"].items():
-        md += ["", f"## {name} (`smoothq bench {d['bench']['spec']['model']}`; medians of {d['bench']['spec']['repeats']})", ""]
+        md += [
+            "",
+            f"## {name} (`smoothq bench {d['bench']['spec']['model']}`; medians of {d['bench']['spec']['repeats']})",
+            "",
+        ]
         rows = table(d["bench"])
         cols = list(dict.fromkeys(k for r in rows for k in r))
         md += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         md += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
         for kind, v in (d.get("vllm") or {}).items():
-            md.append(f"\nvLLM {v['vllm']} {kind} ({v['dtype']}, quantization {v['quantization']}): prefill "
-                      + ", ".join(f"{k} {x['median']:.0f} ms" for k, x in v["prefill_ms"].items()) + "; decode "
-                      + ", ".join(f"{k} {x['median']:.2f} tok/s" for k, x in v["decode_tok_s"].items()))
+            md.append(
+                f"\nvLLM {v['vllm']} {kind} ({v['dtype']}, quantization {v['quantization']}): prefill "
+                + ", ".join(f"{k} {x['median']:.0f} ms" for k, x in v["prefill_ms"].items())
+                + "; decode "
+                + ", ".join(f"{k} {x['median']:.2f} tok/s" for k, x in v["decode_tok_s"].items())
+            )
     if doc.get("linear"):
-        md += ["", "## Per linear (Llama-2-7B shapes; W8A8 includes quantizing the bf16 input)", "",
-               "| layer | M | K | N | bf16 ms | W8A8 ms | W8A8 vs bf16 |", "|---|---|---|---|---|---|---|"]
-        md += [f"| {r['shape']} | {r['M']} | {r['K']} | {r['N']} | {r['bf16_ms']} | {r['w8a8_ms']} | "
-               f"{r['speedup_vs_bf16']}x |" for r in doc["linear"]]
+        md += [
+            "",
+            "## Per linear (Llama-2-7B shapes; W8A8 includes quantizing the bf16 input)",
+            "",
+            "| layer | M | K | N | bf16 ms | W8A8 ms | W8A8 vs bf16 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        md += [
+            f"| {r['shape']} | {r['M']} | {r['K']} | {r['N']} | {r['bf16_ms']} | {r['w8a8_ms']} | "
+            f"{r['speedup_vs_bf16']}x |"
+            for r in doc["linear"]
+        ]
     if doc.get("accuracy"):
         acc = doc["accuracy"]
-        md += ["", f"## Accuracy: SmolLM2 perplexity ({acc['data']})", "",
-               "| recipe | path | perplexity | vs emulated / fp32 |", "|---|---|---|---|"]
+        md += [
+            "",
+            f"## Accuracy: SmolLM2 perplexity ({acc['data']})",
+            "",
+            "| recipe | path | perplexity | vs emulated / fp32 |",
+            "|---|---|---|---|",
+        ]
         md += [f"| {r['recipe']} | {r['path']} | {r['ppl']:.4f} | {r['vs_reference_pct']:+.3f}% |" for r in acc["rows"]]
     return "\n".join(md) + "\n"
 
@@ -190,8 +269,11 @@ def main(argv=None) -> int:
     if doc.get("cpu") != cpu_name() or doc.get("threads") != args.threads:
         doc = {}  # another machine's or thread count's numbers are not mixed in
     details = doc.setdefault("details", {})
-    command = "python benchmarks/speed_cpu/cpu_e2e.py" + (f" --threads {args.threads}" if args.threads != 2 else "") + \
-        (" --vllm-python PY" if args.vllm_python else "")
+    command = (
+        "python benchmarks/speed_cpu/cpu_e2e.py"
+        + (f" --threads {args.threads}" if args.threads != 2 else "")
+        + (" --vllm-python PY" if args.vllm_python else "")
+    )
     doc.update({"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "command": command})
 
     def write() -> None:  # after every step: a crash later keeps what was measured
@@ -201,25 +283,37 @@ def main(argv=None) -> int:
         out.with_suffix(".md").write_text(markdown(doc))
 
     if not args.skip_linear or "linear" not in doc:
-        doc["linear"] = [{k: r[k] for k in ("shape", "M", "K", "N", "bf16_ms", "w8a8_ms", "speedup_vs_bf16")}
-                         for r in measure("llama7b", LINEAR_TOKENS, int_mm=False)]
+        doc["linear"] = [
+            {k: r[k] for k in ("shape", "M", "K", "N", "bf16_ms", "w8a8_ms", "speedup_vs_bf16")}
+            for r in measure("llama7b", LINEAR_TOKENS, int_mm=False)
+        ]
         write()
     if not args.skip_accuracy or "accuracy" not in doc:
         doc["accuracy"] = accuracy(args.threads)
         write()
     for name in names:
         spec = MODELS[name]
-        bspec = BenchSpec(spec["model"], configs=spec["configs"], prefill=spec["prefill"], decode=spec["decode"],
-                          prompt=spec["prompt"], new_tokens=spec["new_tokens"], repeats=spec["repeats"],
-                          threads=args.threads, int8_embeddings=True)
+        bspec = BenchSpec(
+            spec["model"],
+            configs=spec["configs"],
+            prefill=spec["prefill"],
+            decode=spec["decode"],
+            prompt=spec["prompt"],
+            new_tokens=spec["new_tokens"],
+            repeats=spec["repeats"],
+            threads=args.threads,
+            int8_embeddings=True,
+        )
         print(f"== {name}", flush=True)
         report = bench(bspec)
         vllm = None
         if args.vllm_python and spec["vllm"]:
             with tempfile.TemporaryDirectory(prefix=f"smoothq-vllm-{name}-") as tmp:
                 bf16_dir, w8a8_dir = export_for_vllm(name, spec["model"], Path(tmp))
-                vllm = {kind: run_vllm(args.vllm_python, folder, Path(tmp) / f"{kind}.json", spec, args.threads)
-                        for kind, folder in (("bf16", bf16_dir), ("w8a8", w8a8_dir))}
+                vllm = {
+                    kind: run_vllm(args.vllm_python, folder, Path(tmp) / f"{kind}.json", spec, args.threads)
+                    for kind, folder in (("bf16", bf16_dir), ("w8a8", w8a8_dir))
+                }
         details[name] = {"bench": report, "vllm": vllm, "summary": summary(name, report, vllm, spec)}
         write()
     print(markdown(doc))

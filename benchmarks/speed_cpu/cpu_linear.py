@@ -56,20 +56,28 @@ def measure(shapes: str = "llama7b", tokens=TOKENS, int_mm: bool = True, progres
     for name, (k, n) in SHAPES[shapes].items():
         lin = torch.nn.Linear(k, n, bias=False)
         w_bf16 = lin.weight.detach().bfloat16()
-        fast = {s: PackedW8A8Linear(sq.W8A8Linear.from_float(lin, sq.get_scheme(s), torch.full((k,), 4.0),
-                                                              backend="emulated"))
-                for s in ("W8A8", "O3")}
+        fast = {
+            s: PackedW8A8Linear(
+                sq.W8A8Linear.from_float(lin, sq.get_scheme(s), torch.full((k,), 4.0), backend="emulated")
+            )
+            for s in ("W8A8", "O3")
+        }
         torch_backend = sq.W8A8Linear.from_float(lin, sq.get_scheme("W8A8"), backend="torch") if int_mm else None
         for m in tokens:
             x = torch.randn(m, k)
             xb = x.bfloat16()
             for layer in fast.values():
                 layer(xb)  # compile outside the timing
-            row = {"shape": name, "M": m, "K": k, "N": n,
-                   "bf16_ms": median_ms(lambda t: F.linear(t, w_bf16), xb),
-                   "fp32_ms": median_ms(lin, x),
-                   "w8a8_ms": median_ms(fast["W8A8"], xb),
-                   "o3_ms": median_ms(fast["O3"], xb)}
+            row = {
+                "shape": name,
+                "M": m,
+                "K": k,
+                "N": n,
+                "bf16_ms": median_ms(lambda t: F.linear(t, w_bf16), xb),  # noqa: B023 - called within this iteration
+                "fp32_ms": median_ms(lin, x),
+                "w8a8_ms": median_ms(fast["W8A8"], xb),
+                "o3_ms": median_ms(fast["O3"], xb),
+            }
             if torch_backend is not None:
                 row["int_mm_ms"] = median_ms(torch_backend, xb)
             row = {key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()}
@@ -85,16 +93,24 @@ def measure(shapes: str = "llama7b", tokens=TOKENS, int_mm: bool = True, progres
 
 def markdown(rows: list[dict], command: str, threads: int) -> str:
     has_int_mm = "int_mm_ms" in rows[0]
-    md = ["# One linear on this CPU: W8A8 fast path vs bf16 and fp32 F.linear", "",
-          f"Command: `{command}` ({cpu_name()}, {threads} threads, torch {torch.__version__}). "
-          "W8A8 and O3 include quantizing the bf16 input and the scale epilogue; ratios > 1: W8A8 faster.", "",
-          "| layer | M | K | N | bf16 (ms) | fp32 (ms) | W8A8 (ms) | O3 (ms) |" + (" _int_mm (ms) |" if has_int_mm else "")
-          + " W8A8 vs bf16 | O3 vs bf16 | W8A8 vs fp32 |",
-          "|---|---|---|---|---|---|---|---|" + ("---|" if has_int_mm else "") + "---|---|---|"]
+    md = [
+        "# One linear on this CPU: W8A8 fast path vs bf16 and fp32 F.linear",
+        "",
+        f"Command: `{command}` ({cpu_name()}, {threads} threads, torch {torch.__version__}). "
+        "W8A8 and O3 include quantizing the bf16 input and the scale epilogue; ratios > 1: W8A8 faster.",
+        "",
+        "| layer | M | K | N | bf16 (ms) | fp32 (ms) | W8A8 (ms) | O3 (ms) |"
+        + (" _int_mm (ms) |" if has_int_mm else "")
+        + " W8A8 vs bf16 | O3 vs bf16 | W8A8 vs fp32 |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if has_int_mm else "") + "---|---|---|",
+    ]
     for r in rows:
-        md.append(f"| {r['shape']} | {r['M']} | {r['K']} | {r['N']} | {r['bf16_ms']} | {r['fp32_ms']} | {r['w8a8_ms']} | "
-                  f"{r['o3_ms']} |" + (f" {r['int_mm_ms']} |" if has_int_mm else "")
-                  + f" {r['speedup_vs_bf16']}x | {r['o3_speedup_vs_bf16']}x | {r['speedup_vs_fp32']}x |")
+        md.append(
+            f"| {r['shape']} | {r['M']} | {r['K']} | {r['N']} | {r['bf16_ms']} | {r['fp32_ms']} | {r['w8a8_ms']} | "
+            f"{r['o3_ms']} |"
+            + (f" {r['int_mm_ms']} |" if has_int_mm else "")
+            + f" {r['speedup_vs_bf16']}x | {r['o3_speedup_vs_bf16']}x | {r['speedup_vs_fp32']}x |"
+        )
     return "\n".join(md) + "\n"
 
 
@@ -106,12 +122,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = measure(args.shapes)
-    command = "python benchmarks/speed_cpu/cpu_linear.py" + (f" --shapes {args.shapes}" if args.shapes != "llama7b" else "") + \
-        (f" --threads {args.threads}" if args.threads != 2 else "") + (f" --tag {args.tag}" if args.tag else "")
+    command = (
+        "python benchmarks/speed_cpu/cpu_linear.py"
+        + (f" --shapes {args.shapes}" if args.shapes != "llama7b" else "")
+        + (f" --threads {args.threads}" if args.threads != 2 else "")
+        + (f" --tag {args.tag}" if args.tag else "")
+    )
     stem = "cpu-linear-" + (args.tag or cpu_slug() + ("" if args.shapes == "llama7b" else f"-{args.shapes}"))
     RESULTS.mkdir(exist_ok=True)
-    doc = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "shapes": args.shapes,
-           "command": command, "rows": rows}
+    doc = {
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "shapes": args.shapes,
+        "command": command,
+        "rows": rows,
+    }
     (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(rows, command, args.threads))
     print(markdown(rows, command, args.threads))

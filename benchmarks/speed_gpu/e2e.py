@@ -32,8 +32,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+)
 PROMPT = 128
 
 
@@ -131,8 +139,9 @@ def measure(model, args) -> dict:
     res["prefill_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     for bs in (1, 16):
         torch.cuda.reset_peak_memory_stats()
-        res[f"decode_tok_s_bs{bs}"], res[f"decode_mode_bs{bs}"] = decode_tokens_per_s(model, bs, args.decode_steps,
-                                                                                       args.cuda_graph)
+        res[f"decode_tok_s_bs{bs}"], res[f"decode_mode_bs{bs}"] = decode_tokens_per_s(
+            model, bs, args.decode_steps, args.cuda_graph
+        )
         res[f"decode_peak_gib_bs{bs}"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.empty_cache()
     print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()), flush=True)
@@ -142,8 +151,11 @@ def measure(model, args) -> dict:
 def quantize_w8a8(model):
     import smoothq
     from smoothq.runtime import backends
+
     if "triton" not in backends.names():
-        sys.exit("smoothq has no 'triton' backend registered (smoothq/runtime/backends.py); cannot run W8A8 with our kernels")
+        sys.exit(
+            "smoothq has no 'triton' backend registered (smoothq/runtime/backends.py); cannot run W8A8 with our kernels"
+        )
     return smoothq.quantize(model, "W8A8", backend="triton")
 
 
@@ -156,11 +168,15 @@ def main() -> int:
     args = p.parse_args()
     args.prefill = tuple(int(v) for v in args.prefill.lower().split("x"))
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/speed_gpu/e2e.py needs a CUDA GPU (FP16 vs W8A8 Triton kernels on a 7B-shaped model); none found.")
+        sys.exit(
+            "benchmarks/speed_gpu/e2e.py needs a CUDA GPU (FP16 vs W8A8 Triton kernels on a 7B-shaped model); none found."
+        )
     import smoothq.runtime.kernels as kernels
 
     if not kernels.AVAILABLE or kernels.INTERPRET:
-        sys.exit(f"smoothq.runtime.kernels cannot run compiled here: {kernels._UNAVAILABLE or 'TRITON_INTERPRET is set'}")
+        sys.exit(
+            f"smoothq.runtime.kernels cannot run compiled here: {kernels._UNAVAILABLE or 'TRITON_INTERPRET is set'}"
+        )
 
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -180,14 +196,25 @@ def main() -> int:
         "decode_speedup_bs1": round(w8a8["decode_tok_s_bs1"] / fp16["decode_tok_s_bs1"], 3),
         "decode_speedup_bs16": round(w8a8["decode_tok_s_bs16"] / fp16["decode_tok_s_bs16"], 3),
         "weight_memory_ratio": round(w8a8["weight_bytes"] / fp16["weight_bytes"], 3),
-        "layers": args.layers, "prefill_shape": list(args.prefill), "decode_steps": args.decode_steps,
-        "torch": torch.__version__, "triton": __import__("triton").__version__, "fp16": fp16, "w8a8": w8a8,
+        "layers": args.layers,
+        "prefill_shape": list(args.prefill),
+        "decode_steps": args.decode_steps,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "fp16": fp16,
+        "w8a8": w8a8,
     }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"e2e-{gpu_slug()}.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps({k: res[k] for k in ("gpu", "prefill_speedup", "decode_speedup_bs1", "decode_speedup_bs16",
-                                          "weight_memory_ratio")}))
+    print(
+        json.dumps(
+            {
+                k: res[k]
+                for k in ("gpu", "prefill_speedup", "decode_speedup_bs1", "decode_speedup_bs16", "weight_memory_ratio")
+            }
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -62,9 +62,9 @@ def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def make_methods(x: torch.Tensor, k: int, n: int):
     """{name: (callable running one linear per weight copy, number of copies)}; a method whose
     library refuses this shape or device is left out (reported as n/a)."""
+    from smoothq.core.quant import quantize_weight
     from smoothq.runtime import backends
     from smoothq.runtime.kernels import prepack_weight, triton_int8_linear, triton_quantize_activation
-    from smoothq.core.quant import quantize_weight
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     w = torch.randn(n, k, device=DEVICE, dtype=torch.float16, generator=gen) / math.sqrt(k)
@@ -85,6 +85,7 @@ def make_methods(x: torch.Tensor, k: int, n: int):
     methods["w8a8_gemm"] = _gemm_only(x, int8_ws, w_s)
 
     if hasattr(torch, "_int_mm"):
+
         def int_mm():
             x_q, x_s = triton_quantize_activation(x, "per_token")
             return [backends.torch_int_mm_linear(x_q, x_s, wi, w_s, None, x.dtype) for wi in int8_ws]
@@ -102,8 +103,9 @@ def make_methods(x: torch.Tensor, k: int, n: int):
 
         def fp8():
             x8, xs = quant(x_pad)
-            return [torch._scaled_mm(x8, wi.t(), scale_a=xs, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
-                    for wi in fp8_ws]
+            return [
+                torch._scaled_mm(x8, wi.t(), scale_a=xs, scale_b=w_scale.t(), out_dtype=torch.bfloat16) for wi in fp8_ws
+            ]
 
         methods["fp8"] = (fp8, len(fp8_ws))
     return methods, (w_q, w_s, w)
@@ -119,13 +121,15 @@ def _gemm_only(x, int8_ws, w_s):
 
 def check(x, w_q, w_s) -> None:
     """Refuse to time a kernel that computes the wrong thing."""
+    from smoothq.core.quant import quantize_activation
     from smoothq.runtime import backends
     from smoothq.runtime.kernels import triton_int8_linear, triton_quantize_activation
-    from smoothq.core.quant import quantize_activation
 
     x_q, x_s = triton_quantize_activation(x, "per_token")
     ref_q, ref_s = quantize_activation(x, "per_token")
-    assert torch.equal(x_q, ref_q) and torch.equal(x_s, ref_s), "activation quantization differs from smoothq.core.quant"
+    assert torch.equal(x_q, ref_q) and torch.equal(x_s, ref_s), (
+        "activation quantization differs from smoothq.core.quant"
+    )
     out = triton_int8_linear(x_q, x_s, w_q, w_s, None, torch.float32)
     ref = backends.emulated_linear(x_q, x_s, w_q, w_s, None, torch.float32)  # fp32 matmul: within rounding
     err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
@@ -163,35 +167,59 @@ def run(tokens, timer: str) -> dict:
             tops = {name: round(flops / t / 1e9, 2) for name, t in ms.items()}
             speedup = {name: round(t / ms["w8a8"], 3) for name, t in ms.items()} if "w8a8" in ms else {}
 
-            row = {"shape": shape, "M": m, "K": k, "N": n, "fp16_tflops": tops.get("fp16"),
-                   "w8a8_tops": tops.get("w8a8"), "speedup_vs_fp16": speedup.get("fp16"),
-                   "speedup_vs_int_mm": speedup.get("int_mm"), "speedup_vs_fp8": speedup.get("fp8"),
-                   "w8a8_gemm_only_tops": tops.get("w8a8_gemm"), "int_mm_tops": tops.get("int_mm"),
-                   "fp8_tflops": tops.get("fp8"), "ms": {name: round(t, 5) for name, t in ms.items()}}
+            row = {
+                "shape": shape,
+                "M": m,
+                "K": k,
+                "N": n,
+                "fp16_tflops": tops.get("fp16"),
+                "w8a8_tops": tops.get("w8a8"),
+                "speedup_vs_fp16": speedup.get("fp16"),
+                "speedup_vs_int_mm": speedup.get("int_mm"),
+                "speedup_vs_fp8": speedup.get("fp8"),
+                "w8a8_gemm_only_tops": tops.get("w8a8_gemm"),
+                "int_mm_tops": tops.get("int_mm"),
+                "fp8_tflops": tops.get("fp8"),
+                "ms": {name: round(t, 5) for name, t in ms.items()},
+            }
             rows.append(row)
-            print(f"{shape:8s} M={m:5d}  fp16 {row['fp16_tflops']} TFLOPS  w8a8 {row['w8a8_tops']} TOPS  "
-                  f"x{row['speedup_vs_fp16']} vs fp16  x{row['speedup_vs_int_mm']} vs int_mm  "
-                  f"x{row['speedup_vs_fp8']} vs fp8", flush=True)
+            print(
+                f"{shape:8s} M={m:5d}  fp16 {row['fp16_tflops']} TFLOPS  w8a8 {row['w8a8_tops']} TOPS  "
+                f"x{row['speedup_vs_fp16']} vs fp16  x{row['speedup_vs_int_mm']} vs int_mm  "
+                f"x{row['speedup_vs_fp8']} vs fp8",
+                flush=True,
+            )
             del methods
             torch.cuda.empty_cache()
-    return {"gpu": torch.cuda.get_device_name(), "timer": timer, "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "rows": rows}
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "timer": timer,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "rows": rows,
+    }
 
 
 def markdown(res: dict) -> str:
     def f(v):
         return "n/a" if v is None else f"{v}"
 
-    lines = [f"# W8A8 GEMM on {res['gpu']}", "",
-             f"torch {res['torch']}, Triton {res['triton']}, timer: {res['timer']}. Activation quantization is "
-             "included in every method's time (see benchmarks/speed_gpu/gemm.py). Speedups are time(other) / time(W8A8); "
-             "> 1 means W8A8 is faster.", "",
-             "| shape | M | K | N | FP16 TFLOPS | W8A8 TOPS | W8A8 GEMM-only TOPS | vs FP16 | vs _int_mm | vs FP8 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# W8A8 GEMM on {res['gpu']}",
+        "",
+        f"torch {res['torch']}, Triton {res['triton']}, timer: {res['timer']}. Activation quantization is "
+        "included in every method's time (see benchmarks/speed_gpu/gemm.py). Speedups are time(other) / time(W8A8); "
+        "> 1 means W8A8 is faster.",
+        "",
+        "| shape | M | K | N | FP16 TFLOPS | W8A8 TOPS | W8A8 GEMM-only TOPS | vs FP16 | vs _int_mm | vs FP8 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['shape']} | {r['M']} | {r['K']} | {r['N']} | {f(r['fp16_tflops'])} | {f(r['w8a8_tops'])} | "
-                     f"{f(r['w8a8_gemm_only_tops'])} | {f(r['speedup_vs_fp16'])} | {f(r['speedup_vs_int_mm'])} | "
-                     f"{f(r['speedup_vs_fp8'])} |")
+        lines.append(
+            f"| {r['shape']} | {r['M']} | {r['K']} | {r['N']} | {f(r['fp16_tflops'])} | {f(r['w8a8_tops'])} | "
+            f"{f(r['w8a8_gemm_only_tops'])} | {f(r['speedup_vs_fp16'])} | {f(r['speedup_vs_int_mm'])} | "
+            f"{f(r['speedup_vs_fp8'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -205,7 +233,9 @@ def main() -> int:
     import smoothq.runtime.kernels as kernels
 
     if not kernels.AVAILABLE or kernels.INTERPRET:
-        sys.exit(f"smoothq.runtime.kernels cannot run compiled here: {kernels._UNAVAILABLE or 'TRITON_INTERPRET is set'}")
+        sys.exit(
+            f"smoothq.runtime.kernels cannot run compiled here: {kernels._UNAVAILABLE or 'TRITON_INTERPRET is set'}"
+        )
     from torch import _dynamo
 
     _dynamo.config.recompile_limit = 64  # the FP8 quantizer compiles once per (M, K)

@@ -5,6 +5,7 @@
   table.py     the curated, reviewed table (`ARCHS`, `register`, `table_arch`)
   folds.py     the proof: every group, from the table or discovered, is folded with random scales
                into a float64 copy of one block and the block's output compared before it is used
+  experts.py   the per-expert modules fused experts are split into
   moe.py       fused 3-D mixture-of-experts parameters split into one nn.Linear per expert projection
   perturb.py   the smoothing groups of one block, found by perturbing each producer
   discover.py  smoothing groups found from the model itself (a short traced forward and the
@@ -13,9 +14,9 @@
                to a concrete model
   prove.py     every group of an Arch proven on the model (`prove_arch`), and `describe`, the
                report `smoothq archs` prints
-  shrink.py, tiny.py   tiny random models of any causal-LM type (tests, benchmarks)
+  config_fields.py, shrink.py, tiny.py   tiny random models of any causal-LM type (tests, benchmarks)
 
-Each module imports only those listed above it (tiny.py: shrink.py).
+Each module imports only those listed above it (shrink.py: config_fields.py; tiny.py: shrink.py).
 May import: torch, transformers, smoothq.core. Nothing above it (transforms, runtime, formats, ...).
 """
 
@@ -24,6 +25,22 @@ from .folds import LINEAR_TYPES, in_features, weight_nk
 from .resolve import Resolved, ResolvedGroup, arch_for, resolve
 from .table import ARCHS, register, supported
 
-__all__ = ["ARCHS", "LINEAR_TYPES", "OPTIONS", "Arch", "Group", "Resolved", "ResolvedGroup", "Rotation",
-           "UnsupportedArchError", "arch_for", "check_options", "expand", "in_features", "register", "resolve",
-           "supported", "weight_nk"]
+__all__ = [
+    "ARCHS",
+    "LINEAR_TYPES",
+    "OPTIONS",
+    "Arch",
+    "Group",
+    "Resolved",
+    "ResolvedGroup",
+    "Rotation",
+    "UnsupportedArchError",
+    "arch_for",
+    "check_options",
+    "expand",
+    "in_features",
+    "register",
+    "resolve",
+    "supported",
+    "weight_nk",
+]

@@ -110,7 +110,8 @@ class Arch:
                 return groups
         raise UnsupportedArchError(
             f"{self.name or 'this architecture'}: a decoder block of a structure discovery has not seen "
-            f"(signature {sig}); run smoothq.archs.discover on a model that has it")
+            f"(signature {sig}); run smoothq.archs.discover on a model that has it"
+        )
 
     def check_recipe(self, recipe: Recipe) -> Recipe:
         """What of `recipe` this architecture cannot run (Recipe.check(arch) asks here); returns the
@@ -122,17 +123,24 @@ class Arch:
                 raise UnsupportedArchError(
                     f"rotation.kind={recipe.rotation.kind} (--rotate): {name} cannot be rotated exactly (rotation needs pre-norm "
                     "RMSNorm blocks whose norms feed only the linears of the table). Set rotation.kind: null, or "
-                    "rotation.optional: true to skip it where it does not apply")
+                    "rotation.optional: true to skip it where it does not apply"
+                )
             checked = dataclasses.replace(recipe, rotation=dataclasses.replace(recipe.rotation, kind=None))
         if recipe.rotate_inputs and not self.online_rotation:
-            raise UnsupportedArchError(f"rotate_inputs (--rotate-inputs): {name} names no linear whose input can be rotated online "
-                                       "(Arch.online_rotation); set rotate_inputs: false")
-        if recipe.rotate_inputs and recipe.output.format == "compressed-tensors" \
-                and any("experts" in p for p in self.online_rotation):
+            raise UnsupportedArchError(
+                f"rotate_inputs (--rotate-inputs): {name} names no linear whose input can be rotated online "
+                "(Arch.online_rotation); set rotate_inputs: false"
+            )
+        if (
+            recipe.rotate_inputs
+            and recipe.output.format == "compressed-tensors"
+            and any("experts" in p for p in self.online_rotation)
+        ):
             raise UnsupportedArchError(
                 f"rotate_inputs (--rotate-inputs) with output.format compressed-tensors: {name} rotates the inputs of "
                 "MoE expert linears, and vLLM applies compressed-tensors transforms to plain linear layers only, so "
-                "the export would load and compute wrong. Use output.format: smoothq, or rotate_inputs: false")
+                "the export would load and compute wrong. Use output.format: smoothq, or rotate_inputs: false"
+            )
         check_options(recipe.smoothing.extra, self)  # raises UnsupportedArchError naming what the arch offers
         return checked
 

@@ -43,9 +43,13 @@ class DiscoveryError(UnsupportedArchError):
 
 
 def _weight_numel(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules()
-               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
-               and not isinstance(m, nn.Embedding))
+    return sum(
+        m.weight.numel()
+        for m in module.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.dim() >= 2
+        and not isinstance(m, nn.Embedding)
+    )
 
 
 def candidate_stacks(model: nn.Module) -> list[str]:
@@ -65,7 +69,8 @@ def find_layers(model: nn.Module) -> str:
     if not stacks:
         raise DiscoveryError(
             f"{type(model).__name__} has no recognisable decoder stack (no nn.ModuleList of blocks holding linear "
-            "weights). Describe it with smoothq.archs.register(model_type, Arch(layers='path.to.blocks', groups=...))")
+            "weights). Describe it with smoothq.archs.register(model_type, Arch(layers='path.to.blocks', groups=...))"
+        )
     return stacks[0]
 
 
@@ -110,8 +115,9 @@ class _Enough(Exception):
 
 
 @torch.no_grad()
-def trace_block_calls(model: nn.Module, layers: str, tokens: int = TRACE_TOKENS, seed: int = 0,
-                      needed: list[int] | None = None) -> list[BlockCall | None]:
+def trace_block_calls(
+    model: nn.Module, layers: str, tokens: int = TRACE_TOKENS, seed: int = 0, needed: list[int] | None = None
+) -> list[BlockCall | None]:
     """One short forward pass of random tokens; each decoder block's call (args, kwargs), detached.
     With `needed`, the pass stops at the last needed block (the rest of the model never runs)."""
     blocks = model.get_submodule(layers)
@@ -124,6 +130,7 @@ def trace_block_calls(model: nn.Module, layers: str, tokens: int = TRACE_TOKENS,
                 calls[i] = BlockCall(_detach(args), _detach(kwargs))
             if i == last:
                 raise _Enough
+
         return hook
 
     config = getattr(model, "config", None)
@@ -183,7 +190,7 @@ class GroupRow:
 class Discovery:
     """What smoothq knows of a model's architecture and how it knows it."""
 
-    arch: "object"  # archs.Arch
+    arch: object  # archs.Arch
     source: str  # "table" or "discovered"
     structures: dict[str, list[int]] = field(default_factory=dict)  # signature -> block indices
     rows: list[GroupRow] = field(default_factory=list)
@@ -198,13 +205,26 @@ class Discovery:
 
     def to_dict(self) -> dict:
         return {
-            "arch": self.arch.name, "layers": self.arch.layers, "source": self.source,
+            "arch": self.arch.name,
+            "layers": self.arch.layers,
+            "source": self.source,
             "structures": {k: v for k, v in self.structures.items()},
-            "groups": [{"structure": r.structure, "prev": r.prev, "linears": list(r.linears), "source": r.source,
-                        "fold_error": r.error if r.error == r.error else None, "option": r.option, "used": r.used}
-                       for r in self.rows],
-            "unsmoothed": self.unsmoothed, "routers": list(self.routers),
-            "max_fold_error": self.max_error, "seconds": round(self.seconds, 3),
+            "groups": [
+                {
+                    "structure": r.structure,
+                    "prev": r.prev,
+                    "linears": list(r.linears),
+                    "source": r.source,
+                    "fold_error": r.error if r.error == r.error else None,
+                    "option": r.option,
+                    "used": r.used,
+                }
+                for r in self.rows
+            ],
+            "unsmoothed": self.unsmoothed,
+            "routers": list(self.routers),
+            "max_fold_error": self.max_error,
+            "seconds": round(self.seconds, 3),
         }
 
     def register_code(self) -> str:
@@ -259,19 +279,33 @@ def collapse_findings(findings: list[GroupFinding], block: nn.Module, norm_offse
         if "*" in prev or any("*" in c for c in linears):
             if key in seen:
                 continue
-            candidate = Group(prev, linears, option=f.option, heads=f.heads,
-                              index=None if f.index is None or f.heads else tuple(int(i) for i in f.index),
-                              norm_offset=None if f.option or f.norm_offset == norm_offset else f.norm_offset)
+            candidate = Group(
+                prev,
+                linears,
+                option=f.option,
+                heads=f.heads,
+                index=None if f.index is None or f.heads else tuple(int(i) for i in f.index),
+                norm_offset=None if f.option or f.norm_offset == norm_offset else f.norm_offset,
+            )
             # consumers compared as sets: a group's scale is a max over its linears, in any order
             expanded = {(p, frozenset(n for pat in ls for n in expand(block, pat))) for p, ls in bind(block, candidate)}
-            wanted = {(g.prev, frozenset(g.linears)) for g in findings if expert_role(g.prev) == prev and g.option == f.option}
+            wanted = {
+                (g.prev, frozenset(g.linears)) for g in findings if expert_role(g.prev) == prev and g.option == f.option
+            }
             if expanded == wanted:
                 seen.add(key)
                 groups.append(candidate)
                 continue
-        groups.append(Group(f.prev, tuple(f.linears), option=f.option, heads=f.heads,
-                            index=None if f.index is None or f.heads else tuple(int(i) for i in f.index),
-                            norm_offset=None if f.option or f.norm_offset == norm_offset else f.norm_offset))
+        groups.append(
+            Group(
+                f.prev,
+                tuple(f.linears),
+                option=f.option,
+                heads=f.heads,
+                index=None if f.index is None or f.heads else tuple(int(i) for i in f.index),
+                norm_offset=None if f.option or f.norm_offset == norm_offset else f.norm_offset,
+            )
+        )
     return groups
 
 
@@ -341,8 +375,10 @@ def discover(model: nn.Module, layers: str | None = None, seed: int = 0) -> Disc
     for sig, members in structures.items():
         i = members[0]
         if calls[i] is None:
-            raise DiscoveryError(f"{base.layers}.{i} was never called in a forward pass: the decoder stack is not "
-                                 f"{base.layers!r}. Register the architecture (smoothq.archs.register)")
+            raise DiscoveryError(
+                f"{base.layers}.{i} was never called in a forward pass: the decoder stack is not "
+                f"{base.layers!r}. Register the architecture (smoothq.archs.register)"
+            )
         found = discover_block(blocks[i], calls[i], seed=seed)
         offsets += [g.norm_offset for g in found.groups if g.option == ""]
         block_groups.append((sig, found))
@@ -353,7 +389,9 @@ def discover(model: nn.Module, layers: str | None = None, seed: int = 0) -> Disc
         groups = tuple(collapse_findings(found.groups, block, norm_offset))
         arch_groups.append((sig, groups))
         for g in groups:
-            err = max((f.error for f in found.groups if expert_role(f.prev) == expert_role(g.prev)), default=float("nan"))
+            err = max(
+                (f.error for f in found.groups if expert_role(f.prev) == expert_role(g.prev)), default=float("nan")
+            )
             rows.append(GroupRow(sig, g.prev, tuple(g.linears), "discovered", err, g.option))
             if g.option == "mlp_updown":
                 online += [c for c in g.linears if c not in online]
@@ -361,7 +399,22 @@ def discover(model: nn.Module, layers: str | None = None, seed: int = 0) -> Disc
             rows.append(GroupRow(sig, f.prev, tuple(f.linears), "discovered", f.error, f.option, used=False))
         unsmoothed[sig] = found.unsmoothed
         base = replace(base, keep_float=tuple(dict.fromkeys(base.keep_float + tuple(found.not_called))))
-    arch = Arch(layers=base.layers, groups=(), norm_offset=norm_offset, keep_float=base.keep_float,
-                online_rotation=tuple(online), name=base.name, block_groups=tuple(arch_groups), discovered=True)
-    return Discovery(arch=arch, source="discovered", structures=structures, rows=rows, unsmoothed=unsmoothed,
-                     routers=base.keep_float, seconds=time.perf_counter() - start)
+    arch = Arch(
+        layers=base.layers,
+        groups=(),
+        norm_offset=norm_offset,
+        keep_float=base.keep_float,
+        online_rotation=tuple(online),
+        name=base.name,
+        block_groups=tuple(arch_groups),
+        discovered=True,
+    )
+    return Discovery(
+        arch=arch,
+        source="discovered",
+        structures=structures,
+        rows=rows,
+        unsmoothed=unsmoothed,
+        routers=base.keep_float,
+        seconds=time.perf_counter() - start,
+    )

@@ -136,7 +136,7 @@ class BlockCall:
         with float64_inside():
             return float_outputs(block(*self.args, **self.kwargs))
 
-    def in_float64(self) -> "BlockCall":
+    def in_float64(self) -> BlockCall:
         memo: dict = {}
         return BlockCall(to_float64(self.args, memo), to_float64(self.kwargs, memo))
 
@@ -199,8 +199,9 @@ def folded(block: nn.Module, folds: list[Fold], seed: int = 0):
 
 
 @torch.no_grad()
-def fold_error(block64: nn.Module, call64: BlockCall, folds: list[Fold], reference: list[torch.Tensor] | None = None,
-               seed: int = 0) -> float:
+def fold_error(
+    block64: nn.Module, call64: BlockCall, folds: list[Fold], reference: list[torch.Tensor] | None = None, seed: int = 0
+) -> float:
     """Relative change of a float64 block's output when `folds` are applied with random scales."""
     ref = call64.run(block64) if reference is None else reference
     with folded(block64, folds, seed):

@@ -23,8 +23,19 @@ import torch
 from torch import nn
 
 from .arch import head_index
-from .folds import FOLD_TOLERANCE, LINEAR_TYPES, BlockCall, Fold, float64_copy, float64_inside, fold_error, fold_into_prev, \
-    relative_change, scale_inputs, weight_nk
+from .folds import (
+    FOLD_TOLERANCE,
+    LINEAR_TYPES,
+    BlockCall,
+    Fold,
+    float64_copy,
+    float64_inside,
+    fold_error,
+    fold_into_prev,
+    relative_change,
+    scale_inputs,
+    weight_nk,
+)
 from .moe import all_experts
 
 # forwards that compute x @ W^T + b: any other nn.Linear subclass is checked on its traced input
@@ -89,23 +100,27 @@ class _Recorder:
                 self.inputs[name] = x.clone() if name not in self.inputs else torch.cat([self.inputs[name], x])
                 if name not in self.order:
                     self.order.append(name)
+
         return hook
 
     def _custom(self, name):
         def hook(_m, args, out):
             if name not in self.custom and args and isinstance(args[0], torch.Tensor):
                 self.custom[name] = (args[0].detach().clone(), out)
+
         return hook
 
     def _norm(self, name):
         def hook(_m, args, kwargs, out):
             if name not in self.norm_calls and isinstance(out, torch.Tensor):
                 self.norm_calls[name] = (args, kwargs, out.detach().clone())
+
         return hook
 
     def _kwargs(self, name):
         def hook(_m, _args, kwargs):
             self.kwarg_names.setdefault(name, set()).update(kwargs)
+
         return hook
 
     def clear(self):
@@ -123,17 +138,24 @@ def _consumers(block: nn.Module) -> dict[str, nn.Module]:
     for name, m in block.named_modules():
         w = getattr(m, "weight", None)
         # (a router may hold helper modules of its own: Ernie 4.5's moe_statics)
-        if isinstance(m, LINEAR_TYPES) or (isinstance(w, nn.Parameter) and w.dim() == 2 and w.is_floating_point()
-                                           and not isinstance(m, nn.Embedding)):
+        if isinstance(m, LINEAR_TYPES) or (
+            isinstance(w, nn.Parameter) and w.dim() == 2 and w.is_floating_point() and not isinstance(m, nn.Embedding)
+        ):
             out[name] = m
     return out
 
 
 def _norms(block: nn.Module) -> dict[str, nn.Module]:
     """Candidate norm producers: modules with a 1-D floating weight of their own."""
-    return {n: m for n, m in block.named_modules()
-            if n and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1
-            and m.weight.is_floating_point() and not isinstance(m, LINEAR_TYPES)}
+    return {
+        n: m
+        for n, m in block.named_modules()
+        if n
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.dim() == 1
+        and m.weight.is_floating_point()
+        and not isinstance(m, LINEAR_TYPES)
+    }
 
 
 def expert_role(name: str) -> str:
@@ -244,7 +266,7 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
             channel = torch.cat([torch.arange(n) for n in sizes])
             member_scales, start = [], 0
             for n in sizes:
-                member_scales.append(log_values[start:start + n].exp())
+                member_scales.append(log_values[start : start + n].exp())
                 start += n
             # Perturb, find the consumers, then perturb again with the consumers found so far compensated
             # (W * s): a module that reads a consumer's output (Llama 4's experts read the input times the
@@ -255,10 +277,13 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
                 saved: dict[int, tuple] = {}
 
                 def keep(mod):
-                    if id(mod) not in saved:
+                    if id(mod) not in saved:  # noqa: B023
                         bias = getattr(mod, "bias", None)
-                        saved[id(mod)] = (mod, mod.weight.detach().clone(),
-                                          bias.detach().clone() if isinstance(bias, torch.Tensor) else None)
+                        saved[id(mod)] = (  # noqa: B023
+                            mod,
+                            mod.weight.detach().clone(),
+                            bias.detach().clone() if isinstance(bias, torch.Tensor) else None,
+                        )
 
                 for mi, m in enumerate(members):
                     mod = work.get_submodule(m)
@@ -315,12 +340,24 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
                     continue
                 prev = members[mi]
                 is_norm = prev in offsets
-                found.append(GroupFinding(prev=prev, linears=tuple(c for c, _ in cons),
-                                          norm_offset=offsets.get(prev, 0.0), index=idx[0],
-                                          option="" if is_norm else _option(prev, cons[0][0], kwarg_names)))
+                found.append(
+                    GroupFinding(
+                        prev=prev,
+                        linears=tuple(c for c, _ in cons),
+                        norm_offset=offsets.get(prev, 0.0),
+                        index=idx[0],
+                        option="" if is_norm else _option(prev, cons[0][0], kwarg_names),
+                    )
+                )
                 if not is_norm:  # which linears read the same input as this producer (a gate beside up)
-                    found[-1].siblings = tuple(n for n in order if n != prev and n in base and
-                                               base[n].shape == base[prev].shape and torch.equal(base[n], base[prev]))
+                    found[-1].siblings = tuple(
+                        n
+                        for n in order
+                        if n != prev
+                        and n in base
+                        and base[n].shape == base[prev].shape
+                        and torch.equal(base[n], base[prev])
+                    )
             if found:
                 candidates.append((role, found))
 
@@ -355,10 +392,13 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
     for cname, (x, out) in custom.items():  # a linear subclass is swapped only if it computes x W^T + b
         module = consumers[cname]
         bias = getattr(module, "bias", None)
-        if not isinstance(out, torch.Tensor) or out.shape[:-1] != x.shape[:-1] or relative_change(
-                [out], [torch.nn.functional.linear(x, weight_nk(module), bias)]) > 1e-9:
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.shape[:-1] != x.shape[:-1]
+            or relative_change([out], [torch.nn.functional.linear(x, weight_nk(module), bias)]) > 1e-9
+        ):
             findings.not_called.append(cname)
-            findings.unsmoothed[cname] = (f"its forward ({type(module).__name__}) is not x @ W^T + b: kept in float")
+            findings.unsmoothed[cname] = f"its forward ({type(module).__name__}) is not x @ W^T + b: kept in float"
     for cname in order:
         if cname in grouped or not isinstance(consumers.get(cname), LINEAR_TYPES):
             continue
@@ -366,8 +406,10 @@ def discover_block(block: nn.Module, call: BlockCall, *, seed: int = 0) -> Block
             g = rejected[cname]
             why = f"its fold into {g.prev} failed the check (output changed by {g.error:.1e})"
         elif cname in affected_by:
-            why = (f"its input depends on {', '.join(sorted(set(affected_by[cname])))} through an operation that does "
-                   "not commute with a per-channel scale")
+            why = (
+                f"its input depends on {', '.join(sorted(set(affected_by[cname])))} through an operation that does "
+                "not commute with a per-channel scale"
+            )
         else:
             why = "it reads the block's input (the residual stream): no module in the block produces it"
         findings.unsmoothed[cname] = why
@@ -420,8 +462,9 @@ def _heads(block: nn.Module, g: GroupFinding) -> str:
         attn = block.get_submodule(name)
         if getattr(attn, "head_dim", None):
             try:
-                index = head_index(block, name, "", int(weight_nk(block.get_submodule(g.prev)).shape[0]),
-                                    int(g.index.numel()))
+                index = head_index(
+                    block, name, "", int(weight_nk(block.get_submodule(g.prev)).shape[0]), int(g.index.numel())
+                )
             except Exception:
                 return ""
             return name if torch.equal(index, g.index) else ""

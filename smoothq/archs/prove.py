@@ -41,17 +41,33 @@ def prove_arch(model: nn.Module, arch, options=(), seed: int = 0) -> Discovery:
         for g in res.groups:
             if not g.prev.startswith(prefix):
                 continue
-            fold = Fold(g.prev[len(prefix):], tuple(n[len(prefix):] for n in g.linears), g.norm_offset, g.index)
+            fold = Fold(g.prev[len(prefix) :], tuple(n[len(prefix) :] for n in g.linears), g.norm_offset, g.index)
             err = fold_error(work, call64, [fold], reference, seed=seed + 1)
-            rows.append(GroupRow(sig, fold.prev, fold.linears, "table" if not arch.discovered else "discovered",
-                                 err, g.option, used=err <= FOLD_TOLERANCE))
+            rows.append(
+                GroupRow(
+                    sig,
+                    fold.prev,
+                    fold.linears,
+                    "table" if not arch.discovered else "discovered",
+                    err,
+                    g.option,
+                    used=err <= FOLD_TOLERANCE,
+                )
+            )
             if err > FOLD_TOLERANCE:
                 raise UnsupportedArchError(
                     f"{arch.name}: smoothing group {g.prev} -> {', '.join(fold.linears)} is not exact (a fold with "
                     f"random scales changes the block's output by {err:.1e} > {FOLD_TOLERANCE:g}): the table entry is "
-                    "wrong for this model. Fix it with smoothq.archs.register (see `smoothq archs MODEL`)")
-    return Discovery(arch=arch, source="discovered" if arch.discovered else "table", structures=structures,
-                     rows=rows, routers=arch.keep_float, seconds=time.perf_counter() - start)
+                    "wrong for this model. Fix it with smoothq.archs.register (see `smoothq archs MODEL`)"
+                )
+    return Discovery(
+        arch=arch,
+        source="discovered" if arch.discovered else "table",
+        structures=structures,
+        rows=rows,
+        routers=arch.keep_float,
+        seconds=time.perf_counter() - start,
+    )
 
 
 @torch.no_grad()
@@ -63,15 +79,19 @@ def prove_block(block: nn.Module, call: BlockCall, res, prefix: str, arch_name: 
     reference = call64.run(work)
     rows = []
     for g in res.groups:
-        fold = Fold(g.prev[len(prefix):], tuple(n[len(prefix):] for n in g.linears), g.norm_offset, g.index)
+        fold = Fold(g.prev[len(prefix) :], tuple(n[len(prefix) :] for n in g.linears), g.norm_offset, g.index)
         err = fold_error(work, call64, [fold], reference, seed=seed + 1)
-        rows.append(GroupRow(block_signature(block), fold.prev, fold.linears, "table", err, g.option,
-                             used=err <= FOLD_TOLERANCE))
+        rows.append(
+            GroupRow(
+                block_signature(block), fold.prev, fold.linears, "table", err, g.option, used=err <= FOLD_TOLERANCE
+            )
+        )
         if err > FOLD_TOLERANCE:
             raise UnsupportedArchError(
                 f"{arch_name}: smoothing group {fold.prev} -> {', '.join(fold.linears)} is not exact (a fold with "
                 f"random scales changes the block's output by {err:.1e} > {FOLD_TOLERANCE:g}): the table entry is "
-                "wrong for this model. Fix it with smoothq.archs.register (see `smoothq archs MODEL`)")
+                "wrong for this model. Fix it with smoothq.archs.register (see `smoothq archs MODEL`)"
+            )
     return rows
 
 
@@ -87,6 +107,9 @@ def describe(model: nn.Module, rediscover: bool = False) -> Discovery:
     grouped = {n for g in res.groups for n in g.linears}
     for sig, members in report.structures.items():
         prefix = f"{arch.layers}.{members[0]}."
-        report.unsmoothed[sig] = {n[len(prefix):]: "no group of the table entry reads it"
-                                  for n, _ in res.quantizable() if n.startswith(prefix) and n not in grouped}
+        report.unsmoothed[sig] = {
+            n[len(prefix) :]: "no group of the table entry reads it"
+            for n, _ in res.quantizable()
+            if n.startswith(prefix) and n not in grouped
+        }
     return report

@@ -5,8 +5,8 @@ that every name resolves exactly once per block.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -102,8 +102,10 @@ def resolve(model: nn.Module, arch: Arch | None = None, options=()) -> Resolved:
                         if group.index is not None:
                             index = torch.tensor(group.index, dtype=torch.long)
                             if index.numel() != in_features(mod) or int(index.max()) >= size:
-                                raise UnsupportedArchError(f"{prefix}.{rel}: the group's index map does not fit its "
-                                                           f"{in_features(mod)} inputs from {size} channels")
+                                raise UnsupportedArchError(
+                                    f"{prefix}.{rel}: the group's index map does not fit its "
+                                    f"{in_features(mod)} inputs from {size} channels"
+                                )
                         elif group.heads and in_features(mod) != size:
                             index = head_index(block, group.heads, prefix, size, in_features(mod))
                         elif in_features(mod) != size:
@@ -116,8 +118,11 @@ def resolve(model: nn.Module, arch: Arch | None = None, options=()) -> Resolved:
                     raise UnsupportedArchError(f"{prefix}: a linear is listed twice in the group of {prev_rel!r}")
                 res.modules[f"{prefix}.{prev_rel}"] = prev
                 offset = arch.norm_offset if group.norm_offset is None else group.norm_offset
-                res.groups.append(ResolvedGroup(prev=f"{prefix}.{prev_rel}", linears=names, option=group.option,
-                                                index=index, norm_offset=offset))
+                res.groups.append(
+                    ResolvedGroup(
+                        prev=f"{prefix}.{prev_rel}", linears=names, option=group.option, index=index, norm_offset=offset
+                    )
+                )
     return res
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from . import config_fields as fields
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
@@ -51,21 +53,41 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     # dory's stack is n_input_layers + n_recurrent_layers + n_output_layers; its derived layer_types
     # would be all sliding for 3 layers
-    "dory": {"num_hidden_layers": 3, "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1,
-             "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "dory": {
+        "num_hidden_layers": 3,
+        "n_input_layers": 1,
+        "n_recurrent_layers": 1,
+        "n_output_layers": 1,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    },
     # hrm_text derives num_hidden_layers = num_layers_per_stack * H_cycles * (L_cycles + 1) itself
-    "hrm_text": {"num_hidden_layers": 1, "num_layers_per_stack": None, "H_cycles": 2, "L_cycles": 1,
-                 "L_bp_cycles": [1]},
+    "hrm_text": {
+        "num_hidden_layers": 1,
+        "num_layers_per_stack": None,
+        "H_cycles": 2,
+        "L_cycles": 1,
+        "L_bp_cycles": [1],
+    },
     # the default layer types include QSA "indexed_attention" layers but leave the indexer unset
-    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
-                       "indexer_compress_ratio": 4},
+    "qwen4_exp_text": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 16,
+        "indexer_budget": 8,
+        "indexer_compress_ratio": 4,
+    },
     # the SWA layers' head_dim is qk_nope_head_dim + qk_rope_head_dim (16 + 8 once shrunk)
     "dots3_note_text": {"head_dim": 24},
     # reformer: the axial position embedding's dims must sum to hidden_size and its shape multiply to
     # max_position_embeddings; attn_layers is the stack (one local and one LSH layer); the LM head
     # insists on is_decoder=True, which the default config lacks
-    "reformer": {"is_decoder": True, "attn_layers": ["local", "lsh"], "axial_pos_embds_dim": [32, 32],
-                 "axial_pos_shape": [16, 32], "max_position_embeddings": 512},
+    "reformer": {
+        "is_decoder": True,
+        "attn_layers": ["local", "lsh"],
+        "axial_pos_embds_dim": [32, 32],
+        "axial_pos_shape": [16, 32],
+        "max_position_embeddings": 512,
+    },
     # xLSTM's recurrent step (sequences shorter than a chunk) keeps a state shaped as if qk_dim == v_dim
     "xlstm": {"qk_dim_factor": 1.0},
     # the default text config of the (out-of-scope) assistant does not validate: it needs these at 0
@@ -76,61 +98,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------------
 # Field-name rules: the fields of each kind, by name. A field is only touched where the config has it.
 
-_LAYERS = ["num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "num_blocks",
-           "num_layers_per_stack", "n_recurrent_layers"]
-_HIDDEN = ["hidden_size", "d_model", "n_embd", "dim", "emb_dim", "embedding_size", "word_embed_proj_dim",
-           "input_embedding_size", "output_embedding_size", "embedding_dim", "lru_width", "attention_hidden_size",
-           "backbone_hidden_size", "hidden_size_global", "adapter_in_dim", "adapter_out_dim", "adapter_input_size",
-           "downsample_hidden_size"]
-_FFN = ["intermediate_size", "ffn_dim", "n_inner", "d_inner", "dim_ff", "dff", "ffn_hidden_size",
-        "feed_forward_size", "intermediate_size_mlp", "dense_intermediate_size", "first_dense_intermediate_size",
-        "mlp_only_intermediate_size", "decoder_ffn_dim", "encoder_ffn_dim"]
-_MOE_FFN = ["moe_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size",
-            "shared_experts_intermediate_size", "expert_ffn_hidden_size", "moe_shared_expert_intermediate_size"]
-_HEADS = ["num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads", "decoder_attention_heads",
-          "encoder_attention_heads", "swa_num_attention_heads", "index_n_heads", "index_num_heads",
-          "linear_num_heads", "linear_num_value_heads", "num_decoder_attention_heads"]
-_INDEX_HEADS = ["index_n_heads", "index_num_heads"]  # at most the query heads per key head
-_KV_HEADS = ["num_key_value_heads", "num_kv_heads", "swa_num_key_value_heads", "linear_num_key_heads"]
-_HEAD_DIM = ["head_dim", "attention_head_dim", "swa_head_dim", "d_head", "dim_head", "attention_head_size",
-             "linear_head_dim", "linear_key_head_dim", "linear_value_head_dim", "index_head_dim", "mamba_d_head",
-             "mamba_head_dim", "mamba_headdim", "kv_channels"]
-_EXPERTS = ["num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"]
-_TOPK = ["num_experts_per_tok", "moe_k", "moe_topk", "top_k", "num_experts_per_token", "moe_top_k"]
-_SHARED = ["n_shared_experts", "moe_num_shared_experts", "num_shared_experts"]
-_VOCAB = ["vocab_size", "decoder_vocab_size", "vocab_size_per_layer_input", "unpadded_vocab_size"]
-_MAX_POS = ["max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_target_positions",
-            "context_length", "model_max_length", "max_sequence_length", "seq_length"]
-_STATE = ["state_size", "ssm_state_size", "mamba_d_state", "d_state"]
-_MAMBA_HEADS = ["mamba_n_heads", "mamba_num_heads", "n_mamba_heads"]
-_SMALL = {  # plain "at most this" caps
-    "q_lora_rank": 32, "kv_lora_rank": 32, "o_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
-    "v_head_dim": 16, "time_step_rank": 8, "mamba_dt_rank": 8, "laurel_rank": 8, "hidden_size_per_layer_input": 8,
-    "ple_embed_dim": 16, "router_hidden_size": 32, "num_centroids": 16, "zero_expert_num": 2,
-    "shape_vocab_size": 32, "pronunciation_vocab_size": 32, "shape_embed_dim": 16, "pronunciation_embed_dim": 16,
-    "prompt_mid_dim": 32, "adapter_rank": 8, "gated_norm_rank": 8, "loop_gate_rank": 8, "hc_lowrank": 8,
-    "index_topk": 8, "ngram_vocab_size_base": 64, "split_ngram_parts": 2,
-    "attention_chunk_size": 8, "rel_extent": 16, "num_mem_blocks": 1, "n_group": 2, "num_expert_group": 2,
-    "topk_group": 1, "position_bias_num_buckets": 32, "encoder_hash_byte_group_vocab": 64,
-}
-_PERIODS = ["attn_layer_period", "expert_layer_period", "full_attention_interval", "decoder_sparse_step",
-            "interleave_moe_layer_step", "sliding_window_pattern", "_sliding_window_pattern", "no_rope_layer_interval",
-            "global_attn_every_n_layers", "global_attention_every_n_layers", "moe_layer_interval",
-            "layer_group_size", "n_layers_per_attn_res_block", "prefix_dense_sliding_window_pattern",
-            "hybrid_layer_period"]
-_OFFSETS = ["attn_layer_offset", "expert_layer_offset"]
-_FIRST_K = ["first_k_dense_replace", "num_dense_layers", "num_dense_blocks", "moe_layer_start_index",
-            "num_kv_shared_layers"]
-_LAYER_INDEX_LISTS = ["moe_layers", "mlp_only_layers", "full_attn_idxs", "hybrid_layer_ids", "attention_layers",
-                      "attn_layers", "index_layers", "ple_layer_ids", "swa_layers", "dense_layers"]
-
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _layer_count(cfg) -> tuple[str | None, int | None]:
-    for f in _LAYERS:
+    for f in fields.LAYERS:
         v = cfg.__dict__.get(f)
         if _is_int(v) and v > 0:
             return f, v
@@ -142,17 +116,17 @@ def _layer_signature(cfg, n: int) -> tuple[list[tuple], list[str], list[str]]:
     layer-index list fields found."""
     per_layer, index_lists = [], []
     for k, v in cfg.__dict__.items():
-        is_index_list = k in _LAYER_INDEX_LISTS and all(_is_int(x) for x in v or ())
+        is_index_list = k in fields.LAYER_INDEX_LISTS and all(_is_int(x) for x in v or ())
         if isinstance(v, list) and len(v) == n and n > 1 and not is_index_list:
             per_layer.append(k)
-        elif k in _LAYER_INDEX_LISTS and isinstance(v, list) and v and all(_is_int(x) for x in v):
+        elif k in fields.LAYER_INDEX_LISTS and isinstance(v, list) and v and all(_is_int(x) for x in v):
             index_lists.append(k)
     sigs = []
     maps = _source_maps(cfg, per_layer)
     for i in range(n):
         s = [repr(cfg.__dict__[k][i]) if k not in maps else cfg.__dict__[k][i] == i for k in per_layer]
         s += [i in cfg.__dict__[k] for k in index_lists]
-        for k in _FIRST_K:
+        for k in fields.FIRST_K:
             v = cfg.__dict__.get(k)
             if _is_int(v) and k != "num_kv_shared_layers":
                 s.append(i < v)
@@ -207,8 +181,12 @@ def _shrink_token_ids(cfg, new: dict, vocab: int) -> None:
         return out
 
     for k, v in list(cfg.__dict__.items()):
-        if not (k.endswith("_token_id") or k.endswith("_token_index") or k.endswith("_token_ids")
-                or k in ("unk_index", "mask_index", "eod_token_id")):
+        if not (
+            k.endswith("_token_id")
+            or k.endswith("_token_index")
+            or k.endswith("_token_ids")
+            or k in ("unk_index", "mask_index", "eod_token_id")
+        ):
             continue
         if _is_int(v) and v >= vocab:
             new[k] = remap(k, v)
@@ -253,22 +231,22 @@ def _shrink(cfg) -> tuple[dict, dict]:
             new[k] = [min(x, target) for x in v]
 
     # hidden size, widths
-    for k in _HIDDEN:
+    for k in fields.HIDDEN:
         cap(k, HIDDEN)
-    hidden = next((new.get(k, d[k]) for k in _HIDDEN if _is_int(d.get(k))), HIDDEN)
-    for k in _FFN:
+    hidden = next((new.get(k, d[k]) for k in fields.HIDDEN if _is_int(d.get(k))), HIDDEN)
+    for k in fields.FFN:
         cap(k, FFN)
-    for k in _MOE_FFN:
+    for k in fields.MOE_FFN:
         cap(k, MOE_FFN)
 
     # heads
-    old_heads = next((d[k] for k in _HEADS if _is_int(d.get(k))), None)
-    for k in _HEADS:
+    old_heads = next((d[k] for k in fields.HEADS if _is_int(d.get(k))), None)
+    for k in fields.HEADS:
         cap(k, HEADS)
-    heads = next((new.get(k, d[k]) for k in _HEADS if _is_int(d.get(k))), HEADS)
-    for k in _INDEX_HEADS:
+    heads = next((new.get(k, d[k]) for k in fields.HEADS if _is_int(d.get(k))), HEADS)
+    for k in fields.INDEX_HEADS:
         cap(k, HEADS // KV_HEADS)
-    for k in _KV_HEADS:
+    for k in fields.KV_HEADS:
         v = d.get(k)
         if _is_int(v):
             if old_heads is not None and v == old_heads:  # multi-head attention stays so
@@ -281,10 +259,10 @@ def _shrink(cfg) -> tuple[dict, dict]:
                 new[k] = target
     if "head_dim" in d and d["head_dim"] is None:  # None means hidden // heads: say it
         new["head_dim"] = hidden // max(heads, 1)
-    for k in _KV_HEADS[:1]:
+    for k in fields.KV_HEADS[:1]:
         if k in d and d[k] is None:
             new[k] = KV_HEADS
-    for k in _HEAD_DIM:
+    for k in fields.HEAD_DIM:
         v = d.get(k)
         if _is_int(v) and v > HEAD_DIM:
             new[k] = HEAD_DIM
@@ -294,49 +272,58 @@ def _shrink(cfg) -> tuple[dict, dict]:
     head_dim = new.get("head_dim", d.get("head_dim")) if _is_int(d.get("head_dim")) else hidden // max(heads, 1)
 
     # experts
-    old_experts = next((d[k] for k in _EXPERTS if _is_int(d.get(k))), None)
-    for k in _EXPERTS:
+    old_experts = next((d[k] for k in fields.EXPERTS if _is_int(d.get(k))), None)
+    for k in fields.EXPERTS:
         cap(k, EXPERTS)
-    for k in _TOPK:
+    for k in fields.TOPK:
         cap(k, TOPK)
-    for k in _SHARED:
+    for k in fields.SHARED:
         cap(k, 1)
     # MoE configs whose default leaves the expert count or top-k unset (None) though the model reads it
-    has_experts = old_experts is not None or any(_is_int(d.get(k)) for k in _TOPK) or (
-        any(k in d for k in _EXPERTS + _TOPK) and any(_is_int(d.get(k)) for k in _MOE_FFN))
+    has_experts = (
+        old_experts is not None
+        or any(_is_int(d.get(k)) for k in fields.TOPK)
+        or (any(k in d for k in fields.EXPERTS + fields.TOPK) and any(_is_int(d.get(k)) for k in fields.MOE_FFN))
+    )
     if has_experts:
-        for k in _EXPERTS[:3]:
+        for k in fields.EXPERTS[:3]:
             if k in d and d[k] is None:
                 new[k] = EXPERTS
-        for k in _TOPK[:1]:
+        for k in fields.TOPK[:1]:
             if k in d and d[k] is None:
                 new[k] = TOPK
-        for k in _SHARED[:1]:
+        for k in fields.SHARED[:1]:
             if k in d and d[k] is None and _is_int(d.get("moe_intermediate_size")):
                 new[k] = 1
 
     # vocab, positions
-    for k in _VOCAB:  # a byte-level vocabulary (blt: 256 bytes + 4 specials) is tiny already
+    for k in fields.VOCAB:  # a byte-level vocabulary (blt: 256 bytes + 4 specials) is tiny already
         if not (_is_int(d.get(k)) and d[k] <= 2 * VOCAB):
             cap(k, VOCAB)
-    for k in _MAX_POS:
+    for k in fields.MAX_POS:
         cap(k, MAX_POS)
     omax = d.get("original_max_position_embeddings")
     if _is_int(omax) and omax > MAX_POS // 2:
         new["original_max_position_embeddings"] = MAX_POS // 2
 
     # mamba / ssm
-    for k in _STATE:
+    for k in fields.STATE:
         cap(k, 16)
-    mamba_hd = next((new.get(k, d[k]) for k in ("mamba_d_head", "mamba_head_dim", "mamba_headdim", "head_dim")
-                     if _is_int(d.get(k))), HEAD_DIM)
+    mamba_hd = next(
+        (
+            new.get(k, d[k])
+            for k in ("mamba_d_head", "mamba_head_dim", "mamba_headdim", "head_dim")
+            if _is_int(d.get(k))
+        ),
+        HEAD_DIM,
+    )
     expand = next((d[k] for k in ("mamba_expand", "expand") if _is_int(d.get(k))), 2)
-    for k in _MAMBA_HEADS:
+    for k in fields.MAMBA_HEADS:
         v = d.get(k)
         if _is_int(v) and v > 1:
             new[k] = max(1, expand * hidden // mamba_hd)
     # Mamba-2 style: the SSM's heads * head_dim is expand * hidden_size (mamba2 calls them num_heads, head_dim)
-    hid0 = next((d[k] for k in _HIDDEN if _is_int(d.get(k))), None)
+    hid0 = next((d[k] for k in fields.HIDDEN if _is_int(d.get(k))), None)
     if _is_int(d.get("num_heads")) and _is_int(d.get("head_dim")) and hid0 and _is_int(d.get("expand")):
         if d["num_heads"] * d["head_dim"] == d["expand"] * hid0:
             new["num_heads"] = d["expand"] * hidden // new.get("head_dim", d["head_dim"])
@@ -345,14 +332,15 @@ def _shrink(cfg) -> tuple[dict, dict]:
     if _is_int(d.get("mamba_d_ssm")):
         new["mamba_d_ssm"] = expand * hidden
 
-    for k, t in _SMALL.items():
+    for k, t in fields.SMALL.items():
         if t is not None:
             cap(k, t)
     if _is_int(d.get("head_dim")) and d.get("head_dim") == d.get("qk_rope_head_dim"):
         new["head_dim"] = new.get("qk_rope_head_dim", d["head_dim"])
     if "qk_head_dim" in d and _is_int(d.get("qk_head_dim")):
-        new["qk_head_dim"] = new.get("qk_nope_head_dim", d.get("qk_nope_head_dim") or 0) + \
-            new.get("qk_rope_head_dim", d.get("qk_rope_head_dim") or 0)
+        new["qk_head_dim"] = new.get("qk_nope_head_dim", d.get("qk_nope_head_dim") or 0) + new.get(
+            "qk_rope_head_dim", d.get("qk_rope_head_dim") or 0
+        )
 
     # layers
     lf, n = _layer_count(cfg)
@@ -368,14 +356,14 @@ def _shrink(cfg) -> tuple[dict, dict]:
         for k in maps:  # a kept layer's source layer is kept too
             idx = sorted(set(idx) | {d[k][i] for i in idx})
         nn_ = len(idx)
-        for k in _LAYERS:
+        for k in fields.LAYERS:
             if _is_int(d.get(k)) and d[k] > nn_:
                 new[k] = nn_
         for k in per_layer:
             new[k] = [idx.index(d[k][i]) if k in maps else new.get(k, d[k])[i] for i in idx]
         for k in index_lists:
             new[k] = [j for j, i in enumerate(idx) if i in d[k]]
-        for k in _FIRST_K:
+        for k in fields.FIRST_K:
             v = d.get(k)
             if _is_int(v) and v > 0:
                 if k == "num_kv_shared_layers":  # all shared (an assistant model) stays all shared
@@ -386,18 +374,19 @@ def _shrink(cfg) -> tuple[dict, dict]:
         if _is_int(end) and end >= 0:
             kept = [j for j, i in enumerate(idx) if i <= end]
             new["moe_layer_end_index"] = kept[-1] if kept else -1
-        for k in _PERIODS:
+        for k in fields.PERIODS:
             v = d.get(k)
             if _is_int(v) and v > 2:
                 new[k] = 2
-        for k in _OFFSETS:
+        for k in fields.OFFSETS:
             v = d.get(k)
             if _is_int(v) and v > 1:
                 new[k] = v % 2
         plc = cfg.to_dict().get("per_layer_config") if hasattr(cfg, "to_dict") else None
         if isinstance(plc, dict) and plc:  # heterogeneous config: {layer: field overrides}
-            new["per_layer_config"] = {j: _shrink_overrides(d, plc[key]) for j, i in enumerate(idx)
-                                       for key in plc if int(key) == i}
+            new["per_layer_config"] = {
+                j: _shrink_overrides(d, plc[key]) for j, i in enumerate(idx) for key in plc if int(key) == i
+            }
         mwl = d.get("max_window_layers")
         if _is_int(mwl) and mwl > nn_:
             new["max_window_layers"] = nn_
@@ -424,7 +413,7 @@ def _shrink_overrides(d: dict, overrides: dict) -> dict:
     """One layer's overrides of a heterogeneous config, shrunk by the same rules (the global fields as context)."""
     import types
 
-    context = {k: v for k, v in d.items() if not isinstance(v, (list, dict)) and k not in _LAYERS}
+    context = {k: v for k, v in d.items() if not isinstance(v, (list, dict)) and k not in fields.LAYERS}
     new, _ = _shrink(types.SimpleNamespace(**{**context, **overrides}))
     return {k: new.get(k, v) for k, v in overrides.items()}
 
@@ -435,9 +424,18 @@ def _is_sub_config(v) -> bool:
     return isinstance(v, PretrainedConfig)
 
 
-_BOOKKEEPING = {"transformers_version", "architectures", "_name_or_path", "id2label", "label2id",
-                "_attn_implementation_internal", "_experts_implementation_internal", "_post_init_done",
-                "_output_attentions", "dtype"}
+_BOOKKEEPING = {
+    "transformers_version",
+    "architectures",
+    "_name_or_path",
+    "id2label",
+    "label2id",
+    "_attn_implementation_internal",
+    "_experts_implementation_internal",
+    "_post_init_done",
+    "_output_attentions",
+    "dtype",
+}
 
 
 def _diff(old, new, prefix: str = "") -> dict:

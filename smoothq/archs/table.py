@@ -13,12 +13,11 @@ To support a new model, pass your own `Arch` to calibrate/smooth/quantize or `re
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
 from .arch import Arch, Group, Rotation, UnsupportedArchError
-
 
 # Optional groups come after the paper's groups in every entry: the paper groups' scales are then
 # computed on the original weights, identical with or without the options.
@@ -26,8 +25,9 @@ ATTN_VO = Group("self_attn.v_proj", ("self_attn.o_proj",), option="attn_vo", hea
 MLP_UPDOWN = Group("mlp.up_proj", ("mlp.down_proj",), option="mlp_updown")
 
 
-def _llama_like(name: str, mlp_norm: str = "post_attention_layernorm", offset: float = 0.0,
-                rotation: Rotation | None = Rotation()) -> Arch:
+def _llama_like(
+    name: str, mlp_norm: str = "post_attention_layernorm", offset: float = 0.0, rotation: Rotation | None = Rotation()
+) -> Arch:
     return Arch(
         layers="model.layers",
         groups=(
@@ -46,9 +46,11 @@ def _llama_like(name: str, mlp_norm: str = "post_attention_layernorm", offset: f
 def _glm(name: str, rotation: Rotation | None) -> Arch:
     return Arch(
         layers="model.layers",
-        groups=(Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                Group("post_attention_layernorm", ("mlp.gate_up_proj",)),
-                ATTN_VO),
+        groups=(
+            Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            Group("post_attention_layernorm", ("mlp.gate_up_proj",)),
+            ATTN_VO,
+        ),
         rotation=rotation,
         online_rotation=("mlp.down_proj",),
         name=name,
@@ -98,8 +100,10 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
     "gemma3_text": _llama_like("gemma3_text", mlp_norm="pre_feedforward_layernorm", offset=1.0, rotation=None),
     "phi3": Arch(
         layers="model.layers",
-        groups=(Group("input_layernorm", ("self_attn.qkv_proj",)),
-                Group("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        groups=(
+            Group("input_layernorm", ("self_attn.qkv_proj",)),
+            Group("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        ),
         rotation=Rotation(),
         online_rotation=("mlp.down_proj",),
         name="phi3",
@@ -111,8 +115,10 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
     "opt": _opt,
     "bloom": Arch(
         layers="transformer.h",
-        groups=(Group("input_layernorm", ("self_attention.query_key_value",)),
-                Group("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+        groups=(
+            Group("input_layernorm", ("self_attention.query_key_value",)),
+            Group("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        ),
         online_rotation=("mlp.dense_4h_to_h",),
         name="bloom",
     ),
@@ -125,8 +131,10 @@ ARCHS: dict[str, Arch | Callable[[object], Arch]] = {
     ),
     "gpt_neox": Arch(  # both norms exist also with use_parallel_residual
         layers="gpt_neox.layers",
-        groups=(Group("input_layernorm", ("attention.query_key_value",)),
-                Group("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+        groups=(
+            Group("input_layernorm", ("attention.query_key_value",)),
+            Group("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        ),
         online_rotation=("mlp.dense_4h_to_h",),
         name="gpt_neox",
     ),
@@ -165,4 +173,3 @@ def table_arch(model: nn.Module) -> Arch | None:
         return None
     arch = entry(config) if callable(entry) else entry
     return arch if arch.name else Arch(**{**arch.__dict__, "name": config.model_type})
-

@@ -18,10 +18,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from .shrink import VOCAB, tiny_config
 # the sizes and the per-type fixes, read and tuned through this module too (tiny.HIDDEN, tiny.OVERRIDES)
-from .shrink import (EXPERTS, FFN, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, MAX_LAYERS, MAX_POS, MOE_FFN,  # noqa: F401
-                     OVERRIDES, TOPK)
+from .shrink import (  # noqa: F401
+    EXPERTS,
+    FFN,
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    MAX_LAYERS,
+    MAX_POS,
+    MOE_FFN,
+    OVERRIDES,
+    TOPK,
+    VOCAB,
+    tiny_config,
+)
 
 SEQ = 16
 
@@ -30,15 +42,48 @@ _ENC_DEC = "encoder-decoder: out of scope"
 _ENCODER = "encoder model used as a decoder: out of scope"
 _AUDIO = "audio/speech model: out of scope"
 OUT_OF_SCOPE: dict[str, str] = {
-    **dict.fromkeys(["bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp",
-                     "pegasus", "plbart", "prophetnet"], _ENC_DEC),
+    **dict.fromkeys(
+        [
+            "bart",
+            "bigbird_pegasus",
+            "blenderbot",
+            "blenderbot-small",
+            "marian",
+            "mbart",
+            "mvp",
+            "pegasus",
+            "plbart",
+            "prophetnet",
+        ],
+        _ENC_DEC,
+    ),
     "trocr": "decoder of an image-to-text encoder-decoder: out of scope",
     **dict.fromkeys(["whisper", "moss_transcribe_diarize", "musicgen", "musicgen_melody", "moshi"], _AUDIO),
-    **dict.fromkeys(["bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie",
-                     "megatron-bert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer",
-                     "xlm-roberta", "xlm-roberta-xl", "xmod"], _ENCODER),
-    **dict.fromkeys(["gemma4_assistant", "gemma4_unified_assistant"],
-                    "draft (assistant) model: its forward needs the target model's shared KV states"),
+    **dict.fromkeys(
+        [
+            "bert",
+            "bert-generation",
+            "big_bird",
+            "camembert",
+            "data2vec-text",
+            "electra",
+            "ernie",
+            "megatron-bert",
+            "rembert",
+            "roberta",
+            "roberta-prelayernorm",
+            "roc_bert",
+            "roformer",
+            "xlm-roberta",
+            "xlm-roberta-xl",
+            "xmod",
+        ],
+        _ENCODER,
+    ),
+    **dict.fromkeys(
+        ["gemma4_assistant", "gemma4_unified_assistant"],
+        "draft (assistant) model: its forward needs the target model's shared KV states",
+    ),
     "xlm": "cross-lingual masked LM (XLM) used as a decoder: out of scope",
     "xlnet": "permutation LM with two-stream attention: out of scope",
     "git": "image-to-text model (vision encoder + text decoder): out of scope",
@@ -139,8 +184,15 @@ def build_report(model_type: str) -> dict:
     """Tries to build the type's tiny model and run one forward: {"type", "builds", "why" (one line, empty
     when it builds and is a decoder-only text model), "class", "shrunk" ({field: [old, new]}),
     "decoder_only_text", "params"}. Out-of-scope types are not built."""
-    rep: dict[str, Any] = {"type": model_type, "builds": False, "why": "", "class": "", "shrunk": {},
-                           "decoder_only_text": False, "params": 0}
+    rep: dict[str, Any] = {
+        "type": model_type,
+        "builds": False,
+        "why": "",
+        "class": "",
+        "shrunk": {},
+        "decoder_only_text": False,
+        "params": 0,
+    }
     why = _scope(model_type)
     if why:
         rep["why"] = why
@@ -167,8 +219,11 @@ def build_report(model_type: str) -> dict:
         return rep
     rep["class"] = type(model).__name__
     rep["params"] = sum(p.numel() for p in model.parameters())
-    towers = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, _ in model.named_modules()
-                                if _MULTIMODAL.search(n.rsplit(".", 1)[-1])))
+    towers = list(
+        dict.fromkeys(
+            n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if _MULTIMODAL.search(n.rsplit(".", 1)[-1])
+        )
+    )
     if towers:
         rep["decoder_only_text"] = False
     try:
@@ -187,8 +242,11 @@ def build_report(model_type: str) -> dict:
         return rep
     rep["builds"] = True
     if not rep["decoder_only_text"]:
-        rep["why"] = ("multimodal: builds and runs on text, but carries " + ", ".join(towers[:2])
-                      if towers else f"multimodal wrapper ({rep['class']}): its text model is the decoder")
+        rep["why"] = (
+            "multimodal: builds and runs on text, but carries " + ", ".join(towers[:2])
+            if towers
+            else f"multimodal wrapper ({rep['class']}): its text model is the decoder"
+        )
     return rep
 
 

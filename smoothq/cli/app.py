@@ -21,9 +21,17 @@ from .common import _error, set_quiet
 # in the order `smoothq --help` lists them
 SUBCOMMANDS = (quantize, evaluate, generate, compare, verify, inspect, bench, export, archs)
 
-COMMANDS = {"quantize": quantize.cmd_quantize, "eval": evaluate.cmd_eval, "generate": generate.cmd_generate,
-            "compare": compare.cmd_compare, "verify": verify.cmd_verify, "inspect": inspect.cmd_inspect,
-            "bench": bench.cmd_bench, "export": export.cmd_export, "archs": archs.cmd_archs}
+COMMANDS = {
+    "quantize": quantize.cmd_quantize,
+    "eval": evaluate.cmd_eval,
+    "generate": generate.cmd_generate,
+    "compare": compare.cmd_compare,
+    "verify": verify.cmd_verify,
+    "inspect": inspect.cmd_inspect,
+    "bench": bench.cmd_bench,
+    "export": export.cmd_export,
+    "archs": archs.cmd_archs,
+}
 
 # Everything each subcommand writes: {argument: kind}, kind "file" or a directory kind
 # (preflight.DIRECTORY_KINDS: whose existing directory --force may replace). main checks them all
@@ -43,8 +51,12 @@ OUTPUTS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoothq", description="SmoothQuant W8A8 quantization for causal LMs")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bars and no info lines on stderr (errors, warnings and results remain)")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars and no info lines on stderr (errors, warnings and results remain)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(sub)
@@ -82,10 +94,14 @@ def _check_outputs(args) -> None:
     """Every declared output of this subcommand, before any work (a refusal is one error line)."""
     from ..pipeline.preflight import check_outputs
 
-    flags = {a.dest: max(a.option_strings, key=len, default=a.dest)
-             for a in subparser(build_parser(), args.command)._actions}
-    outputs = [(flags[dest], getattr(args, dest), kind) for dest, kind in OUTPUTS[args.command].items()
-               if getattr(args, dest, None) is not None]
+    flags = {
+        a.dest: max(a.option_strings, key=len, default=a.dest) for a in subparser(build_parser(), args.command)._actions
+    }
+    outputs = [
+        (flags[dest], getattr(args, dest), kind)
+        for dest, kind in OUTPUTS[args.command].items()
+        if getattr(args, dest, None) is not None
+    ]
     model = getattr(args, "model", None)  # a local input model is never written over
     sources = [Path(model).expanduser()] if model and Path(model).expanduser().exists() else []
     check_outputs(outputs, force=getattr(args, "force", False), sources=sources)
@@ -93,8 +109,18 @@ def _check_outputs(args) -> None:
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 # OSErrors that are the user's to fix (a path that is missing, not writable, full), not bugs
-_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR,
-                errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}
+_USER_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -111,20 +137,34 @@ def main(argv: list[str] | None = None) -> int:
     saying what and how to fix it); 1 a bug (traceback, and a request to report it); 130 interrupted."""
     args = parse_args(argv)  # first: --help and usage errors import nothing heavy
     from ..archs import UnsupportedArchError
-    from ..evaluation.bench import BenchError
-    from ..core.forward import CalibrationError
-    from ..runtime.cpu_fast import CpuFastError
     from ..core.data import DataError
+    from ..core.forward import CalibrationError
+    from ..core.models import ModelNotFound
+    from ..core.validate import ArgumentTypeError, ArgumentValueError
+    from ..evaluation.bench import BenchError
     from ..evaluation.inspect import InspectError
     from ..formats.io import CheckpointError, OutputError
-    from ..core.models import ModelNotFound
     from ..formats.onnx import OnnxExportError
     from ..pipeline.preflight import PreflightError
-    from ..core.validate import ArgumentTypeError, ArgumentValueError
+    from ..runtime.cpu_fast import CpuFastError
 
-    expected = (DataError, RecipeError, ModelNotFound, UnsupportedArchError, CalibrationError, CheckpointError,
-                FileExistsError, PreflightError, OutputError, InspectError, BenchError, CpuFastError, OnnxExportError,
-                ArgumentValueError, ArgumentTypeError)
+    expected = (
+        DataError,
+        RecipeError,
+        ModelNotFound,
+        UnsupportedArchError,
+        CalibrationError,
+        CheckpointError,
+        FileExistsError,
+        PreflightError,
+        OutputError,
+        InspectError,
+        BenchError,
+        CpuFastError,
+        OnnxExportError,
+        ArgumentValueError,
+        ArgumentTypeError,
+    )
     quiet = set_quiet(args.quiet)
     bars = _progress_bars(not args.quiet)
     try:
@@ -179,8 +219,10 @@ def _bug() -> int:
     traceback.print_exc()
     from .. import __version__
 
-    _error(f"smoothq {__version__}: unexpected error, most likely a bug in smoothq. Please report it with the "
-           "command line and the traceback above (exit code 1)")
+    _error(
+        f"smoothq {__version__}: unexpected error, most likely a bug in smoothq. Please report it with the "
+        "command line and the traceback above (exit code 1)"
+    )
     return EXIT_BUG
 
 

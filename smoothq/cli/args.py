@@ -15,18 +15,36 @@ import argparse
 import json
 import math
 
-from ..core.defaults import (BACKENDS, BENCH_CONFIGS, BOS_PROTOCOLS, CALIB_SAMPLES, CALIB_SEQLEN, CLIP_PERCENTILE,
-                             DEFAULT_CALIB, DEFAULT_DTYPE, DEFAULT_EVAL, DEFAULT_MODEL, DTYPES, EVAL_SEQLEN,
-                             EVAL_WINDOWS, GUARD_SAMPLES, ROTATIONS, SEARCH_SAMPLES, SMOOTHING_OPTIONS)
+from ..core.defaults import (
+    BACKENDS,
+    BENCH_CONFIGS,
+    BOS_PROTOCOLS,
+    CALIB_SAMPLES,
+    CALIB_SEQLEN,
+    CLIP_PERCENTILE,
+    DEFAULT_CALIB,
+    DEFAULT_DTYPE,
+    DEFAULT_EVAL,
+    DEFAULT_MODEL,
+    DTYPES,
+    EVAL_SEQLEN,
+    EVAL_WINDOWS,
+    GUARD_SAMPLES,
+    ROTATIONS,
+    SEARCH_SAMPLES,
+    SMOOTHING_OPTIONS,
+)
 from ..core.schemes import check_alpha, get_scheme
 
 
 def _kind(kind: str, **bounds):
     """Tag an argparse type callable with its kind of value and bounds (see above)."""
+
     def tag(parse):
         parse.kind = kind
         parse.__dict__.update(bounds)
         return parse
+
     return tag
 
 
@@ -55,6 +73,7 @@ def _alpha(text: str) -> float | str:
 
 def _int_at_least(minimum: int, what: str):
     """An argparse type: an integer >= minimum ("a positive integer" for 1)."""
+
     @_kind("int", minimum=minimum)
     def parse(text: str) -> int:
         try:
@@ -64,6 +83,7 @@ def _int_at_least(minimum: int, what: str):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
+
     return parse
 
 
@@ -108,11 +128,13 @@ def _percentile(text: str) -> float:
 
 def _text(kind: str, what: str):
     """An argparse type: a non-empty string (a path, a name); whether it exists is preflight's."""
+
     @_kind(kind)
     def parse(text: str) -> str:
         if not text.strip():
             raise argparse.ArgumentTypeError(f"expected {what}, got an empty string")
         return text
+
     return parse
 
 
@@ -136,8 +158,9 @@ def _groups(text: str) -> str:
     """Extra smoothing groups: "" (none), or a comma list of SMOOTHING_OPTIONS / all."""
     unknown = [g for g in (v.strip() for v in text.split(",")) if g and g not in _groups.allowed]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown smoothing group {unknown[0]!r}; choose from "
-                                         f"{', '.join(_groups.allowed)} (comma-separated)")
+        raise argparse.ArgumentTypeError(
+            f"unknown smoothing group {unknown[0]!r}; choose from {', '.join(_groups.allowed)} (comma-separated)"
+        )
     return text
 
 
@@ -157,8 +180,9 @@ def _device_map_arg(text: str):
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a JSON object {{module: device}}, got {text!r} "
-                                         f"({exc.msg})") from None
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a JSON object {{module: device}}, got {text!r} ({exc.msg})"
+        ) from None
     if not isinstance(value, dict) or not value:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a JSON object {{module: device}}, got {text!r}")
     return value
@@ -177,8 +201,9 @@ def _prefill(text: str) -> str:
     for part in _split(text, "prefill shapes", "1x512,8x512"):
         b, _, s = part.lower().partition("x")
         if not (b.isdigit() and s.isdigit() and int(b) >= 1 and int(s) >= 1):
-            raise argparse.ArgumentTypeError(f"expected prefill shapes BATCHxTOKENS (both >= 1), comma-separated, "
-                                             f"e.g. 1x512,8x512; got {part!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected prefill shapes BATCHxTOKENS (both >= 1), comma-separated, e.g. 1x512,8x512; got {part!r}"
+            )
     return text
 
 
@@ -216,8 +241,13 @@ def _tasks(text: str) -> list[str]:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, type=_model,
-                   help=f"bundled name, .gguf file, directory or Hugging Face id (default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        type=_model,
+        help=f"bundled name, .gguf file, directory or Hugging Face id (default: {DEFAULT_MODEL})",
+    )
     p.add_argument("--gguf-file", type=_file_name, help="GGUF file name inside the MODEL directory")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES))
     p.add_argument("--device", default="cpu", type=_device)
@@ -225,27 +255,56 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
     """The evaluation options: the same defaults in every subcommand that evaluates."""
-    p.add_argument("--data", default=DEFAULT_EVAL, type=_source, help=f"evaluation text: named source or .txt/.jsonl (default: {DEFAULT_EVAL})")
-    p.add_argument("--seqlen", type=_window_length, default=EVAL_SEQLEN,
-                   help=f"evaluation window length (default: {EVAL_SEQLEN})")
-    p.add_argument("--max-windows", type=_window_count, default=EVAL_WINDOWS,
-                   help=f"evaluate only the first N windows, or 'all' (default: {EVAL_WINDOWS})")
-    p.add_argument("--bos", default="auto", choices=BOS_PROTOCOLS,
-                   help="start of each evaluation window and calibration sample: 'window' = BOS + seqlen text tokens "
-                        "(the BOS is never scored), 'stream' = one BOS at the start of the tokenized text (the "
-                        "GPTQ/SmoothQuant-paper protocol), 'none' = no BOS; 'auto' (default) = 'window' if the "
-                        "tokenizer adds a BOS (Gemma, Llama), else 'stream'")
+    p.add_argument(
+        "--data",
+        default=DEFAULT_EVAL,
+        type=_source,
+        help=f"evaluation text: named source or .txt/.jsonl (default: {DEFAULT_EVAL})",
+    )
+    p.add_argument(
+        "--seqlen", type=_window_length, default=EVAL_SEQLEN, help=f"evaluation window length (default: {EVAL_SEQLEN})"
+    )
+    p.add_argument(
+        "--max-windows",
+        type=_window_count,
+        default=EVAL_WINDOWS,
+        help=f"evaluate only the first N windows, or 'all' (default: {EVAL_WINDOWS})",
+    )
+    p.add_argument(
+        "--bos",
+        default="auto",
+        choices=BOS_PROTOCOLS,
+        help="start of each evaluation window and calibration sample: 'window' = BOS + seqlen text tokens "
+        "(the BOS is never scored), 'stream' = one BOS at the start of the tokenized text (the "
+        "GPTQ/SmoothQuant-paper protocol), 'none' = no BOS; 'auto' (default) = 'window' if the "
+        "tokenizer adds a BOS (Gemma, Llama), else 'stream'",
+    )
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default=DEFAULT_CALIB, type=_source,
-                   help=f"calibration text; mix sources with '+', e.g. wikitext2-train+c4 (default: {DEFAULT_CALIB})")
-    p.add_argument("--chat-calib", action="store_true",
-                   help="format calibration samples with the tokenizer's chat template (instruct models)")
-    p.add_argument("--samples", type=_positive_int, default=CALIB_SAMPLES,
-                   help=f"number of calibration sequences (default: {CALIB_SAMPLES})")
-    p.add_argument("--calib-seqlen", type=_positive_int, default=CALIB_SEQLEN,
-                   help=f"tokens per calibration sequence (default: {CALIB_SEQLEN})")
+    p.add_argument(
+        "--calib",
+        default=DEFAULT_CALIB,
+        type=_source,
+        help=f"calibration text; mix sources with '+', e.g. wikitext2-train+c4 (default: {DEFAULT_CALIB})",
+    )
+    p.add_argument(
+        "--chat-calib",
+        action="store_true",
+        help="format calibration samples with the tokenizer's chat template (instruct models)",
+    )
+    p.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=CALIB_SAMPLES,
+        help=f"number of calibration sequences (default: {CALIB_SAMPLES})",
+    )
+    p.add_argument(
+        "--calib-seqlen",
+        type=_positive_int,
+        default=CALIB_SEQLEN,
+        help=f"tokens per calibration sequence (default: {CALIB_SEQLEN})",
+    )
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--backend", default="auto", choices=BACKENDS)
 
@@ -253,28 +312,62 @@ def _add_calib(p: argparse.ArgumentParser) -> None:
 def _add_plus(p: argparse.ArgumentParser, clip: bool = True) -> None:
     """Beyond the paper's recipe (issue 5): extra exact smoothing groups, alpha search, clipping."""
     g = p.add_argument_group("beyond the paper (smoothq.transforms.search / smoothq.runtime.attention)")
-    g.add_argument("--rotate", nargs="?", const=ROTATIONS[0], choices=list(ROTATIONS),
-                   help="rotate the residual stream first (exact; RMSNorm models): outliers spread over all "
-                        f"channels, which per-tensor schemes (O1-O3) need. Default kind: {ROTATIONS[0]}")
-    g.add_argument("--rotate-inputs", action="store_true",
-                   help="after smoothing, rotate each MLP down projection's input online (exact fast Hadamard at "
-                        "run time, QuaRot's R4): its outlier channels spread over all channels (O2/O3; smoothq format)")
-    g.add_argument("--sink-tokens", type=_nonnegative_int, default=0, metavar="N",
-                   help="quantize the first N tokens of each sequence per token and calibrate per-tensor scales "
-                        "without them (O2/O3; the attention sink of Llama-family models). Default 0")
-    g.add_argument("--smooth-extra", default="", type=_groups, metavar="OPTS",
-                   help="also smooth exact extra groups: comma list of attn_vo, mlp_updown, opt_fc, or 'all'")
-    g.add_argument("--search-samples", type=_positive_int, default=SEARCH_SAMPLES,
-                   help="calibration sequences the alpha search uses")
-    g.add_argument("--search-strategy", default="coarse", choices=["grid", "coarse"],
-                   help="alpha grid 0..1 step 0.05: every point, or every other point then refine (default)")
+    g.add_argument(
+        "--rotate",
+        nargs="?",
+        const=ROTATIONS[0],
+        choices=list(ROTATIONS),
+        help="rotate the residual stream first (exact; RMSNorm models): outliers spread over all "
+        f"channels, which per-tensor schemes (O1-O3) need. Default kind: {ROTATIONS[0]}",
+    )
+    g.add_argument(
+        "--rotate-inputs",
+        action="store_true",
+        help="after smoothing, rotate each MLP down projection's input online (exact fast Hadamard at "
+        "run time, QuaRot's R4): its outlier channels spread over all channels (O2/O3; smoothq format)",
+    )
+    g.add_argument(
+        "--sink-tokens",
+        type=_nonnegative_int,
+        default=0,
+        metavar="N",
+        help="quantize the first N tokens of each sequence per token and calibrate per-tensor scales "
+        "without them (O2/O3; the attention sink of Llama-family models). Default 0",
+    )
+    g.add_argument(
+        "--smooth-extra",
+        default="",
+        type=_groups,
+        metavar="OPTS",
+        help="also smooth exact extra groups: comma list of attn_vo, mlp_updown, opt_fc, or 'all'",
+    )
+    g.add_argument(
+        "--search-samples",
+        type=_positive_int,
+        default=SEARCH_SAMPLES,
+        help="calibration sequences the alpha search uses",
+    )
+    g.add_argument(
+        "--search-strategy",
+        default="coarse",
+        choices=["grid", "coarse"],
+        help="alpha grid 0..1 step 0.05: every point, or every other point then refine (default)",
+    )
     g.add_argument("--blockwise", action="store_true", help="--alpha auto: one alpha per decoder block")
-    g.add_argument("--guard-samples", type=_positive_int, default=GUARD_SAMPLES,
-                   help=f"--alpha auto: calibration sequences the end-to-end guard scores on (default: {GUARD_SAMPLES})")
-    g.add_argument("--no-guard", action="store_true",
-                   help="--alpha auto: skip the end-to-end comparison with the global alphas")
+    g.add_argument(
+        "--guard-samples",
+        type=_positive_int,
+        default=GUARD_SAMPLES,
+        help=f"--alpha auto: calibration sequences the end-to-end guard scores on (default: {GUARD_SAMPLES})",
+    )
+    g.add_argument(
+        "--no-guard", action="store_true", help="--alpha auto: skip the end-to-end comparison with the global alphas"
+    )
     if clip:
         g.add_argument("--clip", choices=["mse", "percentile"], help="clip static activation scales (O3), per linear")
         g.add_argument("--clip-percentile", type=_percentile, default=CLIP_PERCENTILE)
-        g.add_argument("--int8-attention", choices=["per-head", "per-tensor"],
-                       help="also quantize Q, K, V and the attention probabilities (static scales; for --eval)")
+        g.add_argument(
+            "--int8-attention",
+            choices=["per-head", "per-tensor"],
+            help="also quantize Q, K, V and the attention probabilities (static scales; for --eval)",
+        )

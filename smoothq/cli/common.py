@@ -40,8 +40,14 @@ def _preflight(args, recipe=None, **kw) -> None:
     """smoothq.pipeline.preflight with this subcommand's arguments; its warnings as lines."""
     from ..pipeline.preflight import preflight
 
-    for line in preflight(args.model, recipe, gguf_file=getattr(args, "gguf_file", None),
-                          device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"), **kw):
+    for line in preflight(
+        args.model,
+        recipe,
+        gguf_file=getattr(args, "gguf_file", None),
+        device=getattr(args, "device", "cpu"),
+        dtype=getattr(args, "dtype", "float32"),
+        **kw,
+    ):
         _error(f"warning: {line}")
 
 
@@ -56,8 +62,8 @@ def _check_model(args) -> None:
 def _load(args):
     import torch
 
-    from ..formats.io import is_quantized_checkpoint, load
     from ..core.models import load_model
+    from ..formats.io import is_quantized_checkpoint, load
 
     t0 = time.perf_counter()
     if is_quantized_checkpoint(args.model):
@@ -66,9 +72,13 @@ def _load(args):
     else:
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file)
         kind = args.dtype
-    params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers() if b.dtype == torch.int8)
-    _say(f"model: {args.model} ({type(model).__name__}, {params / 1e6:.1f}M params, {kind}) "
-         f"loaded in {time.perf_counter() - t0:.1f}s")
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for b in model.buffers() if b.dtype == torch.int8
+    )
+    _say(
+        f"model: {args.model} ({type(model).__name__}, {params / 1e6:.1f}M params, {kind}) "
+        f"loaded in {time.perf_counter() - t0:.1f}s"
+    )
     return model, tok
 
 
@@ -78,17 +88,29 @@ def _calibration(args, tok, evaluated: Windows | None) -> Windows:
 
     c = args.calibration if isinstance(args, Recipe) else None
     if c is not None:
-        calib = calib_samples(tok, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=evaluated, chat=c.chat,
-                              bos=c.bos)
+        calib = calib_samples(
+            tok, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=evaluated, chat=c.chat, bos=c.bos
+        )
     else:
-        calib = calib_samples(tok, args.calib, n=args.samples, seqlen=args.calib_seqlen, seed=args.seed,
-                              avoid=evaluated, chat=getattr(args, "chat_calib", False), bos=args.bos)
+        calib = calib_samples(
+            tok,
+            args.calib,
+            n=args.samples,
+            seqlen=args.calib_seqlen,
+            seed=args.seed,
+            avoid=evaluated,
+            chat=getattr(args, "chat_calib", False),
+            bos=args.bos,
+        )
     note = ""
     if evaluated is not None:
         if calib.overlaps(evaluated):  # cannot happen by construction; checked because it matters
             raise DataError("calibration windows overlap the evaluated windows")
-        note = (" - after the evaluated tokens, disjoint from them" if calib.source == evaluated.source
-                else " - a different text than the evaluated one")
+        note = (
+            " - after the evaluated tokens, disjoint from them"
+            if calib.source == evaluated.source
+            else " - a different text than the evaluated one"
+        )
     _say(f"calibration: {calib.describe()}{note}")
     return calib
 
@@ -107,19 +129,35 @@ def _flags_recipe(args) -> dict:
     flag = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     return {
         "scheme": flag("scheme", DEFAULT_SCHEME),
-        "smoothing": {"alpha": None if flag("no_smooth") else flag("alpha", DEFAULT_ALPHA), "extra": args.smooth_extra,
-                      "search": {"samples": args.search_samples, "strategy": args.search_strategy,
-                                 "blockwise": args.blockwise, "guard": not args.no_guard,
-                                 "guard_samples": args.guard_samples}},
+        "smoothing": {
+            "alpha": None if flag("no_smooth") else flag("alpha", DEFAULT_ALPHA),
+            "extra": args.smooth_extra,
+            "search": {
+                "samples": args.search_samples,
+                "strategy": args.search_strategy,
+                "blockwise": args.blockwise,
+                "guard": not args.no_guard,
+                "guard_samples": args.guard_samples,
+            },
+        },
         "clip": {"method": flag("clip"), "percentile": flag("clip_percentile", CLIP_PERCENTILE)},
         "rotation": {"kind": args.rotate, "seed": args.seed},
         "rotate_inputs": args.rotate_inputs,
         "sink_tokens": args.sink_tokens,
-        "calibration": {"source": args.calib, "samples": args.samples, "seqlen": args.calib_seqlen, "seed": args.seed,
-                        "chat": args.chat_calib, "bos": args.bos},
+        "calibration": {
+            "source": args.calib,
+            "samples": args.samples,
+            "seqlen": args.calib_seqlen,
+            "seed": args.seed,
+            "chat": args.chat_calib,
+            "bos": args.bos,
+        },
         "propagation": flag("propagate") or "quantized",
-        "output": {"format": flag("format", "smoothq"), "dtype": flag("save_dtype", SAVE_DTYPE),
-                   "embeddings": flag("embeddings", "float")},
+        "output": {
+            "format": flag("format", "smoothq"),
+            "dtype": flag("save_dtype", SAVE_DTYPE),
+            "embeddings": flag("embeddings", "float"),
+        },
     }
 
 

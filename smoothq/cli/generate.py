@@ -16,9 +16,12 @@ def add_parser(sub) -> None:
     g.add_argument("--max-new-tokens", type=_positive_int, default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--backend", default="auto", choices=BACKENDS)
-    g.add_argument("--cpu-fast", action="store_true",
-                   help="run a quantized checkpoint on the CPU fast path (sq.optimize_for_cpu: oneDNN int8 on "
-                        "prepacked weights, the rest in bf16)")
+    g.add_argument(
+        "--cpu-fast",
+        action="store_true",
+        help="run a quantized checkpoint on the CPU fast path (sq.optimize_for_cpu: oneDNN int8 on "
+        "prepacked weights, the rest in bf16)",
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -27,8 +30,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..core.data import DataError
 
     if not args.prompt.strip():
-        raise DataError("the prompt is empty: pass the text to complete, e.g. smoothq generate OUT \"The capital of "
-                        "France is\"")
+        raise DataError(
+            'the prompt is empty: pass the text to complete, e.g. smoothq generate OUT "The capital of France is"'
+        )
     _preflight(args, chat=args.chat)
     model, tok = _load(args)
     if tok is None:
@@ -41,17 +45,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from ..runtime.cpu_fast import optimize_for_cpu
 
         if model.smoothq.scheme is None:
-            raise DataError(f"--cpu-fast runs a quantized checkpoint; {args.model} is a float model "
-                            "(quantize it first: smoothq quantize MODEL -o OUT)")
+            raise DataError(
+                f"--cpu-fast runs a quantized checkpoint; {args.model} is a float model "
+                "(quantize it first: smoothq quantize MODEL -o OUT)"
+            )
         optimize_for_cpu(model)
     if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = args.prompt
     ids = tok(text, return_tensors="pt").input_ids.to(args.device)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    completion = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id
+        )
+    completion = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     print(args.prompt + ("\n" if args.chat else "") + completion)
     return 0

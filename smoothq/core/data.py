@@ -76,14 +76,18 @@ def tokenizer_adds_bos(tokenizer) -> bool:
 def resolve_bos(tokenizer, bos: str = "auto") -> str:
     """The protocol `bos` means for this tokenizer: "window", "stream" or "none" ("auto" resolved)."""
     if bos not in BOS_PROTOCOLS:
-        raise DataError(f"bos must be one of {', '.join(BOS_PROTOCOLS)}, got {bos!r}: 'window' prepends BOS to "
-                        "every window, 'stream' keeps the one BOS at the start of the text (the paper's protocol), "
-                        "'none' drops it, 'auto' picks 'window' for tokenizers that add a BOS")
+        raise DataError(
+            f"bos must be one of {', '.join(BOS_PROTOCOLS)}, got {bos!r}: 'window' prepends BOS to "
+            "every window, 'stream' keeps the one BOS at the start of the text (the paper's protocol), "
+            "'none' drops it, 'auto' picks 'window' for tokenizers that add a BOS"
+        )
     if bos == "auto":
         return "window" if tokenizer_adds_bos(tokenizer) else "stream"
     if bos == "window" and getattr(tokenizer, "bos_token_id", None) is None:
-        raise DataError("bos='window' needs a tokenizer with a BOS token, and this one has none "
-                        "(tokenizer.bos_token_id is None): use bos='stream' or 'none'")
+        raise DataError(
+            "bos='window' needs a tokenizer with a BOS token, and this one has none "
+            "(tokenizer.bos_token_id is None): use bos='stream' or 'none'"
+        )
     return bos
 
 
@@ -102,8 +106,10 @@ class DataWarning(UserWarning):
 
 
 def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
-    return DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
-                     "convert it to UTF-8 (e.g. iconv -t utf-8)")
+    return DataError(
+        f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r}); "
+        "convert it to UTF-8 (e.g. iconv -t utf-8)"
+    )
 
 
 def _jsonl_documents(path: Path) -> list[str]:
@@ -115,14 +121,21 @@ def _jsonl_documents(path: Path) -> list[str]:
                     try:
                         doc = json.loads(line)
                     except json.JSONDecodeError:
-                        raise DataError(f"{path}:{i}: not JSON; expected one JSON object with a 'text' field per "
-                                        "line") from None
+                        raise DataError(
+                            f"{path}:{i}: not JSON; expected one JSON object with a 'text' field per line"
+                        ) from None
                     text = doc.get("text") if isinstance(doc, dict) else None
                     if not isinstance(text, str):
-                        got = (f"a JSON {type(doc).__name__}" if not isinstance(doc, dict) else
-                               "no 'text' field" if "text" not in doc else f"'text' is a {type(doc['text']).__name__}")
-                        raise DataError(f"{path}:{i}: {got}; expected one JSON object with a string 'text' field "
-                                        "per line")
+                        got = (
+                            f"a JSON {type(doc).__name__}"
+                            if not isinstance(doc, dict)
+                            else "no 'text' field"
+                            if "text" not in doc
+                            else f"'text' is a {type(doc['text']).__name__}"
+                        )
+                        raise DataError(
+                            f"{path}:{i}: {got}; expected one JSON object with a string 'text' field per line"
+                        )
                     docs.append(text)
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from None
@@ -177,13 +190,15 @@ def read_documents(source: str) -> tuple[list[str], str]:
         root = data_dir()
         path = root / SOURCES[source].file if root is not None else Path(SOURCES[source].file)
         if not path.is_file():
-            raise DataError(f"data source {source!r} not found: looked for {SOURCES[source].file} in "
-                            f"{root or '$SMOOTHQ_DATA / ../shared/data (neither exists)'}. "
-                            "Set SMOOTHQ_DATA to the directory holding it.")
+            raise DataError(
+                f"data source {source!r} not found: looked for {SOURCES[source].file} in "
+                f"{root or '$SMOOTHQ_DATA / ../shared/data (neither exists)'}. "
+                "Set SMOOTHQ_DATA to the directory holding it."
+            )
     elif not path.is_file():
         raise DataError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)} or a path to a .jsonl file")
     if path.suffix != ".jsonl":
-        raise DataError(f"{path} is not a .jsonl file (one {{\"text\": ...}} object per line), which this task reads")
+        raise DataError(f'{path} is not a .jsonl file (one {{"text": ...}} object per line), which this task reads')
     docs = _jsonl_documents(path)
     if not docs:
         raise DataError(f"data source {source!r} is empty")
@@ -253,20 +268,23 @@ class Windows:
     @property
     def text_ids(self) -> torch.Tensor:
         """[N, seqlen] the text tokens of each window, without the prepended BOS."""
-        return self.input_ids[:, self.bos_prefix:]
+        return self.input_ids[:, self.bos_prefix :]
 
-    def overlaps(self, other: "Windows") -> bool:
+    def overlaps(self, other: Windows) -> bool:
         return self.source == other.source and self.start < other.end and other.start < self.end
 
     def describe(self) -> str:
         n, length = self.text_ids.shape
         bos = " (+ BOS)" if self.bos_prefix else ""
-        return (f"{n} x {length} tokens{bos} from {self.description}, token range [{self.start}, {self.end}) of "
-                f"{self.total_tokens}, bos={self.bos}")
+        return (
+            f"{n} x {length} tokens{bos} from {self.description}, token range [{self.start}, {self.end}) of "
+            f"{self.total_tokens}, bos={self.bos}"
+        )
 
 
-def eval_windows(tokenizer, source: str = DEFAULT_EVAL, seqlen: int = EVAL_SEQLEN, max_windows: int | None = None,
-                 bos: str = "auto") -> Windows:
+def eval_windows(
+    tokenizer, source: str = DEFAULT_EVAL, seqlen: int = EVAL_SEQLEN, max_windows: int | None = None, bos: str = "auto"
+) -> Windows:
     """Non-overlapping windows of `seqlen` text tokens from the start of the source (standard
     protocol), each started as `bos` says (module docstring); `.bos` records the protocol used."""
     check_tokenizer("tokenizer", tokenizer)
@@ -289,8 +307,16 @@ def eval_windows(tokenizer, source: str = DEFAULT_EVAL, seqlen: int = EVAL_SEQLE
     return Windows(rows, source, desc, first, end, ids.numel(), list(range(first, end, seqlen)), protocol)
 
 
-def calib_samples(tokenizer, source: str = DEFAULT_CALIB, n: int = CALIB_SAMPLES, seqlen: int = CALIB_SEQLEN, seed: int = 0,
-                  avoid: Windows | None = None, chat: bool = False, bos: str = "auto") -> Windows:
+def calib_samples(
+    tokenizer,
+    source: str = DEFAULT_CALIB,
+    n: int = CALIB_SAMPLES,
+    seqlen: int = CALIB_SEQLEN,
+    seed: int = 0,
+    avoid: Windows | None = None,
+    chat: bool = False,
+    bos: str = "auto",
+) -> Windows:
     """`n` random windows of `seqlen` text tokens (seeded), each started as `bos` says (as the
     evaluated windows are: under 'window' each sample is [BOS] + seqlen tokens, so the activation
     statistics include the BOS position the model serves with). If `avoid` comes from the same
@@ -326,26 +352,33 @@ def calib_samples(tokenizer, source: str = DEFAULT_CALIB, n: int = CALIB_SAMPLES
     if n * seqlen > end - start:
         import warnings
 
-        warnings.warn(f"calibration: {n} samples x {seqlen} tokens = {n * seqlen} tokens drawn from only "
-                      f"{end - start} tokens of {source!r}: the text repeats about {n * seqlen / (end - start):.1f} "
-                      "times (overlapping samples add little). Use a longer text, fewer --samples or a shorter "
-                      "--calib-seqlen", DataWarning, stacklevel=2)
+        warnings.warn(
+            f"calibration: {n} samples x {seqlen} tokens = {n * seqlen} tokens drawn from only "
+            f"{end - start} tokens of {source!r}: the text repeats about {n * seqlen / (end - start):.1f} "
+            "times (overlapping samples add little). Use a longer text, fewer --samples or a shorter "
+            "--calib-seqlen",
+            DataWarning,
+            stacklevel=2,
+        )
     gen = torch.Generator().manual_seed(seed)
     offsets = torch.randint(start, end - seqlen + 1, (n,), generator=gen).tolist()
     windows = _with_bos(tokenizer, torch.stack([ids[o : o + seqlen] for o in offsets]), protocol)
     return Windows(windows, source, desc, start, end, ids.numel(), offsets, protocol)
 
 
-def _mixed_samples(tokenizer, source: str, n: int, seqlen: int, seed: int, avoid: Windows | None,
-                   chat: bool, protocol: str) -> Windows:
+def _mixed_samples(
+    tokenizer, source: str, n: int, seqlen: int, seed: int, avoid: Windows | None, chat: bool, protocol: str
+) -> Windows:
     parts = [p.strip() for p in source.split("+") if p.strip()]
     if len(parts) < 2:
         raise DataError(f"a mixed calibration source needs at least two parts joined by '+', got {source!r}")
     if n < len(parts):
         raise DataError(f"{n} samples cannot be split over {len(parts)} sources; use at least {len(parts)}")
     counts = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
-    subs = [calib_samples(tokenizer, p, c, seqlen, seed + i, avoid, chat, protocol)
-            for i, (p, c) in enumerate(zip(parts, counts))]
+    subs = [
+        calib_samples(tokenizer, p, c, seqlen, seed + i, avoid, chat, protocol)
+        for i, (p, c) in enumerate(zip(parts, counts))
+    ]
     ids = torch.cat([w.input_ids for w in subs])
     desc = " + ".join(f"{len(w)} from {w.description}" for w in subs)
     offsets = [o for w in subs for o in (w.offsets or [])]
@@ -363,11 +396,22 @@ def _chat_samples(tokenizer, source: str, n: int, seqlen: int, seed: int, avoid:
         text = tokenizer.decode(row, skip_special_tokens=True)
         cut = text.find(" ", len(text) // 4)
         cut = cut if cut > 0 else len(text) // 4
-        messages = [{"role": "user", "content": text[:cut].strip()}, {"role": "assistant", "content": text[cut:].strip()}]
+        messages = [
+            {"role": "user", "content": text[:cut].strip()},
+            {"role": "assistant", "content": text[cut:].strip()},
+        ]
         ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
         ids = torch.as_tensor(getattr(ids, "input_ids", ids), dtype=torch.long).reshape(-1)
         if ids.numel() < seqlen:  # the decode/re-encode round trip came out short: pad with more text
             ids = torch.cat([ids, row[: seqlen - ids.numel()]])
         rows.append(ids[:seqlen])
-    return Windows(torch.stack(rows), source, f"{plain.description}, chat-formatted", plain.start, plain.end,
-                   plain.total_tokens, plain.offsets, "chat template")
+    return Windows(
+        torch.stack(rows),
+        source,
+        f"{plain.description}, chat-formatted",
+        plain.start,
+        plain.end,
+        plain.total_tokens,
+        plain.offsets,
+        "chat template",
+    )

@@ -23,9 +23,9 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -74,7 +74,7 @@ def _cache_root() -> Path | None:
     return _writable_cache(Path(env).expanduser() if env else Path.home() / ".cache" / "smoothq")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _writable_cache(root: Path) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -84,8 +84,11 @@ def _writable_cache(root: Path) -> Path:
     except OSError as exc:
         fallback = Path(tempfile.mkdtemp(prefix="smoothq-cache-"))
         atexit.register(shutil.rmtree, fallback, ignore_errors=True)
-        warnings.warn(f"the smoothq cache {root} cannot be written ({exc.strerror or exc}); using {fallback} for this "
-                      "run. Set SMOOTHQ_CACHE to a writable directory (or SMOOTHQ_CACHE=off)", stacklevel=2)
+        warnings.warn(
+            f"the smoothq cache {root} cannot be written ({exc.strerror or exc}); using {fallback} for this "
+            "run. Set SMOOTHQ_CACHE to a writable directory (or SMOOTHQ_CACHE=off)",
+            stacklevel=2,
+        )
         return fallback
 
 
@@ -164,8 +167,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     cached = converted_dir(path)
     if cached is not None and (cached / "config.json").is_file():
         try:
-            return (AutoModelForCausalLM.from_pretrained(cached, dtype=dtype),
-                    AutoTokenizer.from_pretrained(cached))
+            return (AutoModelForCausalLM.from_pretrained(cached, dtype=dtype), AutoTokenizer.from_pretrained(cached))
         except Exception:  # noqa: BLE001 - a broken cache entry is rebuilt, never fatal
             shutil.rmtree(cached, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -187,14 +189,18 @@ def _save_converted(model, tok, cached: Path) -> None:
         os.replace(tmp, cached)
         _prune_converted(cached)
     except OSError as exc:  # e.g. a full disk: the model still loads, just not faster next time
-        warnings.warn(f"the converted model was not cached in {cached.parent} ({exc.strerror or exc}); the next "
-                      "load converts the GGUF again", stacklevel=3)
+        warnings.warn(
+            f"the converted model was not cached in {cached.parent} ({exc.strerror or exc}); the next "
+            "load converts the GGUF again",
+            stacklevel=3,
+        )
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(name: str | None = None, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
-               gguf_file: str | None = None):
+def load_model(
+    name: str | None = None, dtype: torch.dtype | str = torch.float32, device: str = "cpu", gguf_file: str | None = None
+):
     """(model, tokenizer) in eval mode. `name`: a bundled name (default 'smollm2'), a .gguf path,
     a directory (with `gguf_file=` for a GGUF inside it), or a Hugging Face model id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -214,11 +220,15 @@ def load_model(name: str | None = None, dtype: torch.dtype | str = torch.float32
             tok = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError, TypeError) as exc:
             if local:
-                raise ModelNotFound(f"{name}: its tokenizer does not load ({type(exc).__name__}: {str(exc)[:200]}); "
-                                    f"copy the original model's tokenizer files ({', '.join(TOKENIZER_FILES[:2])}) "
-                                    "into it") from None
-            raise ModelNotFound(f"{name!r} is not a local path, and the Hugging Face Hub has no such model or cannot be "
-                                f"reached ({type(exc).__name__}); pass a local directory or .gguf file") from None
+                raise ModelNotFound(
+                    f"{name}: its tokenizer does not load ({type(exc).__name__}: {str(exc)[:200]}); "
+                    f"copy the original model's tokenizer files ({', '.join(TOKENIZER_FILES[:2])}) "
+                    "into it"
+                ) from None
+            raise ModelNotFound(
+                f"{name!r} is not a local path, and the Hugging Face Hub has no such model or cannot be "
+                f"reached ({type(exc).__name__}); pass a local directory or .gguf file"
+            ) from None
         cls = AutoModelForCausalLM
         if local:
             from transformers import AutoConfig
@@ -275,12 +285,16 @@ def check_model_path(name: str) -> bool:
         if looks_local(name):
             raise ModelNotFound(f"{name}: no such file or directory")
         if "/" not in name:
-            raise ModelNotFound(f"model {name!r} is neither a bundled model ({', '.join(BUNDLED)}), a local path, "
-                                "nor a Hugging Face id (owner/name)")
+            raise ModelNotFound(
+                f"model {name!r} is neither a bundled model ({', '.join(BUNDLED)}), a local path, "
+                "nor a Hugging Face id (owner/name)"
+            )
         return False
     if path.is_dir() and not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
-        raise ModelNotFound(f"{name} is a directory without config.json (nor a .gguf file): not a model directory. "
-                            "Pass the directory that holds config.json and the weights")
+        raise ModelNotFound(
+            f"{name} is a directory without config.json (nor a .gguf file): not a model directory. "
+            "Pass the directory that holds config.json and the weights"
+        )
     if not path.is_dir() and path.suffix != ".gguf":
         raise ModelNotFound(f"{name} is a file, not a model directory or .gguf file")
     return True

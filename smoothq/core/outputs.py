@@ -42,8 +42,17 @@ class OutputError(OSError):
 
 
 # what a checkpoint directory written by smoothq holds (config, shards, index, tokenizer files)
-_OWN_FILES = ("config.json", "generation_config.json", INDEX_FILE, "special_tokens_map.json", "vocab.json",
-              "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+_OWN_FILES = (
+    "config.json",
+    "generation_config.json",
+    INDEX_FILE,
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 _OWN_PATTERNS = ("*.safetensors", "tokenizer*", "*.model", "*.tiktoken")
 
 
@@ -55,8 +64,12 @@ def is_own_checkpoint(path: Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     qc = config.get("quantization_config") if isinstance(config, dict) else None
-    return (isinstance(config.get("smoothq"), dict) and "version" in config["smoothq"] and isinstance(qc, dict)
-            and qc.get("quant_method") in CHECKPOINT_FORMATS)
+    return (
+        isinstance(config.get("smoothq"), dict)
+        and "version" in config["smoothq"]
+        and isinstance(qc, dict)
+        and qc.get("quant_method") in CHECKPOINT_FORMATS
+    )
 
 
 def _foreign_entry(path: Path) -> str | None:
@@ -73,8 +86,14 @@ def not_a_report(path: Path) -> str | None:
     """Why `path` is not a report evaluation/report.py wrote (None: it is, and --force may replace it)."""
     if not (path / "index.html").is_file() or not (path / "report.json").is_file():
         return "is not an inspect report (no index.html and report.json)"
-    other = next((f.name for f in path.iterdir() if f.name not in ("index.html", "report.json")
-                  and not (f.is_file() and f.suffix == ".png")), None)
+    other = next(
+        (
+            f.name
+            for f in path.iterdir()
+            if f.name not in ("index.html", "report.json") and not (f.is_file() and f.suffix == ".png")
+        ),
+        None,
+    )
     return None if other is None else f"holds {other}, which is not part of an inspect report"
 
 
@@ -108,40 +127,57 @@ def check_output(output: str | Path, overwrite: bool = False, sources=(), replac
             continue
         rel = _related(where, Path(src).expanduser().resolve())
         if rel is not None:
-            raise OutputError(errno.EINVAL, f"{out} {rel} the input model directory {src}: write the checkpoint "
-                                            "somewhere else (nothing there is ever replaced)")
+            raise OutputError(
+                errno.EINVAL,
+                f"{out} {rel} the input model directory {src}: write the checkpoint "
+                "somewhere else (nothing there is ever replaced)",
+            )
     cwd = Path.cwd().resolve()
     if where == cwd or cwd.is_relative_to(where):
-        raise OutputError(errno.EINVAL, f"{out} is the current directory or one of its parents: choose a new "
-                                        "directory for the checkpoint")
+        raise OutputError(
+            errno.EINVAL,
+            f"{out} is the current directory or one of its parents: choose a new directory for the checkpoint",
+        )
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise OutputError(errno.EEXIST, f"{out} exists and is not a directory: choose another output path")
         if any(out.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"{out} already exists; choose another output or allow overwriting (--force: "
-                                      "replaces only a checkpoint written by smoothq)")
+                raise FileExistsError(
+                    f"{out} already exists; choose another output or allow overwriting (--force: "
+                    "replaces only a checkpoint written by smoothq)"
+                )
             if replaceable is not None:
                 why = replaceable(out)
                 if why is not None:
-                    raise OutputError(errno.EEXIST, f"{out} {why}, so --force does not replace it: choose another "
-                                                    "output, or remove it yourself")
+                    raise OutputError(
+                        errno.EEXIST,
+                        f"{out} {why}, so --force does not replace it: choose another output, or remove it yourself",
+                    )
             elif not is_own_checkpoint(out):
-                raise OutputError(errno.EEXIST, f"{out} is not a checkpoint written by smoothq (its config.json has "
-                                                "no smoothq section), so --force does not replace it: choose another "
-                                                "output, or remove it yourself")
+                raise OutputError(
+                    errno.EEXIST,
+                    f"{out} is not a checkpoint written by smoothq (its config.json has "
+                    "no smoothq section), so --force does not replace it: choose another "
+                    "output, or remove it yourself",
+                )
             foreign = _foreign_entry(out) if replaceable is None else None
             if foreign is not None:
-                raise OutputError(errno.EEXIST, f"{out} holds {foreign}, which is not part of a smoothq checkpoint, "
-                                                "so --force does not replace it: move it away or choose another output")
+                raise OutputError(
+                    errno.EEXIST,
+                    f"{out} holds {foreign}, which is not part of a smoothq checkpoint, "
+                    "so --force does not replace it: move it away or choose another output",
+                )
     parent = where.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or read_only(parent):
-        raise OutputError(errno.EROFS if read_only(parent) else errno.EACCES,
-                          f"cannot write {out}: {parent} is "
-                          + ("on a read-only file system" if read_only(parent) else "not writable")
-                          + "; choose an output in a writable location")
+        raise OutputError(
+            errno.EROFS if read_only(parent) else errno.EACCES,
+            f"cannot write {out}: {parent} is "
+            + ("on a read-only file system" if read_only(parent) else "not writable")
+            + "; choose an output in a writable location",
+        )
     return out
 
 
@@ -172,7 +208,7 @@ def clean_stale(out: Path) -> list[Path]:
         return removed
     for kind in ("tmp", "old"):
         for entry in out.parent.glob(f".{out.name}.{kind}-*"):
-            pid = entry.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+            pid = entry.name[len(f".{out.name}.{kind}-") :].split("-", 1)[0]
             if not pid.isdigit() or not entry.is_dir() or entry.is_symlink():
                 continue
             if int(pid) == os.getpid() or _pid_alive(int(pid)):

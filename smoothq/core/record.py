@@ -29,10 +29,10 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ..runtime.attention import AttnQuantConfig
-    from .schemes import QuantScheme
-    from .recipe import Recipe
-    from ..transforms.search import SearchResult
     from ..runtime.sink import TokenPositions
+    from ..transforms.search import SearchResult
+    from .recipe import Recipe
+    from .schemes import QuantScheme
 
 
 @dataclass

@@ -48,7 +48,7 @@ class QuantScheme:
         return {**asdict(self), "version": FORMAT_VERSION}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantScheme":
+    def from_dict(cls, d: dict) -> QuantScheme:
         return cls(weights=d["weights"], activations=d["activations"], name=d.get("name", ""))
 
 
@@ -65,8 +65,9 @@ def get_scheme(scheme: str | QuantScheme) -> QuantScheme:
     if isinstance(scheme, QuantScheme):
         return scheme
     if not isinstance(scheme, str):
-        raise TypeError(f"scheme must be a name ({', '.join(SCHEMES)}) or a QuantScheme, got {type(scheme).__name__} "
-                        f"{scheme!r:.60}")
+        raise TypeError(
+            f"scheme must be a name ({', '.join(SCHEMES)}) or a QuantScheme, got {type(scheme).__name__} {scheme!r:.60}"
+        )
     for name, s in SCHEMES.items():
         if name.lower() == str(scheme).lower():
             return s

@@ -39,22 +39,26 @@ def short(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor(dtype={value.dtype}, shape={tuple(value.shape)})"
     text = repr(value)
-    return text if len(text) <= MAX_REPR else text[:MAX_REPR - 3] + "..."
+    return text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "..."
 
 
 def check_model(name: str, model, quantized: bool | None = None) -> nn.Module:
     """A torch model (a Hugging Face causal LM); quantized=True: one smoothq.quantize has run on."""
     if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"{name} must be a torch nn.Module causal LM, got {type(model).__name__} "
-                                f"{short(model)}; load one with smoothq.load_model(...) (float) or "
-                                "smoothq.load(...) (a saved checkpoint)")
+        raise ArgumentTypeError(
+            f"{name} must be a torch nn.Module causal LM, got {type(model).__name__} "
+            f"{short(model)}; load one with smoothq.load_model(...) (float) or "
+            "smoothq.load(...) (a saved checkpoint)"
+        )
     if quantized:
         from .record import record
 
         if record(model).scheme is None:
-            raise ArgumentValueError(f"{name} is a float model ({type(model).__name__}); this takes a quantized "
-                                     "one: run smoothq.quantize(model, 'W8A8') (or smoothq.run) first, or load a "
-                                     "checkpoint")
+            raise ArgumentValueError(
+                f"{name} is a float model ({type(model).__name__}); this takes a quantized "
+                "one: run smoothq.quantize(model, 'W8A8') (or smoothq.run) first, or load a "
+                "checkpoint"
+            )
     return model
 
 
@@ -83,15 +87,20 @@ def check_token_ids(name: str, ids, vocab: int | None = None, dims: tuple[int, .
     id in [0, vocab). Emptiness is the caller's to judge (its own error says what it needs)."""
     ids = getattr(ids, "input_ids", ids)
     if not isinstance(ids, torch.Tensor):
-        raise ArgumentTypeError(f"{name} must be a tensor of token ids, got {type(ids).__name__} {short(ids)}; "
-                                "pass torch.tensor(ids) or smoothq.eval_windows / calib_samples windows")
+        raise ArgumentTypeError(
+            f"{name} must be a tensor of token ids, got {type(ids).__name__} {short(ids)}; "
+            "pass torch.tensor(ids) or smoothq.eval_windows / calib_samples windows"
+        )
     if ids.dtype not in ID_DTYPES:
-        raise ArgumentTypeError(f"{name} holds {ids.dtype} values {short(ids)}; token ids are int64 (or int32): "
-                                f"pass {name}.long() (ids from the model's tokenizer)")
+        raise ArgumentTypeError(
+            f"{name} holds {ids.dtype} values {short(ids)}; token ids are int64 (or int32): "
+            f"pass {name}.long() (ids from the model's tokenizer)"
+        )
     if ids.dim() not in dims:
         shapes = " or ".join({1: "1-D [L]", 2: "2-D [N, L]"}[d] for d in dims)
-        raise ArgumentValueError(f"{name} must be {shapes}, got shape {tuple(ids.shape)}; reshape it "
-                                 "(e.g. ids.view(1, -1) for one sequence)")
+        raise ArgumentValueError(
+            f"{name} must be {shapes}, got shape {tuple(ids.shape)}; reshape it (e.g. ids.view(1, -1) for one sequence)"
+        )
     _check_id_range(name, ids, vocab)
     return ids
 
@@ -101,11 +110,14 @@ def _check_id_range(name: str, ids: torch.Tensor, vocab: int | None) -> None:
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0:
-        raise ArgumentValueError(f"{name} holds the negative token id {low}; token ids are >= 0: tokenize with "
-                                 "the model's own tokenizer")
+        raise ArgumentValueError(
+            f"{name} holds the negative token id {low}; token ids are >= 0: tokenize with the model's own tokenizer"
+        )
     if vocab is not None and high >= vocab:
-        raise ArgumentValueError(f"{name} holds the token id {high}, outside the model's vocabulary of {vocab} "
-                                 f"ids [0, {vocab}); tokenize with the model's own tokenizer")
+        raise ArgumentValueError(
+            f"{name} holds the token id {high}, outside the model's vocabulary of {vocab} "
+            f"ids [0, {vocab}); tokenize with the model's own tokenizer"
+        )
 
 
 def check_token_rows(name: str, samples, vocab: int | None = None) -> None:
@@ -116,15 +128,18 @@ def check_token_rows(name: str, samples, vocab: int | None = None) -> None:
         check_token_ids(name, ids, vocab)
         return
     if not isinstance(ids, (list, tuple)):
-        raise ArgumentTypeError(f"{name} must be token ids: a tensor [N, L], a list of 1-D tensors or "
-                                f"calib_samples(...) windows, got {type(ids).__name__} {short(ids)}")
+        raise ArgumentTypeError(
+            f"{name} must be token ids: a tensor [N, L], a list of 1-D tensors or "
+            f"calib_samples(...) windows, got {type(ids).__name__} {short(ids)}"
+        )
     for i, row in enumerate(ids):
         if not isinstance(row, torch.Tensor):
             try:
                 row = torch.as_tensor(row)
             except (TypeError, ValueError, RuntimeError):
-                raise ArgumentTypeError(f"{name}[{i}] is not a sequence of token ids: {short(row)}; pass 1-D "
-                                        "integer tensors") from None
+                raise ArgumentTypeError(
+                    f"{name}[{i}] is not a sequence of token ids: {short(row)}; pass 1-D integer tensors"
+                ) from None
         check_token_ids(f"{name}[{i}]", row, vocab, dims=(1,))
 
 
@@ -138,9 +153,11 @@ def check_int(name: str, value, minimum: int | None = 1, optional: bool = False)
             raise TypeError
         value = operator.index(value)  # ints, numpy and 0-d torch integers; never floats
     except TypeError:
-        raise ArgumentTypeError(f"{name} must be an integer{'' if minimum is None else f' >= {minimum}'}, got "
-                                f"{type(value).__name__} "
-                                f"{short(value)}") from None
+        raise ArgumentTypeError(
+            f"{name} must be an integer{'' if minimum is None else f' >= {minimum}'}, got "
+            f"{type(value).__name__} "
+            f"{short(value)}"
+        ) from None
     if minimum is not None and value < minimum:
         raise ArgumentValueError(f"{name} must be >= {minimum}, got {value}")
     return value
@@ -158,8 +175,7 @@ def check_path(name: str, path, optional: bool = False) -> Path | None:
     if path is None and optional:
         return None
     if not isinstance(path, (str, os.PathLike)):
-        raise ArgumentTypeError(f"{name} must be a path (str or pathlib.Path), got {type(path).__name__} "
-                                f"{short(path)}")
+        raise ArgumentTypeError(f"{name} must be a path (str or pathlib.Path), got {type(path).__name__} {short(path)}")
     if not str(os.fspath(path)).strip():
         raise ArgumentValueError(f"{name} is an empty path; pass a directory or file name")
     return Path(path)
@@ -181,6 +197,8 @@ def check_tokenizer(name: str, tokenizer, optional: bool = False):
     if tokenizer is None and optional:
         return None
     if not (callable(tokenizer) and hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode")):
-        raise ArgumentTypeError(f"{name} must be a Hugging Face tokenizer, got {type(tokenizer).__name__} "
-                                f"{short(tokenizer)}; smoothq.load_model(...) returns (model, tokenizer)")
+        raise ArgumentTypeError(
+            f"{name} must be a Hugging Face tokenizer, got {type(tokenizer).__name__} "
+            f"{short(tokenizer)}; smoothq.load_model(...) returns (model, tokenizer)"
+        )
     return tokenizer

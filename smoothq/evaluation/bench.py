@@ -35,13 +35,38 @@ import torch
 from ..core.defaults import BENCH_CONFIGS as CONFIGS
 
 SHAPES = {  # Llama-architecture dimensions of public models (random weights: speed only)
-    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                        max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024),
+    "llama3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "llama2-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
 }
 
 
@@ -79,7 +104,7 @@ class ConfigResult:
     config: str
     weight_bytes: int = 0
     peak_rss_bytes: int = 0
-    prefill_ms: dict = field(default_factory=dict)   # "BxS" -> {"min", "median"}
+    prefill_ms: dict = field(default_factory=dict)  # "BxS" -> {"min", "median"}
     decode_tok_s: dict = field(default_factory=dict)  # "bB" -> {"max", "median"}
 
 
@@ -90,7 +115,9 @@ def parse_prefill(text: str) -> tuple[tuple[int, int], ...]:
             b, s = part.lower().split("x")
             out.append((int(b), int(s)))
         except ValueError:
-            raise BenchError(f"prefill shapes are BATCHxTOKENS, comma-separated (e.g. 1x512,8x512); got {part!r}") from None
+            raise BenchError(
+                f"prefill shapes are BATCHxTOKENS, comma-separated (e.g. 1x512,8x512); got {part!r}"
+            ) from None
     return tuple(out)
 
 
@@ -109,8 +136,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     attributes (packed weights, int8 embeddings), each counted once."""
     seen, total = set(), 0
     for module in model.modules():
-        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False),
-                   *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
+        tensors = [
+            *module.parameters(recurse=False),
+            *module.buffers(recurse=False),
+            *(v for v in vars(module).values() if isinstance(v, torch.Tensor)),
+        ]
         shared = getattr(module, "shared", None)  # cpu_fast.SharedInputGemm: the members' one packed weight
         if shared is not None and isinstance(getattr(shared, "packed_weight", None), torch.Tensor):
             tensors.append(shared.packed_weight)
@@ -182,8 +212,8 @@ def build(spec: BenchSpec, config: str):
     """The model for one configuration, ready to time."""
     import smoothq as sq
 
-    from ..runtime.cpu_fast import optimize_for_cpu
     from ..formats.io import is_quantized_checkpoint
+    from ..runtime.cpu_fast import optimize_for_cpu
 
     dtype = torch.float32 if config == "fp32" else torch.bfloat16
     quantized = config in ("w8a8", "o3")
@@ -290,8 +320,11 @@ def _result(queue, proc) -> tuple[str, object]:
                 try:
                     return queue.get(timeout=1.0)
                 except queue_mod.Empty:
-                    return "error", f"the benchmark process exited with code {proc.exitcode} without a result " \
-                                    "(killed, or out of memory?)"
+                    return (
+                        "error",
+                        f"the benchmark process exited with code {proc.exitcode} without a result "
+                        "(killed, or out of memory?)",
+                    )
 
 
 def bench(spec: BenchSpec, progress: bool = True, isolate: bool = True) -> dict:
@@ -320,9 +353,14 @@ def bench(spec: BenchSpec, progress: bool = True, isolate: bool = True) -> dict:
             results[config] = ConfigResult(**payload)
         else:
             results[config] = run_config(spec, config, progress)
-    return {"cpu": cpu_name(), "threads": spec.threads or torch.get_num_threads(), "torch": torch.__version__,
-            "spec": asdict(spec), "configs": {k: asdict(v) for k, v in results.items()},
-            "speedup_vs_bf16": speedups(results)}
+    return {
+        "cpu": cpu_name(),
+        "threads": spec.threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "spec": asdict(spec),
+        "configs": {k: asdict(v) for k, v in results.items()},
+        "speedup_vs_bf16": speedups(results),
+    }
 
 
 def speedups(results: dict[str, ConfigResult]) -> dict:
@@ -334,8 +372,9 @@ def speedups(results: dict[str, ConfigResult]) -> dict:
         if name == "bf16":
             continue
         row = {f"prefill {k}": round(base.prefill_ms[k]["median"] / v["median"], 3) for k, v in r.prefill_ms.items()}
-        row.update({f"decode {k}": round(v["median"] / base.decode_tok_s[k]["median"], 3)
-                    for k, v in r.decode_tok_s.items()})
+        row.update(
+            {f"decode {k}": round(v["median"] / base.decode_tok_s[k]["median"], 3) for k, v in r.decode_tok_s.items()}
+        )
         row["weight memory"] = round(r.weight_bytes / base.weight_bytes, 3)
         out[name] = row
     return out
@@ -357,4 +396,3 @@ def table(report: dict) -> list[dict]:
             row["vs bf16"] = "; ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
         rows.append(row)
     return rows
-

@@ -53,20 +53,31 @@ class Row:
 def legacy_recipe(options=(), search=None, sink_tokens: int = 0, rotate_inputs: bool = False) -> Recipe:
     """The base recipe that compare()'s keyword arguments describe (a SearchConfig's searched fields)."""
     cfg = search or SearchConfig()
-    return Recipe.from_dict({
-        "smoothing": {"alpha": 0.5, "extra": list(options or ()),
-                      "search": {"samples": cfg.samples, "strategy": cfg.strategy, "blockwise": cfg.blockwise,
-                                 "guard": cfg.guard, "guard_samples": cfg.guard_samples}},
-        "clip": {"method": cfg.clip, "percentile": cfg.clip_percentile},
-        "sink_tokens": sink_tokens, "rotate_inputs": rotate_inputs})
+    return Recipe.from_dict(
+        {
+            "smoothing": {
+                "alpha": 0.5,
+                "extra": list(options or ()),
+                "search": {
+                    "samples": cfg.samples,
+                    "strategy": cfg.strategy,
+                    "blockwise": cfg.blockwise,
+                    "guard": cfg.guard,
+                    "guard_samples": cfg.guard_samples,
+                },
+            },
+            "clip": {"method": cfg.clip, "percentile": cfg.clip_percentile},
+            "sink_tokens": sink_tokens,
+            "rotate_inputs": rotate_inputs,
+        }
+    )
 
 
 class _Scorer:
     """Perplexity (and LAMBADA accuracy) of one model, through the fastest runtime that gives the
     emulated runtime's bits."""
 
-    def __init__(self, model: nn.Module, eval_windows, tokenizer, lambada: int, bos: str, fast: bool,
-                 progress: bool):
+    def __init__(self, model: nn.Module, eval_windows, tokenizer, lambada: int, bos: str, fast: bool, progress: bool):
         self.windows, self.progress = eval_windows, progress
         self.examples, self.pad_id = [], 0
         if lambada:
@@ -96,16 +107,32 @@ class _Scorer:
         label = f"{row.label} {row.scheme}" + (f" a={row.alpha}" if row.alpha is not None else "")
         row.ppl = math.exp(window_nll(model, self.windows, progress=self.progress, desc=label).mean().item())
         if self.examples:
-            matches = greedy_matches(model, self.examples, pad_id=self.pad_id, progress=self.progress,
-                                     desc=f"{label} lambada")
+            matches = greedy_matches(
+                model, self.examples, pad_id=self.pad_id, progress=self.progress, desc=f"{label} lambada"
+            )
             row.lambada = sum(matches) / len(matches)
         return row
 
 
-def compare(model: nn.Module, eval_windows, calib_windows, schemes=("O1", "O2", "O3", "W8A8"),
-            alphas=(0.5, 0.8), backend: str = "auto", progress: bool = True, on_row=None,
-            options=(), search=None, sink_tokens: int = 0, rotate_inputs: bool = False,
-            recipe: Recipe | None = None, presets=(), tokenizer=None, lambada: int = 0, fast: bool = True) -> list[Row]:
+def compare(
+    model: nn.Module,
+    eval_windows,
+    calib_windows,
+    schemes=("O1", "O2", "O3", "W8A8"),
+    alphas=(0.5, 0.8),
+    backend: str = "auto",
+    progress: bool = True,
+    on_row=None,
+    options=(),
+    search=None,
+    sink_tokens: int = 0,
+    rotate_inputs: bool = False,
+    recipe: Recipe | None = None,
+    presets=(),
+    tokenizer=None,
+    lambada: int = 0,
+    fast: bool = True,
+) -> list[Row]:
     """Perplexity of the float model, of naive INT8 (no smoothing) and of SmoothQuant at each alpha,
     under each scheme, then of each preset: each quantized row is `run(copy of model, recipe)`.
 
@@ -143,22 +170,39 @@ def compare(model: nn.Module, eval_windows, calib_windows, schemes=("O1", "O2", 
         base = base.override({"rotation.kind": None})
     t0 = time.perf_counter()
     add(Row("fp32", "none", None, math.nan, 0.0), model, t0)
-    stats = calibrate(model, calib_windows, batch_size=base.calibration.batch_size, progress=progress,
-                      sink_tokens=base.sink_tokens)
+    stats = calibrate(
+        model, calib_windows, batch_size=base.calibration.batch_size, progress=progress, sink_tokens=base.sink_tokens
+    )
     for scheme in schemes:
         t0 = time.perf_counter()
-        naive = base.override({"scheme": scheme.name, "smoothing.alpha": None, "smoothing.alphas": {},
-                               "clip.method": None, "rotate_inputs": False})
+        naive = base.override(
+            {
+                "scheme": scheme.name,
+                "smoothing.alpha": None,
+                "smoothing.alphas": {},
+                "clip.method": None,
+                "rotate_inputs": False,
+            }
+        )
         add(Row("naive", scheme.name, None, math.nan, 0.0, runtime="emulated"), quantized(model, naive, stats), t0)
     for alpha in alphas:
         for scheme in schemes:
             t0 = time.perf_counter()
-            smooth = base.override({"scheme": scheme.name, "smoothing.alpha": alpha,
-                                    "clip.method": base.clip.method if scheme.static else None})
-            add(Row("smoothquant", scheme.name, alpha, math.nan, 0.0, runtime="emulated"),
-                quantized(model, smooth, stats), t0)
-    _presets(preset_recipes, float_model, calib_windows, stats if float_model is model else None, quantized, add,
-             progress)
+            smooth = base.override(
+                {
+                    "scheme": scheme.name,
+                    "smoothing.alpha": alpha,
+                    "clip.method": base.clip.method if scheme.static else None,
+                }
+            )
+            add(
+                Row("smoothquant", scheme.name, alpha, math.nan, 0.0, runtime="emulated"),
+                quantized(model, smooth, stats),
+                t0,
+            )
+    _presets(
+        preset_recipes, float_model, calib_windows, stats if float_model is model else None, quantized, add, progress
+    )
     return rows
 
 
@@ -179,14 +223,22 @@ def _presets(preset_recipes, model, calib_windows, stats, quantized, add, progre
         for name, r in group:
             r = r.override({"rotation.kind": None}) if kind is not None else r
             if shared is None:
-                shared = calibrate(source, calib_windows, batch_size=r.calibration.batch_size, progress=progress,
-                                   sink_tokens=r.sink_tokens)
+                shared = calibrate(
+                    source,
+                    calib_windows,
+                    batch_size=r.calibration.batch_size,
+                    progress=progress,
+                    sink_tokens=r.sink_tokens,
+                )
             elif not first:
                 t0 = time.perf_counter()
             first = False
             alpha = r.smoothing.alpha
-            add(Row("preset", r.scheme, alpha, math.nan, 0.0, preset=name, runtime="emulated"),
-                quantized(source, r, shared), t0)
+            add(
+                Row("preset", r.scheme, alpha, math.nan, 0.0, preset=name, runtime="emulated"),
+                quantized(source, r, shared),
+                t0,
+            )
 
 
 def best(rows: list[Row], method: str, scheme: str) -> Row | None:
@@ -201,9 +253,13 @@ def format_table(rows: list[Row]) -> str:
     lam = any(r.lambada is not None for r in rows)
     table = []
     for r in rows:
-        cells = {"method": r.label, "scheme": r.scheme,
-                 "alpha": "" if r.alpha is None else (r.alpha if isinstance(r.alpha, str) else f"{r.alpha:g}"),
-                 "perplexity": f"{r.ppl:.3f}", "vs fp32": f"{100 * (r.ppl / ref - 1):+.2f}%" if ref else ""}
+        cells = {
+            "method": r.label,
+            "scheme": r.scheme,
+            "alpha": "" if r.alpha is None else (r.alpha if isinstance(r.alpha, str) else f"{r.alpha:g}"),
+            "perplexity": f"{r.ppl:.3f}",
+            "vs fp32": f"{100 * (r.ppl / ref - 1):+.2f}%" if ref else "",
+        }
         if lam:
             cells["LAMBADA"] = "" if r.lambada is None else f"{100 * r.lambada:.2f}%"
         table.append({**cells, "time (s)": f"{r.seconds:.0f}"})

@@ -29,9 +29,11 @@ from ..core.data import DataError, data_dir
 
 INSTALL_HINT = "pip install 'smoothq[lm-eval]'"
 TASKS_DIR = Path(__file__).parent / "harness_tasks"
-OFFLINE_HINT = ("lm-eval downloads task datasets from the Hugging Face Hub; offline, give the task local files: "
-                "--lm-eval-include DIR with a task YAML in DIR (dataset_path: json, dataset_kwargs: "
-                "{data_files: {test: FILE.jsonl}})")
+OFFLINE_HINT = (
+    "lm-eval downloads task datasets from the Hugging Face Hub; offline, give the task local files: "
+    "--lm-eval-include DIR with a task YAML in DIR (dataset_path: json, dataset_kwargs: "
+    "{data_files: {test: FILE.jsonl}})"
+)
 
 
 def _lm_eval():
@@ -59,8 +61,9 @@ def local_task_config(name: str) -> dict:
     if include:
         stock = Path(lm_eval.__file__).parent / "tasks" / include
         if not stock.is_file():
-            raise DataError(f"task {name!r} builds on lm-eval's {include}, which this lm-eval "
-                            f"({lm_eval.__version__}) does not have")
+            raise DataError(
+                f"task {name!r} builds on lm-eval's {include}, which this lm-eval ({lm_eval.__version__}) does not have"
+            )
         cfg = {**yaml.safe_load(stock.read_text()), **cfg}
     cfg.pop("tag", None)  # the stock task's tags (e.g. "lambada") would name it twice
     files = cfg.get("dataset_kwargs", {}).get("data_files", {})
@@ -68,9 +71,11 @@ def local_task_config(name: str) -> dict:
     for split, path in files.items():
         if not Path(path).is_absolute():
             if root is None or not (root / path).is_file():
-                raise DataError(f"task {name!r} reads {path} from smoothq's data directory, which "
-                                f"{'has no such file' if root else 'is not there'}: set SMOOTHQ_DATA to a "
-                                "directory holding it")
+                raise DataError(
+                    f"task {name!r} reads {path} from smoothq's data directory, which "
+                    f"{'has no such file' if root else 'is not there'}: set SMOOTHQ_DATA to a "
+                    "directory holding it"
+                )
             files[split] = str(root / path)
     return cfg
 
@@ -123,14 +128,18 @@ def load_tasks(tasks: list[str], include_path: str | list[str] | None = None) ->
         spec = local_task_config(name) if name in shipped and name not in tm.all_tasks else name
         if isinstance(spec, str) and spec not in tm.all_tasks:
             where = f" nor in {', '.join(include)}" if include else ""
-            raise DataError(f"lm-eval has no task {name!r} (not among its {len(tm.all_tasks)} tasks, groups and "
-                            f"tags{where}; smoothq ships {', '.join(shipped) or 'none'}); `lm-eval ls tasks` "
-                            "lists them, --lm-eval-include DIR adds task YAMLs")
+            raise DataError(
+                f"lm-eval has no task {name!r} (not among its {len(tm.all_tasks)} tasks, groups and "
+                f"tags{where}; smoothq ships {', '.join(shipped) or 'none'}); `lm-eval ls tasks` "
+                "lists them, --lm-eval-include DIR adds task YAMLs"
+            )
         try:
             objects += _top_level(tm.load([spec]))
         except (OSError, _datasets_error()) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"lm-eval task {name!r}: its dataset could not be loaded ({reason}): {OFFLINE_HINT}") from None
+            raise DataError(
+                f"lm-eval task {name!r}: its dataset could not be loaded ({reason}): {OFFLINE_HINT}"
+            ) from None
     return HarnessTasks(list(tasks), tm, objects)
 
 
@@ -174,9 +183,18 @@ def wrap(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
-def run_harness(model, tokenizer, tasks: list[str] | HarnessTasks, limit: int | None = None,
-                num_fewshot: int | None = None, include_path: str | list[str] | None = None, batch_size: int = 8,
-                bootstrap_iters: int = 1000, log_samples: bool = False, seed: int = 0) -> dict:
+def run_harness(
+    model,
+    tokenizer,
+    tasks: list[str] | HarnessTasks,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | list[str] | None = None,
+    batch_size: int = 8,
+    bootstrap_iters: int = 1000,
+    log_samples: bool = False,
+    seed: int = 0,
+) -> dict:
     """lm-eval's `simple_evaluate` on our model: its whole result dict (`results`, `n-samples`,
     `n-shot`, and `samples` with log_samples=True)."""
     from lm_eval import simple_evaluate
@@ -186,10 +204,19 @@ def run_harness(model, tokenizer, tasks: list[str] | HarnessTasks, limit: int | 
     lm = wrap(model, tokenizer, batch_size)
     was_training = model.training
     try:
-        return simple_evaluate(lm, tasks=tasks.objects, task_manager=tasks.manager, limit=limit,
-                               num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=log_samples,
-                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                               fewshot_random_seed=seed)
+        return simple_evaluate(
+            lm,
+            tasks=tasks.objects,
+            task_manager=tasks.manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     finally:
         model.train(was_training)
 
@@ -207,20 +234,45 @@ def rows(results: dict) -> list[dict]:
             metric, filt = key.split(",", 1)
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             stderr = float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
-            out.append({"task": task, "metric": metric if filt == "none" else f"{metric} ({filt})",
-                        "value": float(value), "stderr": stderr, "count": count, "fewshot": shots})
+            out.append(
+                {
+                    "task": task,
+                    "metric": metric if filt == "none" else f"{metric} ({filt})",
+                    "value": float(value),
+                    "stderr": stderr,
+                    "count": count,
+                    "fewshot": shots,
+                }
+            )
     return out
 
 
-def evaluate_harness(model, tokenizer, tasks: list[str] | HarnessTasks, limit: int | None = None,
-                     num_fewshot: int | None = None, include_path: str | list[str] | None = None,
-                     batch_size: int = 8, bootstrap_iters: int = 1000) -> list[dict]:
+def evaluate_harness(
+    model,
+    tokenizer,
+    tasks: list[str] | HarnessTasks,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | list[str] | None = None,
+    batch_size: int = 8,
+    bootstrap_iters: int = 1000,
+) -> list[dict]:
     """lm-eval tasks on our model (as it is: float, emulated or real INT8), as rows
     {task, metric, value, stderr, count, fewshot}. `limit`: the first N examples of each task;
     `num_fewshot`: shots (default: each task's own); `include_path`: directories of task YAMLs;
     `bootstrap_iters`: resamples for the stderr of non-mean metrics (perplexity)."""
-    return rows(run_harness(model, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot, include_path=include_path,
-                            batch_size=batch_size, bootstrap_iters=bootstrap_iters))
+    return rows(
+        run_harness(
+            model,
+            tokenizer,
+            tasks,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            include_path=include_path,
+            batch_size=batch_size,
+            bootstrap_iters=bootstrap_iters,
+        )
+    )
 
 
 def _register() -> None:
@@ -234,13 +286,20 @@ def _register() -> None:
 
     @register_model("smoothq")
     class SmoothqLM(HFLM):
-        def __init__(self, pretrained: str, quant_backend: str = "auto", dtype: str = "float32",
-                     device: str | None = None, batch_size: int | str | None = 8, max_length: int | None = None,
-                     **kwargs):
+        def __init__(
+            self,
+            pretrained: str,
+            quant_backend: str = "auto",
+            dtype: str = "float32",
+            device: str | None = None,
+            batch_size: int | str | None = 8,
+            max_length: int | None = None,
+            **kwargs,
+        ):
             import torch
 
-            from ..formats.io import is_quantized_checkpoint, load
             from ..core.models import load_model
+            from ..formats.io import is_quantized_checkpoint, load
 
             if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
                 device = "cpu"
@@ -251,8 +310,9 @@ def _register() -> None:
             else:
                 model, tok = load_model(pretrained, dtype=dtype, device=device)
             with _as_is(model):
-                super().__init__(pretrained=model, tokenizer=tok, batch_size=batch_size or 8, max_length=max_length,
-                                 **kwargs)
+                super().__init__(
+                    pretrained=model, tokenizer=tok, batch_size=batch_size or 8, max_length=max_length, **kwargs
+                )
 
     globals()["SmoothqLM"] = SmoothqLM
 

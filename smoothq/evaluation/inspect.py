@@ -45,12 +45,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..archs import Arch, resolve, weight_nk
-from ..transforms.calibrate import ActStats, calibrate
-from ..core.schemes import QuantScheme, check_alpha, get_scheme
-from ..core.defaults import INSPECT_HEAT_TOKENS as DEFAULT_HEAT_TOKENS, INSPECT_TOKENS as DEFAULT_TOKENS
+from ..core.defaults import INSPECT_HEAT_TOKENS as DEFAULT_HEAT_TOKENS
+from ..core.defaults import INSPECT_TOKENS as DEFAULT_TOKENS
 from ..core.quant import QMAX, absmax_to_scale, quantize_weight
-from ..core.record import record
 from ..core.recipe import GRID
+from ..core.record import record
+from ..core.schemes import QuantScheme, check_alpha, get_scheme
+from ..transforms.calibrate import ActStats, calibrate
 from ..transforms.smooth import TINY, group_scales
 
 LIMITING = 10  # linears listed in each "limiting" ranking
@@ -104,8 +105,13 @@ class Profile:
     tokens_smoothed: np.ndarray
 
     def to_dict(self) -> dict:  # the token maps are raw data, not report numbers: left out
-        return {"name": self.name, **{k: [float(v) for v in getattr(self, k)] for k in
-                                      ("act_absmax", "act_absmax_smoothed", "weight_absmax", "weight_absmax_smoothed")}}
+        return {
+            "name": self.name,
+            **{
+                k: [float(v) for v in getattr(self, k)]
+                for k in ("act_absmax", "act_absmax_smoothed", "weight_absmax", "weight_absmax_smoothed")
+            },
+        }
 
 
 @dataclass
@@ -137,6 +143,7 @@ class Report:
 
 
 # -- definitions -------------------------------------------------------------------------------
+
 
 def outlier_ratio(absmax: torch.Tensor) -> float:
     """max / median of per-channel abs-maxima (median as numpy's: the mean of the two middle values)."""
@@ -170,14 +177,14 @@ def fake_quant_weight(w: torch.Tensor, weights: str) -> torch.Tensor:
 
 # -- the calibration pass ----------------------------------------------------------------------
 
+
 class _Sampler:
     """Forward hooks that keep a bounded sample of each linear's input rows (every `stride`-th
     row of the calibration stream, at most `limit`) and the first `heat_tokens` tokens of
     calibration sample 0 for the `heat` linears (None: all of them). Linears reading the same
     tensor (q/k/v, gate/up) keep one shared copy of each."""
 
-    def __init__(self, modules: dict[str, nn.Module], stride: int, limit: int, heat: set[str] | None,
-                 heat_tokens: int):
+    def __init__(self, modules: dict[str, nn.Module], stride: int, limit: int, heat: set[str] | None, heat_tokens: int):
         self.stride, self.limit, self.heat_tokens = stride, limit, heat_tokens
         self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
         self.kept = {n: 0 for n in modules}
@@ -198,13 +205,19 @@ class _Sampler:
             start = self.seen[name]
             self.seen[name] += flat.shape[0]
             shared = self._shared
-            if shared is None or not (shared[0].data_ptr() == flat.data_ptr() and shared[0].shape == flat.shape
-                                      and shared[1] == start):
+            if shared is None or not (
+                shared[0].data_ptr() == flat.data_ptr() and shared[0].shape == flat.shape and shared[1] == start
+            ):
                 first = (-start) % self.stride  # first row of this call whose stream index is a multiple of stride
                 # sample 0's first tokens ([B, T, K] inputs; routed experts get [tokens, K])
                 head = (x[0] if x.dim() == 3 else flat)[: self.heat_tokens]
-                shared = self._shared = (flat, start, flat[first:: self.stride].float().cpu().clone(), {},
-                                         head.float().cpu().clone() if start == 0 else None)
+                shared = self._shared = (
+                    flat,
+                    start,
+                    flat[first :: self.stride].float().cpu().clone(),
+                    {},
+                    head.float().cpu().clone() if start == 0 else None,
+                )
             if start == 0 and (self._heat_names is None or name in self._heat_names):
                 self.heat[name] = shared[4]
             self._keep(name, shared)
@@ -244,6 +257,7 @@ def _stream_rows(calib) -> int:
 
 # -- choosing what to plot ---------------------------------------------------------------------
 
+
 def default_linears(res) -> list[str]:
     """The first linear reading the first group's input (q_proj: the q/k/v input) and the MLP's
     down projection (Arch.online_rotation names it for every architecture) of the first, middle
@@ -258,7 +272,7 @@ def default_linears(res) -> list[str]:
     return picks
 
 
-def with_largest_ratios(picks: list[str], rows: list["LinearRow"], extra: int = 2) -> list[str]:
+def with_largest_ratios(picks: list[str], rows: list[LinearRow], extra: int = 2) -> list[str]:
     """`picks` plus the `extra` linears whose input has the largest outlier ratio (one per input)."""
     out = list(picks)
     for r in distinct_inputs(sorted(rows, key=lambda r: -r.outlier_ratio))[:extra]:
@@ -267,12 +281,12 @@ def with_largest_ratios(picks: list[str], rows: list["LinearRow"], extra: int = 
     return out
 
 
-def report_input(row: "LinearRow") -> tuple:
+def report_input(row: LinearRow) -> tuple:
     """Linears reading one tensor (q/k/v of a block) have one group and identical statistics."""
     return (row.group or row.name, row.outlier_ratio)
 
 
-def distinct_inputs(rows: list["LinearRow"]) -> list["LinearRow"]:
+def distinct_inputs(rows: list[LinearRow]) -> list[LinearRow]:
     """The first row of each distinct input, in order."""
     seen, out = set(), []
     for r in rows:
@@ -287,12 +301,15 @@ def check_linears(names: list[str], valid: list[str]) -> list[str]:
     unknown = [n for n in names if n not in valid]
     if unknown:
         examples = ", ".join(valid[:4] + ([valid[-1]] if len(valid) > 4 else []))
-        raise InspectError(f"{unknown[0]!r} is not a decoder linear of this model; valid names look like: {examples} "
-                           f"({len(valid)} in all)")
+        raise InspectError(
+            f"{unknown[0]!r} is not a decoder linear of this model; valid names look like: {examples} "
+            f"({len(valid)} in all)"
+        )
     return list(dict.fromkeys(names))
 
 
 # -- the numbers -------------------------------------------------------------------------------
+
 
 @dataclass
 class _Smoothing:
@@ -329,8 +346,16 @@ def _float_output(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, s
     return torch.nn.functional.linear(x, w, bias) / s_out
 
 
-def _out_sqnr(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, absmax: torch.Tensor,
-              s_in: torch.Tensor, s_out: torch.Tensor, scheme: QuantScheme, ref: torch.Tensor | None = None) -> float:
+def _out_sqnr(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    absmax: torch.Tensor,
+    s_in: torch.Tensor,
+    s_out: torch.Tensor,
+    scheme: QuantScheme,
+    ref: torch.Tensor | None = None,
+) -> float:
     """SQNR of the linear smoothed with s_in / s_out (ones = naive), both sides fake-quantized
     under `scheme`, against its float output (`ref`, if already computed)."""
     xs = x / s_in
@@ -341,8 +366,16 @@ def _out_sqnr(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, absma
     return sqnr_db(_float_output(x, w, bias, s_out) if ref is None else ref, out)
 
 
-def _alpha_curve(res, g, stats: ActStats, samples: dict, quantizable: dict, sm: _Smoothing, scheme: QuantScheme,
-                 grid: tuple[float, ...]) -> list[float]:
+def _alpha_curve(
+    res,
+    g,
+    stats: ActStats,
+    samples: dict,
+    quantizable: dict,
+    sm: _Smoothing,
+    scheme: QuantScheme,
+    grid: tuple[float, ...],
+) -> list[float]:
     """Mean output NMSE of the group's quantized linears for each alpha of the grid."""
     # quantized (not a router kept in float) and reached by calibration tokens; weight copies
     # for this group only, so memory stays at one group's weights
@@ -353,14 +386,16 @@ def _alpha_curve(res, g, stats: ActStats, samples: dict, quantizable: dict, sm: 
     curve = []
     for a in grid:
         cols = _group_cols(g, group_scales(res, g, stats, a))
-        nmse = [10 ** (-_out_sqnr(samples[n], *weights[n], stats[n], cols, s_out[n], scheme, refs[n]) / 10)
-                for n in names]
+        nmse = [
+            10 ** (-_out_sqnr(samples[n], *weights[n], stats[n], cols, s_out[n], scheme, refs[n]) / 10) for n in names
+        ]
         curve.append(sum(nmse) / max(len(nmse), 1))
     return curve
 
 
-def _alpha_grid(res, stats: ActStats, samples: dict, quantizable: dict, scheme: QuantScheme, alpha: float | str,
-                progress: bool) -> tuple[list[GroupRow], _Smoothing]:
+def _alpha_grid(
+    res, stats: ActStats, samples: dict, quantizable: dict, scheme: QuantScheme, alpha: float | str, progress: bool
+) -> tuple[list[GroupRow], _Smoothing]:
     """Every group's alpha curve and optimum, with the other groups at `alpha` (0.5 for "auto");
     returns the groups and the smoothing of the report (`alpha`, or each group's optimum)."""
     init = 0.5 if alpha == "auto" else alpha
@@ -385,10 +420,21 @@ def _weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.no_grad()
-def inspect_model(model: nn.Module, calib, alpha: float | str = 0.5, linears: list[str] | None = None, *,
-                  scheme: str | QuantScheme = "O3", options=("all",), arch: Arch | None = None,
-                  tokens: int = DEFAULT_TOKENS, heat_tokens: int = DEFAULT_HEAT_TOKENS, batch_size: int = 4,
-                  progress: bool = True, name: str = "") -> Report:
+def inspect_model(
+    model: nn.Module,
+    calib,
+    alpha: float | str = 0.5,
+    linears: list[str] | None = None,
+    *,
+    scheme: str | QuantScheme = "O3",
+    options=("all",),
+    arch: Arch | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    heat_tokens: int = DEFAULT_HEAT_TOKENS,
+    batch_size: int = 4,
+    progress: bool = True,
+    name: str = "",
+) -> Report:
     """Measure what smoothing with `alpha` does to every decoder linear of a float model, from one
     calibration pass over `calib` (token windows). `linears`: the ones to profile for plots
     (default: default_linears). `alpha="auto"`: each group at its local grid optimum. `options`:
@@ -396,8 +442,10 @@ def inspect_model(model: nn.Module, calib, alpha: float | str = 0.5, linears: li
     o and down projections' inputs are smoothed too). The model's weights are not modified."""
     rec = record(model)
     if rec.scheme is not None or rec.alpha is not None:
-        raise InspectError("inspect needs the float model: this one is already "
-                           f"{'quantized' if rec.scheme is not None else 'smoothed'}. Pass the original model")
+        raise InspectError(
+            "inspect needs the float model: this one is already "
+            f"{'quantized' if rec.scheme is not None else 'smoothed'}. Pass the original model"
+        )
     if alpha != "auto":
         alpha = check_alpha(alpha)
     if tokens < 1 or heat_tokens < 1:
@@ -407,8 +455,9 @@ def inspect_model(model: nn.Module, calib, alpha: float | str = 0.5, linears: li
     quantizable = dict(res.quantizable())
     asked = check_linears(list(linears), list(quantizable)) if linears is not None else None
 
-    sampler = _Sampler(quantizable, max(1, _stream_rows(calib) // tokens), tokens,
-                       None if asked is None else set(asked), heat_tokens)
+    sampler = _Sampler(
+        quantizable, max(1, _stream_rows(calib) // tokens), tokens, None if asked is None else set(asked), heat_tokens
+    )
     try:
         stats = calibrate(model, calib, arch=res.arch, batch_size=batch_size, progress=progress)
     finally:
@@ -419,24 +468,46 @@ def inspect_model(model: nn.Module, calib, alpha: float | str = 0.5, linears: li
     by_prev = {gr.prev: gr for gr in groups}
 
     # an MoE expert no calibration token reached has no rows to measure on: it gets no row
-    rows = [_row(res, n, samples[n], _weight(m), stats[n], sm, best, by_prev, scheme)
-            for n, m in tqdm(quantizable.items(), desc="inspecting", disable=not progress, unit="linear")
-            if n in samples]
+    rows = [
+        _row(res, n, samples[n], _weight(m), stats[n], sm, best, by_prev, scheme)
+        for n, m in tqdm(quantizable.items(), desc="inspecting", disable=not progress, unit="linear")
+        if n in samples
+    ]
     plotted = asked if asked is not None else with_largest_ratios(default_linears(res), rows)
-    profiles = {n: _profile(n, stats[n], _weight(quantizable[n])[0], sampler.heat[n], sm)
-                for n in plotted if n in sampler.heat}
+    profiles = {
+        n: _profile(n, stats[n], _weight(quantizable[n])[0], sampler.heat[n], sm) for n in plotted if n in sampler.heat
+    }
     return Report(
         model=name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
-        arch=res.arch.name, scheme=scheme.name or scheme.label, alpha=alpha,
+        arch=res.arch.name,
+        scheme=scheme.name or scheme.label,
+        alpha=alpha,
         options=sorted({g.option for g in res.groups if g.option}),
-        calibration={"sequences": stats.meta.get("sequences"), "tokens": stats.tokens,
-                     "kept_rows": min(s.shape[0] for s in samples.values()),
-                     "heat_tokens": min((p.tokens.shape[0] for p in profiles.values()), default=0)},
-        rows=rows, groups=groups, grid=list(GRID), limiting=limiting_summary(rows), profiles=profiles)
+        calibration={
+            "sequences": stats.meta.get("sequences"),
+            "tokens": stats.tokens,
+            "kept_rows": min(s.shape[0] for s in samples.values()),
+            "heat_tokens": min((p.tokens.shape[0] for p in profiles.values()), default=0),
+        },
+        rows=rows,
+        groups=groups,
+        grid=list(GRID),
+        limiting=limiting_summary(rows),
+        profiles=profiles,
+    )
 
 
-def _row(res, name: str, x: torch.Tensor, weight, absmax: torch.Tensor, sm: _Smoothing, best: _Smoothing,
-         by_prev: dict, scheme: QuantScheme) -> LinearRow:
+def _row(
+    res,
+    name: str,
+    x: torch.Tensor,
+    weight,
+    absmax: torch.Tensor,
+    sm: _Smoothing,
+    best: _Smoothing,
+    by_prev: dict,
+    scheme: QuantScheme,
+) -> LinearRow:
     w, b = weight
     ones_in, ones_out = torch.ones(w.shape[1]), torch.ones(w.shape[0])
     s_in, s_out = sm.s_in.get(name, ones_in), sm.s_out.get(name, ones_out)
@@ -447,21 +518,36 @@ def _row(res, name: str, x: torch.Tensor, weight, absmax: torch.Tensor, sm: _Smo
         out_best = _out_sqnr(x, w, b, absmax, best.s_in[name], best.s_out.get(name, ones_out), scheme)
     block = next(i for i, (p, _) in enumerate(res.blocks) if name.startswith(p + "."))
     return LinearRow(
-        name=name, block=block, kind=name[len(res.blocks[block][0]) + 1:], group=None if group is None else group.prev,
-        in_features=w.shape[1], alpha=None if gr is None else gr.alpha,
+        name=name,
+        block=block,
+        kind=name[len(res.blocks[block][0]) + 1 :],
+        group=None if group is None else group.prev,
+        in_features=w.shape[1],
+        alpha=None if gr is None else gr.alpha,
         alpha_best=None if gr is None else gr.alpha_best,
-        outlier_ratio=outlier_ratio(absmax), outlier_ratio_smoothed=outlier_ratio(absmax / s_in),
-        act_sqnr=_act_sqnr(x, absmax, ones_in), act_sqnr_smoothed=_act_sqnr(x, absmax, s_in),
+        outlier_ratio=outlier_ratio(absmax),
+        outlier_ratio_smoothed=outlier_ratio(absmax / s_in),
+        act_sqnr=_act_sqnr(x, absmax, ones_in),
+        act_sqnr_smoothed=_act_sqnr(x, absmax, s_in),
         out_sqnr=_out_sqnr(x, w, b, absmax, ones_in, ones_out, scheme),
-        out_sqnr_smoothed=_out_sqnr(x, w, b, absmax, s_in, s_out, scheme), out_sqnr_best=out_best)
+        out_sqnr_smoothed=_out_sqnr(x, w, b, absmax, s_in, s_out, scheme),
+        out_sqnr_best=out_best,
+    )
 
 
 def _profile(name: str, absmax: torch.Tensor, w: torch.Tensor, heat: torch.Tensor, sm: _Smoothing) -> Profile:
     s_in = sm.s_in.get(name, torch.ones(w.shape[1]))
     s_out = sm.s_out.get(name, torch.ones(w.shape[0]))
     ws = w * s_in[None, :] / s_out[:, None]
-    return Profile(name, absmax.numpy().copy(), (absmax / s_in).numpy(), w.abs().amax(0).numpy(),
-                   ws.abs().amax(0).numpy(), heat.abs().numpy(), (heat / s_in).abs().numpy())
+    return Profile(
+        name,
+        absmax.numpy().copy(),
+        (absmax / s_in).numpy(),
+        w.abs().amax(0).numpy(),
+        ws.abs().amax(0).numpy(),
+        heat.abs().numpy(),
+        (heat / s_in).abs().numpy(),
+    )
 
 
 def limiting_summary(rows: list[LinearRow], top: int = LIMITING) -> dict:

@@ -30,8 +30,10 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
     except ImportError:
-        raise InspectError(f"smoothq inspect draws its plots with matplotlib, which is not installed; run: "
-                           f"{sys.executable} -m pip install '{MATPLOTLIB}'") from None
+        raise InspectError(
+            f"smoothq inspect draws its plots with matplotlib, which is not installed; run: "
+            f"{sys.executable} -m pip install '{MATPLOTLIB}'"
+        ) from None
 
 
 def _figure(width: float, height: float):
@@ -55,6 +57,7 @@ def file_stem(name: str) -> str:
 
 # -- plots -------------------------------------------------------------------------------------
 
+
 def channels_png(report: Report, name: str) -> bytes:
     """The paper's Figure 4 style: per-channel abs-max of the activation (outlier channels shrink)
     and of the weight (they grow slightly), before and after smoothing, on shared axes."""
@@ -63,8 +66,13 @@ def channels_png(report: Report, name: str) -> bytes:
     ax_x, ax_w = fig.subplots(1, 2)
     channels = np.arange(p.act_absmax.size)
     ax_x.plot(channels, p.act_absmax, color=BEFORE, lw=0.8, label=f"calibrated (outlier ratio {row.outlier_ratio:.1f})")
-    ax_x.plot(channels, p.act_absmax_smoothed, color=AFTER, lw=0.8,
-              label=f"smoothed (outlier ratio {row.outlier_ratio_smoothed:.1f})")
+    ax_x.plot(
+        channels,
+        p.act_absmax_smoothed,
+        color=AFTER,
+        lw=0.8,
+        label=f"smoothed (outlier ratio {row.outlier_ratio_smoothed:.1f})",
+    )
     ax_x.set(title="activation X: max |X| per input channel", xlabel="input channel", ylabel="abs-max")
     ax_w.plot(channels, p.weight_absmax, color=BEFORE, lw=0.8, label="original")
     ax_w.plot(channels, p.weight_absmax_smoothed, color=AFTER, lw=0.8, label="smoothed")
@@ -98,8 +106,18 @@ def tokens_png(report: Report, name: str) -> bytes:
     fig = _figure(11, 4.4)
     for i, (values, title) in enumerate(((before, "calibrated |X|"), (after, "smoothed |X / s|"))):
         ax = fig.add_subplot(1, 2, i + 1, projection="3d")
-        ax.plot_surface(grid_k, grid_t, values, cmap="coolwarm", vmin=0, vmax=top, rstride=1, cstride=1,
-                        linewidth=0, antialiased=False)
+        ax.plot_surface(
+            grid_k,
+            grid_t,
+            values,
+            cmap="coolwarm",
+            vmin=0,
+            vmax=top,
+            rstride=1,
+            cstride=1,
+            linewidth=0,
+            antialiased=False,
+        )
         ax.set(title=f"{title}, max {values.max():.3g}", zlim=(0, top), xlabel="channel", ylabel="token")
         ax.view_init(elev=25, azim=-60)
     pooled = f"; max over {kt} x {kk} neighbours" if kt * kk > 1 else ""
@@ -143,10 +161,13 @@ def _alpha(a) -> str:
 
 # -- html --------------------------------------------------------------------------------------
 
+
 def _img(filename: str, png: bytes, caption: str) -> str:
     data = base64.b64encode(png).decode("ascii")
-    return (f'<figure><a href="{filename}"><img src="data:image/png;base64,{data}" alt="{filename}"></a>'
-            f"<figcaption>{html.escape(caption)} (<code>{filename}</code>)</figcaption></figure>")
+    return (
+        f'<figure><a href="{filename}"><img src="data:image/png;base64,{data}" alt="{filename}"></a>'
+        f"<figcaption>{html.escape(caption)} (<code>{filename}</code>)</figcaption></figure>"
+    )
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -161,40 +182,95 @@ def _db(v: float | None) -> str:
 
 def linear_table(report: Report, names: list[str] | None = None) -> tuple[list[str], list[list]]:
     """The per-linear table (also what the CLI prints): header and formatted rows."""
-    header = ["linear", "group", "outlier ratio", "smoothed", "act SQNR", "smoothed", f"out SQNR {report.scheme}",
-              "smoothed", "alpha", "alpha best", "out SQNR at best"]
+    header = [
+        "linear",
+        "group",
+        "outlier ratio",
+        "smoothed",
+        "act SQNR",
+        "smoothed",
+        f"out SQNR {report.scheme}",
+        "smoothed",
+        "alpha",
+        "alpha best",
+        "out SQNR at best",
+    ]
     rows = [report.row(n) for n in names] if names is not None else report.rows
-    return header, [[r.name, r.group or "-", f"{r.outlier_ratio:.1f}", f"{r.outlier_ratio_smoothed:.1f}",
-                     _db(r.act_sqnr), _db(r.act_sqnr_smoothed), _db(r.out_sqnr), _db(r.out_sqnr_smoothed),
-                     _alpha(r.alpha), _alpha(r.alpha_best), _db(r.out_sqnr_best)] for r in rows]
+    return header, [
+        [
+            r.name,
+            r.group or "-",
+            f"{r.outlier_ratio:.1f}",
+            f"{r.outlier_ratio_smoothed:.1f}",
+            _db(r.act_sqnr),
+            _db(r.act_sqnr_smoothed),
+            _db(r.out_sqnr),
+            _db(r.out_sqnr_smoothed),
+            _alpha(r.alpha),
+            _alpha(r.alpha_best),
+            _db(r.out_sqnr_best),
+        ]
+        for r in rows
+    ]
 
 
 def _summary_html(report: Report) -> str:
     lim = report.limiting
-    kinds = [[k, f"{v['outlier_ratio_median']:.1f}", f"{v['outlier_ratio_max']:.1f}",
-              f"{v['outlier_ratio_smoothed_median']:.1f}", _db(v["out_sqnr_median"]),
-              _db(v["out_sqnr_smoothed_median"]), _db(v["out_sqnr_smoothed_min"])] for k, v in lim["kinds"].items()]
+    kinds = [
+        [
+            k,
+            f"{v['outlier_ratio_median']:.1f}",
+            f"{v['outlier_ratio_max']:.1f}",
+            f"{v['outlier_ratio_smoothed_median']:.1f}",
+            _db(v["out_sqnr_median"]),
+            _db(v["out_sqnr_smoothed_median"]),
+            _db(v["out_sqnr_smoothed_min"]),
+        ]
+        for k, v in lim["kinds"].items()
+    ]
     return (
         f"<p>In their worst block: the largest input outlier ratio is a "
         f"<b>{html.escape(lim['worst_kind_by_outlier_ratio'])}</b>'s, the worst output SQNR after smoothing a "
         f"<b>{html.escape(lim['worst_kind_by_smoothed_sqnr'])}</b>'s. One block is enough to limit a "
         "per-tensor scheme.</p>"
-        + _table(["kind", "outlier ratio median", "max", "smoothed median", "out SQNR median", "smoothed median",
-                  "smoothed worst"], kinds)
-        + "<h3>Largest outlier ratios</h3>" + _table(*linear_table(report, lim["largest_outlier_ratio"]))
-        + "<h3>Worst output SQNR after smoothing</h3>" + _table(*linear_table(report, lim["worst_smoothed_sqnr"]))
+        + _table(
+            [
+                "kind",
+                "outlier ratio median",
+                "max",
+                "smoothed median",
+                "out SQNR median",
+                "smoothed median",
+                "smoothed worst",
+            ],
+            kinds,
+        )
+        + "<h3>Largest outlier ratios</h3>"
+        + _table(*linear_table(report, lim["largest_outlier_ratio"]))
+        + "<h3>Worst output SQNR after smoothing</h3>"
+        + _table(*linear_table(report, lim["worst_smoothed_sqnr"]))
     )
 
 
-CSS = ("body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;font-size:12px;"
-       "margin:.5em 0} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} td:first-child,th:first-child"
-       "{text-align:left} img{max-width:100%} figure{margin:1em 0} code{font-size:90%}")
+CSS = (
+    "body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;font-size:12px;"
+    "margin:.5em 0} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} td:first-child,th:first-child"
+    "{text-align:left} img{max-width:100%} figure{margin:1em 0} code{font-size:90%}"
+)
 
 
 def render_html(report: Report, figures: list[tuple[str, bytes, str]]) -> str:
     cal = report.calibration
-    groups = [[g.prev, ", ".join(n.rsplit(".", 1)[-1] for n in g.linears), g.option or "paper", _alpha(g.alpha),
-               _alpha(g.alpha_best)] for g in report.groups]
+    groups = [
+        [
+            g.prev,
+            ", ".join(n.rsplit(".", 1)[-1] for n in g.linears),
+            g.option or "paper",
+            _alpha(g.alpha),
+            _alpha(g.alpha_best),
+        ]
+        for g in report.groups
+    ]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>smoothq inspect: {html.escape(report.model)}</title>"
         f"<style>{CSS}</style></head><body>",
@@ -207,10 +283,14 @@ def render_html(report: Report, figures: list[tuple[str, bytes, str]]) -> str:
         "input with its calibrated static scale; out SQNR = the linear's output with weights and activations "
         f"quantized ({report.scheme}) vs its float output; alpha best = the alpha of the grid 0..1 (step 0.05) "
         "with the lowest mean output error of the group's linears (a local grid, not search.py).</p>",
-        "<h2>Which linears limit per-tensor INT8</h2>", _summary_html(report),
-        "<h2>Figures</h2>", *(_img(f, png, cap) for f, png, cap in figures),
-        "<h2>Smoothing groups</h2>", _table(["producer", "linears", "group", "alpha", "alpha best"], groups),
-        "<h2>Every linear</h2>", _table(*linear_table(report)),
+        "<h2>Which linears limit per-tensor INT8</h2>",
+        _summary_html(report),
+        "<h2>Figures</h2>",
+        *(_img(f, png, cap) for f, png, cap in figures),
+        "<h2>Smoothing groups</h2>",
+        _table(["producer", "linears", "group", "alpha", "alpha best"], groups),
+        "<h2>Every linear</h2>",
+        _table(*linear_table(report)),
         "</body></html>\n",
     ]
     return "\n".join(parts)
@@ -221,10 +301,20 @@ def figures(report: Report) -> list[tuple[str, bytes, str]]:
     out = [("overview.png", overview_png(report), "outlier ratio and output SQNR per decoder block")]
     for name in report.profiles:
         stem = file_stem(name)
-        out.append((f"{stem}.channels.png", channels_png(report, name),
-                    f"{name}: per-channel abs-max of X and W, before and after smoothing"))
-        out.append((f"{stem}.tokens.png", tokens_png(report, name),
-                    f"{name}: |X| over tokens x channels of calibration sample 0, before and after smoothing"))
+        out.append(
+            (
+                f"{stem}.channels.png",
+                channels_png(report, name),
+                f"{name}: per-channel abs-max of X and W, before and after smoothing",
+            )
+        )
+        out.append(
+            (
+                f"{stem}.tokens.png",
+                tokens_png(report, name),
+                f"{name}: |X| over tokens x channels of calibration sample 0, before and after smoothing",
+            )
+        )
     return out
 
 

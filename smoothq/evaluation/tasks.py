@@ -68,8 +68,9 @@ def encode_example(tokenizer, context: str, target: str, prepend_bos: bool) -> L
     return LambadaExample(prefix + whole, len(whole) - shared)
 
 
-def lambada_examples(tokenizer, limit: int | None = None, bos: str = "auto",
-                     source: str = LAMBADA) -> tuple[list[LambadaExample], str]:
+def lambada_examples(
+    tokenizer, limit: int | None = None, bos: str = "auto", source: str = LAMBADA
+) -> tuple[list[LambadaExample], str]:
     """The first `limit` (default all 5153) LAMBADA examples, tokenized, and the protocol used."""
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of examples, got {limit}")
@@ -88,12 +89,20 @@ def check_examples_fit(examples: list[LambadaExample], model: nn.Module) -> None
     vocab = vocab_size(model)
     top = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
     if vocab is not None and top >= vocab:
-        raise ArgumentValueError(f"the LAMBADA passages tokenize to id {top}, but the model's vocabulary has {vocab} "
-                                 "entries: pass the tokenizer that belongs to this model")
+        raise ArgumentValueError(
+            f"the LAMBADA passages tokenize to id {top}, but the model's vocabulary has {vocab} "
+            "entries: pass the tokenizer that belongs to this model"
+        )
 
 
-def greedy_matches(model: nn.Module, examples: list[LambadaExample], batch_size: int = 8, pad_id: int = 0,
-                   progress: bool = True, desc: str = "lambada") -> list[bool]:
+def greedy_matches(
+    model: nn.Module,
+    examples: list[LambadaExample],
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress: bool = True,
+    desc: str = "lambada",
+) -> list[bool]:
     """Per example, whether every target token is the model's argmax at its position. Examples are
     batched right-padded with an attention mask: a causal model's logits at the real positions do
     not depend on the padding after them."""
@@ -105,22 +114,24 @@ def greedy_matches(model: nn.Module, examples: list[LambadaExample], batch_size:
     matches = [False] * len(examples)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
-            batch = [examples[i] for i in order[start:start + batch_size]]
+            batch = [examples[i] for i in order[start : start + batch_size]]
             width = max(len(e.input_ids) for e in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, e in enumerate(batch):
-                ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
-                mask[row, :len(e.input_ids)] = 1
+                ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+                mask[row, : len(e.input_ids)] = 1
             # the logits at position p predict token p + 1: the target tokens n-k..n-1 are predicted at
             # n-k-1..n-2; only those positions go through the LM head (on Gemma's 262k vocabulary the
             # head costs more than the whole body)
-            wanted = sorted({p for e in batch for p in range(len(e.input_ids) - e.target_len - 1, len(e.input_ids) - 1)})
+            wanted = sorted(
+                {p for e in batch for p in range(len(e.input_ids) - e.target_len - 1, len(e.input_ids) - 1)}
+            )
             predicted, column = _argmax_at(model, ids.to(device), mask.to(device), wanted)
-            for row, (i, e) in enumerate(zip(order[start:start + batch_size], batch)):
+            for row, (i, e) in enumerate(zip(order[start : start + batch_size], batch)):
                 n = len(e.input_ids)
                 guess = predicted[row, [column[p] for p in range(n - e.target_len - 1, n - 1)]]
-                matches[i] = guess.tolist() == e.input_ids[n - e.target_len:]
+                matches[i] = guess.tolist() == e.input_ids[n - e.target_len :]
     finally:
         model.train(was_training)
     return matches
@@ -131,15 +142,26 @@ def _argmax_at(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, position
     model for those positions' logits only (`logits_to_keep`, transformers' generation models);
     models without that argument compute all logits and are indexed here."""
     try:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
-                       logits_to_keep=torch.tensor(positions, device=ids.device)).logits
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            use_cache=False,
+            logits_to_keep=torch.tensor(positions, device=ids.device),
+        ).logits
     except TypeError:  # a model whose forward has no logits_to_keep
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, positions]
     return logits.argmax(-1).cpu(), {p: c for c, p in enumerate(positions)}
 
 
-def lambada_accuracy(model: nn.Module, tokenizer, limit: int | None = None, batch_size: int = 8,
-                     progress: bool = True, bos: str = "auto", source: str = LAMBADA) -> TaskResult:
+def lambada_accuracy(
+    model: nn.Module,
+    tokenizer,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    bos: str = "auto",
+    source: str = LAMBADA,
+) -> TaskResult:
     """LAMBADA (OpenAI) last-word accuracy, greedy, on the first `limit` examples (default all)."""
     check_model("model", model)
     check_tokenizer("tokenizer", tokenizer)

@@ -31,13 +31,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .ct_transforms import ct_check_weight, ct_expected_weights
 from .qconfig import QuantConfig, parse_quantization_config, read_config_json
 from .tensors import CheckpointError, read_tensors
-from .ct_transforms import ct_check_weight, ct_expected_weights
 
 MAX_LISTED_PROBLEMS = 8  # a corrupt checkpoint can have thousands; the first few say enough
-FIX = ("The checkpoint is damaged or its files do not belong together: re-save it (smoothq quantize ... -o), "
-       "or restore the original files.")
+FIX = (
+    "The checkpoint is damaged or its files do not belong together: re-save it (smoothq quantize ... -o), "
+    "or restore the original files."
+)
 
 
 def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
@@ -104,12 +106,14 @@ def expected_layout(model: nn.Module, resolved, quant: QuantConfig) -> Checkpoin
             config_problems.append(
                 f"quantization_config.modules does not list the decoder linears of {type(model).__name__}"
                 + (f"; listed but not decoder linears: {extra[:3]}" if extra else "")
-                + (f"; decoder linears missing from the list: {absent[:3]}" if absent else ""))
+                + (f"; decoder linears missing from the list: {absent[:3]}" if absent else "")
+            )
     else:
         names = [n for n in quantizable if not _ignored(n, quant.ignore)]
     if not names:
-        raise CheckpointError(f"{where} quantizes none of the decoder linears of {type(model).__name__}: "
-                              "nothing to load as INT8")
+        raise CheckpointError(
+            f"{where} quantizes none of the decoder linears of {type(model).__name__}: nothing to load as INT8"
+        )
     linears = {}
     for name in names:
         module = quantizable[name]
@@ -120,8 +124,10 @@ def expected_layout(model: nn.Module, resolved, quant: QuantConfig) -> Checkpoin
         rotated = quant.input_rotation["linears"]
         stray = [n for n in rotated if n not in linears]
         if stray:
-            raise CheckpointError(f"{where}: bad input_rotation entry: {stray[0]!r} is not a quantized linear "
-                                  "of this model. Restore the checkpoint's config.json")
+            raise CheckpointError(
+                f"{where}: bad input_rotation entry: {stray[0]!r} is not a quantized linear "
+                "of this model. Restore the checkpoint's config.json"
+            )
         if quant.format == "compressed-tensors":
             transforms = ct_expected_weights(rotated, {n: linears[n].in_features for n in rotated})
 
@@ -135,9 +141,16 @@ def expected_layout(model: nn.Module, resolved, quant: QuantConfig) -> Checkpoin
         floats[name] = (tensor.shape, tensor.dtype)
         by_identity.setdefault(id(tensor), []).append(name)  # tied parameters are one object
     tied = [names for names in by_identity.values() if len(names) > 1]
-    return CheckpointLayout(quant=quant, linears=linears, floats=floats, tied=tied, embedding=embedding,
-                            config_problems=config_problems, float_linears=set(quantizable) - set(linears),
-                            transforms=transforms)
+    return CheckpointLayout(
+        quant=quant,
+        linears=linears,
+        floats=floats,
+        tied=tied,
+        embedding=embedding,
+        config_problems=config_problems,
+        float_linears=set(quantizable) - set(linears),
+        transforms=transforms,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +160,7 @@ def expected_layout(model: nn.Module, resolved, quant: QuantConfig) -> Checkpoin
 def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
     """isfinite over the whole tensor, in chunks: no full-size boolean copy of a large embedding."""
     flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -188,12 +201,15 @@ def tensor_problems(layout: CheckpointLayout, state: dict[str, torch.Tensor]) ->
             elif leaf == "input_scale":
                 _check_scale(tname, t, [(1,), ()], what, problems)
             elif leaf == "bias" and (not t.is_floating_point() or tuple(t.shape) != (out,) or not all_finite(t)):
-                problems.append(f"{tname} is {_describe(t)}{'' if all_finite(t) else ' with NaN/Inf'}; "
-                                f"expected finite {what}")
+                problems.append(
+                    f"{tname} is {_describe(t)}{'' if all_finite(t) else ' with NaN/Inf'}; expected finite {what}"
+                )
         if not quant.static and f"{name}.input_scale" in state:
             expected.add(f"{name}.input_scale")  # reported here, with the reason, not as "unexpected"
-            problems.append(f"{name}.input_scale is present, but {quant.scheme.label} quantizes activations "
-                            "dynamically (a static scale means the tensors were saved with another scheme)")
+            problems.append(
+                f"{name}.input_scale is present, but {quant.scheme.label} quantizes activations "
+                "dynamically (a static scale means the tensors were saved with another scheme)"
+            )
 
     embed_weight = f"{layout.embedding}.weight"
     int8_embedding = quant.int8_embeddings and embed_weight in layout.floats
@@ -250,8 +266,9 @@ def check_tensors(layout: CheckpointLayout, state: dict[str, torch.Tensor], fold
     if problems:
         listed = "; ".join(problems[:MAX_LISTED_PROBLEMS])
         more = f"; and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-        raise CheckpointError(f"{folder}: the tensors and config.json ({layout.quant.describe()}) do not match: "
-                              f"{listed}{more}. {FIX}")
+        raise CheckpointError(
+            f"{folder}: the tensors and config.json ({layout.quant.describe()}) do not match: {listed}{more}. {FIX}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,13 +295,15 @@ def _float_dtype(value, where: str) -> torch.dtype:
     else:
         dtype = getattr(torch, value, None) if isinstance(value, str) else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise CheckpointError(f"{where} is {value!r}; expected a float dtype such as 'float16', 'bfloat16' "
-                              "or 'float32'")
+        raise CheckpointError(
+            f"{where} is {value!r}; expected a float dtype such as 'float16', 'bfloat16' or 'float32'"
+        )
     return dtype
 
 
-def check_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
-                     attn_implementation: str | None = None) -> CheckedCheckpoint:
+def check_checkpoint(
+    path: str | Path, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None
+) -> CheckedCheckpoint:
     """Parse config.json, read every shard, build the skeleton and check every tensor against it."""
     from transformers import AutoConfig
 
@@ -296,8 +315,10 @@ def check_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for one cause: a bad config
-        raise CheckpointError(f"{folder}/config.json does not describe a model transformers knows "
-                              f"({type(exc).__name__}: {str(exc)[:300]}); restore the checkpoint's config.json") from None
+        raise CheckpointError(
+            f"{folder}/config.json does not describe a model transformers knows "
+            f"({type(exc).__name__}: {str(exc)[:300]}); restore the checkpoint's config.json"
+        ) from None
     del config.quantization_config
     if dtype is None:
         dtype = _float_dtype(getattr(config, "dtype", None) or torch.float16, f"{folder}/config.json field 'dtype'")
@@ -310,8 +331,10 @@ def check_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None,
         with torch.device("meta"):
             model = causal_lm_from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as exc:  # noqa: BLE001 - as above: a field transformers cannot build a model from
-        raise CheckpointError(f"{folder}/config.json describes no buildable model ({type(exc).__name__}: "
-                              f"{str(exc)[:300]}); restore the checkpoint's config.json") from None
+        raise CheckpointError(
+            f"{folder}/config.json describes no buildable model ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); restore the checkpoint's config.json"
+        ) from None
     try:
         resolved = resolve(model)  # also splits fused MoE experts, as at quantization time
     except UnsupportedArchError as exc:  # e.g. num_hidden_layers: 0

@@ -14,7 +14,6 @@ from torch import nn
 from ..archs import UnsupportedArchError, resolve
 from ..runtime.input_rotation import InputRotation
 
-
 CT_SCHEME = "online_rotation"  # scheme name; vLLM and compressed-tensors register <linear>.<name>_input
 
 
@@ -55,16 +54,24 @@ def ct_transform_config(model: nn.Module, spec: dict) -> dict:
         raise UnsupportedArchError(
             f"the online input rotation of MoE expert linears ({experts[0]}, ...) cannot be exported to "
             "compressed-tensors: vLLM applies transforms to plain linear layers only, not to fused experts. "
-            "Save with format='smoothq', or quantize without --rotate-inputs")
+            "Save with format='smoothq', or quantize without --rotate-inputs"
+        )
     targets = ct_targets(model, linears)
-    return {"config_groups": {CT_SCHEME: {
-        "type": "random-hadamard",
-        "apply": [
-            {"targets": targets, "location": "input", "inverse": False, "ignore": []},
-            {"targets": targets, "location": "weight_input", "inverse": True, "ignore": []},
-        ],
-        "randomize": False, "requires_grad": False, "head_dim": None, "precision": "torch.float32",
-    }}}
+    return {
+        "config_groups": {
+            CT_SCHEME: {
+                "type": "random-hadamard",
+                "apply": [
+                    {"targets": targets, "location": "input", "inverse": False, "ignore": []},
+                    {"targets": targets, "location": "weight_input", "inverse": True, "ignore": []},
+                ],
+                "randomize": False,
+                "requires_grad": False,
+                "head_dim": None,
+                "precision": "torch.float32",
+            }
+        }
+    }
 
 
 def ct_transform_weights(model: nn.Module, spec: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -76,8 +83,10 @@ def ct_transform_weights(model: nn.Module, spec: dict, dtype: torch.dtype) -> di
     seed = int(spec.get("seed", 0))
     sizes = {n: model.get_submodule(n).in_features for n in linears}
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    return {name: (InputRotation(size, seed)(torch.eye(size, dtype=work)) * math.sqrt(size)).to(dtype).contiguous()
-            for name, size in ct_expected_weights(linears, sizes).items()}
+    return {
+        name: (InputRotation(size, seed)(torch.eye(size, dtype=work)) * math.sqrt(size)).to(dtype).contiguous()
+        for name, size in ct_expected_weights(linears, sizes).items()
+    }
 
 
 def ct_expected_weights(linears: list[str], sizes: dict[str, int]) -> dict[str, int]:

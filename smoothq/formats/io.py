@@ -37,22 +37,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.outputs import CHECKPOINT_FORMATS as FORMATS
-from ..core.outputs import atomic_dir, check_output
-from ..core.schemes import FORMAT_VERSION
-from ..runtime.linear import W8A8Linear
-from ..core.record import record
-from ..core.validate import check_model, check_path
 from ..archs import UnsupportedArchError
-from .ct_transforms import ct_transform_config, ct_transform_weights
-from .qconfig import compressed_tensors_config
-from .tensors import CheckpointError, plan_shards, write_index
+from ..core.outputs import CHECKPOINT_FORMATS as FORMATS
 
 # the rest of the checkpoint API, defined below io and used through it (smoothq.load, the CLI, the layered
 # executor, the benchmarks and tests): re-exported, one import point for checkpoints
-from ..core.outputs import INDEX_FILE, SINGLE_FILE, OutputError, replace_dir, write_error  # noqa: F401
+from ..core.outputs import INDEX_FILE, SINGLE_FILE, OutputError, atomic_dir, check_output, replace_dir, write_error  # noqa: F401
+from ..core.record import record
+from ..core.schemes import FORMAT_VERSION
+from ..core.validate import check_model, check_path
+from ..runtime.linear import W8A8Linear
+from .ct_transforms import ct_transform_config, ct_transform_weights
 from .load import _init_non_persistent_buffers, is_quantized_checkpoint, load  # noqa: F401
-from .qconfig import scheme_from_config  # noqa: F401
+from .qconfig import (
+    compressed_tensors_config,
+    scheme_from_config,  # noqa: F401
+)
+from .tensors import CheckpointError, plan_shards, write_index
 from .tensors import read_tensors as _read_tensors  # noqa: F401 - the name tests and benchmarks use
 
 
@@ -60,7 +61,9 @@ def _float_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype if name == "auto" else getattr(torch, name)
 
 
-def quantized_state(model: nn.Module, fmt: str, float_dtype: torch.dtype, int8_embeddings: bool) -> dict[str, torch.Tensor]:
+def quantized_state(
+    model: nn.Module, fmt: str, float_dtype: torch.dtype, int8_embeddings: bool
+) -> dict[str, torch.Tensor]:
     """Flat name -> tensor map in the checkpoint layout; tied duplicates stored once.
 
     Parts of the model may live on the meta device (smoothq.pipeline.layered plans the whole layout on a
@@ -114,9 +117,19 @@ def check_save_options(format: str, embeddings: str) -> None:
     if embeddings == "int8" and format != "smoothq":
         raise CheckpointError("serving engines read float embeddings: int8 embedding storage needs format='smoothq'")
 
-def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "smoothq", float_dtype: str = "float16",
-         embeddings: str = "float", overwrite: bool = False, meta: dict | None = None,
-         max_shard_bytes: int = 2 * 1024**3, sources=()) -> Path:
+
+def save(
+    model: nn.Module,
+    output: str | Path,
+    tokenizer=None,
+    format: str = "smoothq",
+    float_dtype: str = "float16",
+    embeddings: str = "float",
+    overwrite: bool = False,
+    meta: dict | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    sources=(),
+) -> Path:
     """Write a quantized model (after smoothq.quantize) as a Hugging Face-style directory.
 
     float_dtype: dtype of the float tensors ('float16', 'bfloat16', 'float32' or 'auto' = the model's).
@@ -129,8 +142,10 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
     check_output(output, overwrite, sources)
     qnames = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
     if record(model).cpu_fast is not None:
-        raise CheckpointError("optimize_for_cpu() packed this model's int8 weights for oneDNN and released the plain "
-                              "copies: save the quantized model before optimizing it, or reload it")
+        raise CheckpointError(
+            "optimize_for_cpu() packed this model's int8 weights for oneDNN and released the plain "
+            "copies: save the quantized model before optimizing it, or reload it"
+        )
     if record(model).scheme is None or not qnames:
         raise CheckpointError("the model is not quantized: run smoothq.quantize(model, scheme, ...) before saving")
     dtype = _float_dtype(float_dtype, model.dtype)
@@ -143,8 +158,9 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, format: str = "sm
     return Path(output)
 
 
-def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddings: str = "float",
-                      meta: dict | None = None):
+def checkpoint_config(
+    model: nn.Module, format: str, dtype: torch.dtype, embeddings: str = "float", meta: dict | None = None
+):
     """The config.json of a quantized model (after smoothq.quantize; its weights may be on meta)."""
     rec = record(model)
     scheme, sink_tokens = rec.scheme, rec.sink_tokens
@@ -171,7 +187,8 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
             raise CheckpointError(
                 f"the model quantizes its first {sink_tokens} token(s) per token (sink_tokens): compressed-tensors "
                 f"has no field for that, and vLLM would apply the {scheme.label} per-tensor scale to the sink tokens "
-                "too, which loads but computes wrong. Save with format='smoothq', or quantize without sink_tokens")
+                "too, which loads but computes wrong. Save with format='smoothq', or quantize without sink_tokens"
+            )
         extra["sink_tokens"] = sink_tokens
     input_rotation = rec.input_rotation
     if input_rotation:  # online_rotation.py: those linears multiply their input by Q at run time
@@ -181,22 +198,35 @@ def checkpoint_config(model: nn.Module, format: str, dtype: torch.dtype, embeddi
         # name, so a router of its own class (Qwen3-MoE's TopKRouter, vLLM's GateLinear) must be named here
         # or vLLM builds it as an INT8 layer and loads our float weights into it as zeros
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        ignore = [n for n, m in model.named_modules() if n not in qnames and m is not embedding
-                  and not isinstance(m, (W8A8Linear, nn.Embedding))
-                  and (isinstance(m, nn.Linear) or (isinstance(getattr(m, "weight", None), torch.Tensor)
-                                                    and m.weight.dim() == 2 and m.weight.is_floating_point()))]
+        ignore = [
+            n
+            for n, m in model.named_modules()
+            if n not in qnames
+            and m is not embedding
+            and not isinstance(m, (W8A8Linear, nn.Embedding))
+            and (
+                isinstance(m, nn.Linear)
+                or (
+                    isinstance(getattr(m, "weight", None), torch.Tensor)
+                    and m.weight.dim() == 2
+                    and m.weight.is_floating_point()
+                )
+            )
+        ]
         if scheme.static and any(_is_expert(n) for n in qnames):
-            warnings.warn("static (O3) activation scales on MoE expert linears: vLLM 0.32's fused MoE accepts only "
-                          "dynamic per-token INT8 (W8A8), so this compressed-tensors export loads in smoothq and "
-                          "transformers but not in vLLM (benchmarks/results/vllm-moe.md)")
+            warnings.warn(
+                "static (O3) activation scales on MoE expert linears: vLLM 0.32's fused MoE accepts only "
+                "dynamic per-token INT8 (W8A8), so this compressed-tensors export loads in smoothq and "
+                "transformers but not in vLLM (benchmarks/results/vllm-moe.md)",
+                stacklevel=2,
+            )
         qc = compressed_tensors_config(scheme, ignore)
         if scheme.static:
             check_shared_input_scales(model)
         if input_rotation:  # as a compressed-tensors transform that vLLM applies (online_rotation.py)
             qc["transform_config"] = _ct_transform_config(model, input_rotation)
     else:
-        qc = {"quant_method": "smoothq", **extra, "modules": qnames,
-              "int8_embeddings": embeddings == "int8"}
+        qc = {"quant_method": "smoothq", **extra, "modules": qnames, "int8_embeddings": embeddings == "int8"}
     config = copy.deepcopy(model.config)
     if not getattr(config, "architectures", None):  # as save_pretrained writes it: the class to rebuild
         config.architectures = [type(model).__name__]
@@ -244,7 +274,8 @@ def check_shared_input_scales(model: nn.Module) -> None:
         raise CheckpointError(
             f"the linears that read one input have different static input scales ({listed}): vLLM runs them "
             "as one fused layer with one scale (the max), so the export would serve another model. Quantize "
-            "with this smoothq version (its clipping picks one ratio per input), or without clipping")
+            "with this smoothq version (its clipping picks one ratio per input), or without clipping"
+        )
 
 
 def _ct_transform_config(model: nn.Module, spec: dict) -> dict:

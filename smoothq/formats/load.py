@@ -33,8 +33,13 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") in ("smoothq", "compressed-tensors")
 
 
-def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: torch.dtype | str | None = None,
-         attn_implementation: str | None = None):
+def load(
+    path: str | Path,
+    backend: str = "auto",
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+):
     """(model, tokenizer) from a checkpoint written by save() (either format) or by another tool in
     the compressed-tensors INT8 W8A8 layout. Decoder linears are W8A8Linear on `backend`; float
     tensors are cast to `dtype` (default: the checkpoint's).
@@ -58,8 +63,9 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
             state[f"{name}.input_scale"] = state[f"{name}.input_scale"].reshape(1)
         mod_scheme = QuantScheme("per_channel" if per_channel else "per_tensor", scheme.activations, scheme.name)
         parent, _, attr = name.rpartition(".")
-        q = W8A8Linear(shape.in_features, shape.out_features, shape.bias, mod_scheme, backend, bias_dtype=dtype,
-                       device="meta")
+        q = W8A8Linear(
+            shape.in_features, shape.out_features, shape.bias, mod_scheme, backend, bias_dtype=dtype, device="meta"
+        )
         setattr(model.get_submodule(parent), attr, q)
 
     model.to_empty(device=device)
@@ -88,7 +94,10 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
         # the weights load without it: keep the model, say what is missing. Recipe.from_dict answers
         # some wrong field types (a number where a list belongs) with TypeError/AttributeError
         except (RecipeError, TypeError, AttributeError, KeyError, ValueError) as exc:
-            warnings.warn(f"{folder}/config.json: smoothq.recipe does not read ({exc}); model.smoothq.recipe is None")
+            warnings.warn(
+                f"{folder}/config.json: smoothq.recipe does not read ({exc}); model.smoothq.recipe is None",
+                stacklevel=2,
+            )
     if quant.sink_tokens:
         from ..runtime.linear import set_sink_tokens
 
@@ -108,8 +117,11 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", dtype: to
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError, ImportError, TypeError) as exc:  # e.g. a tokenizer needing sacremoses
-            warnings.warn(f"{folder}: the tokenizer does not load ({type(exc).__name__}: {str(exc)[:200]}); "
-                          "the model loads without it")
+            warnings.warn(
+                f"{folder}: the tokenizer does not load ({type(exc).__name__}: {str(exc)[:200]}); "
+                "the model loads without it",
+                stacklevel=2,
+            )
     return model, tokenizer
 
 
@@ -122,7 +134,11 @@ def _untie_differing(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         current = getattr(module, leaf, None)
-        if not isinstance(current, torch.Tensor) or current.shape != saved.shape or torch.equal(current, saved.to(current)):
+        if (
+            not isinstance(current, torch.Tensor)
+            or current.shape != saved.shape
+            or torch.equal(current, saved.to(current))
+        ):
             continue
         value = saved.to(device=current.device, dtype=current.dtype)
         if leaf in module._parameters:
@@ -137,8 +153,11 @@ def _init_non_persistent_buffers(model: nn.Module) -> None:
     after building on the meta device they must be recomputed. transformers' own _init_weights
     knows how for its modules; the loaded state dict overwrites any weights it touches."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    owners = [name for name, module in model.named_modules()
-              if any(b in module._non_persistent_buffers_set for b, _ in module.named_buffers(recurse=False))]
+    owners = [
+        name
+        for name, module in model.named_modules()
+        if any(b in module._non_persistent_buffers_set for b, _ in module.named_buffers(recurse=False))
+    ]
     # the owners, then their ancestors (deepest first): some models compute a layer's buffer when the
     # model around it is initialized (Falcon-H1's mup_vector, set from FalconH1Model)
     ancestors = {".".join(n.split(".")[:k]) for n in owners for k in range(len(n.split(".")))} - set(owners)

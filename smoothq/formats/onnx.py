@@ -61,18 +61,45 @@ from torch import nn
 
 from ..core.models import cache_kwarg
 from ..core.outputs import atomic_dir, check_output
-from ..runtime.linear import W8A8Linear
 from ..core.quant import QMAX, activation_scale, quantize, quantize_weight
 from ..core.record import record
-from .onnx_runtime import (DATA_FILE, FLOAT_MATMUL_OPS, INSTALL_HINT, INTEGER_MATMUL_OPS, MODEL_FILE,  # noqa: F401
-                           OPSET, ZERO_POINT, OnnxExportError, OnnxModel, check_model, compare_logits,
-                           integer_kernels, integer_sums_exact, model_file, onnx_bytes, onnx_perplexity,
-                           require_onnx, session)
+from ..runtime.linear import W8A8Linear
+from .onnx_runtime import (  # noqa: F401
+    DATA_FILE,
+    FLOAT_MATMUL_OPS,
+    INSTALL_HINT,
+    INTEGER_MATMUL_OPS,
+    MODEL_FILE,
+    OPSET,
+    ZERO_POINT,
+    OnnxExportError,
+    OnnxModel,
+    check_model,
+    compare_logits,
+    integer_kernels,
+    integer_sums_exact,
+    model_file,
+    onnx_bytes,
+    onnx_perplexity,
+    require_onnx,
+    session,
+)
 
 META_FILE = "smoothq_onnx.json"
 # what an export directory holds (--force replaces only such a directory)
-_OWN_FILES = {MODEL_FILE, DATA_FILE, META_FILE, "config.json", "generation_config.json", "special_tokens_map.json",
-              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json"}
+_OWN_FILES = {
+    MODEL_FILE,
+    DATA_FILE,
+    META_FILE,
+    "config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +114,14 @@ def _int8_linear_op():
     from ..runtime.backends import _scale_epilogue
 
     @torch.library.custom_op("smoothq::onnx_int8_linear", mutates_args=())
-    def onnx_int8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
-                         input_scale: torch.Tensor | None, bias: torch.Tensor | None, granularity: str) -> torch.Tensor:
+    def onnx_int8_linear(
+        x: torch.Tensor,
+        weight_t: torch.Tensor,
+        weight_scale: torch.Tensor,
+        input_scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        granularity: str,
+    ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         scale = activation_scale(x2, granularity, None if input_scale is None else input_scale.reshape(1))
         acc = quantize(x2, scale).float() @ weight_t.float()
@@ -216,8 +249,13 @@ class _WithPast(nn.Module):
         cache = DynamicCache(config=self.model.config)
         for i, (k, v) in enumerate(past_key_values):
             cache.update(k, v, i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{cache_kwarg(self.model): cache})
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{cache_kwarg(self.model): cache},
+        )
         presents = []
         for layer in _cache_of(out).layers:
             presents += [layer.keys, layer.values]
@@ -227,31 +265,42 @@ class _WithPast(nn.Module):
 def _check_exportable(model: nn.Module) -> None:
     rec = record(model)
     if rec.cpu_fast is not None:
-        raise OnnxExportError("optimize_for_cpu() packed this model's int8 weights for oneDNN: export the quantized "
-                              "model before optimizing it, or reload it (smoothq.load)")
+        raise OnnxExportError(
+            "optimize_for_cpu() packed this model's int8 weights for oneDNN: export the quantized "
+            "model before optimizing it, or reload it (smoothq.load)"
+        )
     if rec.sink_tokens:
-        raise OnnxExportError(f"the model quantizes its first {rec.sink_tokens} token(s) per token (sink tokens), "
-                              "which depends on positions tracked at run time: the ONNX export does not support it. "
-                              "Quantize without --sink-tokens")
+        raise OnnxExportError(
+            f"the model quantizes its first {rec.sink_tokens} token(s) per token (sink tokens), "
+            "which depends on positions tracked at run time: the ONNX export does not support it. "
+            "Quantize without --sink-tokens"
+        )
     if rec.attention is not None or any(hasattr(m, "smoothq_attn") for m in model.modules()):
-        raise OnnxExportError("INT8 attention (enable_int8_attention) is not exported: disable it "
-                              "(smoothq.runtime.attention.disable_int8_attention) to export float attention")
+        raise OnnxExportError(
+            "INT8 attention (enable_int8_attention) is not exported: disable it "
+            "(smoothq.runtime.attention.disable_int8_attention) to export float attention"
+        )
     params = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
     if any(p.device.type != "cpu" for p in params):
         raise OnnxExportError("export a model on the CPU: model.to('cpu') first")
-    other = sorted({str(p.dtype).replace("torch.", "") for p in params
-                    if p.is_floating_point() and p.dtype != torch.float32})
+    other = sorted(
+        {str(p.dtype).replace("torch.", "") for p in params if p.is_floating_point() and p.dtype != torch.float32}
+    )
     if other:
-        raise OnnxExportError(f"the ONNX graph is float32, but the model holds {', '.join(other)} tensors: export "
-                              "model.float() (exact), or load the checkpoint with dtype='float32' (--dtype float32)")
+        raise OnnxExportError(
+            f"the ONNX graph is float32, but the model holds {', '.join(other)} tensors: export "
+            "model.float() (exact), or load the checkpoint with dtype='float32' (--dtype float32)"
+        )
     for name, m in model.named_modules():
         if isinstance(m, W8A8Linear) and m.sink_tokens:
             raise OnnxExportError(f"{name} quantizes sink tokens per token: not supported by the ONNX export")
         kind = type(m).__name__
         if "Experts" in kind or "Moe" in kind:  # transformers' MoE blocks, smoothq.moe.SplitExperts
             # the routing gathers each expert's tokens by a data-dependent count: torch.export cannot trace it
-            raise OnnxExportError(f"{name} is a mixture of experts ({kind}): MoE models are not exported to "
-                                  "ONNX (their token routing is data-dependent)")
+            raise OnnxExportError(
+                f"{name} is a mixture of experts ({kind}): MoE models are not exported to "
+                "ONNX (their token routing is data-dependent)"
+            )
 
 
 class ExportModules:
@@ -324,12 +373,16 @@ def _io_names(n_layers: int, kv_cache: bool) -> tuple[list[str], list[str]]:
     if not kv_cache:
         return ["input_ids", "attention_mask"], ["logits"]
     kv = [f"{i}.{t}" for i in range(n_layers) for t in ("key", "value")]
-    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
-            ["logits"] + [f"present.{n}" for n in kv])
+    return (
+        ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
+        ["logits"] + [f"present.{n}" for n in kv],
+    )
 
 
-CHECK_TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
-              "structure in Paris. Its base is square, measuring 125 metres on each side.")
+CHECK_TEXT = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+    "structure in Paris. Its base is square, measuring 125 metres on each side."
+)
 
 
 def _check_ids(model: nn.Module, tokenizer, length: int = 32) -> torch.Tensor:
@@ -351,9 +404,18 @@ def _not_an_export(path: Path) -> str | None:
     return None
 
 
-def export_onnx(model: nn.Module, output_dir: str | Path, tokenizer=None, kv_cache: bool = True,
-                embeddings: str = "float", overwrite: bool = False, check: bool = True,
-                external_data: bool | None = None, sources=(), progress: bool = False) -> dict:
+def export_onnx(
+    model: nn.Module,
+    output_dir: str | Path,
+    tokenizer=None,
+    kv_cache: bool = True,
+    embeddings: str = "float",
+    overwrite: bool = False,
+    check: bool = True,
+    external_data: bool | None = None,
+    sources=(),
+    progress: bool = False,
+) -> dict:
     """Write `model` (quantized by smoothq, or float) as an ONNX directory for ONNX Runtime:
     model.onnx (+ model.onnx.data past 2 GB), config.json, generation_config.json, the tokenizer
     files and smoothq_onnx.json (what was exported, and the checks below). See the module docstring
@@ -395,18 +457,25 @@ def export_onnx(model: nn.Module, output_dir: str | Path, tokenizer=None, kv_cac
             model.set_attn_implementation(attn)
         model.train(was_training)
     export_s = time.perf_counter() - t0
-    weight_bytes = sum(t.nbytes for t in program.exported_program.state_dict.values()) + \
-        sum(t.nbytes for t in program.exported_program.constants.values() if isinstance(t, torch.Tensor))
+    weight_bytes = sum(t.nbytes for t in program.exported_program.state_dict.values()) + sum(
+        t.nbytes for t in program.exported_program.constants.values() if isinstance(t, torch.Tensor)
+    )
     meta = {
-        "format": "smoothq-onnx", "version": 1, "opset": OPSET,
+        "format": "smoothq-onnx",
+        "version": 1,
+        "opset": OPSET,
         "layout": "text-generation-with-past" if kv_cache else "prefill",
         "num_layers": n_layers,
         "kv_shape": None if kv_shape is None else {"kv_heads": kv_shape[0], "head_dim": kv_shape[1]},
-        "scheme": None if rec.scheme is None else rec.scheme.to_dict(), "quantized_linears": n_quantized,
-        "input_rotation": rec.input_rotation, "rotation": rec.rotation,
+        "scheme": None if rec.scheme is None else rec.scheme.to_dict(),
+        "quantized_linears": n_quantized,
+        "input_rotation": rec.input_rotation,
+        "rotation": rec.rotation,
         "recipe": None if rec.recipe is None else rec.recipe.to_dict(),
-        "embeddings": embeddings, "activation_zero_point": ZERO_POINT,
-        "export_seconds": round(export_s, 1), "versions": _versions(),
+        "embeddings": embeddings,
+        "activation_zero_point": ZERO_POINT,
+        "export_seconds": round(export_s, 1),
+        "versions": _versions(),
     }
     with atomic_dir(output_dir, overwrite, sources, replaceable=_not_an_export) as tmp:
         big = weight_bytes > 1.8 * 1024**3 if external_data is None else external_data  # protobuf's limit is 2 GB
@@ -449,9 +518,17 @@ def _export(model: nn.Module, kv_cache: bool, n_layers: int, progress: bool):
     try:
         with quiet, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's own chatter (axis renames, deprecations)
-            program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=shapes, input_names=names_in,
-                                        output_names=names_out, opset_version=OPSET, optimize=True,
-                                        custom_translation_table={_int8_linear_op(): _onnx_int8_linear})
+            program = torch.onnx.export(
+                wrapper,
+                args,
+                dynamo=True,
+                dynamic_shapes=shapes,
+                input_names=names_in,
+                output_names=names_out,
+                opset_version=OPSET,
+                optimize=True,
+                custom_translation_table={_int8_linear_op(): _onnx_int8_linear},
+            )
     except OnnxExportError:
         raise
     except Exception as exc:  # torch.export / the exporter failing on this architecture
@@ -459,9 +536,11 @@ def _export(model: nn.Module, kv_cache: bool, n_layers: int, progress: bool):
 
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
         first = text.splitlines()[0] if text else type(exc).__name__
-        raise OnnxExportError(f"torch.onnx.export failed for {type(model).__name__} ({type(exc).__name__}: "
-                              f"{first[:300]}); exported and checked here: Llama, Mistral, Qwen2, Qwen3, Gemma, "
-                              "Gemma 3, Phi-3, OPT, GPT-2, Falcon") from exc
+        raise OnnxExportError(
+            f"torch.onnx.export failed for {type(model).__name__} ({type(exc).__name__}: "
+            f"{first[:300]}); exported and checked here: Llama, Mistral, Qwen2, Qwen3, Gemma, "
+            "Gemma 3, Phi-3, OPT, GPT-2, Falcon"
+        ) from exc
     return program, kv_shape
 
 
@@ -471,19 +550,44 @@ def _versions() -> dict:
     import onnxscript
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxscript": onnxscript.__version__,
+    }
 
 
 def describe(meta: dict) -> str:
     """One line about an export (the CLI prints it)."""
     scheme = (meta.get("scheme") or {}).get("name") or "float32"
     chk = meta.get("check")
-    checked = (f"; ORT vs torch logits: max |diff| {chk['max_abs_diff']:.2e} of scale {chk['logit_scale']:.1f}, "
-               f"argmax agreement {100 * chk['argmax_agreement']:.1f}%") if chk else ""
-    return (f"{scheme}, {meta['quantized_linears']} int8 linears, {meta['layout']}, embeddings {meta['embeddings']}, "
-            f"{meta['onnx_bytes'] / 1e6:.1f} MB{' (external data)' if meta['external_data'] else ''}{checked}")
+    checked = (
+        (
+            f"; ORT vs torch logits: max |diff| {chk['max_abs_diff']:.2e} of scale {chk['logit_scale']:.1f}, "
+            f"argmax agreement {100 * chk['argmax_agreement']:.1f}%"
+        )
+        if chk
+        else ""
+    )
+    return (
+        f"{scheme}, {meta['quantized_linears']} int8 linears, {meta['layout']}, embeddings {meta['embeddings']}, "
+        f"{meta['onnx_bytes'] / 1e6:.1f} MB{' (external data)' if meta['external_data'] else ''}{checked}"
+    )
 
 
-__all__ = ["export_onnx", "ExportModules", "OnnxModel", "OnnxExportError", "onnx_perplexity", "compare_logits",
-           "integer_kernels", "check_model", "session", "model_file", "onnx_bytes", "require_onnx"]
+__all__ = [
+    "export_onnx",
+    "ExportModules",
+    "OnnxModel",
+    "OnnxExportError",
+    "onnx_perplexity",
+    "compare_logits",
+    "integer_kernels",
+    "check_model",
+    "session",
+    "model_file",
+    "onnx_bytes",
+    "require_onnx",
+]

@@ -24,8 +24,14 @@ DATA_FILE = "model.onnx.data"
 OPSET = 18  # torch.onnx's own opset (onnxscript torch_lib): no version conversion step
 ZERO_POINT = 128  # activations enter MatMulInteger as uint8 = int8 + 128 (see onnx.py's docstring)
 # ops of ONNX Runtime that multiply integers (MatMulInteger and its fusions)
-INTEGER_MATMUL_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul",
-                      "QGemm", "MatMulNBits")
+INTEGER_MATMUL_OPS = (
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QLinearMatMul",
+    "QGemm",
+    "MatMulNBits",
+)
 FLOAT_MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")
 INSTALL_HINT = "pip install 'smoothq[onnx]'"
 
@@ -62,8 +68,9 @@ def model_file(path: str | Path) -> Path:
     return path / MODEL_FILE if path.is_dir() else path
 
 
-def session(path: str | Path, threads: int | None = None, optimized_model: str | Path | None = None,
-            level: str = "all"):
+def session(
+    path: str | Path, threads: int | None = None, optimized_model: str | Path | None = None, level: str = "all"
+):
     """An ONNX Runtime CPU session on an export (directory or .onnx file). threads: intra-op threads (None:
     ORT's default, one per core). optimized_model: write the graph as ORT runs it (after its optimizations) there."""
     require_onnx()
@@ -71,17 +78,20 @@ def session(path: str | Path, threads: int | None = None, optimized_model: str |
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only (the optimized-model dump warns about hardware-specific fusions)
-    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    }[level]
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     if optimized_model is not None:
         so.optimized_model_filepath = str(optimized_model)
         # big initializers to a side file, so the dump works past 2 GB too
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                    Path(optimized_model).name + ".data")
+        so.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", Path(optimized_model).name + ".data"
+        )
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     return ort.InferenceSession(str(model_file(path)), so, providers=["CPUExecutionProvider"])
 
@@ -141,7 +151,7 @@ class OnnxModel(nn.Module):
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def integer_sums_exact() -> bool:
     """Whether this machine's ONNX Runtime returns exact sums from MatMulInteger with uint8
     activations (zero point 128) and int8 weights, as the export runs it, on the worst case (every
@@ -156,11 +166,15 @@ def integer_sums_exact() -> bool:
     weight = np.full((k, n), 127, dtype=np.int8)
     weight[:, 1::2] = -127
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["x", "w", "zp"], ["acc"])], "sums",
+        [helper.make_node("MatMulInteger", ["x", "w", "zp"], ["acc"])],
+        "sums",
         [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, k])],
         [helper.make_tensor_value_info("acc", TensorProto.INT32, [None, n])],
-        [helper.make_tensor("w", TensorProto.INT8, [k, n], weight.flatten().tolist()),
-         helper.make_tensor("zp", TensorProto.UINT8, [], [ZERO_POINT])])
+        [
+            helper.make_tensor("w", TensorProto.INT8, [k, n], weight.flatten().tolist()),
+            helper.make_tensor("zp", TensorProto.UINT8, [], [ZERO_POINT]),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 10
     so = ort.SessionOptions()
@@ -192,10 +206,15 @@ def compare_logits(model: nn.Module, path: str | Path, input_ids: torch.Tensor, 
     got = OnnxModel(path, threads)(input_ids=input_ids).logits
     diff = (got - want).abs()
     scale = want.abs().max().item()
-    return {"tokens": int(input_ids.numel()), "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
-            "logit_scale": scale, "max_rel_diff": diff.max().item() / max(scale, 1e-12),
-            "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
-            "finite": bool(torch.isfinite(got).all())}
+    return {
+        "tokens": int(input_ids.numel()),
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "logit_scale": scale,
+        "max_rel_diff": diff.max().item() / max(scale, 1e-12),
+        "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
+        "finite": bool(torch.isfinite(got).all()),
+    }
 
 
 def integer_kernels(path: str | Path, threads: int = 1) -> dict:
@@ -218,8 +237,9 @@ def integer_kernels(path: str | Path, threads: int = 1) -> dict:
         for name in node.input:
             consumers.setdefault(name, []).append(node.op_type)
     # our quantized linears' weights: the int8 initializers named *.weight_t (OnnxInt8Linear)
-    weights = [t.name for t in graph.initializer
-               if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("weight_t")]
+    weights = [
+        t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("weight_t")
+    ]
     by_op: dict[str, int] = {}
     bad = []
     for name in weights:
@@ -228,10 +248,15 @@ def integer_kernels(path: str | Path, threads: int = 1) -> dict:
             by_op[o] = by_op.get(o, 0) + 1
         if not ops or any(o not in INTEGER_MATMUL_OPS for o in ops):
             bad.append((name, ops))
-    return {"op_counts": dict(sorted(counts.items())), "quantized_weights": len(weights), "weight_consumers": by_op,
-            "not_integer": bad[:10], "ok": bool(weights) and not bad,
-            "float_matmuls": sum(counts.get(o, 0) for o in FLOAT_MATMUL_OPS),
-            "integer_matmuls": sum(counts.get(o, 0) for o in INTEGER_MATMUL_OPS)}
+    return {
+        "op_counts": dict(sorted(counts.items())),
+        "quantized_weights": len(weights),
+        "weight_consumers": by_op,
+        "not_integer": bad[:10],
+        "ok": bool(weights) and not bad,
+        "float_matmuls": sum(counts.get(o, 0) for o in FLOAT_MATMUL_OPS),
+        "integer_matmuls": sum(counts.get(o, 0) for o in INTEGER_MATMUL_OPS),
+    }
 
 
 def onnx_bytes(path: str | Path) -> int:

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.schemes import ACT_GRANULARITIES, SCHEMES, WEIGHT_GRANULARITIES, QuantScheme
-from .tensors import CheckpointError
 from .ct_transforms import CT_SCHEME
+from .tensors import CheckpointError
 
 _CT_WEIGHT_STRATEGIES = {"channel": "per_channel", "tensor": "per_tensor"}
-_CT_ACT_STRATEGIES = {("token", True): "per_token", ("tensor", True): "per_tensor_dynamic",
-                      ("tensor", False): "per_tensor_static"}
+_CT_ACT_STRATEGIES = {
+    ("token", True): "per_token",
+    ("tensor", True): "per_tensor_dynamic",
+    ("tensor", False): "per_tensor_static",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,9 +31,18 @@ _CT_ACT_STRATEGIES = {("token", True): "per_token", ("tensor", True): "per_tenso
 
 
 def _ct_args(strategy: str, dynamic: bool) -> dict:
-    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": dynamic,
-            "group_size": None, "block_structure": None, "actorder": None, "observer": None if dynamic else "minmax",
-            "observer_kwargs": {}}
+    return {
+        "num_bits": 8,
+        "type": "int",
+        "symmetric": True,
+        "strategy": strategy,
+        "dynamic": dynamic,
+        "group_size": None,
+        "block_structure": None,
+        "actorder": None,
+        "observer": None if dynamic else "minmax",
+        "observer_kwargs": {},
+    }
 
 
 def compressed_tensors_config(scheme: QuantScheme, ignore: list[str]) -> dict:
@@ -46,12 +58,14 @@ def compressed_tensors_config(scheme: QuantScheme, ignore: list[str]) -> dict:
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": _ct_args("channel", dynamic=False),  # per-tensor scales are written per channel
-            "input_activations": _ct_args("tensor" if static else "token", dynamic=not static),
-            "output_activations": None,
-        }},
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": _ct_args("channel", dynamic=False),  # per-tensor scales are written per channel
+                "input_activations": _ct_args("tensor" if static else "token", dynamic=not static),
+                "output_activations": None,
+            }
+        },
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
@@ -109,14 +123,17 @@ def read_config_json(folder: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); restore the checkpoint's config.json") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object; "
-                              "restore the checkpoint's config.json")
+        raise CheckpointError(
+            f"{path} holds a JSON {type(config).__name__}, not an object; restore the checkpoint's config.json"
+        )
     return config
 
 
 def _field(where: str, name: str, value, expected: str) -> CheckpointError:
-    return CheckpointError(f"{where}: field {name!r} is {value!r}; expected {expected}. "
-                           "Restore the checkpoint's config.json, or re-save the checkpoint")
+    return CheckpointError(
+        f"{where}: field {name!r} is {value!r}; expected {expected}. "
+        "Restore the checkpoint's config.json, or re-save the checkpoint"
+    )
 
 
 def _is_int(value) -> bool:
@@ -145,15 +162,18 @@ def parse_quantization_config(config: dict, where: str = "config.json") -> Quant
         return _parse_smoothq(qc, extra, where)
     if method == "compressed-tensors":
         return _parse_compressed_tensors(qc, extra, where)
-    raise _field(where, "quant_method", method, "'smoothq' or 'compressed-tensors' (not a smoothq-loadable "
-                                                "quantized checkpoint)")
+    raise _field(
+        where, "quant_method", method, "'smoothq' or 'compressed-tensors' (not a smoothq-loadable quantized checkpoint)"
+    )
 
 
 def _parse_scheme(value, where: str) -> QuantScheme:
     if value is None:
-        raise CheckpointError(f"{where}: field 'scheme' is missing; it says how weights and activations are "
-                              "quantized, e.g. {\"weights\": \"per_channel\", \"activations\": \"per_token\", "
-                              "\"name\": \"W8A8\"}. Restore the checkpoint's config.json")
+        raise CheckpointError(
+            f"{where}: field 'scheme' is missing; it says how weights and activations are "
+            'quantized, e.g. {"weights": "per_channel", "activations": "per_token", '
+            '"name": "W8A8"}. Restore the checkpoint\'s config.json'
+        )
     if not isinstance(value, dict):
         raise _field(where, "scheme", value, "an object with 'weights' and 'activations'")
     weights, acts, name = value.get("weights"), value.get("activations"), value.get("name", "")
@@ -166,9 +186,11 @@ def _parse_scheme(value, where: str) -> QuantScheme:
     preset = SCHEMES.get(name)
     if preset is not None and (preset.weights, preset.activations) != (weights, acts):
         # which one is right cannot be told: the tensors would be checked against a guess
-        raise CheckpointError(f"{where}: scheme.name says {name} ({preset.weights} weights, {preset.activations} "
-                              f"activations) but the scheme's fields say {weights} weights, {acts} activations. "
-                              "Restore the checkpoint's config.json")
+        raise CheckpointError(
+            f"{where}: scheme.name says {name} ({preset.weights} weights, {preset.activations} "
+            f"activations) but the scheme's fields say {weights} weights, {acts} activations. "
+            "Restore the checkpoint's config.json"
+        )
     return QuantScheme(weights, acts, name)
 
 
@@ -189,16 +211,23 @@ def _parse_smoothq(qc: dict, extra: dict, where: str) -> QuantConfig:
         raise _field(where, "sink_tokens", sink_tokens, "a non-negative integer") from None
     input_rotation = _input_rotation(qc, where)
     return QuantConfig(
-        format="smoothq", scheme=scheme, listed_modules=None if modules is None else tuple(modules),
-        int8_embeddings=int8_embeddings, sink_tokens=sink_tokens, input_rotation=input_rotation,
-        rotation=_optional_dict(qc, "rotation", where), recipe=extra.get("recipe"),
-        module_state=_module_state(extra, where.replace("quantization_config", "smoothq")))
+        format="smoothq",
+        scheme=scheme,
+        listed_modules=None if modules is None else tuple(modules),
+        int8_embeddings=int8_embeddings,
+        sink_tokens=sink_tokens,
+        input_rotation=input_rotation,
+        rotation=_optional_dict(qc, "rotation", where),
+        recipe=extra.get("recipe"),
+        module_state=_module_state(extra, where.replace("quantization_config", "smoothq")),
+    )
 
 
 def _module_state(extra: dict, where: str) -> dict:
     state = extra.get("module_state") or {}
-    if not (isinstance(state, dict) and all(isinstance(k, str) and type(v) in (bool, int, float)
-                                            for k, v in state.items())):
+    if not (
+        isinstance(state, dict) and all(isinstance(k, str) and type(v) in (bool, int, float) for k, v in state.items())
+    ):
         raise _field(where, "module_state", state, "a mapping of module attribute names to booleans or numbers")
     return dict(state)
 
@@ -207,11 +236,16 @@ def _input_rotation(holder: dict, where: str) -> dict | None:
     input_rotation = _optional_dict(holder, "input_rotation", where)
     if input_rotation is not None:
         linears, seed = input_rotation.get("linears"), input_rotation.get("seed", 0)
-        if input_rotation.get("kind", "hadamard") != "hadamard" or not _is_int(seed) \
-                or not (isinstance(linears, list) and all(isinstance(n, str) for n in linears)):
-            raise CheckpointError(f"{where}: bad input_rotation entry {input_rotation!r}; expected "
-                                  "{\"kind\": \"hadamard\", \"seed\": <int>, \"linears\": [module names]}. "
-                                  "Restore the checkpoint's config.json")
+        if (
+            input_rotation.get("kind", "hadamard") != "hadamard"
+            or not _is_int(seed)
+            or not (isinstance(linears, list) and all(isinstance(n, str) for n in linears))
+        ):
+            raise CheckpointError(
+                f"{where}: bad input_rotation entry {input_rotation!r}; expected "
+                '{"kind": "hadamard", "seed": <int>, "linears": [module names]}. '
+                "Restore the checkpoint's config.json"
+            )
     return input_rotation
 
 
@@ -224,23 +258,33 @@ def _ct_input_rotation(qc: dict, extra: dict, where: str) -> dict | None:
     if transform is None and spec is None:
         return None
     if transform is None:
-        raise CheckpointError(f"{where}: config.json smoothq.input_rotation says the down projections' inputs are "
-                              "rotated online, but quantization_config has no transform_config: an engine would "
-                              "compute without the rotation. Restore the checkpoint's config.json")
+        raise CheckpointError(
+            f"{where}: config.json smoothq.input_rotation says the down projections' inputs are "
+            "rotated online, but quantization_config has no transform_config: an engine would "
+            "compute without the rotation. Restore the checkpoint's config.json"
+        )
     if spec is None:
-        raise CheckpointError(f"{where}: transform_config (online transforms, e.g. from llm-compressor's QuIP or "
-                              "SpinQuant) loads only as the online rotation smoothq writes (with config.json "
-                              "smoothq.input_rotation); serve this checkpoint with vLLM")
+        raise CheckpointError(
+            f"{where}: transform_config (online transforms, e.g. from llm-compressor's QuIP or "
+            "SpinQuant) loads only as the online rotation smoothq writes (with config.json "
+            "smoothq.input_rotation); serve this checkpoint with vLLM"
+        )
     groups = transform.get("config_groups") if isinstance(transform, dict) else None
     scheme = groups.get(CT_SCHEME) if isinstance(groups, dict) and len(groups) == 1 else None
-    ok = isinstance(scheme, dict) and scheme.get("type") == "random-hadamard" and scheme.get("head_dim") is None \
-        and isinstance(scheme.get("apply"), list) \
-        and sorted((a.get("location"), bool(a.get("inverse"))) for a in scheme["apply"] if isinstance(a, dict)) \
+    ok = (
+        isinstance(scheme, dict)
+        and scheme.get("type") == "random-hadamard"
+        and scheme.get("head_dim") is None
+        and isinstance(scheme.get("apply"), list)
+        and sorted((a.get("location"), bool(a.get("inverse"))) for a in scheme["apply"] if isinstance(a, dict))
         == [("input", False), ("weight_input", True)]
+    )
     if not ok:
-        raise CheckpointError(f"{where}: transform_config is not the online rotation smoothq writes (one "
-                              f"'{CT_SCHEME}' random-hadamard scheme at input, inverse at weight_input); "
-                              "restore the checkpoint's config.json")
+        raise CheckpointError(
+            f"{where}: transform_config is not the online rotation smoothq writes (one "
+            f"'{CT_SCHEME}' random-hadamard scheme at input, inverse at weight_input); "
+            "restore the checkpoint's config.json"
+        )
     return spec
 
 
@@ -250,7 +294,7 @@ def _parse_compressed_tensors(qc: dict, extra: dict, where: str) -> QuantConfig:
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         raise _field(where, "config_groups", groups, "an object with exactly one config group")
-    (group_name, group), = groups.items()
+    ((group_name, group),) = groups.items()
     if not isinstance(group, dict):
         raise _field(where, f"config_groups.{group_name}", group, "an object")
     args = {}
@@ -260,8 +304,10 @@ def _parse_compressed_tensors(qc: dict, extra: dict, where: str) -> QuantConfig:
         if not isinstance(a, dict):
             raise _field(where, name, a, "an object (W8A8 quantizes weights and input activations)")
         if a.get("num_bits") != 8 or a.get("type") != "int" or a.get("symmetric") is not True:
-            raise CheckpointError(f"{where}: {name} is {a.get('num_bits')}-bit {a.get('type')} "
-                                  f"symmetric={a.get('symmetric')}; only symmetric 8-bit int quantization loads here")
+            raise CheckpointError(
+                f"{where}: {name} is {a.get('num_bits')}-bit {a.get('type')} "
+                f"symmetric={a.get('symmetric')}; only symmetric 8-bit int quantization loads here"
+            )
         if not isinstance(a.get("dynamic", False), bool):
             raise _field(where, f"{name}.dynamic", a.get("dynamic"), "true or false")
         args[key] = a
@@ -270,12 +316,20 @@ def _parse_compressed_tensors(qc: dict, extra: dict, where: str) -> QuantConfig:
     # only strings can name a strategy (a mangled list or object would not even hash)
     weights = _CT_WEIGHT_STRATEGIES.get(w_strategy) if isinstance(w_strategy, str) else None
     if weights is None or w.get("dynamic", False):
-        raise _field(where, f"config_groups.{group_name}.weights.strategy", w.get("strategy"),
-                     "'channel' or 'tensor' with static (dynamic: false) weights")
+        raise _field(
+            where,
+            f"config_groups.{group_name}.weights.strategy",
+            w.get("strategy"),
+            "'channel' or 'tensor' with static (dynamic: false) weights",
+        )
     acts = _CT_ACT_STRATEGIES.get((a_strategy, a.get("dynamic", False))) if isinstance(a_strategy, str) else None
     if acts is None:
-        raise _field(where, f"config_groups.{group_name}.input_activations.strategy", a.get("strategy"),
-                     f"'token' (dynamic) or 'tensor' (static or dynamic), with dynamic={a.get('dynamic')}")
+        raise _field(
+            where,
+            f"config_groups.{group_name}.input_activations.strategy",
+            a.get("strategy"),
+            f"'token' (dynamic) or 'tensor' (static or dynamic), with dynamic={a.get('dynamic')}",
+        )
     ignore = qc.get("ignore") or []
     if not (isinstance(ignore, list) and all(isinstance(n, str) for n in ignore)):
         raise _field(where, "ignore", ignore, "a list of module names or 're:' patterns")
@@ -285,11 +339,15 @@ def _parse_compressed_tensors(qc: dict, extra: dict, where: str) -> QuantConfig:
                 re.compile(pattern[3:])
             except re.error as exc:
                 raise _field(where, "ignore", pattern, f"a valid regular expression after 're:' ({exc})") from None
-    return QuantConfig(format="compressed-tensors", scheme=QuantScheme(weights, acts), ignore=tuple(ignore),
-                       input_rotation=_ct_input_rotation(qc, extra, where),
-                       rotation=_optional_dict(extra, "rotation", where.replace("quantization_config", "smoothq")),
-                       recipe=extra.get("recipe"),
-                       module_state=_module_state(extra, where.replace("quantization_config", "smoothq")))
+    return QuantConfig(
+        format="compressed-tensors",
+        scheme=QuantScheme(weights, acts),
+        ignore=tuple(ignore),
+        input_rotation=_ct_input_rotation(qc, extra, where),
+        rotation=_optional_dict(extra, "rotation", where.replace("quantization_config", "smoothq")),
+        recipe=extra.get("recipe"),
+        module_state=_module_state(extra, where.replace("quantization_config", "smoothq")),
+    )
 
 
 def scheme_from_config(qc: dict) -> QuantScheme:

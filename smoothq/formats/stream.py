@@ -20,9 +20,9 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -30,8 +30,15 @@ from ..core.outputs import INDEX_FILE, SINGLE_FILE
 from .tensors import CheckpointError, plan_shards, write_index
 
 DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
@@ -58,8 +65,10 @@ class SourceCheckpoint:
 
         self.folder = folder = Path(folder)
         if not folder.is_dir():
-            raise CheckpointError(f"model directory {folder} does not exist (sequential quantization reads a local "
-                                  "directory of safetensors shards)")
+            raise CheckpointError(
+                f"model directory {folder} does not exist (sequential quantization reads a local "
+                "directory of safetensors shards)"
+            )
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"{folder} has no config.json: not a Hugging Face model directory")
         index = folder / INDEX_FILE
@@ -76,14 +85,24 @@ class SourceCheckpoint:
                 raise CheckpointError(f"{folder / SINGLE_FILE} is corrupt or truncated ({exc})") from None
         else:
             other = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.gguf"))
-            hint = (f" (found {', '.join(other[:3])}: load it once with transformers and save_pretrained() it "
-                    "as safetensors)") if other else ""
-            raise CheckpointError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: sequential quantization streams "
-                                  f"safetensors shards{hint}")
+            hint = (
+                (
+                    f" (found {', '.join(other[:3])}: load it once with transformers and save_pretrained() it "
+                    "as safetensors)"
+                )
+                if other
+                else ""
+            )
+            raise CheckpointError(
+                f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: sequential quantization streams "
+                f"safetensors shards{hint}"
+            )
         missing = sorted({f for f in self.files.values() if not (folder / f).is_file()})
         if missing:
-            raise CheckpointError(f"{len(missing)} shard(s) listed in {INDEX_FILE} are missing from {folder}: "
-                                  f"{', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
+            raise CheckpointError(
+                f"{len(missing)} shard(s) listed in {INDEX_FILE} are missing from {folder}: "
+                f"{', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}"
+            )
 
     def keys(self) -> list[str]:
         return list(self.files)
@@ -170,8 +189,14 @@ class ShardWriter:
     """Safetensors files laid out up front (see the module docstring); `write(name, tensor)` puts
     one tensor's bytes in place. `create=False` reopens the files of an interrupted run."""
 
-    def __init__(self, folder: str | Path, layout: dict[str, tuple[torch.dtype, tuple]], max_shard_bytes: int,
-                 create: bool = True, single_file: str | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        layout: dict[str, tuple[torch.dtype, tuple]],
+        max_shard_bytes: int,
+        create: bool = True,
+        single_file: str | None = None,
+    ):
         self.folder = Path(folder)
         self.layout = layout
         sizes = {n: nbytes(d, s) for n, (d, s) in layout.items()}
@@ -202,8 +227,10 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         dtype, shape = self.layout[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)} but the planned layout "
-                                  f"is {dtype} {tuple(shape)}")
+            raise CheckpointError(
+                f"{name}: produced {tensor.dtype} {tuple(tensor.shape)} but the planned layout "
+                f"is {dtype} {tuple(shape)}"
+            )
         fname, offset, size = self.where[name]
         data = _tensor_bytes(tensor)
         assert len(data) == size, (name, len(data), size)

@@ -41,8 +41,9 @@ def write_index(folder: Path, plan: dict[str, list[str]], total_bytes: int) -> N
     """The shard index Hugging Face loaders read (only for more than one shard)."""
     if len(plan) > 1:
         weight_map = {n: fname for fname, names in plan.items() for n in names}
-        (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
-                                                    indent=2))
+        (folder / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2)
+        )
 
 
 def _shard_index(folder: Path) -> dict[str, str] | None:
@@ -55,11 +56,13 @@ def _shard_index(folder: Path) -> dict[str, str] | None:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index} is not a valid shard index ({type(exc).__name__}: {exc}); "
-                              "re-save the checkpoint") from None
+        raise CheckpointError(
+            f"{index} is not a valid shard index ({type(exc).__name__}: {exc}); re-save the checkpoint"
+        ) from None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
-        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names in this "
-                              "directory; re-save the checkpoint")
+        raise CheckpointError(
+            f"{index}: 'weight_map' must map tensor names to shard file names in this directory; re-save the checkpoint"
+        )
     return weight_map
 
 
@@ -87,9 +90,14 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
             misplaced = sorted(n for n in tensors if weight_map.get(n) != fname)
             absent = sorted(n for n, f in weight_map.items() if f == fname and n not in tensors)
             if misplaced or absent:
-                raise CheckpointError(f"{folder / INDEX_FILE} does not match {fname}: "
-                                      + (f"{misplaced[0]!r} is in the shard but not listed there" if misplaced
-                                         else f"{absent[0]!r} is listed there but not in the shard")
-                                      + "; re-save the checkpoint")
+                raise CheckpointError(
+                    f"{folder / INDEX_FILE} does not match {fname}: "
+                    + (
+                        f"{misplaced[0]!r} is in the shard but not listed there"
+                        if misplaced
+                        else f"{absent[0]!r} is listed there but not in the shard"
+                    )
+                    + "; re-save the checkpoint"
+                )
         state.update(tensors)
     return state

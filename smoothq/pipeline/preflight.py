@@ -88,17 +88,22 @@ def check_file_output(path: str | Path, flag: str, sources=(), dirs=()) -> Path:
         raise OutputError(errno.EISDIR, f"{flag} {path} is a directory; give a file name")
     for dir_flag, folder in dirs:
         if where.is_relative_to(folder):
-            raise OutputError(errno.EINVAL, f"{flag} {path} is inside {dir_flag} {folder}, which is written as a "
-                                            "whole (and replaced with --force); write it elsewhere")
+            raise OutputError(
+                errno.EINVAL,
+                f"{flag} {path} is inside {dir_flag} {folder}, which is written as a "
+                "whole (and replaced with --force); write it elsewhere",
+            )
     for src in sources:
         src = Path(src).expanduser().resolve() if src is not None else None
         if src is not None and where.exists() and (where == src or src.is_dir() and where.is_relative_to(src)):
-            raise OutputError(errno.EINVAL, f"{flag} {path} would overwrite a file of the input model {src}; "
-                                            "write elsewhere")
+            raise OutputError(
+                errno.EINVAL, f"{flag} {path} would overwrite a file of the input model {src}; write elsewhere"
+            )
     parent = where.parent
     if not parent.is_dir():
-        raise OutputError(errno.ENOENT, f"{flag} {path}: the directory {target.parent} does not exist; create it "
-                                        "or write elsewhere")
+        raise OutputError(
+            errno.ENOENT, f"{flag} {path}: the directory {target.parent} does not exist; create it or write elsewhere"
+        )
     if read_only(parent) or not os.access(parent, os.W_OK | os.X_OK):
         why = "on a read-only file system" if read_only(parent) else "not writable"
         raise OutputError(errno.EACCES, f"{flag} {path}: {parent} is {why}; write elsewhere")
@@ -131,8 +136,10 @@ def chat_template(local: Path | None) -> bool | None:
 
 
 def no_chat_template(model: str) -> str:
-    return (f"--chat: the tokenizer of {model} has no chat template (a base model, or a checkpoint saved without "
-            "it); drop --chat to complete the prompt as plain text")
+    return (
+        f"--chat: the tokenizer of {model} has no chat template (a base model, or a checkpoint saved without "
+        "it); drop --chat to complete the prompt as plain text"
+    )
 
 
 def _gib(n: float) -> str:
@@ -149,8 +156,10 @@ def check_device(device: str | None, device_map=None) -> None:
         raise PreflightError(f"--device {device!r} is not a device ({exc}); use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise PreflightError(f"--device {device}: no CUDA GPU is visible here (torch.cuda.is_available() is "
-                                 "False); use --device cpu, or check the driver / CUDA_VISIBLE_DEVICES")
+            raise PreflightError(
+                f"--device {device}: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                "False); use --device cpu, or check the driver / CUDA_VISIBLE_DEVICES"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise PreflightError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
@@ -182,8 +191,10 @@ def read_config(name: str, gguf_file: str | None = None):
             else:
                 config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         except Exception as exc:  # noqa: BLE001 - the gguf reader raises many types for one cause
-            raise PreflightError(f"{gguf}: its GGUF metadata does not read ({type(exc).__name__}: {str(exc)[:200]}); "
-                                 "is it a complete GGUF file?") from None
+            raise PreflightError(
+                f"{gguf}: its GGUF metadata does not read ({type(exc).__name__}: {str(exc)[:200]}); "
+                "is it a complete GGUF file?"
+            ) from None
         return None, config, gguf
     if not check_model_path(name):
         return None, None, None  # a Hub id: nothing to read before loading
@@ -194,13 +205,16 @@ def read_config(name: str, gguf_file: str | None = None):
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PreflightError(f"{path} is not valid JSON ({exc}); restore the model's config.json") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
-        raise PreflightError(f"{path} has no 'model_type' field: not a Hugging Face model config; restore the "
-                             "model's config.json")
+        raise PreflightError(
+            f"{path} has no 'model_type' field: not a Hugging Face model config; restore the model's config.json"
+        )
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for one cause: a bad config
-        raise PreflightError(f"{path} does not describe a model transformers knows ({type(exc).__name__}: "
-                             f"{str(exc)[:200]}); restore the model's config.json or upgrade transformers") from None
+        raise PreflightError(
+            f"{path} does not describe a model transformers knows ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); restore the model's config.json or upgrade transformers"
+        ) from None
     return raw, config, folder
 
 
@@ -220,8 +234,10 @@ def _check_seqlen(what: str, seqlen: int | None, bos: str, limit: int | None, fl
         raise PreflightError(f"{what} seqlen must be >= 1, got {seqlen} ({flag})")
     fed = seqlen + (1 if bos == "window" else 0)  # bos=window prepends a BOS to every window
     if limit is not None and fed > limit:
-        raise PreflightError(f"{what} windows of {fed} tokens are longer than the model's max_position_embeddings "
-                             f"({limit}): lower {flag} to at most {limit - (fed - seqlen)}")
+        raise PreflightError(
+            f"{what} windows of {fed} tokens are longer than the model's max_position_embeddings "
+            f"({limit}): lower {flag} to at most {limit - (fed - seqlen)}"
+        )
 
 
 def _check_text(source: str, what: str) -> None:
@@ -287,16 +303,34 @@ def check_disk(output: Path, need: int, what: str) -> None:
     free, where = free_bytes(output)
     need = int(need * 1.02) + MARGIN_BYTES
     if free < need:
-        raise PreflightError(f"not enough disk space for {output}: {what} needs about {_gib(need)}, and {where} has "
-                             f"{_gib(free)} free. Free some space or choose another output")
+        raise PreflightError(
+            f"not enough disk space for {output}: {what} needs about {_gib(need)}, and {where} has "
+            f"{_gib(free)} free. Free some space or choose another output"
+        )
 
 
-def preflight(model: str, recipe=None, output: str | Path | None = None, *, force: bool = False,
-              gguf_file: str | None = None, sequential: bool = False, resume: bool = False, device: str = "cpu",
-              device_map=None, dtype: str = "float32", need_tokenizer: bool = True,
-              calib: tuple[str, int] | None = None, eval_sources=(), seqlen: int | None = None, bos: str = "auto",
-              int8_attention: str | None = None, samples: int | None = None, check_calib: bool = True,
-              chat: bool = False) -> list[str]:
+def preflight(
+    model: str,
+    recipe=None,
+    output: str | Path | None = None,
+    *,
+    force: bool = False,
+    gguf_file: str | None = None,
+    sequential: bool = False,
+    resume: bool = False,
+    device: str = "cpu",
+    device_map=None,
+    dtype: str = "float32",
+    need_tokenizer: bool = True,
+    calib: tuple[str, int] | None = None,
+    eval_sources=(),
+    seqlen: int | None = None,
+    bos: str = "auto",
+    int8_attention: str | None = None,
+    samples: int | None = None,
+    check_calib: bool = True,
+    chat: bool = False,
+) -> list[str]:
     """Every check possible before the model is loaded (module docstring); the warnings, as lines.
 
     model: a bundled name, .gguf, directory or Hub id. recipe: the Recipe a quantize run will run
@@ -308,26 +342,36 @@ def preflight(model: str, recipe=None, output: str | Path | None = None, *, forc
     if resume and not sequential:
         raise PreflightError("--resume continues an interrupted --sequential run; add --sequential")
     if int8_attention and (output or sequential):
-        raise PreflightError("--int8-attention is for --eval: INT8 attention scales are not saved in checkpoints "
-                             "(drop -o / --sequential)")
+        raise PreflightError(
+            "--int8-attention is for --eval: INT8 attention scales are not saved in checkpoints "
+            "(drop -o / --sequential)"
+        )
     if sequential and not output:
         raise PreflightError("--sequential writes the checkpoint layer by layer: pass -o OUTPUT")
     check_device(device, device_map)
 
     raw, config, local = read_config(model, gguf_file)
-    checkpoint = local is not None and Path(local).is_dir() and raw is not None and isinstance(
-        raw.get("quantization_config"), dict) and raw["quantization_config"].get("quant_method") in (
-        "smoothq", "compressed-tensors")
+    checkpoint = (
+        local is not None
+        and Path(local).is_dir()
+        and raw is not None
+        and isinstance(raw.get("quantization_config"), dict)
+        and raw["quantization_config"].get("quant_method") in ("smoothq", "compressed-tensors")
+    )
     if sequential:
         if local is None or not Path(local).is_dir() or not any(Path(local).glob("*.safetensors")):
-            raise PreflightError(f"--sequential reads a local model directory of safetensors shards; {model!r} is not "
-                                 "one (a GGUF or .bin model: load it once with transformers and save_pretrained it)")
+            raise PreflightError(
+                f"--sequential reads a local model directory of safetensors shards; {model!r} is not "
+                "one (a GGUF or .bin model: load it once with transformers and save_pretrained it)"
+            )
     if need_tokenizer and local is not None and Path(local).is_dir():
         from ..core.models import TOKENIZER_FILES
 
         if not any((Path(local) / f).is_file() for f in TOKENIZER_FILES):
-            raise PreflightError(f"{model} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the "
-                                 "original model's tokenizer into it (smoothq quantize -o saves it with the checkpoint)")
+            raise PreflightError(
+                f"{model} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the "
+                "original model's tokenizer into it (smoothq quantize -o saves it with the checkpoint)"
+            )
     if recipe is not None and checkpoint:
         raise PreflightError(f"{model} is already a quantized checkpoint; quantize the float model it came from")
     if chat and chat_template(local) is False:
@@ -355,16 +399,19 @@ def preflight(model: str, recipe=None, output: str | Path | None = None, *, forc
         try:
             skel = skeleton(config, torch.float32)
         except Exception as exc:  # noqa: BLE001 - transformers raises many types for one cause: a bad config
-            raise PreflightError(f"{model}: the model cannot be built from its config ({type(exc).__name__}: "
-                                 f"{str(exc)[:200]}); check config.json") from None
+            raise PreflightError(
+                f"{model}: the model cannot be built from its config ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); check config.json"
+            ) from None
         arch = arch_for(skel)  # UnsupportedArchError, with the supported list and a template
         recipe = recipe.check(arch)  # what the architecture cannot do (an optional rotation dropped)
 
     if output is not None:
         out = check_output(output, force, sources=[local] if local is not None else ())
         if out.exists() and any(out.iterdir()):
-            warnings.append(f"--force: {out} (a checkpoint written by smoothq) will be replaced once the new one "
-                            "is complete")
+            warnings.append(
+                f"--force: {out} (a checkpoint written by smoothq) will be replaced once the new one is complete"
+            )
         if skel is not None:
             need = planned_bytes(skel, arch, recipe, dtype)
             what = "the checkpoint"

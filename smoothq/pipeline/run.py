@@ -26,18 +26,17 @@ recipe it ran (`model.smoothq.recipe`). The checkpoint stores the recipe in conf
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ..core.schemes import get_scheme
 from ..core.recipe import Recipe
 from ..core.record import record
-from ..core.validate import (ArgumentTypeError, check_path, check_token_rows, config_vocab_size, short,
-                       vocab_size)
+from ..core.schemes import get_scheme
+from ..core.validate import ArgumentTypeError, check_path, check_token_rows, config_vocab_size, short, vocab_size
 from ..transforms.calibrate import check_stats
 
 EXECUTORS = ("in-memory", "layered")
@@ -72,17 +71,34 @@ def calibration_samples(recipe: Recipe, tokenizer, avoid=None):
     from ..core.data import calib_samples
 
     c = recipe.calibration
-    return calib_samples(tokenizer, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=avoid, chat=c.chat,
-                         bos=c.bos)
+    return calib_samples(
+        tokenizer, c.source, n=c.samples, seqlen=c.seqlen, seed=c.seed, avoid=avoid, chat=c.chat, bos=c.bos
+    )
 
 
 @torch.no_grad()
-def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None = None, calib=None, *,
-        tokenizer=None, output: str | Path | None = None, executor: str | None = None, backend: str = "auto",
-        dtype: torch.dtype | str = torch.float32, device: str = "cpu", device_map=None, activations: str = "device",
-        overwrite: bool = False, resume: bool = False, meta: dict | None = None, avoid=None,
-        attn_implementation: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
-        stats=None) -> RunResult:
+def run(
+    model: nn.Module | str | Path,
+    recipe: Recipe | str | Path | dict | None = None,
+    calib=None,
+    *,
+    tokenizer=None,
+    output: str | Path | None = None,
+    executor: str | None = None,
+    backend: str = "auto",
+    dtype: torch.dtype | str = torch.float32,
+    device: str = "cpu",
+    device_map=None,
+    activations: str = "device",
+    overwrite: bool = False,
+    resume: bool = False,
+    meta: dict | None = None,
+    avoid=None,
+    attn_implementation: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    stats=None,
+) -> RunResult:
     """Quantize `model` (a float nn.Module, or a model name/directory) with `recipe` (a Recipe, a
     preset name such as "best-o3", a .yaml/.json file or a dict); write the checkpoint to `output`
     if given. `calib`: calibration token windows (default: drawn as the recipe says, with
@@ -101,23 +117,60 @@ def run(model: nn.Module | str | Path, recipe: Recipe | str | Path | dict | None
     if not isinstance(model, nn.Module):  # a path: every check the config and output allow, before loading
         from .preflight import preflight
 
-        checks = preflight(str(model), recipe, output, force=overwrite, sequential=executor == "layered",
-                           resume=resume, device=device, device_map=device_map,
-                           need_tokenizer=tokenizer is None and calib is None,
-                           samples=recipe.calibration.samples, check_calib=calib is None)
+        checks = preflight(
+            str(model),
+            recipe,
+            output,
+            force=overwrite,
+            sequential=executor == "layered",
+            resume=resume,
+            device=device,
+            device_map=device_map,
+            need_tokenizer=tokenizer is None and calib is None,
+            samples=recipe.calibration.samples,
+            check_calib=calib is None,
+        )
     if executor == "layered":
         if stats is not None:
             raise ValueError("stats= reuses an in-memory calibration; the layered executor calibrates layer by layer")
-        result = _layered(model, recipe, calib, tokenizer=tokenizer, output=output, backend=backend, dtype=dtype,
-                          device=device, device_map=device_map, activations=activations, overwrite=overwrite,
-                          resume=resume, meta=meta, avoid=avoid, attn_implementation=attn_implementation,
-                          progress=progress, say=say)
+        result = _layered(
+            model,
+            recipe,
+            calib,
+            tokenizer=tokenizer,
+            output=output,
+            backend=backend,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            activations=activations,
+            overwrite=overwrite,
+            resume=resume,
+            meta=meta,
+            avoid=avoid,
+            attn_implementation=attn_implementation,
+            progress=progress,
+            say=say,
+        )
     else:
         if resume:
             raise ValueError("resume continues an interrupted layered run; use executor='layered' (--sequential)")
-        result = _in_memory(model, recipe, calib, tokenizer=tokenizer, output=output, backend=backend, dtype=dtype,
-                            device=device, overwrite=overwrite, meta=meta, avoid=avoid, progress=progress, say=say,
-                            stats=stats)
+        result = _in_memory(
+            model,
+            recipe,
+            calib,
+            tokenizer=tokenizer,
+            output=output,
+            backend=backend,
+            dtype=dtype,
+            device=device,
+            overwrite=overwrite,
+            meta=meta,
+            avoid=avoid,
+            progress=progress,
+            say=say,
+            stats=stats,
+        )
     result.notes[:0] = [f"warning: {w}" for w in checks]
     result.seconds = time.perf_counter() - t0
     return result
@@ -132,8 +185,10 @@ def _check_run_arguments(model, calib, stats) -> None:
         try:
             check_path("model", model)
         except TypeError:
-            raise ArgumentTypeError(f"model must be a torch nn.Module causal LM or a model name/directory, got "
-                                    f"{type(model).__name__} {short(model)}") from None
+            raise ArgumentTypeError(
+                f"model must be a torch nn.Module causal LM or a model name/directory, got "
+                f"{type(model).__name__} {short(model)}"
+            ) from None
         vocab = None
     if calib is not None:
         if vocab is None and not isinstance(model, nn.Module) and Path(model, "config.json").is_file():
@@ -151,18 +206,38 @@ def _describe(calib) -> str:
 
 def _meta(recipe: Recipe, calib, meta: dict | None) -> dict:
     # calibration_bos: the protocol the samples were drawn with, "auto" resolved (None for bare token ids)
-    return {"alpha": recipe.smoothing.alpha, "calibration": _describe(calib),
-            "calibration_bos": getattr(calib, "bos", None), "recipe": recipe.to_dict(), **(meta or {})}
+    return {
+        "alpha": recipe.smoothing.alpha,
+        "calibration": _describe(calib),
+        "calibration_bos": getattr(calib, "bos", None),
+        "recipe": recipe.to_dict(),
+        **(meta or {}),
+    }
 
 
-def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtype, device, overwrite, meta, avoid,
-               progress, say, stats=None) -> RunResult:
+def _in_memory(
+    model,
+    recipe: Recipe,
+    calib,
+    *,
+    tokenizer,
+    output,
+    backend,
+    dtype,
+    device,
+    overwrite,
+    meta,
+    avoid,
+    progress,
+    say,
+    stats=None,
+) -> RunResult:
     from ..archs import arch_for
-    from ..transforms.calibrate import calibrate
-    from ..formats.io import save
     from ..core.models import load_model
-    from ..transforms.quantize import quantize
+    from ..formats.io import save
+    from ..transforms.calibrate import calibrate
     from ..transforms.online_rotation import rotate_inputs
+    from ..transforms.quantize import quantize
     from ..transforms.rotate import rotate
     from ..transforms.smooth import smooth
 
@@ -195,22 +270,27 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
         calib = calibration_samples(recipe, tokenizer, avoid)
     result.calibration = _describe(calib)
     if stats is None:
-        stats = calibrate(model, calib, batch_size=recipe.calibration.batch_size, progress=progress,
-                          sink_tokens=recipe.sink_tokens)
+        stats = calibrate(
+            model, calib, batch_size=recipe.calibration.batch_size, progress=progress, sink_tokens=recipe.sink_tokens
+        )
     if recipe.searches:
         from ..transforms.search import auto_smooth
 
         stats = auto_smooth(model, stats, calib, scheme, recipe.search_config(), progress=progress)
         note(f"alpha search: {rec.search.summary()}")
     elif recipe.smooths:
-        stats = smooth(model, stats, recipe.smoothing.alpha, options=recipe.smoothing.extra,
-                       alphas=dict(recipe.smoothing.alphas))
+        stats = smooth(
+            model, stats, recipe.smoothing.alpha, options=recipe.smoothing.extra, alphas=dict(recipe.smoothing.alphas)
+        )
         note(f"smoothed {len(rec.scales)} groups with alpha={recipe.smoothing.alpha}")
     if recipe.rotate_inputs:
-        stats = rotate_inputs(model, stats, calib if scheme.static else None, seed=recipe.rotation.seed,
-                              progress=progress)
-        note(f"rotated the inputs of {len(rec.input_rotation['linears'])} down projections online"
-             + (" and recalibrated them" if scheme.static else ""))
+        stats = rotate_inputs(
+            model, stats, calib if scheme.static else None, seed=recipe.rotation.seed, progress=progress
+        )
+        note(
+            f"rotated the inputs of {len(rec.input_rotation['linears'])} down projections online"
+            + (" and recalibrated them" if scheme.static else "")
+        )
     quantize(model, scheme, stats, backend=backend)
     rec.recipe = recipe  # as run: checked against the architecture
     if output is not None:
@@ -218,13 +298,40 @@ def _in_memory(model, recipe: Recipe, calib, *, tokenizer, output, backend, dtyp
         if rec.search is not None:  # what the search chose (the layered executor records the same)
             full["search"] = {"alphas": rec.search.alphas, "clip": rec.search.clip}
         o = recipe.output
-        result.output = save(model, output, tokenizer, format=o.format, float_dtype=o.dtype, embeddings=o.embeddings,
-                             overwrite=overwrite, meta=full, sources=sources)
+        result.output = save(
+            model,
+            output,
+            tokenizer,
+            format=o.format,
+            float_dtype=o.dtype,
+            embeddings=o.embeddings,
+            overwrite=overwrite,
+            meta=full,
+            sources=sources,
+        )
     return result
 
 
-def _layered(model_dir, recipe: Recipe, calib, *, tokenizer, output, backend, dtype, device, device_map, activations,
-             overwrite, resume, meta, avoid, attn_implementation, progress, say) -> RunResult:
+def _layered(
+    model_dir,
+    recipe: Recipe,
+    calib,
+    *,
+    tokenizer,
+    output,
+    backend,
+    dtype,
+    device,
+    device_map,
+    activations,
+    overwrite,
+    resume,
+    meta,
+    avoid,
+    attn_implementation,
+    progress,
+    say,
+) -> RunResult:
     from .layered import quantize_sequential
 
     if isinstance(model_dir, nn.Module):
@@ -239,10 +346,22 @@ def _layered(model_dir, recipe: Recipe, calib, *, tokenizer, output, backend, dt
         calib = calibration_samples(recipe, tokenizer, avoid)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    path = quantize_sequential(model_dir, output, calib, recipe=recipe, dtype=dtype, device=device,
-                               device_map=device_map, activations=activations, backend=backend, tokenizer=tokenizer,
-                               meta=_meta(recipe, calib, meta), resume=resume, overwrite=overwrite,
-                               attn_implementation=attn_implementation, progress=progress)
+    path = quantize_sequential(
+        model_dir,
+        output,
+        calib,
+        recipe=recipe,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        activations=activations,
+        backend=backend,
+        tokenizer=tokenizer,
+        meta=_meta(recipe, calib, meta),
+        resume=resume,
+        overwrite=overwrite,
+        attn_implementation=attn_implementation,
+        progress=progress,
+    )
     # the recipe as run (an optional rotation dropped where the architecture has none), as stored
-    return RunResult(recipe=Recipe.from_file(path), output=path,
-                     calibration=_describe(calib))
+    return RunResult(recipe=Recipe.from_file(path), output=path, calibration=_describe(calib))

@@ -69,8 +69,10 @@ class AttnQuantState:
     def scale(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.config.static and not self.observing:
             if name not in self.absmax:
-                raise RuntimeError("INT8 attention has static scales but was never calibrated "
-                                   "(use enable_int8_attention(model, config, samples))")
+                raise RuntimeError(
+                    "INT8 attention has static scales but was never calibrated "
+                    "(use enable_int8_attention(model, config, samples))"
+                )
             amax = self.absmax[name]
         else:
             amax = _absmax(x, self.config.granularity)
@@ -115,9 +117,17 @@ def _int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def int8_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                   softcap: float | None = None, **kwargs):
+def int8_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+):
     """transformers attention function: eager attention with INT8 Q, K, V and probabilities."""
     state: AttnQuantState | None = getattr(module, "smoothq_attn", None)
     n_rep = getattr(module, "num_key_value_groups", 1)
@@ -186,9 +196,13 @@ def attention_modules(model: nn.Module, arch: Arch | None = None) -> list[tuple[
     res = resolve(model, arch)
     found = []
     for prefix, block in res.blocks:
-        mods = [(f"{prefix}.{n}", m) for n, m in block.named_modules()
-                if n and (hasattr(m, "head_dim") or hasattr(m, "head_size"))
-                and any(c in n.split(".")[-1] for c in ("attn", "attention"))]
+        mods = [
+            (f"{prefix}.{n}", m)
+            for n, m in block.named_modules()
+            if n
+            and (hasattr(m, "head_dim") or hasattr(m, "head_size"))
+            and any(c in n.split(".")[-1] for c in ("attn", "attention"))
+        ]
         if len(mods) != 1:
             raise ValueError(f"{prefix}: expected one attention module, found {[n for n, _ in mods]}")
         found.append(mods[0])
@@ -196,15 +210,22 @@ def attention_modules(model: nn.Module, arch: Arch | None = None) -> list[tuple[
 
 
 @torch.no_grad()
-def enable_int8_attention(model: nn.Module, config: AttnQuantConfig = AttnQuantConfig(), samples=None,
-                          arch: Arch | None = None, batch_size: int = 4) -> nn.Module:
+def enable_int8_attention(
+    model: nn.Module,
+    config: AttnQuantConfig = AttnQuantConfig(),
+    samples=None,
+    arch: Arch | None = None,
+    batch_size: int = 4,
+) -> nn.Module:
     """Switch the model to INT8 attention in place. Static scales (config.static) are calibrated
     on `samples` (token windows, run through the model as it is now: call this after quantize()
     so the scales see the quantized model's Q/K/V)."""
     register()
     if not getattr(model, "_can_set_attn_implementation", lambda: False)():
-        raise UnsupportedArchError(f"{type(model).__name__} does not route attention through transformers' "
-                                   "AttentionInterface; INT8 attention is not available for it")
+        raise UnsupportedArchError(
+            f"{type(model).__name__} does not route attention through transformers' "
+            "AttentionInterface; INT8 attention is not available for it"
+        )
     mods = attention_modules(model, arch)
     for _, m in mods:
         # per module, not in the model's record: transformers calls int8_attention with this module only
@@ -226,8 +247,10 @@ def enable_int8_attention(model: nn.Module, config: AttnQuantConfig = AttnQuantC
                 m.smoothq_attn.observing = False
         missing = [n for n, m in mods if not m.smoothq_attn.absmax]
         if missing:
-            raise UnsupportedArchError(f"{missing[0]} never called the attention function; INT8 attention "
-                                       "is not available for this architecture")
+            raise UnsupportedArchError(
+                f"{missing[0]} never called the attention function; INT8 attention "
+                "is not available for this architecture"
+            )
     record(model).attention = config
     return model
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,9 +31,17 @@ LinearFn = Callable[..., torch.Tensor]
 class Backend:
     """A named INT8 linear implementation and the devices it runs on."""
 
-    def __init__(self, name: str, linear: LinearFn, devices: tuple[str, ...], priority: int = 0,
-                 available: Callable[[], bool] = lambda: True, real_int8: bool = True,
-                 quantize: Callable | None = None, auto_on: Callable[[str], bool] = lambda device_type: True):
+    def __init__(
+        self,
+        name: str,
+        linear: LinearFn,
+        devices: tuple[str, ...],
+        priority: int = 0,
+        available: Callable[[], bool] = lambda: True,
+        real_int8: bool = True,
+        quantize: Callable | None = None,
+        auto_on: Callable[[str], bool] = lambda device_type: True,
+    ):
         self.name = name
         # whether `auto` may pick it on a device type: a backend can run somewhere and still be the
         # wrong default there (real INT8 on a CPU without integer dot-product instructions)
@@ -136,9 +144,16 @@ def cpu_flags_have_int8(flags: set[str] | None) -> bool:
     return True if flags is None else bool(flags & _CPU_INT8_FLAGS)
 
 
-register(Backend("torch", torch_int_mm_linear, devices=("cpu", "cuda"), priority=10,
-                 available=lambda: hasattr(torch, "_int_mm"),
-                 auto_on=lambda device_type: device_type != "cpu" or cpu_int8_accelerated()))
+register(
+    Backend(
+        "torch",
+        torch_int_mm_linear,
+        devices=("cpu", "cuda"),
+        priority=10,
+        available=lambda: hasattr(torch, "_int_mm"),
+        auto_on=lambda device_type: device_type != "cpu" or cpu_int8_accelerated(),
+    )
+)
 
 
 def get_backend(name: str, device_type: str) -> Backend:
@@ -163,6 +178,7 @@ def get_backend(name: str, device_type: str) -> Backend:
 def _kernel(name: str) -> Callable:
     """Call smoothq.runtime.kernels.<name>, importing Triton only on first use: importing it decides the
     process-wide interpreter mode, which a plain `import smoothq` should not do."""
+
     def call(*args, **kwargs):
         from . import kernels
 
@@ -173,6 +189,13 @@ def _kernel(name: str) -> Callable:
 
 # Fused Triton kernels (smoothq/runtime/kernels). Below `torch` under "auto" until GPU measurements
 # (benchmarks/speed_gpu/gemm.py) show them ahead; pick backend="triton" explicitly meanwhile.
-register(Backend("triton", _kernel("triton_int8_linear"), devices=("cuda",), priority=5,
-                 available=lambda: importlib.util.find_spec("triton") is not None and torch.cuda.is_available(),
-                 quantize=_kernel("triton_quantize_activation")))
+register(
+    Backend(
+        "triton",
+        _kernel("triton_int8_linear"),
+        devices=("cuda",),
+        priority=5,
+        available=lambda: importlib.util.find_spec("triton") is not None and torch.cuda.is_available(),
+        quantize=_kernel("triton_quantize_activation"),
+    )
+)

@@ -41,10 +41,10 @@ import functools
 import torch
 from torch import nn
 
-from . import backends
-from .linear import W8A8Linear
 from ..core.quant import QMAX, activation_scale, quantize_weight
 from ..core.record import record
+from . import backends
+from .linear import W8A8Linear
 
 ZERO_POINT = 128  # int8 activations are handed to oneDNN as uint8 = int8 + 128
 
@@ -56,19 +56,25 @@ class CpuFastError(RuntimeError):
 def available() -> str | None:
     """None if this machine runs the fast path, else why not (in words)."""
     if not (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")):
-        return f"this torch build ({torch.__version__}) has no oneDNN int8 linear ops (torch.ops.onednn.qlinear_pointwise)"
+        return (
+            f"this torch build ({torch.__version__}) has no oneDNN int8 linear ops (torch.ops.onednn.qlinear_pointwise)"
+        )
     if not torch.backends.mkldnn.is_available():
         return "this torch build has oneDNN (mkldnn) disabled"
     if not backends.cpu_int8_accelerated():
-        return ("this CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX): oneDNN's int8 GEMM "
-                "would be slower than float here; keep the model on backend 'emulated' or run it in bf16")
+        return (
+            "this CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX): oneDNN's int8 GEMM "
+            "would be slower than float here; keep the model on backend 'emulated' or run it in bf16"
+        )
     if not onednn_sums_exact():
-        return ("oneDNN's int8 GEMM gives wrong sums on this CPU (without int8 dot-product instructions it adds "
-                "u8 x s8 products in saturating 16-bit pairs); keep the model on backend 'emulated' or run it in bf16")
+        return (
+            "oneDNN's int8 GEMM gives wrong sums on this CPU (without int8 dot-product instructions it adds "
+            "u8 x s8 products in saturating 16-bit pairs); keep the model on backend 'emulated' or run it in bf16"
+        )
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onednn_sums_exact() -> bool:
     """Whether oneDNN's u8 x s8 GEMM, called as PackedW8A8Linear calls it, returns the exact integer
     sums on this CPU, checked on the worst case (every product 127 x +-127, so 16-bit pair sums
@@ -81,8 +87,9 @@ def onednn_sums_exact() -> bool:
     weight[1::2] = -127
     weight[2, ::3] = 5
     ones, zeros = _unit_scales(n)
-    acc = torch.ops.onednn.qlinear_pointwise(int8_to_u8(x_q), 1.0, ZERO_POINT, _prepack(weight), ones, zeros, None,
-                                             1.0, 0, torch.float32, "none", [], "")
+    acc = torch.ops.onednn.qlinear_pointwise(
+        int8_to_u8(x_q), 1.0, ZERO_POINT, _prepack(weight), ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
     return torch.equal(acc, (x_q.long() @ weight.long().T).float())
 
 
@@ -123,8 +130,11 @@ def _call(name: str, fn, rows: int, enabled: bool, *args):
         import warnings
 
         _compiled["failed"] = True
-        warnings.warn(f"smoothq.runtime.cpu_fast: torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                      "running the activation quantization and epilogue eagerly (same results, slower)")
+        warnings.warn(
+            f"smoothq.runtime.cpu_fast: torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
+            "running the activation quantization and epilogue eagerly (same results, slower)",
+            stacklevel=2,
+        )
         return fn(*args)
 
 
@@ -176,13 +186,15 @@ class PackedW8A8Linear(nn.Module):
         x_q, x_scale = W8A8Linear.quantize_input(self, x, x2, quantize)
         x_u8 = int8_to_u8(x_q) if x_q.dtype == torch.int8 else x_q
         ones, zeros = _unit_scales(packed.shape[1])  # packed is [K, N]
-        acc = torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, ZERO_POINT, packed, ones, zeros, None,
-                                                 1.0, 0, torch.float32, "none", [], "")
+        acc = torch.ops.onednn.qlinear_pointwise(
+            x_u8, 1.0, ZERO_POINT, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        )
         outs, start = [], 0
         for n, weight_scale, bias in parts:
-            part = acc if len(parts) == 1 else acc[:, start:start + n]
-            out = _call("epilogue", backends._scale_epilogue, rows, self.compile, part, x_scale, weight_scale,
-                        bias, x.dtype)
+            part = acc if len(parts) == 1 else acc[:, start : start + n]
+            out = _call(
+                "epilogue", backends._scale_epilogue, rows, self.compile, part, x_scale, weight_scale, bias, x.dtype
+            )
             outs.append(out.reshape(*shape[:-1], n))
             start += n
         return outs
@@ -196,8 +208,10 @@ class PackedW8A8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         shared = f", shared_gemm={self.shared_index}/{len(self.shared.layers)}" if self.shared is not None else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"scheme={self.scheme.label}, packed=onednn{shared}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"scheme={self.scheme.label}, packed=onednn{shared}"
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,7 +237,6 @@ class SharedInputGemm:
         self._outputs: list[torch.Tensor | None] = []
         self.parts = []
         for i, layer in enumerate(layers):
-            scale = layer.weight_scale
             self.parts.append((layer.out_features, layer.weight_scale, layer.bias))
             layer.shared, layer.shared_index = self, i
 
@@ -232,9 +245,13 @@ class SharedInputGemm:
         """Same quantization of the input (scheme, static scale, sink rows), no input rotation, biases on all or none."""
         first = layers[0]
         for layer in layers:
-            if (layer.scheme != first.scheme or layer.in_features != first.in_features
-                    or layer.input_rotation is not None or layer.sink_tokens != first.sink_tokens
-                    or (layer.bias is None) != (first.bias is None)):
+            if (
+                layer.scheme != first.scheme
+                or layer.in_features != first.in_features
+                or layer.input_rotation is not None
+                or layer.sink_tokens != first.sink_tokens
+                or (layer.bias is None) != (first.bias is None)
+            ):
                 return False
             if first.scheme.static and not torch.equal(layer.input_scale, first.input_scale):
                 return False
@@ -333,8 +350,13 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def optimize_for_cpu(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16, int8_embeddings: bool = False,
-                     compile: bool = True, share_inputs: bool = True) -> nn.Module:
+def optimize_for_cpu(
+    model: nn.Module,
+    dtype: torch.dtype | str = torch.bfloat16,
+    int8_embeddings: bool = False,
+    compile: bool = True,
+    share_inputs: bool = True,
+) -> nn.Module:
     """Prepare a quantized model for fast CPU inference, in place (see the module docstring).
     compile: fuse activation quantization and the epilogue with torch.compile (same results).
     share_inputs: one GEMM for the linears that read one input (q/k/v, gate/up; same results)."""
@@ -349,8 +371,10 @@ def optimize_for_cpu(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16
     if rec.scheme is None or not layers:
         if any(isinstance(m, PackedW8A8Linear) for m in model.modules()):
             raise CpuFastError("this model was already optimized for the CPU")
-        raise ValueError("optimize_for_cpu() takes a quantized model: run sq.quantize(model, 'W8A8') (or sq.run, "
-                         "or load a saved checkpoint with sq.load) first")
+        raise ValueError(
+            "optimize_for_cpu() takes a quantized model: run sq.quantize(model, 'W8A8') (or sq.run, "
+            "or load a saved checkpoint with sq.load) first"
+        )
     devices = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
     if devices - {"cpu"}:
         raise ValueError(f"optimize_for_cpu() needs the model on the CPU; it is on {', '.join(sorted(devices))}")
@@ -367,8 +391,11 @@ def optimize_for_cpu(model: nn.Module, dtype: torch.dtype | str = torch.bfloat16
     if int8_embeddings:
         _int8_embeddings(model, dtype)
     model.to(dtype)  # packed layers hold their scales as attributes: only the float rest is cast
-    rec.cpu_fast = {"dtype": str(dtype).removeprefix("torch."), "int8_embeddings": int8_embeddings,
-                    "shared_gemms": shared}
+    rec.cpu_fast = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "int8_embeddings": int8_embeddings,
+        "shared_gemms": shared,
+    }
     return model
 
 
@@ -377,8 +404,10 @@ def _int8_embeddings(model: nn.Module, dtype: torch.dtype) -> None:
     if not isinstance(emb, nn.Embedding):
         raise ValueError(f"int8_embeddings: the input embedding is a {type(emb).__name__}, not an nn.Embedding")
     if type(emb) is not nn.Embedding and not hasattr(emb, "embed_scale"):
-        raise ValueError(f"int8_embeddings: {type(emb).__name__} changes nn.Embedding's forward in a way smoothq "
-                         "does not know; run without int8_embeddings")
+        raise ValueError(
+            f"int8_embeddings: {type(emb).__name__} changes nn.Embedding's forward in a way smoothq "
+            "does not know; run without int8_embeddings"
+        )
     q = Int8Embedding(emb, dtype)
     tied = head is not None and head.weight is emb.weight
     model.set_input_embeddings(q)

@@ -42,7 +42,8 @@ def _factors(n: int) -> tuple[tuple[int, ...], bool]:
     if two < MIN_BLOCK:
         raise UnsupportedArchError(
             f"no Hadamard transform of size {n}: it has no power-of-two factor of at least {MIN_BLOCK} "
-            f"(largest: {two}). Quantize without --rotate-inputs")
+            f"(largest: {two}). Quantize without --rotate-inputs"
+        )
     return (n // two,) + _split(two), True
 
 

@@ -13,18 +13,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import backends
 from ..archs import weight_nk
-from ..core.schemes import QuantScheme
 from ..core.quant import absmax_to_scale, quantize_activation, quantize_weight
 from ..core.record import record
+from ..core.schemes import QuantScheme
+from . import backends
 from .input_rotation import input_rotation
 from .sink import TokenPositions, quantize_with_sinks, track_positions
 
 
 class W8A8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
-                 backend: str = "auto", bias_dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        scheme: QuantScheme,
+        backend: str = "auto",
+        bias_dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scheme = scheme
@@ -45,14 +53,22 @@ class W8A8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, module: nn.Module, scheme: QuantScheme, input_absmax: torch.Tensor | None = None,
-                   backend: str = "auto") -> "W8A8Linear":
+    def from_float(
+        cls, module: nn.Module, scheme: QuantScheme, input_absmax: torch.Tensor | None = None, backend: str = "auto"
+    ) -> W8A8Linear:
         """Quantize an nn.Linear (or GPT-2 Conv1D). Static schemes need the input's calibrated abs-max."""
         w = weight_nk(module)
         out_f, in_f = w.shape
         bias = getattr(module, "bias", None)
-        q = cls(in_f, out_f, bias is not None, scheme, backend,
-                bias_dtype=bias.dtype if bias is not None else torch.float32, device=w.device)
+        q = cls(
+            in_f,
+            out_f,
+            bias is not None,
+            scheme,
+            backend,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+            device=w.device,
+        )
         q.weight, q.weight_scale = quantize_weight(w.float(), scheme.weights)
         if bias is not None:
             q.bias = bias.detach().clone()
@@ -89,8 +105,10 @@ class W8A8Linear(nn.Module):
     def extra_repr(self) -> str:
         sinks = f", sink_tokens={self.sink_tokens}" if self.sink_tokens else ""
         sinks += ", input_rotation=hadamard" if self.input_rotation is not None else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"scheme={self.scheme.label}, backend={self.backend}{sinks}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"scheme={self.scheme.label}, backend={self.backend}{sinks}"
+        )
 
 
 def set_sink_tokens(model: nn.Module, blocks, sink_tokens: int) -> None:

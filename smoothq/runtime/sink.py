@@ -36,8 +36,10 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 def check_sink_tokens(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"sink_tokens must be a non-negative integer (the number of leading tokens of each "
-                         f"sequence quantized per token; 1 suits Llama-family models), got {n!r}")
+        raise ValueError(
+            f"sink_tokens must be a non-negative integer (the number of leading tokens of each "
+            f"sequence quantized per token; 1 suits Llama-family models), got {n!r}"
+        )
     return n
 
 
@@ -107,8 +109,9 @@ def track_positions(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> To
     return rec.positions
 
 
-def quantize_with_sinks(x: torch.Tensor, sinks: torch.Tensor, granularity: str,
-                        static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_with_sinks(
+    x: torch.Tensor, sinks: torch.Tensor, granularity: str, static_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] activation -> (int8 [M, K], fp32 scale [M, 1]): sink rows per token, the other rows
     with the scheme's per-tensor scale (static, or dynamic over the non-sink rows)."""
     if granularity == "per_tensor_static":

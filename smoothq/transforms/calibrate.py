@@ -22,6 +22,7 @@ from ..core.record import record
 from ..core.validate import ArgumentTypeError, check_int, check_model, check_token_rows, short, vocab_size
 from ..runtime.sink import check_sink_tokens
 
+
 @dataclass
 class ActStats:
     """act_absmax[name] = max over calibration tokens of |input of module `name`|, per channel (fp32)."""
@@ -36,7 +37,7 @@ class ActStats:
     def __contains__(self, name: str) -> bool:
         return name in self.act_absmax
 
-    def copy(self) -> "ActStats":
+    def copy(self) -> ActStats:
         return ActStats({k: v.clone() for k, v in self.act_absmax.items()}, self.tokens, dict(self.meta))
 
     def save(self, path: str | Path) -> None:
@@ -46,7 +47,7 @@ class ActStats:
         save_file({k: v.contiguous() for k, v in self.act_absmax.items()}, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ActStats":
+    def load(cls, path: str | Path) -> ActStats:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
@@ -60,15 +61,32 @@ def check_stats(name: str, stats, optional: bool = False):
     if stats is None and optional:
         return None
     if not isinstance(stats, ActStats):
-        raise ArgumentTypeError(f"{name} must be smoothq.ActStats, got {type(stats).__name__} {short(stats)}; "
-                                "compute them with smoothq.calibrate(model, samples)")
+        raise ArgumentTypeError(
+            f"{name} must be smoothq.ActStats, got {type(stats).__name__} {short(stats)}; "
+            "compute them with smoothq.calibrate(model, samples)"
+        )
     return stats
 
 
 # config fields that decide which linears a model has and their shapes (and so what statistics fit)
-_FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "vocab_size", "num_local_experts", "ffn_dim", "n_embd",
-                     "n_layer", "n_head", "word_embed_proj_dim", "new_decoder_architecture", "multi_query")
+_FINGERPRINT_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "num_local_experts",
+    "ffn_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "word_embed_proj_dim",
+    "new_decoder_architecture",
+    "multi_query",
+)
 
 
 def config_fingerprint(model: nn.Module) -> str | None:
@@ -87,44 +105,61 @@ class StatsError(CalibrationError):
     """Calibration statistics that do not belong to this model, or that no scale can be made from."""
 
 
-def check_stats_match(stats: ActStats, res, names, static: bool = False, use: str = "quantize",
-                      model: nn.Module | None = None) -> None:
+def check_stats_match(
+    stats: ActStats, res, names, static: bool = False, use: str = "quantize", model: nn.Module | None = None
+) -> None:
     """Refuse statistics that do not match the resolved model `res` (archs.resolve) before they are
     used: each linear of `names` must have a 1D entry with as many channels as its input, and no
     entry may name a module the model does not observe (statistics of another model). For static
     scales (`static`) every one of `names` also needs finite, non-negative maxima, not all zero."""
     if not isinstance(stats, ActStats):
-        raise StatsError(f"{use}: expected smoothq.ActStats (from smoothq.transforms.calibrate), got {type(stats).__name__}")
+        raise StatsError(
+            f"{use}: expected smoothq.ActStats (from smoothq.transforms.calibrate), got {type(stats).__name__}"
+        )
     theirs, ours = stats.meta.get("model"), config_fingerprint(model) if model is not None else None
     if theirs is not None and ours is not None and theirs != ours:
-        raise StatsError(f"{use}: the statistics were calibrated on a model with another architecture config "
-                         f"(fingerprint {theirs}, this model {ours}). Calibrate this model (smoothq.calibrate)")
+        raise StatsError(
+            f"{use}: the statistics were calibrated on a model with another architecture config "
+            f"(fingerprint {theirs}, this model {ours}). Calibrate this model (smoothq.calibrate)"
+        )
     observed = res.observed()
     unknown = sorted(k for k in stats.act_absmax if k not in observed)
     if unknown:
-        raise StatsError(f"{use}: the statistics hold {unknown[0]!r}"
-                         + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-                         + ", which is not a decoder linear of this model: they were calibrated on another model. "
-                         "Calibrate this model (smoothq.calibrate)")
+        raise StatsError(
+            f"{use}: the statistics hold {unknown[0]!r}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + ", which is not a decoder linear of this model: they were calibrated on another model. "
+            "Calibrate this model (smoothq.calibrate)"
+        )
     for name in names:
         if name not in stats:
-            raise StatsError(f"{use}: no calibration statistics for {name}; they were calibrated on another model "
-                             "(or with only=...). Calibrate this model (smoothq.calibrate)")
+            raise StatsError(
+                f"{use}: no calibration statistics for {name}; they were calibrated on another model "
+                "(or with only=...). Calibrate this model (smoothq.calibrate)"
+            )
         got = stats[name]
         want = in_features(res.modules[name] if name in res.modules else observed[name])
         if got.dim() != 1 or got.shape[0] != want:
-            raise StatsError(f"{use}: statistics of {name} have shape {tuple(got.shape)}, but its input has {want} "
-                             "channels: they were calibrated on another model. Calibrate this model")
+            raise StatsError(
+                f"{use}: statistics of {name} have shape {tuple(got.shape)}, but its input has {want} "
+                "channels: they were calibrated on another model. Calibrate this model"
+            )
         if static:
             if not torch.isfinite(got).all():
-                raise StatsError(f"{use}: statistics of {name} hold NaN/Inf activation maxima: a static scale cannot "
-                                 "be made from them. Recalibrate in float32 on other data")
+                raise StatsError(
+                    f"{use}: statistics of {name} hold NaN/Inf activation maxima: a static scale cannot "
+                    "be made from them. Recalibrate in float32 on other data"
+                )
             if (got < 0).any():
-                raise StatsError(f"{use}: statistics of {name} hold negative activation maxima (an abs-max cannot be "
-                                 "negative): they are corrupt. Recalibrate")
+                raise StatsError(
+                    f"{use}: statistics of {name} hold negative activation maxima (an abs-max cannot be "
+                    "negative): they are corrupt. Recalibrate"
+                )
             if not (got > 0).any():
-                raise StatsError(f"{use}: statistics of {name} are all zero: the static scale would be 0 (the linear "
-                                 "saw no nonzero input). Recalibrate on more or other data")
+                raise StatsError(
+                    f"{use}: statistics of {name} are all zero: the static scale would be 0 (the linear "
+                    "saw no nonzero input). Recalibrate on more or other data"
+                )
 
 
 def update_absmax(absmax: dict[str, torch.Tensor], name: str, x: torch.Tensor, where: str) -> None:
@@ -140,8 +175,15 @@ def update_absmax(absmax: dict[str, torch.Tensor], name: str, x: torch.Tensor, w
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: int = 4,
-              progress: bool = True, sink_tokens: int = 0, only: list[str] | None = None) -> ActStats:
+def calibrate(
+    model: nn.Module,
+    samples,
+    arch: Arch | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    sink_tokens: int = 0,
+    only: list[str] | None = None,
+) -> ActStats:
     """Run `samples` (LongTensor [N, L], or a list of 1D token tensors) through the model and
     return the per-channel abs-max of the input of every decoder linear (and MoE router).
 
@@ -175,8 +217,10 @@ def calibrate(model: nn.Module, samples, arch: Arch | None = None, batch_size: i
 
     batches = as_batches(samples, batch_size)
     if sink_tokens and min(b.shape[-1] for b in batches) <= sink_tokens:
-        raise CalibrationError(f"calibration sequences must be longer than sink_tokens={sink_tokens}: "
-                               "they would have no other tokens to calibrate on")
+        raise CalibrationError(
+            f"calibration sequences must be longer than sink_tokens={sink_tokens}: "
+            "they would have no other tokens to calibrate on"
+        )
     device = next(model.parameters()).device
     handles = [m.register_forward_hook(make_hook(n)) for n, m in observed.items()]
     was_training = model.training
@@ -222,16 +266,23 @@ def _fill_unseen_experts(absmax: dict, observed: dict, res) -> None:
     if not missing:
         return
     if not any(_is_expert(n) for n in missing):
-        raise CalibrationError(f"calibration never reached {missing[:3]}{'...' if len(missing) > 3 else ''}: the model "
-                               "never calls their forward (it may read their weights directly, as Mamba's dt_proj); "
-                               "keep them in float with an Arch(keep_float=...) (smoothq archs MODEL shows the rest)")
+        raise CalibrationError(
+            f"calibration never reached {missing[:3]}{'...' if len(missing) > 3 else ''}: the model "
+            "never calls their forward (it may read their weights directly, as Mamba's dt_proj); "
+            "keep them in float with an Arch(keep_float=...) (smoothq archs MODEL shows the rest)"
+        )
     for name in missing:
         # the same projection of the other experts: <experts>.<e>.<proj> for every e
         parent, proj = name.split(".")[:-2], name.split(".")[-1]
         siblings = [v for k, v in absmax.items() if k.split(".")[:-2] == parent and k.split(".")[-1] == proj]
         if not siblings:
-            raise CalibrationError(f"calibration never reached {name} nor any of its sibling experts: the model never "
-                                   "calls them (it may read their weights directly, as Mamba's dt_proj); keep them in "
-                                   "float with an Arch(keep_float=...), or calibrate on more samples if they are routed")
+            raise CalibrationError(
+                f"calibration never reached {name} nor any of its sibling experts: the model never "
+                "calls them (it may read their weights directly, as Mamba's dt_proj); keep them in "
+                "float with an Arch(keep_float=...), or calibrate on more samples if they are routed"
+            )
         absmax[name] = torch.stack(siblings).amax(dim=0)
-        warnings.warn(f"{name} saw no calibration tokens; using the max over its sibling experts (more samples fix this)")
+        warnings.warn(
+            f"{name} saw no calibration tokens; using the max over its sibling experts (more samples fix this)",
+            stacklevel=2,
+        )

@@ -30,9 +30,6 @@ which vLLM loads and multiplies in before quantizing, like we do.
 
 from __future__ import annotations
 
-import math
-import re
-
 import torch
 from torch import nn
 
@@ -41,7 +38,8 @@ from ..core.record import record
 from ..core.validate import check_model, check_token_rows, vocab_size
 from ..runtime.input_rotation import InputRotation, attach_input_rotation
 from ..runtime.linear import W8A8Linear
-from .calibrate import calibrate, check_stats as check_stats_type
+from .calibrate import calibrate
+from .calibrate import check_stats as check_stats_type
 
 
 def _spec(seed: int, names: list[str]) -> dict:
@@ -54,8 +52,10 @@ def targets(model: nn.Module, arch: Arch | None = None) -> list[tuple[str, nn.Mo
     res = resolve(model, arch)
     patterns = res.arch.online_rotation
     if not patterns:
-        raise UnsupportedArchError(f"{res.arch.name or 'this architecture'} names no linear whose input can be "
-                                   "rotated online (Arch.online_rotation); quantize it without --rotate-inputs")
+        raise UnsupportedArchError(
+            f"{res.arch.name or 'this architecture'} names no linear whose input can be "
+            "rotated online (Arch.online_rotation); quantize it without --rotate-inputs"
+        )
     out = []
     for prefix, block in res.blocks:
         for pattern in patterns:
@@ -67,8 +67,9 @@ def targets(model: nn.Module, arch: Arch | None = None) -> list[tuple[str, nn.Mo
 
 
 @torch.no_grad()
-def rotate_inputs(model: nn.Module, stats=None, samples=None, seed: int = 0, arch: Arch | None = None,
-                  progress: bool = False):
+def rotate_inputs(
+    model: nn.Module, stats=None, samples=None, seed: int = 0, arch: Arch | None = None, progress: bool = False
+):
     """Rotate the input of each MLP down projection online (in place; the float model's outputs are
     unchanged). Call it on the float model after smooth() and before quantize().
 
@@ -82,8 +83,10 @@ def rotate_inputs(model: nn.Module, stats=None, samples=None, seed: int = 0, arc
         check_token_rows("samples", samples, vocab_size(model))
     rec = record(model)
     if rec.scheme is not None:
-        raise RuntimeError("model is already quantized: rotate its inputs on the float model (after smooth(), "
-                           "before quantize()); reload it to start over")
+        raise RuntimeError(
+            "model is already quantized: rotate its inputs on the float model (after smooth(), "
+            "before quantize()); reload it to start over"
+        )
     if rec.input_rotation is not None:
         raise RuntimeError("the model's inputs are already rotated (model.smoothq.input_rotation)")
     if samples is not None and stats is None:
@@ -103,8 +106,9 @@ def rotate_inputs(model: nn.Module, stats=None, samples=None, seed: int = 0, arc
 
 def recalibrate(model: nn.Module, stats, samples, names: list[str], arch: Arch | None = None, progress: bool = False):
     """`stats` with the abs-max of the (now rotated) inputs of `names` measured again."""
-    fresh = calibrate(model, samples, arch=arch, progress=progress,
-                      sink_tokens=int(stats.meta.get("sink_tokens", 0)), only=names)
+    fresh = calibrate(
+        model, samples, arch=arch, progress=progress, sink_tokens=int(stats.meta.get("sink_tokens", 0)), only=names
+    )
     out = stats.copy()
     for name in names:
         out.act_absmax[name] = fresh[name]
@@ -127,9 +131,11 @@ def check_stats(model: nn.Module, stats) -> None:
     """Static scales must come from the rotated inputs: calibrated after rotate_inputs()."""
     rotated = record(model).input_rotation
     seen = (stats.meta if stats is not None else {}).get("input_rotation")
-    if rotated and (seen is None or list(seen.get("linears", [])) != list(rotated["linears"])
-                    or seen.get("seed") != rotated["seed"]):
+    if rotated and (
+        seen is None or list(seen.get("linears", [])) != list(rotated["linears"]) or seen.get("seed") != rotated["seed"]
+    ):
         raise ValueError(
             "the model's down-projection inputs are rotated (rotate_inputs) but the statistics were calibrated "
             "before that: the static scales would be sized for the unrotated inputs. Use the statistics "
-            "rotate_inputs(model, stats, samples) returns")
+            "rotate_inputs(model, stats, samples) returns"
+        )

@@ -25,9 +25,15 @@ from .online_rotation import check_stats as check_input_rotation
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActStats | None = None,
-             backend: str = "auto", arch: Arch | None = None, progress: bool = False,
-             sink_tokens: int | None = None) -> nn.Module:
+def quantize(
+    model: nn.Module,
+    scheme: str | QuantScheme = "W8A8",
+    stats: ActStats | None = None,
+    backend: str = "auto",
+    arch: Arch | None = None,
+    progress: bool = False,
+    sink_tokens: int | None = None,
+) -> nn.Module:
     """Swap every linear in the decoder blocks for a W8A8Linear, in place. Embeddings, the LM head
     and modules the architecture keeps in float (MoE routers) stay float. Static schemes (O3) need
     `stats` from calibrate() -- the ones smooth() returned, if the model was smoothed.
@@ -47,8 +53,10 @@ def quantize(model: nn.Module, scheme: str | QuantScheme = "W8A8", stats: ActSta
         )
     rec = record(model)
     if rec.scheme is not None:
-        raise RuntimeError(f"model is already quantized ({rec.scheme.label}); reload the float model "
-                           "to quantize it with another scheme")
+        raise RuntimeError(
+            f"model is already quantized ({rec.scheme.label}); reload the float model "
+            "to quantize it with another scheme"
+        )
     if scheme.static:
         check_input_rotation(model, stats)
     res = resolve(model, arch)
@@ -84,4 +92,3 @@ def resolve_sink_tokens(stats: ActStats | None, sink_tokens: int | None, scheme:
             f"scales would be sized for the wrong tokens. Calibrate with smoothq.calibrate(..., sink_tokens={sink_tokens})"
         )
     return sink_tokens
-

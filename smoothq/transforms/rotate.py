@@ -82,7 +82,9 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     return (h_a @ x.reshape(-1, a, n // a) @ h_b).reshape(x.shape)
 
 
-def times_rotation(x: torch.Tensor, rot: torch.Tensor, rows: int = 2048, out: torch.Tensor | None = None) -> torch.Tensor:
+def times_rotation(
+    x: torch.Tensor, rot: torch.Tensor, rows: int = 2048, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """x @ rot in float64, returned in x's dtype; in row chunks (a 7B model's embedding times R would
     otherwise hold three 1 GB float64 copies). `out=x` works in place: each chunk is read before it
     is overwritten. A randomized Sylvester Hadamard rotation (every power of two) takes the fast
@@ -91,9 +93,9 @@ def times_rotation(x: torch.Tensor, rot: torch.Tensor, rows: int = 2048, out: to
     signs = _sylvester_signs(rot)
     out = torch.empty_like(x) if out is None else out
     for start in range(0, x.shape[0], rows):
-        part = x[start:start + rows].double()
+        part = x[start : start + rows].double()
         part = _fwht(part * signs) / math.sqrt(rot.shape[0]) if signs is not None else part @ rot
-        out[start:start + rows] = part.to(x.dtype)
+        out[start : start + rows] = part.to(x.dtype)
     return out
 
 
@@ -106,13 +108,14 @@ def _right(module: nn.Module, m: torch.Tensor) -> None:
 def _fold_norm(norm: nn.Module, readers: list[nn.Module], rot: torch.Tensor, offset: float) -> None:
     """RMSNorm gain g folded into the linears it feeds (W diag(g) R), and set to the identity."""
     if isinstance(norm, nn.LayerNorm) or getattr(norm, "bias", None) is not None:
-        raise UnsupportedArchError(f"{type(norm).__name__} subtracts a mean or adds a bias: only RMSNorm "
-                                   "commutes with a rotation")
+        raise UnsupportedArchError(
+            f"{type(norm).__name__} subtracts a mean or adds a bias: only RMSNorm commutes with a rotation"
+        )
     gain = (norm.weight.double() + offset)[None, :]
     for lin in readers:
         w = weight_nk(lin)
         for start in range(0, w.shape[0], 2048):  # row chunks: a 7B head in float64 would be 1 GB, twice
-            w[start:start + 2048] = (w[start:start + 2048].double() * gain.to(w.device)).to(w.dtype)
+            w[start : start + 2048] = (w[start : start + 2048].double() * gain.to(w.device)).to(w.dtype)
         _right(lin, rot)
     norm.weight.fill_(1.0 - offset)
 
@@ -123,7 +126,8 @@ def _spec_of(res, what: str):
         raise UnsupportedArchError(
             f"{res.arch.name or 'this architecture'} cannot be rotated exactly: rotation needs pre-norm RMSNorm "
             "blocks whose norms feed only the linears of the table (Llama, Mistral, Qwen2/3, Phi-3, Mixtral, "
-            f"Gemma 1, GLM). {what}")
+            f"Gemma 1, GLM). {what}"
+        )
     return spec
 
 
@@ -169,8 +173,11 @@ def rotate_outside(model: nn.Module, arch: Arch, rot: torch.Tensor) -> None:
 
 def rotation_record(kind: str, seed: int, hidden: int) -> dict:
     """What model.smoothq.rotation and a checkpoint's config record (the kind actually built)."""
-    return {"kind": kind if hadamard_matrix(hidden) is not None or kind != "hadamard" else "orthogonal",
-            "seed": seed, "size": hidden}
+    return {
+        "kind": kind if hadamard_matrix(hidden) is not None or kind != "hadamard" else "orthogonal",
+        "seed": seed,
+        "size": hidden,
+    }
 
 
 @torch.no_grad()
@@ -181,11 +188,17 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0, arch: Arch |
     check_model("model", model)
     check_choice("kind", kind, KINDS)
     rec = record(model)
-    for fact, what in ((rec.scheme, "quantized"), (rec.alpha, "smoothed"), (rec.rotation, "rotated"),
-                       (rec.input_rotation, "input-rotated")):
+    for fact, what in (
+        (rec.scheme, "quantized"),
+        (rec.alpha, "smoothed"),
+        (rec.rotation, "rotated"),
+        (rec.input_rotation, "input-rotated"),
+    ):
         if fact is not None:
-            raise RuntimeError(f"model is already {what}: rotate the float model first (rotate -> calibrate -> "
-                               "smooth -> quantize); reload it to start over")
+            raise RuntimeError(
+                f"model is already {what}: rotate the float model first (rotate -> calibrate -> "
+                "smooth -> quantize); reload it to start over"
+            )
     res = resolve(model, arch)
     spec = _spec_of(res, "Quantize it without --rotate.")
     hidden = model.get_submodule(spec.embed).weight.shape[1]

@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from ..archs import Arch, ResolvedGroup, resolve, weight_nk
 from ..core.forward import as_batches
 from ..core.perplexity import perplexity
-from ..core.recipe import GRID, SearchConfig
-from ..core.schemes import QuantScheme, get_scheme
 from ..core.quant import QMAX, absmax_to_scale, quantize_weight
+from ..core.recipe import GRID, SearchConfig
 from ..core.record import record
+from ..core.schemes import QuantScheme, get_scheme
 from ..runtime.sink import quantize_with_sinks
 from .calibrate import ActStats
 from .quantize import quantize
@@ -80,17 +80,28 @@ class SearchResult:
     def summary(self) -> dict:
         alphas = list(self.alphas.values())
         return {
-            "scheme": self.scheme, "groups": len(self.alphas), "options": list(self.options),
+            "scheme": self.scheme,
+            "groups": len(self.alphas),
+            "options": list(self.options),
             "alpha_mean": round(sum(alphas) / len(alphas), 4) if alphas else None,
-            "alpha_min": min(alphas, default=None), "alpha_max": max(alphas, default=None),
+            "alpha_min": min(alphas, default=None),
+            "alpha_max": max(alphas, default=None),
             "clipped": sum(1 for r in self.clip.values() if r < 1.0),
-            "seconds": round(self.seconds, 1), "block_forwards": self.block_forwards, "tokens": self.tokens,
+            "seconds": round(self.seconds, 1),
+            "block_forwards": self.block_forwards,
+            "tokens": self.tokens,
             "picked": self.guard.get("picked", "searched"),
         }
 
     def to_dict(self) -> dict:
-        return {**self.summary(), "alphas": self.alphas, "clip": self.clip, "block_loss": self.block_loss,
-                "grid": list(self.grid), "guard": self.guard}
+        return {
+            **self.summary(),
+            "alphas": self.alphas,
+            "clip": self.clip,
+            "block_loss": self.block_loss,
+            "grid": list(self.grid),
+            "guard": self.guard,
+        }
 
 
 class _Stop(Exception):
@@ -130,7 +141,9 @@ def _capture(model: nn.Module, res, batches: list[torch.Tensor]):
     return first_inputs, calls
 
 
-def _run(block: nn.Module, xs: list[torch.Tensor], calls: list[tuple], order: list[str] | None = None) -> list[torch.Tensor]:
+def _run(
+    block: nn.Module, xs: list[torch.Tensor], calls: list[tuple], order: list[str] | None = None
+) -> list[torch.Tensor]:
     """The block on every batch; if `order` is given, it receives the block's direct children in the
     order they first run."""
     hooks = []
@@ -169,8 +182,17 @@ class _Candidates:
     when an MLP group is searched) have identical outputs for every candidate: they run once per
     group and are replayed from a cache."""
 
-    def __init__(self, block: nn.Module, prefix: str, arch: Arch, quant_names: list[str], scheme: QuantScheme,
-                 calls: list[tuple], order: list[str], sink_tokens: int = 0):
+    def __init__(
+        self,
+        block: nn.Module,
+        prefix: str,
+        arch: Arch,
+        quant_names: list[str],
+        scheme: QuantScheme,
+        calls: list[tuple],
+        order: list[str],
+        sink_tokens: int = 0,
+    ):
         self.block = copy.deepcopy(block)
         # calibration windows start at position 0: the first `sink_tokens` rows of each are sinks
         self.sink_tokens = sink_tokens if scheme.activations != "per_token" else 0
@@ -188,7 +210,7 @@ class _Candidates:
         self.order = order  # direct children of the block in the order they run
 
     def _module(self, name: str) -> nn.Module:
-        return self.block.get_submodule(name[len(self.prefix) + 1:])
+        return self.block.get_submodule(name[len(self.prefix) + 1 :])
 
     def _quant_input(self, name: str):
         def pre(_mod, args):
@@ -228,8 +250,9 @@ class _Candidates:
                     absmax = smoothed[name].amax() * (clip or {}).get(name, 1.0)
                     self.act_scale[name] = absmax_to_scale(absmax.reshape(1)).to(w.device)
 
-    def set(self, groups: list[ResolvedGroup], alphas: list[float], stats: ActStats,
-            clip: dict[str, float] | None = None) -> ActStats:
+    def set(
+        self, groups: list[ResolvedGroup], alphas: list[float], stats: ActStats, clip: dict[str, float] | None = None
+    ) -> ActStats:
         """Reset to float, smooth with `alphas`, fake-quantize; returns the smoothed stats."""
         out = self.smooth(groups, alphas, stats)
         self.quantize(out, clip)
@@ -238,7 +261,7 @@ class _Candidates:
     def cache_before(self, touched: set[str]) -> None:
         """Replay the children that run before the first child holding a module in `touched`."""
         self._cache, self._replay = {}, set()
-        rel = {t[len(self.prefix) + 1:].split(".")[0] for t in touched}
+        rel = {t[len(self.prefix) + 1 :].split(".")[0] for t in touched}
         for child in self.order:
             if child in rel:
                 break
@@ -282,13 +305,19 @@ class _NameMap(dict):
         self.block, self.prefix = block, prefix
 
     def __getitem__(self, name: str) -> nn.Module:
-        return self.block.get_submodule(name[len(self.prefix) + 1:])
+        return self.block.get_submodule(name[len(self.prefix) + 1 :])
 
 
 @torch.no_grad()
-def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActStats,
-                 config: SearchConfig = SearchConfig(), arch: Arch | None = None,
-                 progress: bool = True) -> SearchResult:
+def search_alpha(
+    model: nn.Module,
+    calib,
+    scheme: str | QuantScheme,
+    stats: ActStats,
+    config: SearchConfig = SearchConfig(),
+    arch: Arch | None = None,
+    progress: bool = True,
+) -> SearchResult:
     """Search alpha per smoothing group (see the module docstring). `stats` are the float model's
     calibration statistics (calibrate()); `calib` the calibration token windows (the first
     `config.samples` are used). The model is left unchanged."""
@@ -315,14 +344,16 @@ def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActS
         model.train(was_training)
     x_q = list(x_fp)
     quantizable = [n for n, _ in res.quantizable()]
-    result = SearchResult(alphas={}, grid=config.grid, options=config.options, scheme=scheme.name,
-                          tokens=sum(b.numel() for b in batches))
+    result = SearchResult(
+        alphas={}, grid=config.grid, options=config.options, scheme=scheme.name, tokens=sum(b.numel() for b in batches)
+    )
 
     for i, (prefix, block) in enumerate(tqdm(res.blocks, desc=f"alpha search {scheme.name}", disable=not progress)):
         groups = [g for g in res.groups if g.prev.startswith(prefix + ".")]
         names = [n for n in quantizable if n.startswith(prefix + ".")]
-        x_fp, x_q = search_block(block, prefix, res.arch, groups, names, scheme, stats, x_fp, x_q, calls[i], config,
-                                 result, sink_tokens)
+        x_fp, x_q = search_block(
+            block, prefix, res.arch, groups, names, scheme, stats, x_fp, x_q, calls[i], config, result, sink_tokens
+        )
     if config.guard and len(config.grid) > 1:
         guard_ids = ids[: max(config.guard_samples, config.samples)].to(device)
         _guard(model, stats, guard_ids, scheme, config, arch, result, progress)
@@ -331,10 +362,22 @@ def search_alpha(model: nn.Module, calib, scheme: str | QuantScheme, stats: ActS
 
 
 @torch.no_grad()
-def search_block(block: nn.Module, prefix: str, arch: Arch, groups: list[ResolvedGroup], names: list[str],
-                 scheme: QuantScheme, stats: ActStats, x_fp: list[torch.Tensor], x_q: list[torch.Tensor],
-                 calls: list[tuple], config: SearchConfig, result: SearchResult,
-                 sink_tokens: int = 0, local_guard: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def search_block(
+    block: nn.Module,
+    prefix: str,
+    arch: Arch,
+    groups: list[ResolvedGroup],
+    names: list[str],
+    scheme: QuantScheme,
+    stats: ActStats,
+    x_fp: list[torch.Tensor],
+    x_q: list[torch.Tensor],
+    calls: list[tuple],
+    config: SearchConfig,
+    result: SearchResult,
+    sink_tokens: int = 0,
+    local_guard: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Search one decoder block (steps 2-5 of the module docstring): its groups' alphas and clipping
     ratios go into `result`; returns the block's float output on `x_fp` and the chosen quantized
     block's output on `x_q` (the next block's two inputs). `calls[b]` = (args, kwargs) the block is
@@ -363,7 +406,7 @@ def search_block(block: nn.Module, prefix: str, arch: Arch, groups: list[Resolve
                 cand.cache_before({g.prev, *g.linears})
 
                 def trial(a: float, k=k) -> float:
-                    return evaluate(chosen[:k] + [a] + chosen[k + 1:])
+                    return evaluate(chosen[:k] + [a] + chosen[k + 1 :])
 
                 chosen[k], result.curves[g.prev] = _search_grid(trial, config.grid, config.strategy)
     elif groups:
@@ -396,6 +439,7 @@ def search_block(block: nn.Module, prefix: str, arch: Arch, groups: list[Resolve
 def _guard(model, stats, ids, scheme, config: SearchConfig, arch, result: SearchResult, progress: bool) -> None:
     """Compare the searched alphas with every global alpha of the grid end to end (next-token loss
     of the whole quantized model on calibration sequences `ids`); switch to the best global one if it wins."""
+
     def nll(alpha: float, alphas: dict | None, clip: dict | None) -> float:
         m = copy.deepcopy(model)
         st = smooth(m, stats, alpha, arch=arch, options=config.options, alphas=alphas)
@@ -455,7 +499,7 @@ def _search_clip(cand: _Candidates, groups, alphas, stats: ActStats, x_q, config
 
     def keep(x: torch.Tensor) -> torch.Tensor:  # the tokens a static scale applies to (not the sinks)
         if cand.sink_tokens and x.dim() == 3:
-            x = x[:, cand.sink_tokens:]
+            x = x[:, cand.sink_tokens :]
         return x.detach().reshape(-1, x.shape[-1])
 
     shared = [[n for n in g.linears if n in captured] for g in groups]
@@ -463,8 +507,10 @@ def _search_clip(cand: _Candidates, groups, alphas, stats: ActStats, x_q, config
     in_set = {n for s in sets for n in s}
     sets += [[n] for n in cand.quant_names if n not in in_set]
     readers = {s[0]: s for s in sets}  # one capture per input: the first linear reading it
-    handles = [cand._module(n).register_forward_pre_hook(
-        lambda _m, a, n=n: captured[n].append(keep(a[0])), prepend=True) for n in readers]
+    handles = [
+        cand._module(n).register_forward_pre_hook(lambda _m, a, n=n: captured[n].append(keep(a[0])), prepend=True)
+        for n in readers
+    ]
     try:
         cand.run(x_q)
     finally:
@@ -484,14 +530,18 @@ def _search_clip(cand: _Candidates, groups, alphas, stats: ActStats, x_q, config
         refs = {}
         for n in names:
             w, bias = smoothed_float[n]
-            refs[n] = (torch.nn.functional.linear(x, w.float(), None if bias is None else bias.float()),
-                       weight_nk(cand._module(n)).detach().float(), None if bias is None else bias.float())
+            refs[n] = (
+                torch.nn.functional.linear(x, w.float(), None if bias is None else bias.float()),
+                weight_nk(cand._module(n)).detach().float(),
+                None if bias is None else bias.float(),
+            )
         best, best_err = 1.0, float("inf")
         for ratio in config.clip_ratios:
             scale = absmax_to_scale(torch.tensor(absmax * ratio))
             xq = torch.round(x / scale).clamp_(-QMAX, QMAX).mul_(scale)
-            err = sum(_loss([torch.nn.functional.linear(xq, w_dq, b)], [ref], config.loss)
-                      for ref, w_dq, b in refs.values())
+            err = sum(
+                _loss([torch.nn.functional.linear(xq, w_dq, b)], [ref], config.loss) for ref, w_dq, b in refs.values()
+            )
             if err < best_err:
                 best, best_err = ratio, err
         result.update(dict.fromkeys(names, best))
@@ -499,8 +549,15 @@ def _search_clip(cand: _Candidates, groups, alphas, stats: ActStats, x_q, config
 
 
 @torch.no_grad()
-def auto_smooth(model: nn.Module, stats: ActStats, calib, scheme: str | QuantScheme,
-                config: SearchConfig = SearchConfig(), arch: Arch | None = None, progress: bool = True) -> ActStats:
+def auto_smooth(
+    model: nn.Module,
+    stats: ActStats,
+    calib,
+    scheme: str | QuantScheme,
+    config: SearchConfig = SearchConfig(),
+    arch: Arch | None = None,
+    progress: bool = True,
+) -> ActStats:
     """search_alpha, then smooth the model in place with the chosen alphas (and clip the static
     scales if asked). Returns the statistics to quantize with; the search result is kept on the
     model's record as `model.smoothq.search`."""

@@ -24,11 +24,11 @@ from ..archs import LINEAR_TYPES, Arch, ResolvedGroup, arch_for, check_options, 
 from ..archs.discover import discover_arch
 from ..archs.folds import fold_into_prev, scale_inputs  # noqa: F401  (smoothq.transforms.smooth.fold_into_prev stays public)
 from ..archs.prove import prove_arch
-from .calibrate import ActStats, StatsError, check_stats, check_stats_match
-from ..core.schemes import check_alpha
 from ..core.defaults import DEFAULT_ALPHA
 from ..core.record import record
+from ..core.schemes import check_alpha
 from ..core.validate import check_model, check_tensor
+from .calibrate import ActStats, StatsError, check_stats, check_stats_match
 
 # Magnitudes below this are treated as "this channel carries nothing" (s = 1); it also keeps
 # x^alpha / w^(1-alpha) far from overflow for tiny but nonzero maxima.
@@ -75,8 +75,9 @@ def group_scales(res, group: ResolvedGroup, stats: ActStats, alpha: float) -> to
 
 
 @torch.no_grad()
-def apply_group(res, group: ResolvedGroup, s: torch.Tensor, stats: ActStats | None = None,
-                out: ActStats | None = None) -> None:
+def apply_group(
+    res, group: ResolvedGroup, s: torch.Tensor, stats: ActStats | None = None, out: ActStats | None = None
+) -> None:
     """Fold s into the group's producer and consumers; divide the consumers' statistics in `out`."""
     cols = s if group.index is None else s[group.index]
     fold_into_prev(res.modules[group.prev], s, group.norm_offset)
@@ -90,8 +91,10 @@ def check_not_input_rotated(model: nn.Module) -> None:
     """Smoothing scales the float input channels of a linear; after online_rotation.rotate_inputs the
     weights of the rotated linears are in the rotated basis, where that would not be exact."""
     if record(model).input_rotation is not None:
-        raise RuntimeError("the model's down-projection inputs are already rotated (rotate_inputs): smooth first, "
-                           "then rotate_inputs, then quantize. Reload the float model to start over")
+        raise RuntimeError(
+            "the model's down-projection inputs are already rotated (rotate_inputs): smooth first, "
+            "then rotate_inputs, then quantize. Reload the float model to start over"
+        )
 
 
 def prove_groups(model: nn.Module, arch: Arch | None = None, options=()):
@@ -114,8 +117,16 @@ def prove_groups(model: nn.Module, arch: Arch | None = None, options=()):
 
 
 @torch.no_grad()
-def smooth(model: nn.Module, stats: ActStats, alpha: float = DEFAULT_ALPHA, arch: Arch | None = None, *,
-           options=(), alphas: dict[str, float] | None = None, prove: bool = True) -> ActStats:
+def smooth(
+    model: nn.Module,
+    stats: ActStats,
+    alpha: float = DEFAULT_ALPHA,
+    arch: Arch | None = None,
+    *,
+    options=(),
+    alphas: dict[str, float] | None = None,
+    prove: bool = True,
+) -> ActStats:
     """Smooth every group of the model in place; return the statistics of the smoothed model
     (inputs of smoothed linears divided by s), which is what static activation scales need.
     The scales are kept in the model's record as `model.smoothq.scales` (producer name -> s).
@@ -145,12 +156,15 @@ def smooth(model: nn.Module, stats: ActStats, alpha: float = DEFAULT_ALPHA, arch
         prove_groups(model, arch, options)
     res = resolve(model, arch, options)
     # the statistics must be this model's; non-finite maxima would make NaN scales folded into the weights
-    check_stats_match(stats, res, sorted({n for g in res.groups for n in g.linears}), static=False, use="smooth",
-                model=model)
+    check_stats_match(
+        stats, res, sorted({n for g in res.groups for n in g.linears}), static=False, use="smooth", model=model
+    )
     bad = [n for g in res.groups for n in g.linears if not torch.isfinite(stats[n]).all()]
     if bad:
-        raise StatsError(f"smooth: statistics of {bad[0]} hold NaN/Inf activation maxima: the smoothing scales "
-                         "would be NaN. Recalibrate in float32 on other data")
+        raise StatsError(
+            f"smooth: statistics of {bad[0]} hold NaN/Inf activation maxima: the smoothing scales "
+            "would be NaN. Recalibrate in float32 on other data"
+        )
     alphas = {k: check_alpha(v) for k, v in (alphas or {}).items()}
     unknown = set(alphas) - {g.prev for g in res.groups}
     if unknown:

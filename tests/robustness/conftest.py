@@ -48,8 +48,8 @@ def no_load(monkeypatch):
     error, so the CLI would exit 1 and the test's exit-code assertion names it)."""
     import transformers
 
-    import smoothq.formats.io
     import smoothq.core.models
+    import smoothq.formats.io
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")

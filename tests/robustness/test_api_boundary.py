@@ -59,8 +59,12 @@ CASES = [
     ("window_nll", lambda m, s, t, p: sq.window_nll(m, IDS[0], progress=False), ValueError, "windows"),
     ("window_nll", lambda m, s, t, p: sq.window_nll(m, IDS, batch_size=0, progress=False), ValueError, "batch_size"),
     ("paired_nll_difference", lambda m, s, t, p: sq.paired_nll_difference("ab", [1.0, 2.0]), TypeError, "nll_a"),
-    ("paired_nll_difference", lambda m, s, t, p: sq.paired_nll_difference([1.0, 2.0], [1.0, math.nan]),
-     ValueError, "nll_b"),
+    (
+        "paired_nll_difference",
+        lambda m, s, t, p: sq.paired_nll_difference([1.0, 2.0], [1.0, math.nan]),
+        ValueError,
+        "nll_b",
+    ),
     ("lambada_accuracy", lambda m, s, t, p: sq.lambada_accuracy(m, "gpt2"), TypeError, "tokenizer"),
     ("lambada_accuracy", lambda m, s, t, p: sq.lambada_accuracy(m, t, limit=0), ValueError, "limit"),
     ("calib_samples", lambda m, s, t, p: sq.calib_samples(t, n=0), ValueError, "n"),
@@ -71,8 +75,12 @@ CASES = [
     ("export_onnx", lambda m, s, t, p: sq.export_onnx(IDS, p / "onnx"), TypeError, "model"),
     ("optimize_for_cpu", lambda m, s, t, p: sq.optimize_for_cpu("model"), TypeError, "model"),
     ("optimize_for_cpu", lambda m, s, t, p: sq.optimize_for_cpu(m), ValueError, "quantized"),
-    ("quantize_sequential", lambda m, s, t, p: sq.quantize_sequential(3, p / "out", IDS, progress=False),
-     TypeError, "model_dir"),
+    (
+        "quantize_sequential",
+        lambda m, s, t, p: sq.quantize_sequential(3, p / "out", IDS, progress=False),
+        TypeError,
+        "model_dir",
+    ),
     ("get_scheme", lambda m, s, t, p: sq.get_scheme("W4A4"), ValueError, "scheme"),
     ("get_scheme", lambda m, s, t, p: sq.get_scheme(None), TypeError, "scheme"),
     ("Recipe", lambda m, s, t, p: sq.Recipe.from_dict({"smoothing": {"alpha": 2.0}}), ValueError, "alpha"),
@@ -86,8 +94,16 @@ def _case_id(case) -> str:
     return f"{case[0]}-{case[3]}"
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(
-    strict=True, reason="sequential.py checks pending")) if c[0] in PENDING else c for c in CASES], ids=_case_id)
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="sequential.py checks pending"))
+        if c[0] in PENDING
+        else c
+        for c in CASES
+    ],
+    ids=_case_id,
+)
 def test_a_wrong_argument_is_named_at_the_boundary(case, model, stats, tiny_tok, tmp_path):
     name, call, kind, argument = case
     with pytest.raises(kind) as err:
@@ -109,16 +125,30 @@ def test_valid_calls_are_unchanged(model):
     ids = sample_ids(n=2, length=16)
     nll = sq.window_nll(model, ids, progress=False)
     logits = model(input_ids=ids).logits[:, :-1]
-    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1),
-                                                 reduction="none").view(2, -1).double().mean(1)
+    expected = (
+        torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
+        .view(2, -1)
+        .double()
+        .mean(1)
+    )
     torch.testing.assert_close(nll, expected, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
 # property: any bad token-id tensor is a ValueError / TypeError, never an error from inside torch
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.bool, torch.complex64,
-          torch.int64, torch.int32, torch.int16, torch.uint8]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.bool,
+    torch.complex64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.uint8,
+]
 
 
 @st.composite
@@ -128,7 +158,9 @@ def bad_token_ids(draw):
     dtype = draw(st.sampled_from(DTYPES))
     dims = draw(st.integers(0, 4))
     shape = tuple(draw(st.lists(st.integers(1, 4), min_size=dims, max_size=dims)))
-    values = torch.randint(-3 * VOCAB, 3 * VOCAB, shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
+    values = torch.randint(
+        -3 * VOCAB, 3 * VOCAB, shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    )
     if dtype == torch.uint8:
         values = values.clamp(0, 255)
     elif dtype == torch.int16:

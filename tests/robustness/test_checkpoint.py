@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from tiny import sample_ids, tiny_model
 
 import smoothq as sq
-from smoothq.formats import io
 from smoothq.cli.app import main
+from smoothq.formats import io
 from smoothq.formats.io import CheckpointError
 from smoothq.formats.verify import verify
 
@@ -37,9 +37,17 @@ def saved(tmp_path_factory):
     io.save(_quantized("W8A8"), root / "w8a8-sharded", max_shard_bytes=40_000)
     # every extra the smoothq format records: the recipe, residual rotation, sink tokens, online
     # input rotation, int8 embeddings
-    recipe = sq.Recipe.from_dict({"scheme": "O3", "rotation": {"kind": "hadamard"}, "rotate_inputs": True,
-                                  "sink_tokens": 1, "smoothing": {"alpha": 0.5}, "calibration": {"seqlen": 16},
-                                  "output": {"embeddings": "int8"}})
+    recipe = sq.Recipe.from_dict(
+        {
+            "scheme": "O3",
+            "rotation": {"kind": "hadamard"},
+            "rotate_inputs": True,
+            "sink_tokens": 1,
+            "smoothing": {"alpha": 0.5},
+            "calibration": {"seqlen": 16},
+            "output": {"embeddings": "int8"},
+        }
+    )
     sq.run(tiny_model("llama"), recipe, sample_ids(), output=root / "o3-extras", progress=False)
     return root
 
@@ -48,6 +56,7 @@ def saved(tmp_path_factory):
 def ckpt(saved, tmp_path):
     def copy(name: str) -> Path:
         return Path(shutil.copytree(saved / name, tmp_path / name))
+
     return copy
 
 
@@ -132,8 +141,11 @@ def test_w8a8_tensors_under_an_o3_config(ckpt):
 def test_o3_tensors_under_a_w8a8_config(ckpt):
     folder = ckpt("o3")
     edit_config(folder, lambda c: c["quantization_config"].update(scheme=sq.W8A8.to_dict()))
-    refused(folder, f"{Q}.weight_scale is float32 [1]; expected float [64, 1]",
-            f"{Q}.input_scale is present, but W8A8 quantizes activations dynamically")
+    refused(
+        folder,
+        f"{Q}.weight_scale is float32 [1]; expected float [64, 1]",
+        f"{Q}.input_scale is present, but W8A8 quantizes activations dynamically",
+    )
 
 
 def test_weight_stored_as_float_instead_of_int8(ckpt):
@@ -155,6 +167,7 @@ def test_weight_scale_must_be_finite_and_positive(ckpt, name, value):
 
     def poison(t):
         t[f"{Q}.weight_scale"].view(-1)[0] = value
+
     edit_tensors(folder, poison)
     refused(folder, f"{Q}.weight_scale holds [{value}]", "finite and > 0")
 
@@ -165,16 +178,27 @@ def test_input_scale_must_be_finite_and_positive(ckpt, value):
 
     def poison(t):
         t[f"{Q}.input_scale"].fill_(value)
+
     edit_tensors(folder, poison)
     refused(folder, f"{Q}.input_scale holds [{value}]", "finite and > 0")
 
 
 def test_unexpected_extra_tensors(ckpt):
     folder = ckpt("w8a8")
-    edit_tensors(folder, lambda t: t.update({f"{Q}.weight_zero_point": torch.zeros(64, 1, dtype=torch.int8),
-                                             "model.layers.0.extra.weight": torch.ones(3)}))
-    refused(folder, f"{Q}.weight_zero_point (int8 [64, 1]) is unexpected: W8A8 has no such tensor",
-            "model.layers.0.extra.weight (float32 [3]) is unexpected: the model has no such tensor")
+    edit_tensors(
+        folder,
+        lambda t: t.update(
+            {
+                f"{Q}.weight_zero_point": torch.zeros(64, 1, dtype=torch.int8),
+                "model.layers.0.extra.weight": torch.ones(3),
+            }
+        ),
+    )
+    refused(
+        folder,
+        f"{Q}.weight_zero_point (int8 [64, 1]) is unexpected: W8A8 has no such tensor",
+        "model.layers.0.extra.weight (float32 [3]) is unexpected: the model has no such tensor",
+    )
 
 
 def test_missing_norm_weight(ckpt):
@@ -185,10 +209,20 @@ def test_missing_norm_weight(ckpt):
 
 def test_float_tensor_with_nan_or_wrong_shape(ckpt):
     folder = ckpt("w8a8")
-    edit_tensors(folder, lambda t: t.update({"model.layers.1.input_layernorm.weight": torch.full((64,), float("nan")),
-                                             "model.embed_tokens.weight": torch.zeros(256, 63)}))
-    refused(folder, "model.layers.1.input_layernorm.weight holds NaN or Inf",
-            "model.embed_tokens.weight is float32 [256, 63]; expected a float tensor of shape [256, 64]")
+    edit_tensors(
+        folder,
+        lambda t: t.update(
+            {
+                "model.layers.1.input_layernorm.weight": torch.full((64,), float("nan")),
+                "model.embed_tokens.weight": torch.zeros(256, 63),
+            }
+        ),
+    )
+    refused(
+        folder,
+        "model.layers.1.input_layernorm.weight holds NaN or Inf",
+        "model.embed_tokens.weight is float32 [256, 63]; expected a float tensor of shape [256, 64]",
+    )
 
 
 def test_int8_embedding_needs_its_row_scales(ckpt):
@@ -200,9 +234,12 @@ def test_int8_embedding_needs_its_row_scales(ckpt):
 def test_a_linear_dropped_from_quantization_in_a_compressed_tensors_config(ckpt):
     folder = ckpt("ct-o3")
     edit_config(folder, lambda c: c["quantization_config"]["ignore"].append("re:.*layers\\.0\\.mlp\\..*"))
-    refused(folder, "model.layers.0.mlp.up_proj.weight is int8 [96, 64]; expected a float tensor",
-            "model.layers.0.mlp.gate_proj.weight_scale (float32 [96, 1]) is unexpected: config.json keeps "
-            "model.layers.0.mlp.gate_proj in float")
+    refused(
+        folder,
+        "model.layers.0.mlp.up_proj.weight is int8 [96, 64]; expected a float tensor",
+        "model.layers.0.mlp.gate_proj.weight_scale (float32 [96, 1]) is unexpected: config.json keeps "
+        "model.layers.0.mlp.gate_proj in float",
+    )
 
 
 def test_truncated_shard_names_the_file(ckpt):
@@ -248,25 +285,31 @@ def test_missing_scheme(ckpt):
     refused(folder, "field 'scheme' is missing")
 
 
-@pytest.mark.parametrize("field,value,fragment", [
-    ("weights", "per_row", "'scheme.weights' is 'per_row'; expected one of per_channel, per_tensor"),
-    ("activations", 3, "'scheme.activations' is 3; expected one of per_token"),
-    ("name", "O3", "scheme.name says O3"),  # W8A8's granularities under O3's name: which is right?
-])
+@pytest.mark.parametrize(
+    "field,value,fragment",
+    [
+        ("weights", "per_row", "'scheme.weights' is 'per_row'; expected one of per_channel, per_tensor"),
+        ("activations", 3, "'scheme.activations' is 3; expected one of per_token"),
+        ("name", "O3", "scheme.name says O3"),  # W8A8's granularities under O3's name: which is right?
+    ],
+)
 def test_bad_scheme_fields(ckpt, field, value, fragment):
     folder = ckpt("w8a8")
     edit_config(folder, lambda c: c["quantization_config"]["scheme"].update({field: value}))
     refused(folder, fragment)
 
 
-@pytest.mark.parametrize("key,value,fragment", [
-    ("quantization_config", "W8A8", "'quantization_config' is 'W8A8'; expected an object"),
-    ("quant_method", "gptq", "'quant_method' is 'gptq'"),
-    ("int8_embeddings", "yes", "'int8_embeddings' is 'yes'; expected true or false"),
-    ("sink_tokens", -1, "'sink_tokens' is -1; expected a non-negative integer"),
-    ("modules", "all", "'modules' is 'all'; expected a list of module names"),
-    ("input_rotation", {"kind": "hadamard", "seed": "x", "linears": []}, "bad input_rotation entry"),
-])
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("quantization_config", "W8A8", "'quantization_config' is 'W8A8'; expected an object"),
+        ("quant_method", "gptq", "'quant_method' is 'gptq'"),
+        ("int8_embeddings", "yes", "'int8_embeddings' is 'yes'; expected true or false"),
+        ("sink_tokens", -1, "'sink_tokens' is -1; expected a non-negative integer"),
+        ("modules", "all", "'modules' is 'all'; expected a list of module names"),
+        ("input_rotation", {"kind": "hadamard", "seed": "x", "linears": []}, "bad input_rotation entry"),
+    ],
+)
 def test_wrong_types_in_the_smoothq_config(ckpt, key, value, fragment):
     folder = ckpt("w8a8")
     if key == "quantization_config":
@@ -284,14 +327,17 @@ def test_an_unreadable_recipe_only_warns(ckpt):
     assert model.smoothq.recipe is None and model.smoothq.sink_tokens == 1
 
 
-@pytest.mark.parametrize("edit,fragment", [
-    (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="group"), "weights.strategy' is 'group'"),
-    (lambda q: q["config_groups"]["group_0"]["input_activations"].update(num_bits=4), "4-bit int"),
-    (lambda q: q["config_groups"].update(group_1={}), "exactly one config group"),
-    (lambda q: q.update(ignore="lm_head"), "'ignore' is 'lm_head'"),
-    (lambda q: q.update(ignore=["re:("]), "valid regular expression"),
-    (lambda q: q.update(format="float-quantized"), "'format' is 'float-quantized'"),
-])
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="group"), "weights.strategy' is 'group'"),
+        (lambda q: q["config_groups"]["group_0"]["input_activations"].update(num_bits=4), "4-bit int"),
+        (lambda q: q["config_groups"].update(group_1={}), "exactly one config group"),
+        (lambda q: q.update(ignore="lm_head"), "'ignore' is 'lm_head'"),
+        (lambda q: q.update(ignore=["re:("]), "valid regular expression"),
+        (lambda q: q.update(format="float-quantized"), "'format' is 'float-quantized'"),
+    ],
+)
 def test_bad_compressed_tensors_config(ckpt, edit, fragment):
     folder = ckpt("ct-o3")
     edit_config(folder, lambda c: edit(c["quantization_config"]))
@@ -390,8 +436,9 @@ def _mutate_tensor(folder: Path, rng: random.Random) -> str:
     elif kind == "retype":
         tensors[name] = t.to(rng.choice([torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.int32]))
     elif kind == "reshape":
-        tensors[name] = rng.choice([t.reshape(-1), t.reshape(1, *t.shape), t.reshape(-1)[: max(0, t.numel() - 1)]]
-                                   ).contiguous()
+        tensors[name] = rng.choice(
+            [t.reshape(-1), t.reshape(1, *t.shape), t.reshape(-1)[: max(0, t.numel() - 1)]]
+        ).contiguous()
     save_file(tensors, shard, metadata={"format": "pt"})
     return f"{kind} {name}"
 
@@ -428,8 +475,9 @@ def test_fuzzed_checkpoints_load_cleanly_or_raise_checkpoint_error(saved, tmp_pa
             verify(folder, tokens=4)  # load (validates) + a forward pass that must give finite logits
             outcomes["loaded, finite logits"] += 1
         except CheckpointError as exc:
-            outcomes["NaN/Inf logits (CheckpointError)" if "NaN/Inf logits" in str(exc)
-                     else "CheckpointError at load"] += 1
+            outcomes[
+                "NaN/Inf logits (CheckpointError)" if "NaN/Inf logits" in str(exc) else "CheckpointError at load"
+            ] += 1
         except Exception as exc:  # noqa: BLE001 - the point of the test: no other exception escapes
             outcomes["other"] += 1
             others.append(f"{what}: {type(exc).__name__}: {exc}"[:400])

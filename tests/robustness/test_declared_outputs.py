@@ -7,8 +7,8 @@ import re
 from conftest import QUICK
 
 from smoothq.cli import app as cli
-from smoothq.pipeline import preflight
 from smoothq.cli.app import OUTPUTS, build_parser, main, subparser
+from smoothq.pipeline import preflight
 
 WRITES = re.compile(r"^(also |directory to )?(write|save)\b", re.I)  # the help of an option that writes a path
 
@@ -43,12 +43,14 @@ def test_quantize_that_keeps_nothing_is_refused_before_loading(capsys, no_load, 
 
 def _json_runs(model_src, tmp_path):
     """(argv without the file option, the file option) of every subcommand that writes a file."""
-    return [(["eval", str(model_src)], "--json"),
-            (["compare", str(model_src)], "--json"),
-            (["inspect", str(model_src), "-o", str(tmp_path / "report")], "--json"),
-            (["bench", "random:tiny"], "--json"),
-            (["archs", "random:llama"], "--json"),
-            (["quantize", str(model_src), "-o", str(tmp_path / "ckpt")], "--save-recipe")]
+    return [
+        (["eval", str(model_src)], "--json"),
+        (["compare", str(model_src)], "--json"),
+        (["inspect", str(model_src), "-o", str(tmp_path / "report")], "--json"),
+        (["bench", "random:tiny"], "--json"),
+        (["archs", "random:llama"], "--json"),
+        (["quantize", str(model_src), "-o", str(tmp_path / "ckpt")], "--save-recipe"),
+    ]
 
 
 def test_file_outputs_in_a_missing_directory_are_refused_before_any_work(capsys, no_load, model_src, tmp_path):
@@ -91,8 +93,19 @@ def test_directory_outputs_follow_their_replace_rules_before_any_work(capsys, no
 
 
 def test_save_recipe_is_written_only_after_the_preflight_passed(capsys, no_load, src, tmp_path):
-    rc, err = run(capsys, "quantize", str(src), "--scheme", "O2", "--format", "compressed-tensors",
-                  "-o", str(tmp_path / "ckpt"), "--save-recipe", str(tmp_path / "r.yaml"))
+    rc, err = run(
+        capsys,
+        "quantize",
+        str(src),
+        "--scheme",
+        "O2",
+        "--format",
+        "compressed-tensors",
+        "-o",
+        str(tmp_path / "ckpt"),
+        "--save-recipe",
+        str(tmp_path / "r.yaml"),
+    )
     assert rc == 2 and not (tmp_path / "r.yaml").exists(), err
 
 

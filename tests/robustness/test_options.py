@@ -34,9 +34,12 @@ class Loaded(BaseException):
 
 def options() -> list[tuple[str, argparse.Action]]:
     """(subcommand, action) for every option of every subcommand, as the parser has them."""
-    return [(command, action) for command, parser in subparsers(build_parser()).items()
-            for action in parser._actions
-            if action.option_strings and not isinstance(action, argparse._HelpAction)]
+    return [
+        (command, action)
+        for command, parser in subparsers(build_parser()).items()
+        for action in parser._actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction)
+    ]
 
 
 def kind_of(command: str, action: argparse.Action) -> str | None:
@@ -86,8 +89,9 @@ def bad_values(kind: str, action: argparse.Action, places: dict) -> list[str]:
 def test_every_option_has_a_kind():
     """An option the walker cannot derive bad values for: tag its type (cli._kind) or give it choices."""
     places = {k: "x" for k in ("missing", "dir", "file", "read_only")}
-    untold = [f"{command} {action.option_strings[-1]}" for command, action in options()
-              if kind_of(command, action) is None]
+    untold = [
+        f"{command} {action.option_strings[-1]}" for command, action in options() if kind_of(command, action) is None
+    ]
     assert not untold, f"no kind for {untold}: give each a tagged type= (cli._kind) or choices"
     for command, action in options():
         bad_values(kind_of(command, action), action, places)  # a new kind fails here: add its bad values
@@ -120,13 +124,18 @@ def places(tmp_path_factory):
     read_only.mkdir()
     mounted = False
     if os.geteuid() == 0:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(read_only)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(read_only)], capture_output=True, text=True
+        )
         mounted = proc.returncode == 0
     else:
         read_only.chmod(0o500)
-    yield {"missing": str(root / "missing"), "dir": str(root / "a_dir"), "file": str(root / "a_file.txt"),
-           "read_only": str(read_only) if mounted or os.geteuid() != 0 else None}
+    yield {
+        "missing": str(root / "missing"),
+        "dir": str(root / "a_dir"),
+        "file": str(root / "a_file.txt"),
+        "read_only": str(read_only) if mounted or os.geteuid() != 0 else None,
+    }
     if mounted:
         subprocess.run(["umount", "-l", str(read_only)], capture_output=True)
     read_only.chmod(0o700)
@@ -170,8 +179,14 @@ def no_work(monkeypatch):
             importlib.import_module(info.name)
         except ImportError:  # an optional extra (vLLM) that is not installed
             pass
-    for module, name in [("core.models", "load_model"), ("formats.io", "load"), ("transforms.calibrate", "calibrate"),
-                         ("pipeline.run", "run"), ("evaluation.bench", "bench"), ("archs.tiny", "tiny_model")]:
+    for module, name in [
+        ("core.models", "load_model"),
+        ("formats.io", "load"),
+        ("transforms.calibrate", "calibrate"),
+        ("pipeline.run", "run"),
+        ("evaluation.bench", "bench"),
+        ("archs.tiny", "tiny_model"),
+    ]:
         monkeypatch.setattr(importlib.import_module(f"smoothq.{module}"), name, loaded)
         if smoothq._PUBLIC.get(name) == module:
             # the package caches a public name on first use (PEP 562): patch (and so restore) it there
@@ -221,8 +236,9 @@ OPTIONS = options()
 
 
 @pytest.mark.parametrize("command,action", OPTIONS, ids=[f"{c}{a.option_strings[-1]}" for c, a in OPTIONS])
-def test_every_bad_value_of_every_option_is_refused_before_any_work(command, action, capsys, no_work, places,
-                                                                     model_src, checkpoint, tmp_path):
+def test_every_bad_value_of_every_option_is_refused_before_any_work(
+    command, action, capsys, no_work, places, model_src, checkpoint, tmp_path
+):
     base = base_args(command, model_src, checkpoint, tmp_path)
     failures = []
     for value in bad_values(kind_of(command, action), action, places):
@@ -246,6 +262,5 @@ def test_walker_count(capsys, places):
     cases = sum(len([v for v in bad_values(kind_of(c, a), a, places) if v is not None]) for c, a in OPTIONS)
     walked = len({(c, a.dest) for c, a in OPTIONS})
     with capsys.disabled():
-        print(f"\noption walker: {cases} (option, bad value) cases over {walked} options of "
-              f"{len(OUTPUTS)} subcommands")
+        print(f"\noption walker: {cases} (option, bad value) cases over {walked} options of {len(OUTPUTS)} subcommands")
     assert cases >= len([a for _, a in OPTIONS if a.nargs != 0])

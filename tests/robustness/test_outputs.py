@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import QUICK
-from tiny import sample_ids, tiny_model
+from tiny import tiny_model
 
 import smoothq as sq
-from smoothq.formats import io
 from smoothq.cli.app import main
+from smoothq.formats import io
 from smoothq.formats.io import OutputError
 
 
@@ -57,10 +57,22 @@ def test_real_full_disk_on_save_is_one_clear_error_and_leaves_nothing(tmpfs):
 def test_real_full_disk_through_the_cli_exits_2_and_leaves_nothing(capsys, model_src, tmpfs, monkeypatch, small_text):
     """The same with the preflight's space check switched off, so the write itself hits the full disk."""
     from smoothq.pipeline import preflight
+
     disk = tmpfs(128)
     monkeypatch.setattr(preflight, "check_disk", lambda *a, **k: None)
-    rc, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "--save-dtype", "float32",
-                  "-o", str(disk / "out"))
+    rc, err = run(
+        capsys,
+        "-q",
+        "quantize",
+        str(model_src),
+        *QUICK,
+        "--calib",
+        small_text,
+        "--save-dtype",
+        "float32",
+        "-o",
+        str(disk / "out"),
+    )
     assert rc == 2 and "disk full while writing" in error_line(err) and "Traceback" not in err
     assert list(disk.iterdir()) == []
 
@@ -87,10 +99,23 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
 
 def test_force_replaces_our_own_checkpoint(capsys, model_src, tmp_path, small_text):
     out = tmp_path / "out"
-    assert main(["-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "--scheme", "W8A8", "-o",
-                 str(out)]) == 0
-    rc, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "--scheme", "O3", "-o",
-                  str(out), "--force")
+    assert (
+        main(["-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "--scheme", "W8A8", "-o", str(out)]) == 0
+    )
+    rc, err = run(
+        capsys,
+        "-q",
+        "quantize",
+        str(model_src),
+        *QUICK,
+        "--calib",
+        small_text,
+        "--scheme",
+        "O3",
+        "-o",
+        str(out),
+        "--force",
+    )
     assert rc == 0, err
     assert json.loads((out / "config.json").read_text())["smoothq"]["scheme"]["name"] == "O3"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old directory left
@@ -195,8 +220,25 @@ def test_files_and_directory_are_fsynced_before_the_rename(tmp_path, monkeypatch
 def test_same_seed_and_threads_give_identical_bytes(capsys, model_src, tmp_path, small_text):
     """Two runs (same recipe, seed and torch thread count) write byte-identical checkpoints."""
     threads = torch.get_num_threads()
-    args = ["-q", "quantize", str(model_src), "--calib", small_text, "--samples", "4", "--calib-seqlen", "32",
-            "--scheme", "O3", "--alpha", "0.5", "--smooth-extra", "all", "--seed", "3"]
+    args = [
+        "-q",
+        "quantize",
+        str(model_src),
+        "--calib",
+        small_text,
+        "--samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--scheme",
+        "O3",
+        "--alpha",
+        "0.5",
+        "--smooth-extra",
+        "all",
+        "--seed",
+        "3",
+    ]
     assert main([*args, "-o", str(tmp_path / "a")]) == 0
     assert torch.get_num_threads() == threads
     assert main([*args, "-o", str(tmp_path / "b")]) == 0
@@ -210,8 +252,9 @@ def test_safetensors_errors_are_recognized_by_their_os_error():
 
     from safetensors import SafetensorError
 
-    full = io.write_error(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
-                          Path("out"))
+    full = io.write_error(
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), Path("out")
+    )
     assert isinstance(full, OutputError) and full.errno == errno.ENOSPC and "disk full while writing out" in str(full)
     ro = io.write_error(SafetensorError("I/O error: Read-only file system (os error 30)"), Path("out"))
     assert ro.errno == errno.EROFS and "read-only file system" in str(ro)

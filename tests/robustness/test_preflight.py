@@ -143,8 +143,22 @@ def test_eval_seqlen_longer_than_the_model_positions(capsys, no_load, model_src)
 def test_short_calibration_text_warns_how_often_it_repeats(capsys, model_src, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("The quick brown fox jumps over the lazy dog. " * 20)
-    rc, _, err = run(capsys, "-q", "quantize", str(model_src), "--calib", str(short), "--samples", "16",
-                     "--calib-seqlen", "64", "--scheme", "W8A8", "-o", str(tmp_path / "q"))
+    rc, _, err = run(
+        capsys,
+        "-q",
+        "quantize",
+        str(model_src),
+        "--calib",
+        str(short),
+        "--samples",
+        "16",
+        "--calib-seqlen",
+        "64",
+        "--scheme",
+        "W8A8",
+        "-o",
+        str(tmp_path / "q"),
+    )
     assert rc == 0, err
     warning = [line for line in err.splitlines() if line.startswith("warning: calibration")]
     assert len(warning) == 1 and "the text repeats about" in warning[0] and "times" in warning[0]
@@ -155,8 +169,17 @@ def test_short_calibration_text_warns_how_often_it_repeats(capsys, model_src, tm
 
 
 def test_o2_in_compressed_tensors_refused_before_loading(capsys, no_load, model_src, tmp_path):
-    rc, _, err = run(capsys, "quantize", str(model_src), "--scheme", "O2", "--format", "compressed-tensors",
-                     "-o", str(tmp_path / "o2"))
+    rc, _, err = run(
+        capsys,
+        "quantize",
+        str(model_src),
+        "--scheme",
+        "O2",
+        "--format",
+        "compressed-tensors",
+        "-o",
+        str(tmp_path / "o2"),
+    )
     assert rc == 2 and "O2" in error_line(err) and "no INT8 scheme in compressed-tensors" in err
     assert not (tmp_path / "o2").exists()
 
@@ -253,12 +276,13 @@ def test_planned_checkpoint_size_matches_what_is_written(model_src, tmp_path):
     import smoothq as sq
     from smoothq.archs import arch_for
     from smoothq.formats.io import dir_bytes
-    from smoothq.pipeline.preflight import planned_bytes
     from smoothq.pipeline.layered import skeleton
+    from smoothq.pipeline.preflight import planned_bytes
 
     for scheme, fmt in [("W8A8", "smoothq"), ("O3", "compressed-tensors")]:
-        recipe = sq.Recipe.from_dict({"scheme": scheme, "calibration": {"samples": 2, "seqlen": 16},
-                                      "output": {"format": fmt}})
+        recipe = sq.Recipe.from_dict(
+            {"scheme": scheme, "calibration": {"samples": 2, "seqlen": 16}, "output": {"format": fmt}}
+        )
         skel = skeleton(AutoConfig.from_pretrained(model_src), torch.float32)
         planned = planned_bytes(skel, arch_for(skel), recipe)
         model, tok = sq.load_model(str(model_src))
@@ -293,16 +317,21 @@ def test_keyboard_interrupt_exits_130(capsys, monkeypatch, model_src):
 
 
 def test_quiet_silences_info_lines_and_bars_but_keeps_results_and_errors(capsys, model_src, tmp_path, small_text):
-    rc, out, err = run(capsys, "-q", "eval", str(model_src), "--data", small_text, "--seqlen", "32",
-                       "--max-windows", "1")
+    rc, out, err = run(
+        capsys, "-q", "eval", str(model_src), "--data", small_text, "--seqlen", "32", "--max-windows", "1"
+    )
     assert rc == 0 and "| perplexity |" in out and err == "", err
-    rc, out, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "-o", str(tmp_path / "q"))
+    rc, out, err = run(
+        capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "-o", str(tmp_path / "q")
+    )
     assert rc == 0 and err == "", err
     rc, out, err = run(capsys, "-q", "verify", str(tmp_path / "q"))
     assert rc == 0 and out.startswith("OK") and err == "", err
     rc, out, err = run(capsys, "-q", "generate", str(tmp_path / "q"), "The", "--max-new-tokens", "2")
     assert rc == 0 and out.startswith("The") and err == "", err
-    rc, out, err = run(capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "-o", str(tmp_path / "q"))
+    rc, out, err = run(
+        capsys, "-q", "quantize", str(model_src), *QUICK, "--calib", small_text, "-o", str(tmp_path / "q")
+    )
     assert rc == 2 and "already exists" in error_line(err)
     # without -q the info lines are there
     rc, out, err = run(capsys, "eval", str(model_src), "--data", small_text, "--seqlen", "32", "--max-windows", "1")

@@ -48,8 +48,9 @@ def test_statistics_of_another_model_are_refused(stats):
         sq.smooth(opt, stats, 0.5)  # the fingerprint says so first
     bare = stats.copy()
     del bare.meta["model"]  # statistics from before fingerprints: the module set says so
-    with pytest.raises(StatsError, match="which is not a decoder linear of this model: they were calibrated on "
-                                         "another model"):
+    with pytest.raises(
+        StatsError, match="which is not a decoder linear of this model: they were calibrated on another model"
+    ):
         sq.smooth(opt, bare, 0.5)
 
 

@@ -63,5 +63,14 @@ from .driver import quantize_sequential, recipe_of
 from .skeleton import empty_weights, skeleton
 from .workdir import PROGRESS, ResumeError, interrupted_run, partial_dir
 
-__all__ = ["FromLayer", "PROGRESS", "ResumeError", "empty_weights", "interrupted_run", "partial_dir",
-           "quantize_sequential", "recipe_of", "skeleton"]
+__all__ = [
+    "FromLayer",
+    "PROGRESS",
+    "ResumeError",
+    "empty_weights",
+    "interrupted_run",
+    "partial_dir",
+    "quantize_sequential",
+    "recipe_of",
+    "skeleton",
+]

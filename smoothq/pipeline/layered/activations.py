@@ -29,8 +29,10 @@ def _pack_extras(saved: dict, b: int, extras: tuple) -> list[str]:
 def _unpack_extras(saved: dict, b: int, kinds: list[str], device) -> tuple:
     unsaved = [k for k in kinds if k.startswith("unsaved")]
     if unsaved:
-        raise ResumeError(f"the interrupted run's layers pass on a {unsaved[0][8:]} to the next layer, which is not "
-                          "saved between layers; it cannot be resumed. Start over with overwrite=True (--force)")
+        raise ResumeError(
+            f"the interrupted run's layers pass on a {unsaved[0][8:]} to the next layer, which is not "
+            "saved between layers; it cannot be resumed. Start over with overwrite=True (--force)"
+        )
     return tuple(saved.pop(f"x{b}.{k}").to(device) if kind == "tensor" else None for k, kind in enumerate(kinds))
 
 
@@ -62,14 +64,17 @@ def load_inputs(run, start: int, streams: dict) -> list[torch.Tensor]:
     searched = len(streams["fp"])
     saved = load_file(str(work_dir / state["activations"]))
     if len([k for k in saved if not k.startswith("x")]) != (
-            len(run.batches) * (2 if "sm" in streams else 1) + 2 * len(run.search_batches)):
+        len(run.batches) * (2 if "sm" in streams else 1) + 2 * len(run.search_batches)
+    ):
         raise ResumeError(f"{work_dir / state['activations']} does not match the calibration batches")
     hidden = [saved.pop(str(b)).to(run.act_device(start)) for b in range(len(run.batches))]
     for key in ("fp", "q"):
         streams[key] = [saved.pop(f"{key}{b}").to(run.act_device(start)) for b in range(searched)]
     if "sm" in streams:
         streams["sm"] = [saved.pop(f"sm{b}").to(run.act_device(start)) for b in range(len(hidden))]
-    run.extras = [_unpack_extras(saved, b, state.get("extras", [[]] * len(hidden))[b],
-                                 run.act_device(start)) for b in range(len(hidden))]
+    run.extras = [
+        _unpack_extras(saved, b, state.get("extras", [[]] * len(hidden))[b], run.act_device(start))
+        for b in range(len(hidden))
+    ]
     del saved
     return hidden

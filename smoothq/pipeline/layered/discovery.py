@@ -82,11 +82,16 @@ def _discovered(arch: Arch, block: nn.Module, call) -> Arch:
 
     found = discover_block(block, call)
     groups = tuple(collapse_findings(found.groups, block, arch.norm_offset))
-    online = tuple(dict.fromkeys(arch.online_rotation + tuple(c for g in groups if g.option == "mlp_updown"
-                                                                 for c in g.linears)))
+    online = tuple(
+        dict.fromkeys(arch.online_rotation + tuple(c for g in groups if g.option == "mlp_updown" for c in g.linears))
+    )
     keep = tuple(dict.fromkeys(arch.keep_float + tuple(found.not_called)))
-    return replace(arch, block_groups=arch.block_groups + ((block_signature(block), groups),),
-                   online_rotation=online, keep_float=keep)
+    return replace(
+        arch,
+        block_groups=arch.block_groups + ((block_signature(block), groups),),
+        online_rotation=online,
+        keep_float=keep,
+    )
 
 
 def know_block(run, i: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[list], dev) -> Arch:
@@ -102,8 +107,10 @@ def know_block(run, i: int, block: nn.Module, hidden: list[torch.Tensor], calls:
     sig = block_signature(block)
     if arch.discovered:
         if sig not in dict(arch.block_groups):  # settle() saw every structure of the skeleton
-            raise CheckpointError(f"{run.prefix}{i} has a structure the first pass did not see; cannot plan its "
-                                  "layout. Register the architecture (smoothq archs MODEL prints the code)")
+            raise CheckpointError(
+                f"{run.prefix}{i} has a structure the first pass did not see; cannot plan its "
+                "layout. Register the architecture (smoothq archs MODEL prints the code)"
+            )
         return arch
     known = run.known_structures
     if sig in known or not (run.recipe.smooths or run.recipe.searches):
@@ -111,6 +118,5 @@ def know_block(run, i: int, block: nn.Module, hidden: list[torch.Tensor], calls:
     known.add(sig)
     call = _first_sequence(block, hidden[0].to(dev), calls[0][i], dev)
     options = run.search.options if run.search is not None else run.options  # the groups it will use
-    prove_block(block, call, resolve(_LayerView(arch, block, run.config), arch, options),
-                f"{run.prefix}0.", arch.name)
+    prove_block(block, call, resolve(_LayerView(arch, block, run.config), arch, options), f"{run.prefix}0.", arch.name)
     return arch

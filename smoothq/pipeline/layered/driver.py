@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import errno
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -28,21 +28,37 @@ from .stages import layer
 from .workdir import commit, open_work_dir
 
 
-def recipe_of(*, scheme=DEFAULT_SCHEME, alpha=DEFAULT_ALPHA, smooth=True, options=(), alphas=None, error_propagation=True,
-              format="smoothq", float_dtype="float16", embeddings="float", batch_size=4):
+def recipe_of(
+    *,
+    scheme=DEFAULT_SCHEME,
+    alpha=DEFAULT_ALPHA,
+    smooth=True,
+    options=(),
+    alphas=None,
+    error_propagation=True,
+    format="smoothq",
+    float_dtype="float16",
+    embeddings="float",
+    batch_size=4,
+):
     """The Recipe the keyword arguments of quantize_sequential describe."""
     from ...core.recipe import Recipe
 
     if isinstance(options, str):
         options = [o.strip() for o in options.split(",") if o.strip()]
-    return Recipe.from_dict({
-        "scheme": get_scheme(scheme).name,
-        "smoothing": {"alpha": check_alpha(alpha) if smooth else None, "extra": list(options or ()),
-                      "alphas": {k: check_alpha(v) for k, v in (alphas or {}).items()}},
-        "propagation": "quantized" if error_propagation else "float",
-        "calibration": {"batch_size": batch_size},
-        "output": {"format": format, "dtype": float_dtype, "embeddings": embeddings}})
-
+    return Recipe.from_dict(
+        {
+            "scheme": get_scheme(scheme).name,
+            "smoothing": {
+                "alpha": check_alpha(alpha) if smooth else None,
+                "extra": list(options or ()),
+                "alphas": {k: check_alpha(v) for k, v in (alphas or {}).items()},
+            },
+            "propagation": "quantized" if error_propagation else "float",
+            "calibration": {"batch_size": batch_size},
+            "output": {"format": format, "dtype": float_dtype, "embeddings": embeddings},
+        }
+    )
 
 
 @torch.no_grad()
@@ -109,13 +125,34 @@ def quantize_sequential(
     check_path("output", output)
     check_token_rows("samples", samples)  # the vocabulary is checked once the config is read (plan.prepare)
     if recipe is None:
-        recipe = recipe_of(scheme=scheme, alpha=alpha, smooth=smooth, options=options, alphas=alphas,
-                           error_propagation=error_propagation, format=format, float_dtype=float_dtype,
-                           embeddings=embeddings, batch_size=batch_size)
-    run = prepare(model_dir, output, samples, recipe=recipe, arch=arch, dtype=dtype, device=device,
-                  device_map=device_map, activations=activations, backend=backend,
-                  attn_implementation=attn_implementation, meta=meta, max_shard_bytes=max_shard_bytes,
-                  overwrite=overwrite)
+        recipe = recipe_of(
+            scheme=scheme,
+            alpha=alpha,
+            smooth=smooth,
+            options=options,
+            alphas=alphas,
+            error_propagation=error_propagation,
+            format=format,
+            float_dtype=float_dtype,
+            embeddings=embeddings,
+            batch_size=batch_size,
+        )
+    run = prepare(
+        model_dir,
+        output,
+        samples,
+        recipe=recipe,
+        arch=arch,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        activations=activations,
+        backend=backend,
+        attn_implementation=attn_implementation,
+        meta=meta,
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+    )
     open_work_dir(run, resume=resume, overwrite=overwrite)
     map_large_allocations()
     try:
@@ -126,13 +163,16 @@ def quantize_sequential(
         if not done:  # nothing worth resuming: leave no trace
             shutil.rmtree(run.work_dir, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError) and exc.errno == errno.ENOSPC:
-            kept = (f"The {done} finished layer(s) are kept in {run.work_dir}: free some space and rerun with "
-                    "resume=True (--resume)" if done else "Free some space and retry")
+            kept = (
+                f"The {done} finished layer(s) are kept in {run.work_dir}: free some space and rerun with "
+                "resume=True (--resume)"
+                if done
+                else "Free some space and retry"
+            )
             raise OutputError(exc.errno, f"disk full while writing; {run.out} was not written. {kept}") from exc
         raise
     finally:
         close(run)
-
 
 
 def execute(run, tokenizer=None, progress: bool = True, on_layer=None) -> Path:
@@ -141,9 +181,11 @@ def execute(run, tokenizer=None, progress: bool = True, on_layer=None) -> Path:
     state = run.state
     hidden, calls, s_inputs, s_calls = embeddings_pass(run)
     if run.search_batches and any(_markers(c) for c in s_calls):
-        raise CalibrationError("this model passes outputs of one decoder layer on to the next besides the hidden "
-                               "states; the layer-by-layer alpha search cannot follow them. Search in memory "
-                               "(executor='in-memory') or use a fixed alpha")
+        raise CalibrationError(
+            "this model passes outputs of one decoder layer on to the next besides the hidden "
+            "states; the layer-by-layer alpha search cannot follow them. Search in memory "
+            "(executor='in-memory') or use a fixed alpha"
+        )
     run.extras = [() for _ in hidden]  # what each batch's last layer passed on
     settle(run, hidden, calls)
     start_writer(run)

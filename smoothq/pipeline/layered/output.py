@@ -20,8 +20,11 @@ def start_writer(run) -> None:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             size = sum(nbytes(*v) for v in run.layout.values())
-            raise OutputError(exc.errno, f"not enough disk space for the {size / 1e9:.2f} GB checkpoint next to "
-                                         f"{run.out}; nothing was written. Free some space and retry") from exc
+            raise OutputError(
+                exc.errno,
+                f"not enough disk space for the {size / 1e9:.2f} GB checkpoint next to "
+                f"{run.out}; nothing was written. Free some space and retry",
+            ) from exc
         raise
 
 
@@ -38,8 +41,9 @@ def write(run, names: list[str]) -> None:
     del state
     missing = sorted(wanted - set(got))
     if missing:
-        raise CheckpointError(f"the checkpoint in {run.model_dir} has no weights for "
-                              f"{missing[:3]}{'...' if len(missing) > 3 else ''}")
+        raise CheckpointError(
+            f"the checkpoint in {run.model_dir} has no weights for {missing[:3]}{'...' if len(missing) > 3 else ''}"
+        )
     for k in names:
         run.writer.write(k, got.pop(k))
 
@@ -52,8 +56,7 @@ def finish(run, tokenizer) -> Path:
     if state.get("search"):  # what the search chose, layer by layer, in the checkpoint's record
         run.ckpt_config.smoothq = {**run.ckpt_config.smoothq, "search": state["search"]}
         if run.format == "smoothq":
-            run.ckpt_config.quantization_config = {**run.ckpt_config.quantization_config,
-                                                   "search": state["search"]}
+            run.ckpt_config.quantization_config = {**run.ckpt_config.quantization_config, "search": state["search"]}
 
     # index, config, tokenizer; then the rename that marks the output complete
     run.writer.finish()

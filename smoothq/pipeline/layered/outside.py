@@ -25,8 +25,7 @@ def _load_input_side(run) -> None:
     from ...transforms.rotate import rotate_outside
 
     load(run, run.src_embed, run.embed_device)
-    missing = [p for p in _still_meta(run.model, "")
-               if not p.startswith(run.prefix) and p not in run.head_params]
+    missing = [p for p in _still_meta(run.model, "") if not p.startswith(run.prefix) and p not in run.head_params]
     if missing:
         raise CheckpointError(f"the checkpoint in {run.model_dir} has no weights for {missing[:3]}")
     for _, module in run.outside_layers():

@@ -14,8 +14,15 @@ from ...archs import Arch, arch_for, check_options, resolve, weight_nk
 from ...core.forward import CalibrationError, as_batches
 from ...core.record import record
 from ...core.schemes import get_scheme
-from ...formats.io import (_float_dtype, check_output, check_save_options, checkpoint_config, compressed_tensors_config,
-                           ct_transform_state, quantized_state)
+from ...formats.io import (
+    _float_dtype,
+    check_output,
+    check_save_options,
+    checkpoint_config,
+    compressed_tensors_config,
+    ct_transform_state,
+    quantized_state,
+)
 from ...formats.stream import SourceCheckpoint
 from ...runtime.linear import W8A8Linear
 from .skeleton import skeleton
@@ -24,8 +31,23 @@ from .weights import target_names
 from .workdir import fingerprint, partial_dir
 
 
-def prepare(model_dir, output, samples, *, recipe, arch, dtype, device, device_map, activations, backend,
-            attn_implementation, meta, max_shard_bytes, overwrite) -> _Run:
+def prepare(
+    model_dir,
+    output,
+    samples,
+    *,
+    recipe,
+    arch,
+    dtype,
+    device,
+    device_map,
+    activations,
+    backend,
+    attn_implementation,
+    meta,
+    max_shard_bytes,
+    overwrite,
+) -> _Run:
     """One sequential quantization, planned: its inputs and settings checked, the layout known."""
     from transformers import AutoConfig
 
@@ -82,8 +104,10 @@ def _take_recipe(run: _Run, recipe, samples) -> None:
     run.options = check_options(recipe.smoothing.extra, arch)
     run.sink_tokens = recipe.sink_tokens
     if run.sink_tokens and min(b.shape[-1] for b in run.batches) <= run.sink_tokens:
-        raise CalibrationError(f"calibration sequences must be longer than sink_tokens={run.sink_tokens}: "
-                               "they would have no other tokens to calibrate on")
+        raise CalibrationError(
+            f"calibration sequences must be longer than sink_tokens={run.sink_tokens}: "
+            "they would have no other tokens to calibrate on"
+        )
     run.search = recipe.search_config() if recipe.searches else None
     if run.search is not None:
         ids = getattr(samples, "input_ids", samples)
@@ -107,7 +131,8 @@ def _take_recipe(run: _Run, recipe, samples) -> None:
         run.rot = rotation_matrix(hidden_size, recipe.rotation.kind, recipe.rotation.seed)
         untie_head(run.model)
         run.model.get_output_embeddings().weight = nn.Parameter(
-            torch.empty_like(run.model.get_output_embeddings().weight, device="meta"), requires_grad=False)
+            torch.empty_like(run.model.get_output_embeddings().weight, device="meta"), requires_grad=False
+        )
 
 
 def _check_unshared(layers: nn.ModuleList, path: str) -> None:
@@ -121,7 +146,8 @@ def _check_unshared(layers: nn.ModuleList, path: str) -> None:
                 raise CalibrationError(
                     f"{path}.{i}.{name} is the same weight as {path}.{first[0]}.{first[1]} (shared between decoder "
                     "layers); the layered executor cannot run it layer by layer. Quantize it in memory "
-                    "(executor='in-memory'; without --sequential)")
+                    "(executor='in-memory'; without --sequential)"
+                )
 
 
 def plan(run: _Run, arch: Arch) -> None:
@@ -141,32 +167,45 @@ def plan(run: _Run, arch: Arch) -> None:
     if run.rot is not None:
         untie_head(planned)
         planned.get_output_embeddings().weight = nn.Parameter(
-            torch.empty_like(planned.get_output_embeddings().weight, device="meta"), requires_grad=False)
+            torch.empty_like(planned.get_output_embeddings().weight, device="meta"), requires_grad=False
+        )
         rec.rotation = rotation_record(recipe.rotation.kind, recipe.rotation.seed, run.rot.shape[0])
     if recipe.rotate_inputs:
         rec.input_rotation = input_rotation_spec(
-            recipe.rotation.seed, [nm for nm, _ in input_rotation_targets(planned, arch)])
+            recipe.rotation.seed, [nm for nm, _ in input_rotation_targets(planned, arch)]
+        )
     for name, module in list(resolve(planned, arch).quantizable()):
         parent, _, attr = name.rpartition(".")
         w = weight_nk(module)
         bias = getattr(module, "bias", None)
-        setattr(planned.get_submodule(parent), attr,
-                W8A8Linear(w.shape[1], w.shape[0], bias is not None, run.scheme, run.backend,
-                           bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta"))
+        setattr(
+            planned.get_submodule(parent),
+            attr,
+            W8A8Linear(
+                w.shape[1],
+                w.shape[0],
+                bias is not None,
+                run.scheme,
+                run.backend,
+                bias_dtype=bias.dtype if bias is not None else torch.float32,
+                device="meta",
+            ),
+        )
     rec.scheme = run.scheme
     rec.sink_tokens = run.sink_tokens
     run.ckpt_config = checkpoint_config(planned, run.format, run.float_dtype, recipe.output.embeddings, run.meta)
     # tensors that depend on no weight (the online rotation's compressed-tensors transform): ready now
     run.ready = ct_transform_state(planned, run.format, run.float_dtype)
-    run.layout = {k: (t.dtype, tuple(t.shape)) for k, t in
-                  {**quantized_state(planned, run.format, run.float_dtype, run.int8_embeddings),
-                   **run.ready}.items()}
+    run.layout = {
+        k: (t.dtype, tuple(t.shape))
+        for k, t in {**quantized_state(planned, run.format, run.float_dtype, run.int8_embeddings), **run.ready}.items()
+    }
     del planned
     run.layer_names = [[] for _ in range(run.n)]
     run.outside = []
     for name in run.layout:
         if name.startswith(prefix):
-            run.layer_names[int(name[len(prefix):].split(".", 1)[0])].append(name)
+            run.layer_names[int(name[len(prefix) :].split(".", 1)[0])].append(name)
         else:
             run.outside.append(name)
 
@@ -189,7 +228,7 @@ def _map_sources(run: _Run) -> None:
         if t not in model_keys:
             continue  # not used by this model (e.g. a stale rotary buffer): from_pretrained skips it too
         if t.startswith(prefix):
-            run.src_layer[int(t[len(prefix):].split(".", 1)[0])].append(k)
+            run.src_layer[int(t[len(prefix) :].split(".", 1)[0])].append(k)
         elif t in run.head_params:
             if not tied:
                 run.src_head.append(k)
@@ -214,7 +253,9 @@ def _devices(n_layers: int, layers_path: str, embed_name: str, device, device_ma
         layers = [torch.device("cuda", i * count // n_layers) for i in range(n_layers)]
         return layers[0], layers
     if not isinstance(device_map, dict):
-        raise ValueError(f"device_map must be 'auto', 'balanced' or a dict of module name -> device, got {device_map!r}")
+        raise ValueError(
+            f"device_map must be 'auto', 'balanced' or a dict of module name -> device, got {device_map!r}"
+        )
 
     def lookup(name: str) -> torch.device:
         best = None
@@ -226,8 +267,10 @@ def _devices(n_layers: int, layers_path: str, embed_name: str, device, device_ma
             raise ValueError(f"device_map places no device for {name!r}; add it (or a '' default)")
         value = device_map[best]
         if value in ("disk", "meta"):
-            raise ValueError(f"device_map: {value!r} is not a compute device; sequential quantization already keeps "
-                             "only one layer in memory")
+            raise ValueError(
+                f"device_map: {value!r} is not a compute device; sequential quantization already keeps "
+                "only one layer in memory"
+            )
         return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
 
     return lookup(embed_name), [lookup(f"{layers_path}.{i}") for i in range(n_layers)]

@@ -5,7 +5,7 @@ on, so that each layer can later be run alone on its streamed inputs (calls.py).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,9 +23,19 @@ class _Recorder(nn.Module):
     """Stands in for decoder layer `index` during the embeddings pass: records how the model calls
     it and hands its input on unchanged (only the arguments matter there, never the values)."""
 
-    def __init__(self, index: int, last: bool, calls: list, inputs: list, store: Callable,
-                 block: nn.Module | None = None, templates: dict | None = None, probe: Callable | None = None,
-                 handed: list | None = None, changed: list | None = None):
+    def __init__(
+        self,
+        index: int,
+        last: bool,
+        calls: list,
+        inputs: list,
+        store: Callable,
+        block: nn.Module | None = None,
+        templates: dict | None = None,
+        probe: Callable | None = None,
+        handed: list | None = None,
+        changed: list | None = None,
+    ):
         super().__init__()
         self.index, self.last, self.calls, self.inputs, self.store = index, last, calls, inputs, store
         self.templates = {} if templates is None else templates  # layer class -> output template, shared
@@ -113,9 +123,18 @@ def record_calls(run, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], 
             whole = b == 0
             handed, changed = [None], []
             for i in range(run.n):
-                run.layers[i] = _Recorder(i, i == run.n - 1 and not whole, sink, inputs, store, originals[i],
-                                          templates, lambda j, originals=originals: probe(run, j, originals[j]),
-                                          handed, changed)
+                run.layers[i] = _Recorder(
+                    i,
+                    i == run.n - 1 and not whole,
+                    sink,
+                    inputs,
+                    store,
+                    originals[i],
+                    templates,
+                    lambda j, originals=originals: probe(run, j, originals[j]),
+                    handed,
+                    changed,
+                )
             try:
                 forward_no_logits(run.model, ids.to(run.embed_device))
             except _Stop:
@@ -127,13 +146,15 @@ def record_calls(run, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], 
                 raise CalibrationError(
                     f"the model called its {run.n} decoder layers {len(sink)} times in one forward (it runs "
                     "some more than once, or skips some); the layered executor cannot run it layer by layer. "
-                    "Quantize it in memory (executor='in-memory'; without --sequential)")
+                    "Quantize it in memory (executor='in-memory'; without --sequential)"
+                )
             if changed:
                 raise CalibrationError(
                     f"the model changes the hidden states between decoder layers {changed[0] - 1} and "
                     f"{changed[0]} (outside the layers); the layered executor cannot replay that step. "
-                    "Quantize it in memory (executor='in-memory'; without --sequential)")
-            del sink[run.n:]
+                    "Quantize it in memory (executor='in-memory'; without --sequential)"
+                )
+            del sink[run.n :]
             calls.append(sink)
     finally:
         for i, block in enumerate(originals):

@@ -88,8 +88,15 @@ def rotate(run, lay: _Layer, view: _LayerView) -> None:
     rotate_block(resolve(view, run.arch), lay.there[:-1], lay.block, run.rot)
 
 
-def observe(run, lay: _Layer, observed: dict[str, nn.Module], hidden, calls, outputs: list | None = None,
-            extras: list | None = None) -> ActStats:
+def observe(
+    run,
+    lay: _Layer,
+    observed: dict[str, nn.Module],
+    hidden,
+    calls,
+    outputs: list | None = None,
+    extras: list | None = None,
+) -> ActStats:
     """Run every batch through the block with hooks reducing the inputs of `observed` to their
     per-channel abs-max (calibrate()'s reduction, sink positions left out); the block's
     outputs go to `outputs` if given."""
@@ -104,6 +111,7 @@ def observe(run, lay: _Layer, observed: dict[str, nn.Module], hidden, calls, out
             if sink_tokens and x.dim() == 3:  # [B, T, K] from position 0: drop the sink positions
                 x = x[:, sink_tokens:]
             update_absmax(absmax, name, x, name.replace(there, here, 1))
+
         return hook
 
     handles = [m.register_forward_hook(make_hook(nm)) for nm, m in observed.items()]
@@ -146,9 +154,22 @@ def search(run, lay: _Layer, view: _LayerView, res, stats: ActStats, streams: di
     x_fp = [x.to(dev) for x in streams["fp"]]
     x_q = [x.to(dev) for x in streams["q"]]
     names = [n for n, _ in res.quantizable()]
-    x_fp, x_q = search_block(lay.block, there[:-1], run.arch, res.groups, names, run.scheme, stats, x_fp, x_q, s_calls,
-                             cfg, result, run.sink_tokens if run.scheme.activations != "per_token" else 0,
-                             local_guard=cfg.guard and len(cfg.grid) > 1)
+    x_fp, x_q = search_block(
+        lay.block,
+        there[:-1],
+        run.arch,
+        res.groups,
+        names,
+        run.scheme,
+        stats,
+        x_fp,
+        x_q,
+        s_calls,
+        cfg,
+        result,
+        run.sink_tokens if run.scheme.activations != "per_token" else 0,
+        local_guard=cfg.guard and len(cfg.grid) > 1,
+    )
     streams["fp"] = [x.to(run.act_device(i + 1)) for x in x_fp]
     streams["q"] = [x.to(run.act_device(i + 1)) for x in x_q]
     searched = run.state.setdefault("search", {"alphas": {}, "clip": {}})
@@ -156,8 +177,9 @@ def search(run, lay: _Layer, view: _LayerView, res, stats: ActStats, streams: di
     searched["clip"].update({k.replace(there, here, 1): v for k, v in result.clip.items()})
     if result.guard:
         searched.setdefault("guard", {})[here[:-1]] = result.guard["picked"]
-    stats = smooth_model(view, stats, cfg.init_alpha, arch=run.arch, options=run.options, alphas=result.alphas,
-                         prove=False)
+    stats = smooth_model(
+        view, stats, cfg.init_alpha, arch=run.arch, options=run.options, alphas=result.alphas, prove=False
+    )
     if result.clip:
         stats = result.clip_stats(stats)
     return stats
@@ -186,8 +208,9 @@ def rotate_inputs(run, lay: _Layer, view: _LayerView, stats: ActStats, hidden, c
     # own trajectory ("sm") is kept, so the scales come out bit for bit the same
     smoothed = streams.get("sm")
     outs: list | None = [] if smoothed is not None else None
-    fresh = observe(run, lay, {n: view.get_submodule(n) for n in names}, hidden if smoothed is None else smoothed,
-                    calls, outs)
+    fresh = observe(
+        run, lay, {n: view.get_submodule(n) for n in names}, hidden if smoothed is None else smoothed, calls, outs
+    )
     if smoothed is not None:
         streams["sm"] = outs
     stats = stats.copy()
@@ -196,8 +219,9 @@ def rotate_inputs(run, lay: _Layer, view: _LayerView, stats: ActStats, hidden, c
     return stats
 
 
-def propagate(run, lay: _Layer, hidden: list[torch.Tensor], calls: list[list], floats: list | None,
-              float_extras: list | None) -> None:
+def propagate(
+    run, lay: _Layer, hidden: list[torch.Tensor], calls: list[list], floats: list | None, float_extras: list | None
+) -> None:
     """hidden[b] becomes the inputs of the next layer, and run.extras what this one passes on to it."""
     if floats is not None:  # float propagation: the float layer's outputs feed the next layer
         hidden[:] = floats
@@ -206,8 +230,9 @@ def propagate(run, lay: _Layer, hidden: list[torch.Tensor], calls: list[list], f
     # the smoothed and quantized layer's outputs feed the next layer
     extras: list = []
     for b, call in enumerate(calls):
-        hidden[b] = _call(lay.block, hidden[b].to(lay.dev), call[lay.i], lay.dev, lay.memo,
-                          extras).to(run.act_device(lay.i + 1))
+        hidden[b] = _call(lay.block, hidden[b].to(lay.dev), call[lay.i], lay.dev, lay.memo, extras).to(
+            run.act_device(lay.i + 1)
+        )
     run.extras = extras
 
 

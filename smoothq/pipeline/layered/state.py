@@ -11,10 +11,9 @@ from torch import nn
 
 if TYPE_CHECKING:
     from ...archs import Arch
-    from ...core.recipe import Recipe
+    from ...core.recipe import Recipe, SearchConfig
     from ...core.schemes import QuantScheme
     from ...formats.stream import SourceCheckpoint
-    from ...core.recipe import SearchConfig
 
 
 class _Run:

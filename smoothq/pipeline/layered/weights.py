@@ -18,13 +18,23 @@ def _conversions():
     parameters, base-model prefixes), or None on a transformers without it."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (WeightConverter, WeightRenaming,
-                                                     convert_and_load_state_dict_in_model, rename_source_key)
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            convert_and_load_state_dict_in_model,
+            rename_source_key,
+        )
         from transformers.modeling_utils import LoadStateDictConfig
     except ImportError:  # pragma: no cover - older transformers: checkpoint names are model names
         return None
-    return {"mapping": get_model_conversion_mapping, "renaming": WeightRenaming, "converter": WeightConverter,
-            "rename": rename_source_key, "load": convert_and_load_state_dict_in_model, "config": LoadStateDictConfig}
+    return {
+        "mapping": get_model_conversion_mapping,
+        "renaming": WeightRenaming,
+        "converter": WeightConverter,
+        "rename": rename_source_key,
+        "load": convert_and_load_state_dict_in_model,
+        "config": LoadStateDictConfig,
+    }
 
 
 def target_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
@@ -47,8 +57,9 @@ def target_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
 _SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' loader at each call
 
 
-def _load(model: nn.Module, source: SourceCheckpoint, keys: list[str], device: torch.device,
-          dtype: torch.dtype) -> None:
+def _load(
+    model: nn.Module, source: SourceCheckpoint, keys: list[str], device: torch.device, dtype: torch.dtype
+) -> None:
     """Read checkpoint tensors `keys` into the (meta) model's parameters on `device`, converted as
     from_pretrained converts them."""
     if not keys:
@@ -75,8 +86,9 @@ def _load(model: nn.Module, source: SourceCheckpoint, keys: list[str], device: t
         sync = os.environ.get(_SYNC_LOAD)
         os.environ[_SYNC_LOAD] = "1"
         try:
-            info, _ = api["load"](model, slices, api["config"](device_map={"": device}, dtype=dtype,
-                                                               weight_mapping=api["mapping"](model)))
+            info, _ = api["load"](
+                model, slices, api["config"](device_map={"": device}, dtype=dtype, weight_mapping=api["mapping"](model))
+            )
         finally:
             if sync is None:
                 del os.environ[_SYNC_LOAD]
@@ -86,8 +98,10 @@ def _load(model: nn.Module, source: SourceCheckpoint, keys: list[str], device: t
                 hf_logging.enable_progress_bar()
     if info.mismatched_keys:
         name, got, want = sorted(info.mismatched_keys, key=str)[0]
-        raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(got)} but config.json makes it {tuple(want)}: "
-                              "the config and the weights do not match")
+        raise CheckpointError(
+            f"{name}: the checkpoint holds shape {tuple(got)} but config.json makes it {tuple(want)}: "
+            "the config and the weights do not match"
+        )
     errors = getattr(info, "conversion_errors", None)
     if errors:
         raise CheckpointError(f"could not convert checkpoint tensors: {next(iter(errors.items()))}")

@@ -68,9 +68,14 @@ def _fsync_dir(path: Path) -> None:
 def fingerprint(run, max_shard_bytes: int) -> dict:
     """The settings and inputs of the run: an interrupted run is resumed only under the same."""
     return {
-        "smoothq_format": FORMAT_VERSION, "source": run.source.fingerprint(), "recipe": run.recipe.to_dict(),
-        "arch": run.arch.name, "dtype": str(run.dtype), "max_shard_bytes": max_shard_bytes,
-        "calibration": _calibration_digest(run.batches), "layout": _layout_digest(run.layout),
+        "smoothq_format": FORMAT_VERSION,
+        "source": run.source.fingerprint(),
+        "recipe": run.recipe.to_dict(),
+        "arch": run.arch.name,
+        "dtype": str(run.dtype),
+        "max_shard_bytes": max_shard_bytes,
+        "calibration": _calibration_digest(run.batches),
+        "layout": _layout_digest(run.layout),
         "meta": json.loads(json.dumps(run.meta, default=str)),
     }
 
@@ -95,7 +100,9 @@ def _mismatch(old: dict, new: dict) -> list[str]:
             if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
                 out += [f"{key}.{m}" for m in _mismatch(old[key], new[key])]
             else:
-                out.append(f"{key}: interrupted run {json.dumps(old.get(key))[:80]}, this run {json.dumps(new.get(key))[:80]}")
+                out.append(
+                    f"{key}: interrupted run {json.dumps(old.get(key))[:80]}, this run {json.dumps(new.get(key))[:80]}"
+                )
     return out
 
 
@@ -112,22 +119,34 @@ def open_work_dir(run, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(work_dir)
         elif not resume:
             done = f" ({record.get('layers_done')}/{record.get('layers')} layers done)" if record else ""
-            raise ResumeError(f"an interrupted run into {run.out} exists in {work_dir}{done}: pass resume=True "
-                              "(--resume) to continue it, or overwrite=True (--force) to start over")
+            raise ResumeError(
+                f"an interrupted run into {run.out} exists in {work_dir}{done}: pass resume=True "
+                "(--resume) to continue it, or overwrite=True (--force) to start over"
+            )
         elif record is None or record.get("fingerprint") is None:
-            raise ResumeError(f"{work_dir} has no readable {PROGRESS}, so it cannot be resumed; remove it, or pass "
-                              "overwrite=True (--force) without resume to start over")
+            raise ResumeError(
+                f"{work_dir} has no readable {PROGRESS}, so it cannot be resumed; remove it, or pass "
+                "overwrite=True (--force) without resume to start over"
+            )
         else:
             diff = _mismatch(record["fingerprint"], run.fingerprint)
             if diff:
-                raise ResumeError(f"cannot resume {work_dir}: it was started with other settings or inputs ("
-                                  + "; ".join(diff[:4]) + "). Rerun with the original settings, or pass "
-                                  "overwrite=True (--force) without resume to start over")
+                raise ResumeError(
+                    f"cannot resume {work_dir}: it was started with other settings or inputs ("
+                    + "; ".join(diff[:4])
+                    + "). Rerun with the original settings, or pass "
+                    "overwrite=True (--force) without resume to start over"
+                )
             state = record
     fresh = state is None
     if fresh:
-        state = {"fingerprint": run.fingerprint, "layers": run.n, "embeddings_done": False, "layers_done": 0,
-                 "activations": None}
+        state = {
+            "fingerprint": run.fingerprint,
+            "layers": run.n,
+            "embeddings_done": False,
+            "layers_done": 0,
+            "activations": None,
+        }
         work_dir.mkdir(parents=True)
         try:
             _atomic_json(work_dir / PROGRESS, state)

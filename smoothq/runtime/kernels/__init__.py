@@ -46,19 +46,24 @@ INTERPRET = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in _
 
 _UNAVAILABLE = None
 if not HAVE_TRITON:
-    _UNAVAILABLE = ("smoothq.runtime.kernels needs Triton (pip install 'triton>=3.6'; without a GPU the kernels run under "
-                    "the Triton interpreter); use backend='torch' or 'emulated' instead")
+    _UNAVAILABLE = (
+        "smoothq.runtime.kernels needs Triton (pip install 'triton>=3.6'; without a GPU the kernels run under "
+        "the Triton interpreter); use backend='torch' or 'emulated' instead"
+    )
 elif (type(_tl.zeros).__name__ != "InterpretedFunction") if INTERPRET else not torch.cuda.is_available():
     # interpreting, but Triton's own library was defined compiled; or compiling with no GPU
-    _UNAVAILABLE = ("smoothq.runtime.kernels: no CUDA GPU here, and the Triton interpreter is not active: Triton was imported "
-                    "in compiled mode before smoothq.runtime.kernels (torch._dynamo imports it), or TRITON_INTERPRET is set "
-                    "off. Start Python with TRITON_INTERPRET=1 in the environment, or import smoothq.runtime.kernels first")
+    _UNAVAILABLE = (
+        "smoothq.runtime.kernels: no CUDA GPU here, and the Triton interpreter is not active: Triton was imported "
+        "in compiled mode before smoothq.runtime.kernels (torch._dynamo imports it), or TRITON_INTERPRET is set "
+        "off. Start Python with TRITON_INTERPRET=1 in the environment, or import smoothq.runtime.kernels first"
+    )
 
 if _UNAVAILABLE is None:
     from .act_quant import quantize_per_tensor_dynamic, quantize_per_tensor_static, quantize_per_token
     from .gemm import int8_gemm, prepack_weight
     from .norm_quant import layernorm_quantize, rmsnorm_quantize
 else:
+
     def _unavailable(*args, **kwargs):
         raise RuntimeError(_UNAVAILABLE)
 
@@ -66,14 +71,21 @@ else:
     int8_gemm = prepack_weight = rmsnorm_quantize = layernorm_quantize = _unavailable
 
 
-def triton_int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def triton_int8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """The backends.py linear: (x_q [M, K] @ w_q [N, K]^T) * x_scale * w_scale^T + bias -> out_dtype [M, N]."""
     return int8_gemm(x_q, w_q, x_scale, w_scale, bias, out_dtype)
 
 
-def triton_quantize_activation(x: torch.Tensor, granularity: str, static_scale: torch.Tensor | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_quantize_activation(
+    x: torch.Tensor, granularity: str, static_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """quant.quantize_activation, fused: [..., K] float -> (int8 [..., K], fp32 scale [..., 1] or [1])."""
     if granularity == "per_token":
         return quantize_per_token(x)
@@ -89,7 +101,16 @@ def triton_quantize_activation(x: torch.Tensor, granularity: str, static_scale: 
 AVAILABLE = _UNAVAILABLE is None
 
 __all__ = [
-    "AVAILABLE", "HAVE_TRITON", "INTERPRET", "int8_gemm", "layernorm_quantize", "prepack_weight",
-    "quantize_per_tensor_dynamic", "quantize_per_tensor_static", "quantize_per_token", "rmsnorm_quantize",
-    "triton_int8_linear", "triton_quantize_activation",
+    "AVAILABLE",
+    "HAVE_TRITON",
+    "INTERPRET",
+    "int8_gemm",
+    "layernorm_quantize",
+    "prepack_weight",
+    "quantize_per_tensor_dynamic",
+    "quantize_per_tensor_static",
+    "quantize_per_token",
+    "rmsnorm_quantize",
+    "triton_int8_linear",
+    "triton_quantize_activation",
 ]

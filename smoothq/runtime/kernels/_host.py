@@ -21,8 +21,10 @@ def check_device(*tensors: torch.Tensor | None) -> None:
         return
     for t in tensors:
         if t is not None and t.device.type != "cuda":
-            raise ValueError(f"smoothq.runtime.kernels: expected CUDA tensors, got one on {t.device} "
-                             "(on a machine without a GPU the kernels run under the Triton interpreter)")
+            raise ValueError(
+                f"smoothq.runtime.kernels: expected CUDA tensors, got one on {t.device} "
+                "(on a machine without a GPU the kernels run under the Triton interpreter)"
+            )
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,7 @@ def row_block(k: int, cap: int = 4096) -> tuple[int, int]:
     return block, max(1, min(8, block // 512))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int) -> int:
     if INTERPRET or not torch.cuda.is_available():
         return 132  # an H100's count: only sizes split-K in the interpreter, where speed is moot

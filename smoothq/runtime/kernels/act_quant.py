@@ -44,8 +44,9 @@ def _absmax_kernel(x_ptr, amax_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, amax_ptr, K, stride_xm, stride_qm,
-                          MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, amax_ptr, K, stride_xm, stride_qm, MODE: tl.constexpr, BLOCK_K: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
@@ -83,8 +84,19 @@ def quantize_per_token(x: torch.Tensor, *, block_k: int | None = None) -> tuple[
     m, k = x2.shape
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        _quantize_rows_kernel[(m,)](x2, q, scale, scale, k, x2.stride(0), q.stride(0),
-                                    MODE=PER_TOKEN, BLOCK_K=block, num_warps=warps, **LAUNCH_OPTS)
+        _quantize_rows_kernel[(m,)](
+            x2,
+            q,
+            scale,
+            scale,
+            k,
+            x2.stride(0),
+            q.stride(0),
+            MODE=PER_TOKEN,
+            BLOCK_K=block,
+            num_warps=warps,
+            **LAUNCH_OPTS,
+        )
     return q.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
@@ -96,8 +108,19 @@ def quantize_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, *, block_k:
     x2, q, block, warps = _prepare(x, block_k)
     m, k = x2.shape
     if m:
-        _quantize_rows_kernel[(m,)](x2, q, scale, scale, k, x2.stride(0), q.stride(0),
-                                    MODE=STATIC, BLOCK_K=block, num_warps=warps, **LAUNCH_OPTS)
+        _quantize_rows_kernel[(m,)](
+            x2,
+            q,
+            scale,
+            scale,
+            k,
+            x2.stride(0),
+            q.stride(0),
+            MODE=STATIC,
+            BLOCK_K=block,
+            num_warps=warps,
+            **LAUNCH_OPTS,
+        )
     return q.view(x.shape)
 
 
@@ -110,7 +133,17 @@ def quantize_per_tensor_dynamic(x: torch.Tensor, *, block_k: int | None = None) 
     if m == 0:  # nothing to reduce: the all-zero tensor's scale
         return q.view(x.shape), scale.fill_(MIN_SCALE)
     _absmax_kernel[(m,)](x2, amax, k, x2.stride(0), BLOCK_K=block, num_warps=warps, **LAUNCH_OPTS)
-    _quantize_rows_kernel[(m,)](x2, q, scale, amax, k, x2.stride(0), q.stride(0),
-                                MODE=FROM_ABSMAX, BLOCK_K=block, num_warps=warps, **LAUNCH_OPTS)
+    _quantize_rows_kernel[(m,)](
+        x2,
+        q,
+        scale,
+        amax,
+        k,
+        x2.stride(0),
+        q.stride(0),
+        MODE=FROM_ABSMAX,
+        BLOCK_K=block,
+        num_warps=warps,
+        **LAUNCH_OPTS,
+    )
     return q.view(x.shape), scale
-

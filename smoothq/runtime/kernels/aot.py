@@ -27,8 +27,12 @@ from triton.compiler import ASTSource, make_backend
 from . import act_quant, gemm, norm_quant, skinny_gemm
 
 PTX_FACTS = {
-    "wgmma_s8": r"wgmma\.mma_async\S*\.s8", "mma_sync_s8": r"mma\.sync\S*\.s8", "fma": r"\bfma\.",
-    "div_rn": r"div\.rn\.f32", "div_inexact": r"div\.(full|approx)", "sqrt_rn": r"sqrt\.rn\.f32",
+    "wgmma_s8": r"wgmma\.mma_async\S*\.s8",
+    "mma_sync_s8": r"mma\.sync\S*\.s8",
+    "fma": r"\bfma\.",
+    "div_rn": r"div\.rn\.f32",
+    "div_inexact": r"div\.(full|approx)",
+    "sqrt_rn": r"sqrt\.rn\.f32",
     "rne_magic": r"add\.rn\.f32\s+\S+, \S+, 0f4B400000",
 }
 
@@ -44,12 +48,18 @@ def compile_kernel(kernel, types: dict, constexprs: dict, target: GPUTarget, num
     as Triton specializes them for the aligned shapes of real models."""
     fn = _jit_fn(kernel)
     signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if name not in constexprs and (types[name].startswith("*") or types[name] == "i32")}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if name not in constexprs and (types[name].startswith("*") or types[name] == "i32")
+    }
     backend = make_backend(target)
     options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": False})
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=target, options=options.__dict__)
+    return triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=target,
+        options=options.__dict__,
+    )
 
 
 def ptx_facts(compiled) -> dict:
@@ -57,44 +67,129 @@ def ptx_facts(compiled) -> dict:
     return {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_FACTS.items()}
 
 
-GEMM_TYPES = dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", a_scale_ptr="*fp32", b_scale_ptr="*fp32", bias_ptr="*bf16",
-                  M="i32", N="i32", K="i32", M_BUCKET="i32", stride_am="i32", stride_bn="i32", stride_cm="i32")
-SKINNY_TYPES = dict(a_ptr="*i8", b_ptr="*i8", out_ptr="*fp16", a_scale_ptr="*fp32", b_scale_ptr="*fp32",
-                    bias_ptr="*fp16", M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_om="i32")
+GEMM_TYPES = dict(
+    a_ptr="*i8",
+    b_ptr="*i8",
+    c_ptr="*bf16",
+    a_scale_ptr="*fp32",
+    b_scale_ptr="*fp32",
+    bias_ptr="*bf16",
+    M="i32",
+    N="i32",
+    K="i32",
+    M_BUCKET="i32",
+    stride_am="i32",
+    stride_bn="i32",
+    stride_cm="i32",
+)
+SKINNY_TYPES = dict(
+    a_ptr="*i8",
+    b_ptr="*i8",
+    out_ptr="*fp16",
+    a_scale_ptr="*fp32",
+    b_scale_ptr="*fp32",
+    bias_ptr="*fp16",
+    M="i32",
+    N="i32",
+    K="i32",
+    stride_am="i32",
+    stride_bn="i32",
+    stride_om="i32",
+)
 EPILOGUE = dict(A_PER_ROW=True, B_PER_COL=True, HAS_BIAS=True, OUT_INT32=False)
 
 
 def kernels(all_configs: bool):
     """(name, kernel, types, constexprs, num_warps, num_stages) for every kernel variant we check."""
     for c in _jit_configs(gemm, all_configs):
-        yield (f"gemm {c.kwargs} w{c.num_warps} s{c.num_stages}", gemm._int8_gemm_kernel, GEMM_TYPES,
-               dict(EPILOGUE, EVEN_K=True, **c.kwargs), c.num_warps, c.num_stages)
+        yield (
+            f"gemm {c.kwargs} w{c.num_warps} s{c.num_stages}",
+            gemm._int8_gemm_kernel,
+            GEMM_TYPES,
+            dict(EPILOGUE, EVEN_K=True, **c.kwargs),
+            c.num_warps,
+            c.num_stages,
+        )
     c = gemm.GPU_CONFIGS[0]  # the other branches: ragged K, per-tensor scales, fp32 out, int32 out
     per_tensor = dict(A_PER_ROW=False, B_PER_COL=False, HAS_BIAS=False)
     for out, flags in (("*fp32", per_tensor), ("*i32", dict(OUT_INT32=True))):
-        yield (f"gemm ragged-K out={out} {c.kwargs}", gemm._int8_gemm_kernel, dict(GEMM_TYPES, c_ptr=out),
-               dict(EPILOGUE, EVEN_K=False, **flags, **c.kwargs), c.num_warps, c.num_stages)
+        yield (
+            f"gemm ragged-K out={out} {c.kwargs}",
+            gemm._int8_gemm_kernel,
+            dict(GEMM_TYPES, c_ptr=out),
+            dict(EPILOGUE, EVEN_K=False, **flags, **c.kwargs),
+            c.num_warps,
+            c.num_stages,
+        )
     for c in _jit_configs(skinny_gemm, all_configs):
         for split in (1, 4):
             types = dict(SKINNY_TYPES, out_ptr="*fp16" if split == 1 else "*i32")
-            yield (f"skinny split{split} {c.kwargs} w{c.num_warps} s{c.num_stages}", skinny_gemm._skinny_kernel, types,
-                   dict(EPILOGUE, HAS_BIAS=False, SPLIT_K=split, BLOCK_M=16, EVEN_K=False, **c.kwargs),
-                   c.num_warps, c.num_stages)
-    yield ("splitk_reduce", skinny_gemm._splitk_reduce_kernel,
-           dict(ws_ptr="*i32", out_ptr="*bf16", a_scale_ptr="*fp32", b_scale_ptr="*fp32", bias_ptr="*bf16", M="i32",
-                N="i32", stride_om="i32"), dict(EPILOGUE, SPLIT_K=4, BLOCK_M=16, BLOCK_N=256), 4, 1)
-    q_types = dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32", amax_ptr="*fp32", K="i32", stride_xm="i32",
-                   stride_qm="i32")
+            yield (
+                f"skinny split{split} {c.kwargs} w{c.num_warps} s{c.num_stages}",
+                skinny_gemm._skinny_kernel,
+                types,
+                dict(EPILOGUE, HAS_BIAS=False, SPLIT_K=split, BLOCK_M=16, EVEN_K=False, **c.kwargs),
+                c.num_warps,
+                c.num_stages,
+            )
+    yield (
+        "splitk_reduce",
+        skinny_gemm._splitk_reduce_kernel,
+        dict(
+            ws_ptr="*i32",
+            out_ptr="*bf16",
+            a_scale_ptr="*fp32",
+            b_scale_ptr="*fp32",
+            bias_ptr="*bf16",
+            M="i32",
+            N="i32",
+            stride_om="i32",
+        ),
+        dict(EPILOGUE, SPLIT_K=4, BLOCK_M=16, BLOCK_N=256),
+        4,
+        1,
+    )
+    q_types = dict(
+        x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32", amax_ptr="*fp32", K="i32", stride_xm="i32", stride_qm="i32"
+    )
     for mode in (act_quant.PER_TOKEN, act_quant.STATIC, act_quant.FROM_ABSMAX):
-        yield (f"quantize mode{mode.value}", act_quant._quantize_rows_kernel, q_types,
-               dict(MODE=mode.value, BLOCK_K=4096), 8, 1)
-    yield ("absmax", act_quant._absmax_kernel, dict(x_ptr="*fp16", amax_ptr="*fp32", K="i32", stride_xm="i32"),
-           dict(BLOCK_K=4096), 8, 1)
-    n_types = dict(x_ptr="*fp16", w_ptr="*fp16", b_ptr="*fp16", q_ptr="*i8", scale_ptr="*fp32", K="i32",
-                   stride_xm="i32", stride_qm="i32", eps="fp32", offset="fp32")
+        yield (
+            f"quantize mode{mode.value}",
+            act_quant._quantize_rows_kernel,
+            q_types,
+            dict(MODE=mode.value, BLOCK_K=4096),
+            8,
+            1,
+        )
+    yield (
+        "absmax",
+        act_quant._absmax_kernel,
+        dict(x_ptr="*fp16", amax_ptr="*fp32", K="i32", stride_xm="i32"),
+        dict(BLOCK_K=4096),
+        8,
+        1,
+    )
+    n_types = dict(
+        x_ptr="*fp16",
+        w_ptr="*fp16",
+        b_ptr="*fp16",
+        q_ptr="*i8",
+        scale_ptr="*fp32",
+        K="i32",
+        stride_xm="i32",
+        stride_qm="i32",
+        eps="fp32",
+        offset="fp32",
+    )
     for rms, static in ((True, False), (False, True)):
-        yield (f"{'rms' if rms else 'layer'}norm static={static}", norm_quant._norm_quant_kernel, n_types,
-               dict(RMS=rms, HAS_BIAS=not rms, STATIC=static, BLOCK_K=4096), 8, 1)
+        yield (
+            f"{'rms' if rms else 'layer'}norm static={static}",
+            norm_quant._norm_quant_kernel,
+            n_types,
+            dict(RMS=rms, HAS_BIAS=not rms, STATIC=static, BLOCK_K=4096),
+            8,
+            1,
+        )
 
 
 def _jit_configs(module, all_configs):
@@ -119,8 +214,10 @@ def check(target: GPUTarget, all_configs: bool = False, verbose: bool = True) ->
         f = ptx_facts(compiled)
         if verbose:
             usage = resource_usage(compiled) if all_configs else ""
-            print(f"{name:70s} smem={compiled.metadata.shared:6d} {usage} "
-                  + " ".join(f"{k}={v}" for k, v in f.items() if v))
+            print(
+                f"{name:70s} smem={compiled.metadata.shared:6d} {usage} "
+                + " ".join(f"{k}={v}" for k, v in f.items() if v)
+            )
         if f["fma"]:
             problems.append(f"{name}: FMA in the PTX (fp fusion should be off)")
         if f["div_inexact"]:

@@ -38,15 +38,24 @@ OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
-        (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
-        (128, 256, 64, 8, 4), (128, 64, 128, 4, 4),  # large M: compute bound
-        (64, 256, 128, 4, 3), (64, 128, 128, 4, 4), (64, 128, 256, 4, 3), (64, 64, 256, 4, 4),  # M ~ 64-512
-        (64, 32, 256, 4, 5), (32, 64, 256, 4, 5),  # M ~ 17-64: weight streaming, want many programs
+        (128, 256, 128, 8, 3),
+        (256, 128, 128, 8, 3),
+        (128, 128, 128, 8, 4),
+        (128, 128, 128, 4, 4),
+        (128, 256, 64, 8, 4),
+        (128, 64, 128, 4, 4),  # large M: compute bound
+        (64, 256, 128, 4, 3),
+        (64, 128, 128, 4, 4),
+        (64, 128, 256, 4, 3),
+        (64, 64, 256, 4, 4),  # M ~ 64-512
+        (64, 32, 256, 4, 5),
+        (32, 64, 256, 4, 5),  # M ~ 17-64: weight streaming, want many programs
     ]
 ]
 # The interpreter is slow and has nothing to tune: one small tile (tests pick shapes with ragged edges).
-INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4,
-                                     num_stages=1)]
+INTERPRETER_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
+]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -56,15 +65,37 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs
 
 
-@triton.autotune(configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS, key=["M_BUCKET", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS,
+    key=["M_BUCKET", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
-                      stride_am, stride_bn, stride_cm,
-                      A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      OUT_INT32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+def _int8_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    A_PER_ROW: tl.constexpr,
+    B_PER_COL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OUT_INT32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
     # M_BUCKET is only the autotuning key (next power of two of M); the kernel never reads it.
     # Grouped ordering: walk GROUP_M row-tiles down one column of tiles before moving right, so a
     # B column-tile is fetched from HBM once per group instead of once per row-tile.
@@ -110,8 +141,18 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
     if OUT_INT32:
         tl.store(c_ptrs, acc, mask=mask)
     else:
-        c = scale_epilogue(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, c_ptr.dtype.element_ty,
-                           A_PER_ROW, B_PER_COL, HAS_BIAS)
+        c = scale_epilogue(
+            acc,
+            a_scale_ptr,
+            b_scale_ptr,
+            bias_ptr,
+            offs_m,
+            offs_n,
+            c_ptr.dtype.element_ty,
+            A_PER_ROW,
+            B_PER_COL,
+            HAS_BIAS,
+        )
         tl.store(c_ptrs, c, mask=mask)
 
 
@@ -135,9 +176,16 @@ def _scale_arg(scale: torch.Tensor, rows: int, what: str) -> tuple[torch.Tensor,
     return scale.reshape(-1).to(torch.float32).contiguous(), scale.numel() != 1
 
 
-def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = None,
-              b_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-              out_dtype: torch.dtype = torch.float16, *, split_k: int | None = None) -> torch.Tensor:
+def int8_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    *,
+    split_k: int | None = None,
+) -> torch.Tensor:
     """(a int8 [M, K] @ b int8 [N, K]^T) * a_scale * b_scale^T + bias -> out_dtype [M, N].
 
     out_dtype=torch.int32 returns the raw int32 accumulator (scales and bias must be None).
@@ -146,8 +194,9 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     once each shape bucket has been autotuned (the first call per bucket benchmarks configs).
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"expected int8 a [M, K] and b [N, K], got {a.dtype} {tuple(a.shape)} and "
-                         f"{b.dtype} {tuple(b.shape)}")
+        raise ValueError(
+            f"expected int8 a [M, K] and b [N, K], got {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}"
+        )
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     m, k = a.shape
@@ -177,8 +226,24 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     if m <= SKINNY_MAX_M:
         return skinny_gemm(a, b, a_scale, b_scale, bias, out, a_per_row, b_per_col, split_k)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _int8_gemm_kernel[grid](a, b, out, a_scale, b_scale, bias if bias is not None else out, m, n, k,
-                            triton.next_power_of_2(m), a.stride(0), b.stride(0), out.stride(0),
-                            A_PER_ROW=a_per_row, B_PER_COL=b_per_col, HAS_BIAS=bias is not None,
-                            OUT_INT32=raw, **LAUNCH_OPTS)
+    _int8_gemm_kernel[grid](
+        a,
+        b,
+        out,
+        a_scale,
+        b_scale,
+        bias if bias is not None else out,
+        m,
+        n,
+        k,
+        triton.next_power_of_2(m),
+        a.stride(0),
+        b.stride(0),
+        out.stride(0),
+        A_PER_ROW=a_per_row,
+        B_PER_COL=b_per_col,
+        HAS_BIAS=bias is not None,
+        OUT_INT32=raw,
+        **LAUNCH_OPTS,
+    )
     return out

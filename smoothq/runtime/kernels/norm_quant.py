@@ -28,8 +28,7 @@ from .numerics import cast_rne, quantize_rne, scale_from_absmax
 
 
 @triton.jit
-def _normalized(x_row, w_ptr, b_ptr, offs, K, mean, rstd, offset,
-                RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _normalized(x_row, w_ptr, b_ptr, offs, K, mean, rstd, offset, RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The normalized chunk as the next linear would see it: rounded to the input dtype, held in fp32."""
     mask = offs < K
     x = tl.load(x_row + offs, mask=mask, other=0.0)
@@ -46,8 +45,22 @@ def _normalized(x_row, w_ptr, b_ptr, offs, K, mean, rstd, offset,
 
 
 @triton.jit
-def _norm_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, eps, offset,
-                       RMS: tl.constexpr, HAS_BIAS: tl.constexpr, STATIC: tl.constexpr, BLOCK_K: tl.constexpr):
+def _norm_quant_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    q_ptr,
+    scale_ptr,
+    K,
+    stride_xm,
+    stride_qm,
+    eps,
+    offset,
+    RMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STATIC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 past 2^31 elements
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
@@ -107,21 +120,48 @@ def _norm_quantize(x, weight, bias, eps, offset, static_scale, rms, block_k):
     scale = static_scale if static_scale is not None else torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         _norm_quant_kernel[(m,)](
-            x2, weight.contiguous(), bias.contiguous() if bias is not None else weight, q, scale, k,
-            x2.stride(0), q.stride(0), float(eps), float(offset),
-            RMS=rms, HAS_BIAS=bias is not None, STATIC=static_scale is not None, BLOCK_K=block,
-            num_warps=warps, **LAUNCH_OPTS)
+            x2,
+            weight.contiguous(),
+            bias.contiguous() if bias is not None else weight,
+            q,
+            scale,
+            k,
+            x2.stride(0),
+            q.stride(0),
+            float(eps),
+            float(offset),
+            RMS=rms,
+            HAS_BIAS=bias is not None,
+            STATIC=static_scale is not None,
+            BLOCK_K=block,
+            num_warps=warps,
+            **LAUNCH_OPTS,
+        )
     return q.view(x.shape), scale if static_scale is not None else scale.view(*x.shape[:-1], 1)
 
 
-def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
-                     static_scale: torch.Tensor | None = None, *, block_k: int | None = None):
+def rmsnorm_quantize(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float = 0.0,
+    static_scale: torch.Tensor | None = None,
+    *,
+    block_k: int | None = None,
+):
     """RMSNorm(x) * (offset + weight) -> (int8 [..., K], scale): per-token dynamic scales [..., 1],
     or the calibrated per-tensor `static_scale` [1] (returned as is)."""
     return _norm_quantize(x, weight, None, eps, offset, static_scale, True, block_k)
 
 
-def layernorm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-                       static_scale: torch.Tensor | None = None, *, block_k: int | None = None):
+def layernorm_quantize(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    static_scale: torch.Tensor | None = None,
+    *,
+    block_k: int | None = None,
+):
     """LayerNorm(x) * weight + bias -> (int8 [..., K], scale), scales as in rmsnorm_quantize."""
     return _norm_quantize(x, weight, bias, eps, 0.0, static_scale, False, block_k)

@@ -22,8 +22,11 @@ from ...core.quant import QMAX as _QMAX
 # Decided by smoothq.runtime.kernels before this module is imported (see its docstring); read the same
 # way @triton.jit reads it (triton.knobs from Triton 3.4 on, the environment variable before).
 _knobs = getattr(triton, "knobs", None)
-INTERPRET = tl.constexpr(bool(_knobs.runtime.interpret) if _knobs is not None
-                         else os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"))
+INTERPRET = tl.constexpr(
+    bool(_knobs.runtime.interpret)
+    if _knobs is not None
+    else os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+)
 QMAX = tl.constexpr(float(_QMAX))
 MIN_SCALE = tl.constexpr(_MIN_SCALE)
 # 1.5 * 2^23: adding it to |v| <= 2^22 pushes every fraction bit out of the fp32 mantissa, so the
@@ -63,8 +66,18 @@ def cast_rne(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def scale_epilogue(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, out_dtype: tl.constexpr,
-                   A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr):
+def scale_epilogue(
+    acc,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    offs_m,
+    offs_n,
+    out_dtype: tl.constexpr,
+    A_PER_ROW: tl.constexpr,
+    B_PER_COL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """backends._scale_epilogue: (float(acc) * a_scale) * b_scale + bias, in this order, in fp32,
     then one rounding to out_dtype. offs_m / offs_n must be valid (in-range) row / column indices.
     Launch with enable_fp_fusion=False, or ptxas fuses the last multiply-add into an FMA, which

@@ -23,20 +23,48 @@ BLOCK_M = 16  # every M <= 16 is padded to one 16-row tile: tl.dot's smallest M
 
 # Memory bound: small N tiles x long K tiles and deep pipelines, to keep many weight bytes in flight.
 # Shared memory per stage: 16 * BK + BN * BK bytes.
-GPU_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bn, bk, w, s in [(32, 256, 4, 4), (32, 512, 4, 4), (64, 256, 4, 4), (64, 512, 4, 3),
-                                    (64, 128, 4, 6), (128, 256, 4, 4), (128, 128, 8, 5), (16, 512, 4, 4)]]
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [
+        (32, 256, 4, 4),
+        (32, 512, 4, 4),
+        (64, 256, 4, 4),
+        (64, 512, 4, 3),
+        (64, 128, 4, 6),
+        (128, 256, 4, 4),
+        (128, 128, 8, 5),
+        (16, 512, 4, 4),
+    ]
+]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 
 
 @triton.autotune(configs=INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS, key=["N", "K", "SPLIT_K"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _skinny_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
-                   stride_am, stride_bn, stride_om,
-                   SPLIT_K: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _skinny_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_om,
+    SPLIT_K: tl.constexpr,
+    A_PER_ROW: tl.constexpr,
+    B_PER_COL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OUT_INT32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Rows and columns past the end wrap onto real ones (% M, % N): loads need no M/N masks, and the
@@ -79,16 +107,39 @@ def _skinny_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M,
         if OUT_INT32:
             tl.store(out, acc, mask=mask)
         else:
-            c = scale_epilogue(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, out_ptr.dtype.element_ty,
-                               A_PER_ROW, B_PER_COL, HAS_BIAS)
+            c = scale_epilogue(
+                acc,
+                a_scale_ptr,
+                b_scale_ptr,
+                bias_ptr,
+                offs_m,
+                offs_n,
+                out_ptr.dtype.element_ty,
+                A_PER_ROW,
+                B_PER_COL,
+                HAS_BIAS,
+            )
             tl.store(out, c, mask=mask)
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, stride_om,
-                          SPLIT_K: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _splitk_reduce_kernel(
+    ws_ptr,
+    out_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    M,
+    N,
+    stride_om,
+    SPLIT_K: tl.constexpr,
+    A_PER_ROW: tl.constexpr,
+    B_PER_COL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OUT_INT32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,8 +151,18 @@ def _splitk_reduce_kernel(ws_ptr, out_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M
     if OUT_INT32:
         tl.store(out, acc, mask=mask)
     else:
-        c = scale_epilogue(acc, a_scale_ptr, b_scale_ptr, bias_ptr, rows % M, cols % N, out_ptr.dtype.element_ty,
-                           A_PER_ROW, B_PER_COL, HAS_BIAS)
+        c = scale_epilogue(
+            acc,
+            a_scale_ptr,
+            b_scale_ptr,
+            bias_ptr,
+            rows % M,
+            cols % N,
+            out_ptr.dtype.element_ty,
+            A_PER_ROW,
+            B_PER_COL,
+            HAS_BIAS,
+        )
         tl.store(out, c, mask=mask)
 
 
@@ -120,16 +181,48 @@ def skinny_gemm(a, b, a_scale, b_scale, bias, out, a_per_row, b_per_col, split_k
     m, k = a.shape
     n = b.shape[0]
     split = split_k or pick_split_k(n, k, a.device)
-    flags = dict(A_PER_ROW=a_per_row, B_PER_COL=b_per_col, HAS_BIAS=bias is not None,
-                 OUT_INT32=out.dtype == torch.int32, BLOCK_M=BLOCK_M)
+    flags = dict(
+        A_PER_ROW=a_per_row,
+        B_PER_COL=b_per_col,
+        HAS_BIAS=bias is not None,
+        OUT_INT32=out.dtype == torch.int32,
+        BLOCK_M=BLOCK_M,
+    )
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.int32, device=a.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-    _skinny_kernel[grid](a, b, target, a_scale, b_scale, bias_arg, m, n, k, a.stride(0), b.stride(0),
-                         out.stride(0), SPLIT_K=split, **flags, **LAUNCH_OPTS)
+    _skinny_kernel[grid](
+        a,
+        b,
+        target,
+        a_scale,
+        b_scale,
+        bias_arg,
+        m,
+        n,
+        k,
+        a.stride(0),
+        b.stride(0),
+        out.stride(0),
+        SPLIT_K=split,
+        **flags,
+        **LAUNCH_OPTS,
+    )
     if split > 1:
         block_n = 16 if INTERPRET else 256
-        _splitk_reduce_kernel[(triton.cdiv(n, block_n),)](target, out, a_scale, b_scale, bias_arg, m, n, out.stride(0),
-                                                          SPLIT_K=split, BLOCK_N=block_n, num_warps=4, **flags,
-                                                          **LAUNCH_OPTS)
+        _splitk_reduce_kernel[(triton.cdiv(n, block_n),)](
+            target,
+            out,
+            a_scale,
+            b_scale,
+            bias_arg,
+            m,
+            n,
+            out.stride(0),
+            SPLIT_K=split,
+            BLOCK_N=block_n,
+            num_warps=4,
+            **flags,
+            **LAUNCH_OPTS,
+        )
     return out
