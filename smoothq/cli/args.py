@@ -58,6 +58,9 @@ def _split(text: str, what: str, example: str) -> list[str]:
 
 @_kind("alphas")
 def _floats(text: str) -> list[float | str]:
+    """Comma-separated alphas ('auto' searches), or 'none' (no SmoothQuant rows)."""
+    if text.strip().lower() == "none":
+        return []
     return [_alpha(v) for v in _split(text, "alphas", "0.5,0.8")]
 
 

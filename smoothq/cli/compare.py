@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..core.defaults import COMPARE_ALPHAS, COMPARE_LAMBADA, COMPARE_PRESETS
+from ..core.defaults import COMPARE_ALPHAS, COMPARE_LAMBADA, COMPARE_PRESETS, COMPARE_SCHEMES
 from ..core.recipe import Recipe
 from ..core.schemes import SCHEMES
 from .args import (
@@ -34,13 +34,20 @@ def add_parser(sub) -> None:
     _add_model(c)
     _add_calib(c)
     _add_eval(c)
-    c.add_argument("--schemes", type=_schemes, default=list(SCHEMES), help="comma-separated (default: all)")
+    c.add_argument(
+        "--schemes",
+        type=_schemes,
+        default=list(COMPARE_SCHEMES),
+        help=f"schemes of the naive and SmoothQuant rows, comma-separated from {','.join(SCHEMES)} "
+        f"(default: {','.join(COMPARE_SCHEMES)})",
+    )
     c.add_argument(
         "--alphas",
         type=_floats,
         default=list(COMPARE_ALPHAS),
-        help=f"SmoothQuant rows: comma-separated; 'auto' searches per group "
-        f"(default: {','.join(map(str, COMPARE_ALPHAS))}, the paper's)",
+        help="SmoothQuant rows at these alphas for every scheme: comma-separated ('auto' searches per group), "
+        f"or 'none' (default: {','.join(map(str, COMPARE_ALPHAS)) or 'none'}: the paper's recipe is the `paper` "
+        "preset row; the paper's whole grid: --schemes O1,O2,O3,W8A8 --alphas 0.5,0.8)",
     )
     c.add_argument(
         "--presets",
@@ -66,7 +73,14 @@ def add_parser(sub) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from ..evaluation.bench import cpu_name
     from ..evaluation.compare import compare, format_table
+
+    t0 = time.perf_counter()
 
     recipe = Recipe.from_dict(_flags_recipe(args))  # the scheme and alpha vary per row
     _preflight(args, recipe, eval_sources=[args.data], seqlen=args.seqlen, bos=args.bos)
@@ -110,6 +124,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     "bos": windows.bos,
                     "lambada_passages": args.lambada,
                     "calibration": calib.describe(),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "cpu": cpu_name(),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
                     "calibration_bos": calib.bos,
                     "rows": [r.to_dict() for r in rows],
                 },

@@ -73,6 +73,9 @@ def legacy_recipe(options=(), search=None, sink_tokens: int = 0, rotate_inputs: 
     )
 
 
+PROBE_TOKENS = 128  # tokens of the first window both runtimes score before a row runs on the fast path
+
+
 class _Scorer:
     """Perplexity (and LAMBADA accuracy) of one model, through the fastest runtime that gives the
     emulated runtime's bits."""
@@ -89,11 +92,11 @@ class _Scorer:
         self.fast = fast and cpu_fast.available() is None
 
     def _fast_copy(self, model: nn.Module) -> nn.Module | None:
-        """The model packed for the CPU fast path in fp32, if it scores the first window exactly as
-        the emulated runtime does (exact integer sums, same epilogue); else None."""
+        """The model packed for the CPU fast path in fp32, if it scores the start of the first window
+        (PROBE_TOKENS) exactly as the emulated runtime does (exact integer sums, same epilogue); else None."""
         if not self.fast or getattr(model, "smoothq", None) is None or model.smoothq.scheme is None:
             return None
-        probe = getattr(self.windows, "input_ids", self.windows)[:1]
+        probe = getattr(self.windows, "input_ids", self.windows)[:1, :PROBE_TOKENS]
         want = window_nll(model, probe, progress=False)
         packed = cpu_fast.optimize_for_cpu(copy.deepcopy(model), dtype=torch.float32)
         return packed if torch.equal(window_nll(packed, probe, progress=False), want) else None
