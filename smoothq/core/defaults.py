@@ -34,8 +34,8 @@ DEFAULT_DTYPE = "float32"
 SAVE_DTYPE = "float16"  # float tensors of a saved checkpoint (recipe.Output.dtype; quantize --save-dtype)
 # smoothq compare (`make compare`, the first thing a newcomer runs): FP32, naive W8A8 and O3, the
 # paper's recipe (the `paper` preset: O3, alpha 0.5) and smoothq's best W8A8 preset, each with
-# LAMBADA on its first passages: within 10 minutes on 2 cores. best-o3 costs as much again as all
-# of that together (two more calibration passes and its clipping search): --presets paper,best-w8a8,best-o3.
+# LAMBADA on its first passages: within 10 minutes on 2 cores. best-o3 needs two more calibration
+# passes and its clipping search, which the budget does not hold: --presets paper,best-w8a8,best-o3.
 # The paper's whole grid: --schemes O1,O2,O3,W8A8 --alphas 0.5,0.8
 COMPARE_SCHEMES = ("W8A8", "O3")
 COMPARE_ALPHAS = ()
