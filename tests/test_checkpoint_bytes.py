@@ -53,7 +53,7 @@ CASES = {
 
 
 def machine_kind() -> str:
-    """What decides float summation order: the torch build and the CPU's vector extensions."""
+    """What decides float summation order: the torch build, the CPU's vector extensions and its model."""
     flags = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -63,7 +63,18 @@ def machine_kind() -> str:
     except OSError:
         pass
     isa = next((f for f in ("amx_int8", "avx512_vnni", "avx512f", "avx2") if f in flags), platform.machine())
-    return f"torch-{torch.__version__}/{isa}"
+    # the CPU model too: two vendors' CPUs with the same extensions run different GEMM kernels
+    return f"torch-{torch.__version__}/{isa}/{_cpu_model()}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _write(name: str, tmp_path: Path) -> Path:
