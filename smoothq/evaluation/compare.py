@@ -222,8 +222,9 @@ def _presets(preset_recipes, model, calib_windows, stats, quantized, add, progre
             source = copy.deepcopy(model)
             rotate(source, kind, seed=seed)
             shared = None
-        first = True
-        for name, r in group:
+        for i, (name, r) in enumerate(group):
+            if i:  # the first preset's time includes the group's rotation and calibration
+                t0 = time.perf_counter()
             r = r.override({"rotation.kind": None}) if kind is not None else r
             if shared is None:
                 shared = calibrate(
@@ -233,9 +234,6 @@ def _presets(preset_recipes, model, calib_windows, stats, quantized, add, progre
                     progress=progress,
                     sink_tokens=r.sink_tokens,
                 )
-            elif not first:
-                t0 = time.perf_counter()
-            first = False
             alpha = r.smoothing.alpha
             add(
                 Row("preset", r.scheme, alpha, math.nan, 0.0, preset=name, runtime="emulated"),
