@@ -90,8 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _check_outputs(args) -> None:
-    """Every declared output of this subcommand, before any work (a refusal is one error line)."""
+def _check_outputs(args) -> list[str]:
+    """Every declared output of this subcommand, before any work (a refusal is one error line).
+    Returns their paths."""
     from ..pipeline.preflight import check_outputs
 
     flags = {
@@ -105,6 +106,7 @@ def _check_outputs(args) -> None:
     model = getattr(args, "model", None)  # a local input model is never written over
     sources = [Path(model).expanduser()] if model and Path(model).expanduser().exists() else []
     check_outputs(outputs, force=getattr(args, "force", False), sources=sources)
+    return [path for _, path, _ in outputs]
 
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.data import DataError
     from ..core.forward import CalibrationError
     from ..core.models import ModelNotFound
+    from ..core.outputs import output_locks
     from ..core.validate import ArgumentTypeError, ArgumentValueError
     from ..evaluation.bench import BenchError
     from ..evaluation.inspect import InspectError
@@ -170,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            _check_outputs(args)
-            return COMMANDS[args.command](args)
+            outputs = _check_outputs(args)
+            with output_locks(outputs):  # another process writing one of them: refused before any work
+                return COMMANDS[args.command](args)
     except expected as exc:
         _error(f"error: {exc}")
         return EXIT_INPUT

@@ -10,20 +10,23 @@ A checkpoint (formats/io.py), an ONNX export (formats/onnx.py), an inspect repor
 - `atomic_dir` writes to a temporary sibling directory (`.<name>.tmp-<pid>-*`), whose files and
   itself are fsynced, renamed into place when complete, so a failed write (disk full, interrupt)
   never leaves a half-written output; temp directories of killed writes are removed by the next
-  write to that output (`clean_stale`). `replace_dir` is its last step, also used on its own by the
-  layered executor: the finished directory gets the modes a plain mkdir would (`chmod_by_umask`,
-  which the converted-model cache uses too) and replaces the output in one rename.
+  write to that output (`clean_stale`, which also puts back a previous output a killed swap left
+  aside). `replace_dir` is its last step, also used on its own by the layered executor: the finished
+  directory gets the modes a plain mkdir would (`chmod_by_umask`, which the converted-model cache
+  uses too) and replaces the output in one rename.
+- `output_lock`: one writer per output; a second process writing the same output is refused.
 - `write_error` turns a failed write (OSError, or safetensors' own error) into that one OutputError.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 # the files and quantization methods of a checkpoint smoothq writes (formats/ writes them; check_output
@@ -200,22 +203,33 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(out: Path) -> list[Path]:
-    """Remove what a killed save into `out` left next to it: `.<name>.tmp-<pid>-*` and
-    `.<name>.old-<pid>` directories whose process is gone (never another live run's, never
-    anything not named so). Returns what was removed."""
-    removed = []
+    """Tidy what a killed write into `out` left next to it: `.<name>.tmp-<pid>-*` directories are
+    removed, and so are `.<name>.old-<pid>` ones (a previous output being swapped out), except that
+    when `out` itself is missing, the run was killed between the two renames of `replace_dir`, and
+    the newest old one is put back: the previous output is never lost. Only entries of processes
+    that are gone are touched, never another live run's, never anything not named so. Returns
+    what was removed or restored."""
+    touched = []
     if not out.parent.is_dir():
-        return removed
-    for kind in ("tmp", "old"):
+        return touched
+    for kind in ("old", "tmp"):
+        stale = []
         for entry in out.parent.glob(f".{out.name}.{kind}-*"):
             pid = entry.name[len(f".{out.name}.{kind}-") :].split("-", 1)[0]
             if not pid.isdigit() or not entry.is_dir() or entry.is_symlink():
                 continue
             if int(pid) == os.getpid() or _pid_alive(int(pid)):
                 continue
+            stale.append(entry)
+        if kind == "old" and stale and not (out.exists() or out.is_symlink()):
+            newest = max(stale, key=lambda e: e.stat().st_mtime)
+            os.replace(newest, out)
+            stale.remove(newest)
+            touched.append(newest)
+        for entry in stale:
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
+            touched.append(entry)
+    return touched
 
 
 def chmod_by_umask(folder: Path) -> None:
@@ -233,7 +247,8 @@ def replace_dir(src: Path, out: Path) -> None:
     """Move a finished directory into place; an existing `out` is swapped out first, never merged."""
     chmod_by_umask(src)  # both writers (atomic_dir, the layered executor) come through here
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
+        old.rmdir()  # a fresh name for the previous output (clean_stale knows it by its pid)
         os.replace(out, old)
         os.replace(src, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -311,18 +326,21 @@ def write_error(exc: BaseException, out: Path, what: str = "nothing was written 
 def atomic_dir(output: str | Path, overwrite: bool = False, sources=(), replaceable=None):
     """Yield a temp directory next to `output`; on success its files and itself are fsynced and it
     replaces `output` in one rename. A failure removes it (no partial output); a disk-full,
-    read-only or permission failure becomes one OutputError. Temp directories of killed saves into
-    the same output (`.<name>.tmp-<pid>-*`, their process gone) are removed first."""
-    out = check_output(output, overwrite, sources, replaceable)
+    read-only or permission failure becomes one OutputError. The output is locked meanwhile
+    (`output_lock`: another process writing it is refused), and what killed writes into it left
+    behind is tidied first (`clean_stale`)."""
+    out = Path(output).expanduser()
+    check_output(out, overwrite, sources, replaceable)  # refusals first: nothing made for a refused output
     tmp = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
-        yield tmp
-        fsync_tree(tmp)
-        replace_dir(tmp, out)
-        fsync_dir(out.parent)
+        with output_lock(out):
+            if clean_stale(out):  # a previous output put back: the replace rules apply to it
+                check_output(out, overwrite, sources, replaceable)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+            yield tmp
+            fsync_tree(tmp)
+            replace_dir(tmp, out)
+            fsync_dir(out.parent)
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -330,3 +348,117 @@ def atomic_dir(output: str | Path, overwrite: bool = False, sources=(), replacea
         if err is not None and not isinstance(exc, OutputError):
             raise err from exc
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per output: `.<name>.lock` beside it, held with flock while a process writes it (a save,
+# a layered run, a whole CLI command). A second process that starts on the same output is refused at
+# once, naming the holder's pid. The kernel drops a flock when its holder dies, so a killed run never
+# blocks the next; the holder removes the file when done (a killed holder's file is taken over).
+# Re-entrant within a process: the CLI holds it for the whole command and the library functions it
+# calls take it again. Parent directories made to hold it are removed again if left empty.
+
+_HELD: dict[Path, list] = {}  # lock file -> [fd, depth, directories made for it]
+
+
+class OutputBusyError(OutputError):
+    """Another process is writing the same output."""
+
+
+def lock_file(output: str | Path) -> Path:
+    """Where the lock of `output` lives: beside it, named after it (one lock per output path, however
+    it was spelled: the parent is resolved)."""
+    out = Path(output).expanduser()
+    return out.absolute().parent.resolve() / f".{out.name}.lock"
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; the directories it made, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return missing
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _acquire(path: Path, output: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusyError(
+                errno.EBUSY,
+                f"{output} is being written by another smoothq process{_holder(path)}: wait for it to "
+                "finish, or choose another output",
+            ) from None
+        # a holder that was finishing may have unlinked the file we opened: lock the one on disk
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+@contextmanager
+def output_lock(output: str | Path):
+    """Hold the lock of `output` while the block runs (OutputBusyError if another process holds it)."""
+    path = lock_file(output)
+    held = _HELD.get(path)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield path
+        finally:
+            held[1] -= 1
+        return
+    made = _make_parents(path.parent)
+    try:
+        fd = _acquire(path, Path(output))
+    except BaseException:
+        _remove_empty(made)
+        raise
+    _HELD[path] = [fd, 1, made]
+    try:
+        yield path
+    finally:
+        del _HELD[path]
+        try:
+            path.unlink()  # while still holding it: a waiter that opened it re-checks the inode
+        except OSError:
+            pass
+        os.close(fd)
+        _remove_empty(made)
+
+
+@contextmanager
+def output_locks(outputs):
+    """Hold the locks of all of `outputs` (in a fixed order, so two commands never wait on each other)."""
+    with ExitStack() as stack:
+        for out in sorted({lock_file(o): o for o in outputs}.items()):
+            stack.enter_context(output_lock(out[1]))
+        yield
+
+
+def _remove_empty(made: list[Path]) -> None:
+    for d in made:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            return

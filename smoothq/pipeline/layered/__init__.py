@@ -42,7 +42,9 @@ larger of the input embedding and the LM head while those are written.
 Resuming: the run works in `.<output>.partial` next to the output. After each layer its tensors
 are fsynced, the hidden states for the next layer are saved there, and `progress.json` records
 the layer. An interrupted run (crash, kill, full disk) is picked up with `resume=True`; settings
-that do not match the interrupted run's are refused.
+that do not match the interrupted run's are refused. A kill at any instant is resumable, the
+final renames included (workdir.py says how), and one output has one writer at a time
+(core/outputs.output_lock).
 
 The package, in the order a run goes through it:
 

@@ -5,7 +5,6 @@ decoder layers, then each layer's stages and commit in turn, and the finished ch
 from __future__ import annotations
 
 import errno
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 from ...archs import Arch
 from ...core.defaults import DEFAULT_ALPHA, DEFAULT_SCHEME
 from ...core.forward import CalibrationError
+from ...core.outputs import clean_stale, output_lock
 from ...core.schemes import QuantScheme, check_alpha, get_scheme
 from ...formats.io import OutputError
 from .activations import commit_layer, load_inputs
@@ -25,7 +25,7 @@ from .output import close, finish, start_writer
 from .outside import embeddings_pass, release_outside, write_outside
 from .plan import prepare
 from .stages import layer
-from .workdir import commit, open_work_dir
+from .workdir import commit, discard, finished_run, open_work_dir
 
 
 def recipe_of(
@@ -137,23 +137,38 @@ def quantize_sequential(
             embeddings=embeddings,
             batch_size=batch_size,
         )
-    run = prepare(
-        model_dir,
-        output,
-        samples,
-        recipe=recipe,
-        arch=arch,
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        activations=activations,
-        backend=backend,
-        attn_implementation=attn_implementation,
-        meta=meta,
-        max_shard_bytes=max_shard_bytes,
-        overwrite=overwrite,
-    )
+    with output_lock(output):  # one run per output: a second one is refused, not interleaved
+        clean_stale(Path(output).expanduser())  # what killed saves into it left behind
+        return _locked(
+            model_dir,
+            output,
+            samples,
+            recipe=recipe,
+            arch=arch,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            activations=activations,
+            backend=backend,
+            attn_implementation=attn_implementation,
+            meta=meta,
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+            resume=resume,
+            tokenizer=tokenizer,
+            progress=progress,
+            on_layer=on_layer,
+        )
+
+
+def _locked(model_dir, output, samples, *, resume, overwrite, tokenizer, progress, on_layer, **settings) -> Path:
+    # a resume of a run killed after its output was moved into place finds that output there
+    replace_ok = overwrite or (resume and finished_run(output))
+    run = prepare(model_dir, output, samples, overwrite=replace_ok, **settings)
     open_work_dir(run, resume=resume, overwrite=overwrite)
+    if run.published:
+        discard(run.work_dir)
+        return run.out
     map_large_allocations()
     try:
         return execute(run, tokenizer=tokenizer, progress=progress, on_layer=on_layer)
@@ -161,7 +176,7 @@ def quantize_sequential(
         close(run)
         done = run.state["layers_done"]
         if not done:  # nothing worth resuming: leave no trace
-            shutil.rmtree(run.work_dir, ignore_errors=True)
+            discard(run.work_dir)
         if isinstance(exc, OSError) and not isinstance(exc, OutputError) and exc.errno == errno.ENOSPC:
             kept = (
                 f"The {done} finished layer(s) are kept in {run.work_dir}: free some space and rerun with "
@@ -200,7 +215,7 @@ def execute(run, tokenizer=None, progress: bool = True, on_layer=None) -> Path:
     else:
         release_outside(run)
     start = state["layers_done"]
-    if start:  # resumed: the saved inputs of the first layer still to do
+    if 0 < start < run.n:  # resumed: the saved inputs of the first layer still to do
         hidden = load_inputs(run, start, streams)
 
     bar = tqdm(total=run.n, initial=start, desc="quantizing layers", unit="layer", disable=not progress)

@@ -7,16 +7,19 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from ...core.outputs import fsync_dir, fsync_tree
 from ...formats.io import CheckpointError, OutputError, quantized_state, replace_dir, write_metadata
 from ...formats.stream import ShardWriter, nbytes
-from .workdir import PROGRESS, _fsync_dir
+from .workdir import discard
 
 
 def start_writer(run) -> None:
     """Lay the shard files out at their final size (or reopen an interrupted run's), once the
     layout is final (after settle)."""
     try:
-        run.writer = ShardWriter(run.work_dir, run.layout, run.max_shard_bytes, create=run.fresh)
+        # laid out afresh unless something was written into them (a kill during the layout leaves them unusable)
+        create = run.fresh or not run.state["embeddings_done"]
+        run.writer = ShardWriter(run.ckpt_dir, run.layout, run.max_shard_bytes, create=create)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             size = sum(nbytes(*v) for v in run.layout.values())
@@ -49,10 +52,12 @@ def write(run, names: list[str]) -> None:
 
 
 def finish(run, tokenizer) -> Path:
-    """Every layer is written: complete the checkpoint and move it into place."""
+    """Every layer is written: complete the checkpoint and move it into place. Each step can be
+    killed: until the rename a resume redoes them (they write the same bytes); after it, the
+    output is complete and the working directory a leftover (workdir.finished_run)."""
     from transformers import GenerationConfig
 
-    state, work_dir = run.state, run.work_dir
+    state, ckpt = run.state, run.ckpt_dir
     if state.get("search"):  # what the search chose, layer by layer, in the checkpoint's record
         run.ckpt_config.smoothq = {**run.ckpt_config.smoothq, "search": state["search"]}
         if run.format == "smoothq":
@@ -64,12 +69,10 @@ def finish(run, tokenizer) -> Path:
         generation = GenerationConfig.from_pretrained(run.model_dir)
     except (OSError, ValueError):
         generation = getattr(run.model, "generation_config", None)
-    write_metadata(work_dir, run.ckpt_config, generation, tokenizer)
-    (work_dir / PROGRESS).unlink()
-    for stale in work_dir.glob("activations-*.safetensors"):
-        stale.unlink()
-    _fsync_dir(work_dir)
+    write_metadata(ckpt, run.ckpt_config, generation, tokenizer)
+    fsync_tree(ckpt)
     out = run.out
-    replace_dir(work_dir, out)
-    _fsync_dir(out.parent)
+    replace_dir(ckpt, out)
+    fsync_dir(out.parent)
+    discard(run.work_dir)
     return out

@@ -1,5 +1,12 @@
 """The working directory, `.<output>.partial` next to the output, and its progress record: what a
-run has done so far, and the fingerprint of its settings and inputs that a resume must match."""
+run has done so far, and the fingerprint of its settings and inputs that a resume must match.
+
+The working directory holds the record (progress.json), the hidden states saved between layers,
+and `checkpoint/`, the checkpoint as it is written. It appears whole (made under a temp name with
+its record, then renamed), and at the end `checkpoint/` alone is moved into place as the output,
+so the record outlives the rename: a run killed at any instant leaves either nothing, or a
+working directory a resume continues, or the finished output (and at most a working directory
+whose checkpoint is gone, which the next run tidies away)."""
 
 from __future__ import annotations
 
@@ -7,14 +14,17 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
+from ...core.outputs import fsync_dir, is_own_checkpoint
 from ...core.schemes import FORMAT_VERSION
 from ...formats.io import CheckpointError
 
 PROGRESS = "progress.json"
+CHECKPOINT = "checkpoint"  # inside the working directory: what becomes the output
 
 
 class ResumeError(CheckpointError):
@@ -25,6 +35,36 @@ def partial_dir(output: str | Path) -> Path:
     """Where a sequential run into `output` keeps its work until it is complete."""
     out = Path(output)
     return out.parent / f".{out.name}.partial"
+
+
+def checkpoint_dir(output: str | Path) -> Path:
+    """Where a sequential run into `output` writes the checkpoint until it is moved into place."""
+    return partial_dir(output) / CHECKPOINT
+
+
+def finished_run(output: str | Path) -> bool:
+    """Whether the working directory next to `output` is that of a run killed after its checkpoint
+    was moved into place: every layer done, `checkpoint/` gone, the output there."""
+    record = interrupted_run(output)
+    return (
+        record is not None
+        and record.get("layers_done") is not None
+        and record.get("layers_done") == record.get("layers")
+        and not checkpoint_dir(output).exists()
+        and is_own_checkpoint(Path(output))
+    )
+
+
+def discard(work_dir: Path) -> None:
+    """Remove a working directory, its record last: killed halfway, it is still recognised (an
+    interrupted or a finished run), or empty (which the next run removes)."""
+    if not work_dir.exists():
+        return
+    for entry in work_dir.iterdir():
+        if entry.name != PROGRESS:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    (work_dir / PROGRESS).unlink(missing_ok=True)
+    work_dir.rmdir()
 
 
 def interrupted_run(output: str | Path) -> dict | None:
@@ -45,20 +85,7 @@ def _atomic_json(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +138,28 @@ def _mismatch(old: dict, new: dict) -> list[str]:
 
 
 def open_work_dir(run, resume: bool, overwrite: bool) -> None:
-    """Start a fresh working directory, or pick up an interrupted run's."""
+    """Start a fresh working directory, or pick up an interrupted run's (`run.published`: the
+    interrupted run had finished; its output is in place and there is nothing to do)."""
     work_dir, state = run.work_dir, None
+    run.published = False
+    if work_dir.is_dir() and not any(work_dir.iterdir()):  # a discard killed after its last unlink
+        work_dir.rmdir()
+    if work_dir.exists() and finished_run(run.out):  # killed after the checkpoint was moved into place
+        if resume:
+            diff = _mismatch(interrupted_run(run.out)["fingerprint"], run.fingerprint)
+            if diff:
+                raise ResumeError(
+                    f"{run.out} is the finished output of a run with other settings or inputs ("
+                    + "; ".join(diff[:4])
+                    + "): pass overwrite=True (--force) without resume to replace it"
+                )
+            run.published = True
+            return
+        discard(work_dir)  # a leftover of a finished run: nothing in it to keep
     if work_dir.exists():
         record = interrupted_run(run.out)
         if overwrite and not resume:
-            shutil.rmtree(work_dir)
+            discard(work_dir)
         elif not resume:
             done = f" ({record.get('layers_done')}/{record.get('layers')} layers done)" if record else ""
             raise ResumeError(
@@ -147,13 +190,17 @@ def open_work_dir(run, resume: bool, overwrite: bool) -> None:
             "layers_done": 0,
             "activations": None,
         }
-        work_dir.mkdir(parents=True)
+        # made whole under a temp name, then renamed: a kill never leaves a record-less work_dir
+        tmp = Path(tempfile.mkdtemp(dir=work_dir.parent, prefix=f".{run.out.name}.tmp-{os.getpid()}-"))
         try:
-            _atomic_json(work_dir / PROGRESS, state)
+            (tmp / CHECKPOINT).mkdir()
+            _atomic_json(tmp / PROGRESS, state)
+            os.replace(tmp, work_dir)
         except OSError:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
     run.fresh, run.state = fresh, state
+    run.ckpt_dir = work_dir / CHECKPOINT
 
 
 def commit(run) -> None:
