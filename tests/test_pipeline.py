@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as T
 from test_sequential import assert_same_checkpoint, save_source
-from tiny import CONFIGS, plant_outliers, sample_ids, tiny_model, tiny_tokenizer
+from tiny import CONFIGS, four_layer_llama, plant_outliers, sample_ids, tiny_model, tiny_tokenizer
 
 import smoothq as sq
 from smoothq.archs import UnsupportedArchError, arch_for, resolve
@@ -174,17 +174,7 @@ RESUME_RECIPES = {
 @pytest.mark.parametrize("label", RESUME_RECIPES)
 def test_an_interrupted_recipe_resumes_to_the_same_checkpoint(tmp_path, label):
     recipe = RESUME_RECIPES[label]
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        pad_token_id=0,
-    )
-    src = save_source(T.AutoModelForCausalLM.from_config(config, attn_implementation="eager"), tmp_path / "src")
+    src = save_source(four_layer_llama(), tmp_path / "src")
     ids, out = sample_ids(4, 16), tmp_path / "out"
     kw = {"recipe": recipe, "attn_implementation": "eager", "progress": False}
     quantize_sequential(src, tmp_path / "ref", ids, **kw)

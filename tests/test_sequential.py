@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from tiny import CONFIGS, sample_ids, tiny_model
+from tiny import CONFIGS, four_layer_llama, sample_ids, tiny_model
 
 import smoothq as sq
 from smoothq.core.recipe import RecipeError
@@ -218,18 +218,8 @@ def test_sharded_compressed_tensors_export_is_what_compressed_tensors_and_vllm_r
 # resume
 
 
-def four_layer_llama(tmp_path) -> Path:
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        pad_token_id=0,
-    )
-    return save_source(T.AutoModelForCausalLM.from_config(config, attn_implementation="eager"), tmp_path / "src")
+def four_layer_source(tmp_path) -> Path:
+    return save_source(four_layer_llama(), tmp_path / "src")
 
 
 KILL = """
@@ -248,7 +238,7 @@ quantize_sequential({src!r}, {out!r}, sample_ids(6, 16), scheme="O3", alpha=0.5,
 
 
 def test_a_killed_run_resumes_from_the_last_finished_layer_with_the_same_result(tmp_path):
-    src, out = four_layer_llama(tmp_path), tmp_path / "out"
+    src, out = four_layer_source(tmp_path), tmp_path / "out"
     ids = sample_ids(6, 16)
     sequential(src, tmp_path / "ref", ids)  # uninterrupted, error propagation on
     script = KILL.format(tests=str(HERE), k=1, src=str(src), out=str(out))
@@ -271,7 +261,7 @@ def test_a_killed_run_resumes_from_the_last_finished_layer_with_the_same_result(
 
 
 def test_overwrite_starts_an_interrupted_run_over(tmp_path):
-    src, out = four_layer_llama(tmp_path), tmp_path / "out"
+    src, out = four_layer_source(tmp_path), tmp_path / "out"
     ids = sample_ids(4, 16)
 
     def stop(i, n):
@@ -305,7 +295,7 @@ def test_disk_too_small_fails_before_any_work(tmp_path, monkeypatch):
 
 
 def test_disk_full_mid_run_keeps_the_finished_layers_for_resume(tmp_path, monkeypatch):
-    src, out = four_layer_llama(tmp_path), tmp_path / "out"
+    src, out = four_layer_source(tmp_path), tmp_path / "out"
     ids = sample_ids(4, 16)
     real = stream.ShardWriter.write
 
@@ -434,7 +424,7 @@ def test_cli_quantizes_sequentially_and_resumes(tmp_path, data_dir, capsys):
 
     from smoothq.cli.app import main
 
-    src = four_layer_llama(tmp_path)
+    src = four_layer_source(tmp_path)
     tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:100_000]).save_pretrained(src)
     out = tmp_path / "out"
     args = [

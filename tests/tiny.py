@@ -77,6 +77,22 @@ def tiny_model(name: str, seed: int = 0, dtype=torch.float32):
     return model
 
 
+def four_layer_llama(vocab_size: int = VOCAB):
+    """A float Llama of 4 layers (hidden 64, grouped-query attention), seed 0: long enough for a
+    layered run to be interrupted between layers."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        pad_token_id=0,
+    )
+    return T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
 def plant_outliers(model, groups, factor: float = 10.0, fraction: float = 0.1, seed: int = 0) -> None:
     """Make a few input channels of each group `factor` times larger in the activations and
     correspondingly smaller in the weights: the float model is unchanged, but its activations now

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as T
 from faults import Injector, digest, draw_points, injected, siblings
-from tiny import sample_ids
+from tiny import four_layer_llama, sample_ids
 
 from smoothq.cli.app import main
 from smoothq.core.outputs import OutputBusyError, OutputError, clean_stale, lock_file, output_lock
@@ -40,18 +39,8 @@ BETWEEN_RENAMES = {"replacing": True, "where": "os.replace in outputs.py:replace
 @pytest.fixture(scope="module")
 def four_layers(tmp_path_factory, tiny_tok) -> Path:
     """A float Llama of 4 layers (hidden 64), in several safetensors shards, with a tokenizer."""
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tiny_tok),
-        pad_token_id=0,
-    )
     d = tmp_path_factory.mktemp("kill-src") / "src"
-    T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").save_pretrained(d, max_shard_size="60KB")
+    four_layer_llama(len(tiny_tok)).save_pretrained(d, max_shard_size="60KB")
     tiny_tok.save_pretrained(d)
     return d
 
