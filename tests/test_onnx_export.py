@@ -29,8 +29,9 @@ from smoothq.transforms.online_rotation import rotate_inputs
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-# the exactness claims hold where ONNX Runtime's u8 x s8 MatMulInteger sums are exact (checked, not
-# assumed: on an AVX2-only EPYC they saturate); elsewhere those tests are skipped with the reason
+# the exactness claims of the default (int8 weights) hold where ONNX Runtime's u8 x s8 MatMulInteger
+# sums are exact (checked, not assumed: on an AVX2-only EPYC they saturate); elsewhere those tests are
+# skipped with the reason. weights="uint8" (u8 x u8) is exact on every CPU: its tests are never skipped.
 exact_sums = pytest.mark.skipif(
     not ox.integer_sums_exact(), reason="ONNX Runtime's MatMulInteger sums are not exact on this CPU (no VNNI)"
 )
@@ -82,17 +83,18 @@ def test_the_swapped_modules_compute_exactly_what_w8a8linear_does():
     # the export-only stand-ins (the custom op's eager implementation) against the model itself, bit for bit
     for model in (_w8a8(), _o3_rotated()):
         ids = sample_ids(2, 12, seed=7)
-        with torch.no_grad():
-            want = model(ids).logits
-            with ox.ExportModules(model, "float") as n:
-                got = model(ids).logits
-        assert n == 14 and torch.equal(got, want)
-        assert all(not isinstance(m, ox.OnnxInt8Linear) for m in model.modules())  # put back
+        for weights in ox.WEIGHT_FORMS:
+            with torch.no_grad():
+                want = model(ids).logits
+                with ox.ExportModules(model, "float", weights) as n:
+                    got = model(ids).logits
+            assert n == 14 and torch.equal(got, want)
+            assert all(not isinstance(m, ox.OnnxInt8Linear) for m in model.modules())  # put back
 
 
+@pytest.mark.parametrize("weights", [pytest.param("int8", marks=exact_sums), "uint8"])
 @pytest.mark.parametrize("scheme", ["W8A8", "O1", "O2", "O3"])
-@exact_sums
-def test_one_quantized_linear_is_bit_exact_in_onnx_runtime(tmp_path, scheme):
+def test_one_quantized_linear_is_bit_exact_in_onnx_runtime(tmp_path, scheme, weights):
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(96, 80, bias=True)
     with torch.no_grad():
@@ -105,7 +107,7 @@ def test_one_quantized_linear_is_bit_exact_in_onnx_runtime(tmp_path, scheme):
     path, dyn = tmp_path / "linear.onnx", torch.export.Dim.DYNAMIC
     with torch.no_grad():
         torch.onnx.export(
-            ox.OnnxInt8Linear(layer).eval(),
+            ox.OnnxInt8Linear(layer, weights).eval(),
             (x,),
             str(path),
             dynamo=True,
@@ -117,6 +119,17 @@ def test_one_quantized_linear_is_bit_exact_in_onnx_runtime(tmp_path, scheme):
         want = layer(x)
     got = ox.session(path).run(None, {"x": x.numpy()})[0]
     assert np.array_equal(got, want.numpy())
+    import onnx
+
+    (matmul,) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulInteger"]
+    assert len(matmul.input) == (4 if weights == "uint8" else 3)  # uint8: b_zero_point 128
+
+
+def test_uint8_weight_sums_are_exact_on_every_cpu():
+    # the worst case (every product 127 x +-127) that saturates u8 x s8 without VNNI: u8 x u8 is exact
+    assert ox.integer_sums_exact("uint8")
+    with pytest.raises(ox.OnnxExportError, match="weights must be"):
+        ox.integer_sums_exact("int4")
 
 
 @exact_sums
@@ -246,6 +259,8 @@ def test_refusals_name_the_reason(tmp_path):
         ox.export_onnx(sq.quantize(tiny_model("mixtral"), "W8A8", backend="emulated"), tmp_path / "a")
     with pytest.raises(ox.OnnxExportError, match="embeddings must be"):
         ox.export_onnx(_w8a8(), tmp_path / "a", embeddings="int4")
+    with pytest.raises(ox.OnnxExportError, match="weights must be"):
+        ox.export_onnx(_w8a8(), tmp_path / "a", weights="int4")
     assert not (tmp_path / "a").exists()
 
 
@@ -312,6 +327,50 @@ def test_cli_export_end_to_end(tmp_path, data_dir, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("error:") for e in err)
     assert not (tmp_path / "o2").exists()
+
+
+def test_cli_export_with_uint8_weights_is_exact_on_any_cpu(tmp_path, data_dir, capsys, monkeypatch, w8a8):
+    import warnings
+
+    import onnx
+    from onnx import numpy_helper
+
+    from smoothq.cli.app import main
+
+    model = tiny_model("llama")
+    tok = tiny_tokenizer((data_dir / "wikitext2-train-first1MB.txt").read_text()[:50_000])
+    sq.quantize(model, "W8A8", backend="emulated")
+    sq.save(model, tmp_path / "q", tok, float_dtype="float32")
+    out = tmp_path / "onnx"
+    assert main(["export", str(tmp_path / "q"), "--onnx", str(out), "--weights", "uint8", "--no-kv-cache"]) == 0
+    assert "uint8 weights" in capsys.readouterr().out
+    meta = json.loads((out / "smoothq_onnx.json").read_text())
+    assert meta["weights"] == "uint8" and meta["weight_zero_point"] == 128 and meta["quantized_linears"] == 14
+    report = ox.integer_kernels(out)  # the uint8 weights are found, and every one feeds an integer matmul
+    assert report["ok"] and report["quantized_weights"] == 14, report["not_integer"]
+    assert set(report["weight_consumers"]) <= set(ox.INTEGER_MATMUL_OPS)
+    back, _ = sq.load(tmp_path / "q", backend="emulated", dtype=torch.float32)
+    w = {t.name: t for t in onnx.load(str(out / "model.onnx")).graph.initializer}[
+        "model.model.layers.1.mlp.down_proj.weight_t"
+    ]
+    assert w.data_type == onnx.TensorProto.UINT8
+    want_w = back.model.layers[1].mlp.down_proj.weight.t().numpy().astype(np.int16) + 128
+    assert np.array_equal(numpy_helper.to_array(w), want_w)
+    ids = sample_ids(2, 12)
+    with torch.no_grad():
+        want = back(ids).logits
+    # a CPU whose u8 x s8 sums saturate: int8-weight exports warn when loaded, uint8 ones do not
+    from smoothq.formats import onnx_runtime
+
+    monkeypatch.setattr(onnx_runtime, "integer_sums_exact", lambda weights="int8": weights == "uint8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = ox.OnnxModel(out)(input_ids=ids).logits
+        assert not caught, [str(c.message) for c in caught]
+        ox.OnnxModel(w8a8[1])
+    assert len(caught) == 1 and "saturating 16-bit" in str(caught[0].message)
+    assert "--weights uint8" in str(caught[0].message)
+    _close(got, want)
 
 
 @pytest.mark.slow

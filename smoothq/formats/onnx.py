@@ -13,6 +13,7 @@ becomes, per token of its input x (after its online rotation x Q, if it has one)
     q     = QuantizeLinear(x / scale, 1, 128)                = uint8(round_half_even(x / scale) + 128);
                                                              O3 clamps x / scale to [-127, 127] first
     acc   = MatMulInteger(q, W^T int8 [K, N], a_zero_point=128)   int32 sum((q - 128) w): our sum, exactly
+            weights="uint8": MatMulInteger(q, W^T + 128 uint8, 128, b_zero_point=128): the same sum
     y     = Cast<float>(acc) * scale * weight_scale (+ bias)    our epilogue, in our order
 
 which is quant.quantize_activation and backends._scale_epilogue op for op, so ONNX Runtime computes
@@ -26,7 +27,12 @@ rounds some ties differently from a true division (343 of 786k elements near tie
 given 1 it is round-half-even + 128 + cast in one pass (0.14 ms against 0.37 ms for Round, Add and
 Cast at 512 x 1536; exact). DynamicQuantizeLinear is asymmetric uint8 with its own scale: not ours.
 The clamp is only emitted for static scales: a dynamic scale is absmax / 127, so |x / scale| <= 127
-(1 + 2^-23) and the rounding never reaches 128.
+(1 + 2^-23) and the rounding never reaches 128. On x86 CPUs without VNNI, MLAS's u8 x s8 kernel adds
+pairs of products in saturating int16 (vpmaddubsw), so those sums are not exact there (integer_sums_exact;
+OnnxModel warns); weights="uint8" stores W + 128 as uint8 with b_zero_point 128, which MLAS runs
+as u8 x u8, both widened to 16 bits (vpmaddwd): exact on every CPU, at about fp32 speed
+(benchmarks/speed_cpu/onnx_matmul_integer.py measures the three forms on the CPU at hand).
+The int8 embedding and LM head (embeddings="int8") stay int8 with either weight form.
 
 Everything else (norms, rotary, attention, softmax) is transformers' own forward exported by
 torch.onnx (dynamo, onnxscript) in float32. `embeddings="int8"` also stores the token embedding as
@@ -69,13 +75,17 @@ from .onnx_runtime import (  # noqa: F401
     FLOAT_MATMUL_OPS,
     INSTALL_HINT,
     INTEGER_MATMUL_OPS,
+    META_FILE,
     MODEL_FILE,
     OPSET,
+    WEIGHT_FORMS,
     ZERO_POINT,
     OnnxExportError,
     OnnxModel,
     check_model,
+    check_weights,
     compare_logits,
+    describe,
     integer_kernels,
     integer_sums_exact,
     model_file,
@@ -83,9 +93,9 @@ from .onnx_runtime import (  # noqa: F401
     onnx_perplexity,
     require_onnx,
     session,
+    versions,
 )
 
-META_FILE = "smoothq_onnx.json"
 # what an export directory holds (--force replaces only such a directory)
 _OWN_FILES = {
     MODEL_FILE,
@@ -121,20 +131,21 @@ def _int8_linear_op():
         input_scale: torch.Tensor | None,
         bias: torch.Tensor | None,
         granularity: str,
+        weight_zero_point: int,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         scale = activation_scale(x2, granularity, None if input_scale is None else input_scale.reshape(1))
-        acc = quantize(x2, scale).float() @ weight_t.float()
+        acc = quantize(x2, scale).float() @ (weight_t.float() - weight_zero_point)  # uint8 weights: - 128, exact
         return _scale_epilogue(acc, scale, weight_scale, bias, x.dtype).reshape(*x.shape[:-1], weight_t.shape[1])
 
     @onnx_int8_linear.register_fake
-    def _(x, weight_t, weight_scale, input_scale, bias, granularity):
+    def _(x, weight_t, weight_scale, input_scale, bias, granularity, weight_zero_point):
         return x.new_empty(*x.shape[:-1], weight_t.shape[1])
 
     return torch.ops.smoothq.onnx_int8_linear.default
 
 
-def _onnx_int8_linear(x, weight_t, weight_scale, input_scale, bias, granularity: str):
+def _onnx_int8_linear(x, weight_t, weight_scale, input_scale, bias, granularity: str, weight_zero_point: int):
     """The ONNX ops of one quantized linear (onnxscript, traced by torch.onnx): see the module docstring."""
     import onnx
     from onnxscript import opset18 as op
@@ -159,7 +170,8 @@ def _onnx_int8_linear(x, weight_t, weight_scale, input_scale, bias, granularity:
     # 1 exactly; given our scale it would multiply by the reciprocal and round some ties differently)
     zero_point = op.Constant(value=onnx.helper.make_tensor("zp", onnx.TensorProto.UINT8, [], [ZERO_POINT]))
     q = op.QuantizeLinear(y, f32(1.0), zero_point)
-    acc = op.MatMulInteger(q, weight_t, zero_point)
+    # uint8 weights (W + 128): the same zero point for both operands, u8 x u8 in ONNX Runtime
+    acc = op.MatMulInteger(q, weight_t, zero_point, *([zero_point] if weight_zero_point else []))
     # backends._scale_epilogue: acc.float() * x_scale * w_scale (+ bias), in that order
     out = op.Mul(op.Mul(op.Cast(acc, to=onnx.TensorProto.FLOAT), scale), weight_scale)
     return out if bias is None else op.Add(out, bias)
@@ -167,13 +179,19 @@ def _onnx_int8_linear(x, weight_t, weight_scale, input_scale, bias, granularity:
 
 class OnnxInt8Linear(nn.Module):
     """Export-only stand-in for a W8A8Linear: the same integers and scales, laid out for ONNX
-    (weight transposed to MatMulInteger's [K, N]; scales flattened), forward = the custom op."""
+    (weight transposed to MatMulInteger's [K, N], + 128 as uint8 with weights="uint8"; scales
+    flattened), forward = the custom op."""
 
-    def __init__(self, layer: W8A8Linear):
+    def __init__(self, layer: W8A8Linear, weights: str = "int8"):
         super().__init__()
+        check_weights(weights)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.granularity = layer.scheme.activations
-        self.register_buffer("weight_t", layer.weight.t().contiguous())
+        self.weight_zero_point = ZERO_POINT if weights == "uint8" else 0
+        weight_t = layer.weight.t().contiguous()
+        if self.weight_zero_point:
+            weight_t = (weight_t.to(torch.int16) + ZERO_POINT).to(torch.uint8)
+        self.register_buffer("weight_t", weight_t)
         self.register_buffer("weight_scale", layer.weight_scale.float().reshape(-1).clone())
         static = layer.input_scale if self.granularity == "per_tensor_static" else None
         self.register_buffer("input_scale", None if static is None else static.float().reshape(()).clone())
@@ -187,7 +205,9 @@ class OnnxInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation is not None:
             x = self.input_rotation(x)  # x Q, factor by factor (online_rotation.py): small MatMuls in the graph
-        return _int8_linear_op()(x, self.weight_t, self.weight_scale, self.input_scale, self.bias, self.granularity)
+        return _int8_linear_op()(
+            x, self.weight_t, self.weight_scale, self.input_scale, self.bias, self.granularity, self.weight_zero_point
+        )
 
 
 class OnnxInt8Embedding(nn.Module):
@@ -304,13 +324,14 @@ def _check_exportable(model: nn.Module) -> None:
 
 
 class ExportModules:
-    """Context manager: the model's W8A8Linears (and with embeddings="int8", the embedding and LM head)
-    replaced by the export's stand-ins; the originals are put back on exit, so the caller's model is
-    unchanged (no deep copy: the model may be large). In PyTorch the stand-ins compute what the graph
-    does (the linears: the emulated backend, bit for bit), e.g. the int8 embeddings' perplexity."""
+    """Context manager: the model's W8A8Linears (weights "int8" or "uint8", and with embeddings="int8",
+    the embedding and LM head) replaced by the export's stand-ins; the originals are put back on exit,
+    so the caller's model is unchanged (no deep copy: the model may be large). In PyTorch the stand-ins
+    compute what the graph does (the linears: the emulated backend, bit for bit, either weight form),
+    e.g. the int8 embeddings' perplexity."""
 
-    def __init__(self, model: nn.Module, embeddings: str):
-        self.model, self.embeddings, self.undo = model, embeddings, []
+    def __init__(self, model: nn.Module, embeddings: str, weights: str = "int8"):
+        self.model, self.embeddings, self.weights, self.undo = model, embeddings, weights, []
 
     def _set(self, name: str, module: nn.Module) -> None:
         parent, _, attr = name.rpartition(".")
@@ -322,7 +343,7 @@ class ExportModules:
         targets = [(n, m) for n, m in self.model.named_modules() if isinstance(m, W8A8Linear)]
         try:
             for name, m in targets:
-                self._set(name, OnnxInt8Linear(m))
+                self._set(name, OnnxInt8Linear(m, self.weights))
             if self.embeddings == "int8":
                 self._int8_embeddings()
         except BaseException:
@@ -410,6 +431,7 @@ def export_onnx(
     tokenizer=None,
     kv_cache: bool = True,
     embeddings: str = "float",
+    weights: str = "int8",
     overwrite: bool = False,
     check: bool = True,
     external_data: bool | None = None,
@@ -423,6 +445,9 @@ def export_onnx(
 
     kv_cache: the text-generation-with-past layout (prefill = an empty past), else prefill only.
     embeddings: 'float', or 'int8' (embedding rows and LM head as int8 with per-row scales).
+    weights: how the quantized linears' int8 weights enter MatMulInteger: 'int8' (u8 x s8, fast on
+    VNNI; its sums can saturate on x86 CPUs without VNNI) or 'uint8' (W + 128, b_zero_point 128:
+    exact on every CPU, about fp32 speed). The int8 embedding and LM head stay int8 either way.
     overwrite: replace `output_dir` if it is an export smoothq wrote. external_data: None = past 2 GB.
     check: onnx.checker on the written file, and ONNX Runtime's logits against the model's on a few
     tokens (tokenizer text, else random ids); the figures go into smoothq_onnx.json.
@@ -436,6 +461,7 @@ def export_onnx(
     require_onnx()
     if embeddings not in ("float", "int8"):
         raise OnnxExportError(f"embeddings must be 'float' or 'int8', got {embeddings!r}")
+    check_weights(weights)
     _check_exportable(model)
     check_output(output_dir, overwrite, sources, replaceable=_not_an_export)  # before the (slow) export
     rec = record(model)
@@ -450,7 +476,7 @@ def export_onnx(
     try:
         if switch:
             model.set_attn_implementation("eager")
-        with ExportModules(model, embeddings) as n_quantized:
+        with ExportModules(model, embeddings, weights) as n_quantized:
             program, kv_shape = _export(model, kv_cache, n_layers, progress)
     finally:
         if switch:
@@ -474,8 +500,10 @@ def export_onnx(
         "recipe": None if rec.recipe is None else rec.recipe.to_dict(),
         "embeddings": embeddings,
         "activation_zero_point": ZERO_POINT,
+        "weights": weights,  # int8, or uint8 = int8 + 128 with b_zero_point 128 (exact sums on every CPU)
+        "weight_zero_point": ZERO_POINT if weights == "uint8" else 0,
         "export_seconds": round(export_s, 1),
-        "versions": _versions(),
+        "versions": versions(),
     }
     with atomic_dir(output_dir, overwrite, sources, replaceable=_not_an_export) as tmp:
         big = weight_bytes > 1.8 * 1024**3 if external_data is None else external_data  # protobuf's limit is 2 GB
@@ -542,39 +570,6 @@ def _export(model: nn.Module, kv_cache: bool, n_layers: int, progress: bool):
             "Gemma 3, Phi-3, OPT, GPT-2, Falcon"
         ) from exc
     return program, kv_shape
-
-
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import onnxscript
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "onnxscript": onnxscript.__version__,
-    }
-
-
-def describe(meta: dict) -> str:
-    """One line about an export (the CLI prints it)."""
-    scheme = (meta.get("scheme") or {}).get("name") or "float32"
-    chk = meta.get("check")
-    checked = (
-        (
-            f"; ORT vs torch logits: max |diff| {chk['max_abs_diff']:.2e} of scale {chk['logit_scale']:.1f}, "
-            f"argmax agreement {100 * chk['argmax_agreement']:.1f}%"
-        )
-        if chk
-        else ""
-    )
-    return (
-        f"{scheme}, {meta['quantized_linears']} int8 linears, {meta['layout']}, embeddings {meta['embeddings']}, "
-        f"{meta['onnx_bytes'] / 1e6:.1f} MB{' (external data)' if meta['external_data'] else ''}{checked}"
-    )
 
 
 __all__ = [

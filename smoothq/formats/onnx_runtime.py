@@ -5,13 +5,17 @@ so that sq.perplexity scores it with exactly the code that scores the PyTorch mo
 its `step()` runs one step with a KV cache. `compare_logits` sets ONNX Runtime's logits against the
 PyTorch model's (export_onnx records the figures), `integer_kernels` reads which ops ONNX Runtime runs
 for the quantized linears after its own graph optimizations, and `integer_sums_exact` tells whether
-this machine's MatMulInteger sums exactly as the export needs (not on x86 CPUs without VNNI).
+this machine's MatMulInteger sums exactly as the export needs: with int8 weights (the default, u8 x s8)
+not on x86 CPUs without VNNI, with uint8 weights (w + 128, u8 x u8) everywhere. OnnxModel warns when it
+loads an int8-weight export on a machine whose sums are not exact.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import tempfile
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,8 +25,12 @@ from torch import nn
 # what the exporter writes (onnx.py) and what is run and checked here
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+META_FILE = "smoothq_onnx.json"
 OPSET = 18  # torch.onnx's own opset (onnxscript torch_lib): no version conversion step
 ZERO_POINT = 128  # activations enter MatMulInteger as uint8 = int8 + 128 (see onnx.py's docstring)
+# how the quantized linears' int8 weights enter MatMulInteger: as int8 (u8 x s8: ONNX Runtime's MLAS
+# runs it natively on VNNI) or as uint8 = int8 + 128 with b_zero_point 128 (u8 x u8: exact everywhere)
+WEIGHT_FORMS = ("int8", "uint8")
 # ops of ONNX Runtime that multiply integers (MatMulInteger and its fusions)
 INTEGER_MATMUL_OPS = (
     "MatMulInteger",
@@ -66,6 +74,27 @@ def model_file(path: str | Path) -> Path:
     """An export directory's model.onnx, or the file itself."""
     path = Path(path)
     return path / MODEL_FILE if path.is_dir() else path
+
+
+def export_meta(path: str | Path) -> dict:
+    """The smoothq_onnx.json next to an export's model.onnx ({} where there is none, or it is unreadable)."""
+    try:
+        meta = json.loads((model_file(path).parent / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_weights(weights) -> None:
+    if weights not in WEIGHT_FORMS:
+        raise OnnxExportError(f"weights must be 'int8' or 'uint8', got {weights!r}")
+
+
+SATURATION_WARNING = (
+    "{path}: this CPU's ONNX Runtime sums u8 x s8 products in saturating 16-bit pairs (x86 without "
+    "VNNI), so this export's outputs (int8 weights) differ slightly from smoothq's; re-export with "
+    "--weights uint8 (export_onnx(..., weights='uint8')) for exact sums at about fp32 speed"
+)
 
 
 def session(
@@ -113,6 +142,9 @@ class OnnxModel(nn.Module):
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         self.kv_cache = bool(self.past_names)
+        meta = export_meta(self.path)
+        if meta.get("quantized_linears") and meta.get("weights", "int8") == "int8" and not integer_sums_exact("int8"):
+            warnings.warn(SATURATION_WARNING.format(path=self.path.parent), UserWarning, stacklevel=2)
         if self.kv_cache:
             shape = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
             self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
@@ -152,28 +184,32 @@ class OnnxModel(nn.Module):
 
 
 @functools.cache
-def integer_sums_exact() -> bool:
-    """Whether this machine's ONNX Runtime returns exact sums from MatMulInteger with uint8
-    activations (zero point 128) and int8 weights, as the export runs it, on the worst case (every
-    product 127 x +-127). On x86 CPUs without VNNI its kernel adds products in saturating 16-bit
-    pairs (measured on an AVX2-only EPYC): the export's outputs differ slightly from smoothq's there."""
+def integer_sums_exact(weights: str = "int8") -> bool:
+    """Whether this machine's ONNX Runtime returns exact sums from MatMulInteger as the export runs it
+    (uint8 activations, zero point 128), on the worst case (every product 127 x +-127). weights
+    'int8': int8 weights (u8 x s8); on x86 CPUs without VNNI its kernel multiplies with vpmaddubsw,
+    adding pairs of products in saturating 16 bits (measured on an AVX2-only EPYC): the export's
+    outputs differ slightly from smoothq's there. 'uint8': weights + 128 with b_zero_point 128
+    (u8 x u8), which MLAS widens to 16 bits and multiplies with vpmaddwd: exact on every x86 CPU."""
+    check_weights(weights)
     require_onnx()
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     k, n = 64, 8
-    weight = np.full((k, n), 127, dtype=np.int8)
+    weight = np.full((k, n), 127, dtype=np.int64)
     weight[:, 1::2] = -127
+    if weights == "uint8":
+        w, inputs = helper.make_tensor("w", TensorProto.UINT8, [k, n], (weight + ZERO_POINT).flatten().tolist()), 4
+    else:
+        w, inputs = helper.make_tensor("w", TensorProto.INT8, [k, n], weight.flatten().tolist()), 3
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["x", "w", "zp"], ["acc"])],
+        [helper.make_node("MatMulInteger", ["x", "w", "zp", "zp"][:inputs], ["acc"])],
         "sums",
         [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, k])],
         [helper.make_tensor_value_info("acc", TensorProto.INT32, [None, n])],
-        [
-            helper.make_tensor("w", TensorProto.INT8, [k, n], weight.flatten().tolist()),
-            helper.make_tensor("zp", TensorProto.UINT8, [], [ZERO_POINT]),
-        ],
+        [w, helper.make_tensor("zp", TensorProto.UINT8, [], [ZERO_POINT])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 10
@@ -183,7 +219,7 @@ def integer_sums_exact() -> bool:
     x_q = np.full((4, k), 127, dtype=np.int64)
     x_q[1] = -127
     got = sess.run(None, {"x": (x_q + ZERO_POINT).astype(np.uint8)})[0]
-    return bool(np.array_equal(got, x_q @ weight.astype(np.int64)))
+    return bool(np.array_equal(got, x_q @ weight))
 
 
 def onnx_perplexity(path: str | Path, windows, threads: int | None = None, progress: bool = True) -> float:
@@ -220,8 +256,9 @@ def compare_logits(model: nn.Module, path: str | Path, input_ids: torch.Tensor, 
 def integer_kernels(path: str | Path, threads: int = 1) -> dict:
     """What ONNX Runtime's CPU execution provider runs for the quantized linears, read from the graph
     it runs (after its optimizations, SessionOptions.optimized_model_filepath): op counts, and for
-    every int8 weight [K, N] of the export the op that consumes it. `ok`: every one is an integer
-    matmul (MatMulInteger or one of its fusions) and no float matmul reads one."""
+    every quantized weight [K, N] of the export (int8, or uint8 = int8 + 128 with weights="uint8")
+    the op that consumes it. `ok`: every one is an integer matmul (MatMulInteger or one of its
+    fusions) and no float matmul reads one."""
     require_onnx()
     import onnx
 
@@ -236,10 +273,9 @@ def integer_kernels(path: str | Path, threads: int = 1) -> dict:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node.op_type)
-    # our quantized linears' weights: the int8 initializers named *.weight_t (OnnxInt8Linear)
-    weights = [
-        t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("weight_t")
-    ]
+    # our quantized linears' weights: the int8 (or uint8) initializers named *.weight_t (OnnxInt8Linear)
+    forms = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    weights = [t.name for t in graph.initializer if t.data_type in forms and t.name.endswith("weight_t")]
     by_op: dict[str, int] = {}
     bad = []
     for name in weights:
@@ -264,3 +300,38 @@ def onnx_bytes(path: str | Path) -> int:
     path = model_file(path)
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def versions() -> dict:
+    """The versions of torch, transformers and the ONNX stack (export_onnx records them)."""
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxscript": onnxscript.__version__,
+    }
+
+
+def describe(meta: dict) -> str:
+    """One line about an export (the CLI prints it)."""
+    scheme = (meta.get("scheme") or {}).get("name") or "float32"
+    chk = meta.get("check")
+    weights = " (uint8 weights: exact sums on any CPU)" if meta.get("weights") == "uint8" else ""
+    checked = (
+        (
+            f"; ORT vs torch logits: max |diff| {chk['max_abs_diff']:.2e} of scale {chk['logit_scale']:.1f}, "
+            f"argmax agreement {100 * chk['argmax_agreement']:.1f}%"
+        )
+        if chk
+        else ""
+    )
+    return (
+        f"{scheme}, {meta['quantized_linears']} int8 linears{weights}, {meta['layout']}, embeddings {meta['embeddings']}, "
+        f"{meta['onnx_bytes'] / 1e6:.1f} MB{' (external data)' if meta['external_data'] else ''}{checked}"
+    )
