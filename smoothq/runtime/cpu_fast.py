@@ -21,7 +21,9 @@ What it does to a quantized model, and why:
 - The activation quantization and the epilogue are compiled with torch.compile (one fused pass
   each, same bits) for prefill-sized inputs; compile=False keeps them eager.
 - Everything that is not a quantized linear (embeddings, norms, rotary, attention, KV cache, LM
-  head) runs in `dtype`, bf16 by default: what CPU users deploy, half the bytes of fp32.
+  head) runs in `dtype`, bf16 by default: what CPU users deploy, half the bytes of fp32. The rotary
+  inverse frequencies stay fp32, as in a model loaded in bf16 (`load(..., dtype="bfloat16")`), so
+  the fast path computes what `--dtype bfloat16` does.
 - int8_embeddings=True also stores the token embedding (and the LM head, once when tied) as int8
   with one fp32 scale per row: rows are dequantized on lookup, and the LM head runs as a
   weight-only int8 GEMM (torch's _weight_int8pack_mm) on `dtype` activations. For models with large
@@ -170,13 +172,16 @@ class PackedW8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is not None:
             return self.shared(self, x)
+        out_dtype = x.dtype
         if self.input_rotation is not None:
-            x = self.input_rotation(x)
-        return self.gemm(x, self.packed_weight, [(self.out_features, self.weight_scale, self.bias)])[0]
+            x = self.input_rotation.unrounded(x)  # quantized from fp32, as W8A8Linear.forward does
+        return self.gemm(x, self.packed_weight, [(self.out_features, self.weight_scale, self.bias)], out_dtype)[0]
 
-    def gemm(self, x: torch.Tensor, packed: torch.Tensor, parts) -> list[torch.Tensor]:
+    def gemm(self, x: torch.Tensor, packed: torch.Tensor, parts, out_dtype: torch.dtype | None = None):
         """Quantize x by this layer's rules, one int8 GEMM on `packed`, then one epilogue per part
-        (columns, weight scale, bias) over consecutive output columns."""
+        (columns, weight scale, bias) over consecutive output columns, each in out_dtype (x's dtype
+        unless given: a rotated input arrives in fp32 and leaves in the model's dtype)."""
+        out_dtype = out_dtype or x.dtype
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
@@ -193,7 +198,7 @@ class PackedW8A8Linear(nn.Module):
         for n, weight_scale, bias in parts:
             part = acc if len(parts) == 1 else acc[:, start : start + n]
             out = _call(
-                "epilogue", backends._scale_epilogue, rows, self.compile, part, x_scale, weight_scale, bias, x.dtype
+                "epilogue", backends._scale_epilogue, rows, self.compile, part, x_scale, weight_scale, bias, out_dtype
             )
             outs.append(out.reshape(*shape[:-1], n))
             start += n
@@ -390,13 +395,30 @@ def optimize_for_cpu(
         _replace(model, name, layer)
     if int8_embeddings:
         _int8_embeddings(model, dtype)
+    rotary = _fp32_rotary_frequencies(model)
     model.to(dtype)  # packed layers hold their scales as attributes: only the float rest is cast
+    for module, name, freqs in rotary:
+        module._buffers[name] = freqs
     rec.cpu_fast = {
         "dtype": str(dtype).removeprefix("torch."),
         "int8_embeddings": int8_embeddings,
         "shared_gemms": shared,
     }
     return model
+
+
+def _fp32_rotary_frequencies(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """The rotary embeddings' fp32 inverse frequencies (inv_freq, original_inv_freq), kept fp32 through
+    model.to(bf16) as a model loaded in bf16 holds them (transformers computes them in fp32 at init and
+    the rotary forward upcasts them anyway). Rounded to bf16 they are off by up to 2^-9 relative, so
+    position p's angles by up to p x 2^-9 radians: on the best-w8a8 SmolLM2 that alone made --cpu-fast
+    answer differently from --dtype bfloat16 (benchmarks/results/bf16-greedy.md)."""
+    return [
+        (module, name, buf)
+        for module in model.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None and "inv_freq" in name and buf.dtype == torch.float32
+    ]
 
 
 def _int8_embeddings(model: nn.Module, dtype: torch.dtype) -> None:

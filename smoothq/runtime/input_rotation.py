@@ -82,6 +82,13 @@ class InputRotation:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., size] -> x Q in x's dtype (computed in float32, or float64 for float64 inputs)."""
+        return self.unrounded(x).to(x.dtype)
+
+    def unrounded(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., size] -> x Q as computed: float32 (float64 for float64 inputs), not rounded back to a
+        bf16/fp16 x's dtype. W8A8Linear quantizes this: rounding the rotated input to bf16 first
+        (8 significant bits) moved 5.7% of the best-w8a8 SmolLM2's down-projection INT8 codes by one
+        against the fp32 layer on the same input (benchmarks/results/bf16-greedy.md)."""
         if x.shape[-1] != self.size:
             raise ValueError(f"input rotation of size {self.size} got an input of size {x.shape[-1]}")
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -91,7 +98,7 @@ class InputRotation:
         for axis, mat in enumerate(mats, start=1):  # (x K)[k1..kr] = sum x[i1..ir] prod F_j[i_j, k_j]
             if mat is not None:
                 y = torch.movedim(torch.movedim(y, axis, -1) @ mat, -1, axis)
-        return y.reshape(*lead, self.size).to(x.dtype)
+        return y.reshape(*lead, self.size)
 
     def matrix(self) -> torch.Tensor:
         """The dense Q (float64), for tests and small sizes."""

@@ -80,13 +80,17 @@ class W8A8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
         if self.input_rotation is not None:
-            x = self.input_rotation(x)
+            # quantized as rotated (fp32), not rounded to a bf16/fp16 x's dtype first: the integers
+            # then equal the fp32 model's for the same input (the scale, the division and the
+            # epilogue are fp32 for every input dtype, core/quant.py and backends._scale_epilogue)
+            x = self.input_rotation.unrounded(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         impl = backends.get_backend(self.backend, x.device.type)
         x_q, x_scale = self.quantize_input(x, x2, impl.quantize or quantize_activation)
-        out = impl.linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        out = impl.linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, out_dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
     def quantize_input(self, x: torch.Tensor, x2: torch.Tensor, quantize_fn=quantize_activation):
