@@ -66,9 +66,11 @@ class _Run:
     # the working directory (workdir.open_work_dir)
     out: Path
     work_dir: Path
+    ckpt_dir: Path  # work_dir/checkpoint: what becomes the output
     fingerprint: dict
     max_shard_bytes: int
     fresh: bool
+    published: bool  # the interrupted run had finished: its output is in place
     state: dict  # the progress record
 
     def __init__(self):
