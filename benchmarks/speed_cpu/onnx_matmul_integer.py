@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,28 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from smoothq.evaluation.bench import cpu_name  # noqa: E402
+from smoothq.runtime.backends import read_cpu_flags  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in have)
-    except OSError:
-        pass
-    return ""
+    have = read_cpu_flags() or set()
+    return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in have)
 
 
 def session(graph_nodes, inputs, outputs, initializers, threads: int):
@@ -157,7 +144,7 @@ def main() -> int:
 
     record = {
         "command": "python benchmarks/speed_cpu/onnx_matmul_integer.py " + " ".join(sys.argv[1:]),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
         "onnxruntime": onnxruntime.__version__,
         "shape": [args.m, args.k, args.n],

@@ -123,10 +123,11 @@ def cpu_int8_accelerated() -> bool:
         if override not in ("0", "1"):
             raise ValueError(f"SMOOTHQ_CPU_INT8 must be 0 or 1, got {override!r}")
         return override == "1"
-    return cpu_flags_have_int8(_read_cpu_flags())
+    return cpu_flags_have_int8(read_cpu_flags())
 
 
-def _read_cpu_flags() -> set[str] | None:
+def read_cpu_flags() -> set[str] | None:
+    """The CPU's instruction-set flags from /proc/cpuinfo (x86 `flags`, Arm `Features`), or None."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
