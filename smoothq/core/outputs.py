@@ -44,11 +44,10 @@ class OutputError(OSError):
         return str(self.args[-1]) if self.args else super().__str__()
 
 
-# what a checkpoint directory written by smoothq holds (config, shards, index, tokenizer files)
-_OWN_FILES = (
+# the config and tokenizer files every model directory smoothq writes holds (checkpoint, ONNX export)
+METADATA_FILES = (
     "config.json",
     "generation_config.json",
-    INDEX_FILE,
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
@@ -56,6 +55,8 @@ _OWN_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# what a checkpoint directory written by smoothq holds (those, shards, index)
+_OWN_FILES = (*METADATA_FILES, INDEX_FILE)
 _OWN_PATTERNS = ("*.safetensors", "tokenizer*", "*.model", "*.tiktoken")
 
 

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from ..core.models import cache_kwarg
-from ..core.outputs import atomic_dir, check_output
+from ..core.outputs import METADATA_FILES, atomic_dir, check_output
 from ..core.quant import QMAX, activation_scale, quantize, quantize_weight
 from ..core.record import record
 from ..runtime.linear import W8A8Linear
@@ -97,19 +97,7 @@ from .onnx_runtime import (  # noqa: F401
 )
 
 # what an export directory holds (--force replaces only such a directory)
-_OWN_FILES = {
-    MODEL_FILE,
-    DATA_FILE,
-    META_FILE,
-    "config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-}
+_OWN_FILES = {MODEL_FILE, DATA_FILE, META_FILE, *METADATA_FILES}
 
 
 # ---------------------------------------------------------------------------------------------
